@@ -1,0 +1,68 @@
+//! UNIX regions: `mmap` of the memfd or file the frontend sent, at its offset.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+
+use super::{BackendError, HostMapping, Release};
+
+/// Maps `size` bytes of `file` from `offset` (any alignment), or anonymous zeroed memory when
+/// `file` is `None` (tests and demos).
+pub fn map_unix(
+    gpa: u64,
+    size: u64,
+    file: Option<&File>,
+    offset: u64,
+) -> Result<HostMapping, BackendError> {
+    let err = |source| BackendError::UnixMmap {
+        gpa,
+        size,
+        offset,
+        source,
+    };
+    let host_page = host_page_size();
+    let in_page = (offset % host_page) as usize;
+    let aligned = offset - in_page as u64;
+    let len = usize::try_from(size)
+        .ok()
+        .and_then(|s| s.checked_add(in_page))
+        .ok_or_else(|| err(std::io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
+    let off = libc::off_t::try_from(aligned)
+        .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
+    let (fd, flags) = match file {
+        Some(f) => (f.as_raw_fd(), libc::MAP_SHARED),
+        None => (-1, libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
+    };
+    // SAFETY: a fresh mapping at a kernel-chosen address; checked for MAP_FAILED below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            flags,
+            fd,
+            if file.is_some() { off } else { 0 },
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(err(std::io::Error::last_os_error()));
+    }
+    let base = NonNull::new(p.cast::<u8>())
+        .ok_or_else(|| err(std::io::Error::from_raw_os_error(libc::EFAULT)))?;
+    Ok(HostMapping {
+        base,
+        offset: if file.is_some() { in_page } else { 0 },
+        len: size as usize,
+        release: Release::Munmap { len },
+    })
+}
+
+fn host_page_size() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if v > 0 {
+        v as u64
+    } else {
+        4096
+    }
+}

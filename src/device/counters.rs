@@ -1,0 +1,102 @@
+//! Counts of device calls: exact syscall figures on a noisy machine, and leak checks.
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
+
+/// Live counters, shared by every user of one [`super::XenDev`].
+#[derive(Debug, Default)]
+pub struct Counters {
+    ioctls: AtomicU64,
+    mmaps: AtomicU64,
+    munmaps: AtomicU64,
+    grant_copies: AtomicU64,
+    pages_mapped: AtomicU64,
+    errors: AtomicU64,
+    live_mappings: AtomicI64,
+}
+
+/// A copy of the counters at one moment; subtract two to measure a stretch of work.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CounterSnapshot {
+    /// ioctl calls (map/unmap grant refs, MMAPBATCH, grant copy included).
+    pub ioctls: u64,
+    /// mmap calls.
+    pub mmaps: u64,
+    /// munmap calls.
+    pub munmaps: u64,
+    /// Grant-copy ioctls (also counted in `ioctls`).
+    pub grant_copies: u64,
+    /// Xen pages mapped by successful mmaps.
+    pub pages_mapped: u64,
+    /// Failed calls.
+    pub errors: u64,
+    /// Mappings made and not yet unmapped.
+    pub live_mappings: i64,
+}
+
+impl CounterSnapshot {
+    /// System calls: ioctls + mmaps + munmaps.
+    pub fn syscalls(&self) -> u64 {
+        self.ioctls + self.mmaps + self.munmaps
+    }
+
+    /// What happened between `earlier` and `self`.
+    pub fn since(&self, earlier: &CounterSnapshot) -> CounterSnapshot {
+        CounterSnapshot {
+            ioctls: self.ioctls - earlier.ioctls,
+            mmaps: self.mmaps - earlier.mmaps,
+            munmaps: self.munmaps - earlier.munmaps,
+            grant_copies: self.grant_copies - earlier.grant_copies,
+            pages_mapped: self.pages_mapped - earlier.pages_mapped,
+            errors: self.errors - earlier.errors,
+            live_mappings: self.live_mappings - earlier.live_mappings,
+        }
+    }
+}
+
+impl Counters {
+    /// Reads all counters.
+    pub fn snapshot(&self) -> CounterSnapshot {
+        CounterSnapshot {
+            ioctls: self.ioctls.load(Relaxed),
+            mmaps: self.mmaps.load(Relaxed),
+            munmaps: self.munmaps.load(Relaxed),
+            grant_copies: self.grant_copies.load(Relaxed),
+            pages_mapped: self.pages_mapped.load(Relaxed),
+            errors: self.errors.load(Relaxed),
+            live_mappings: self.live_mappings.load(Relaxed),
+        }
+    }
+
+    /// Mappings made through this device and not yet unmapped.
+    pub fn live_mappings(&self) -> i64 {
+        self.live_mappings.load(Relaxed)
+    }
+
+    pub(crate) fn add_ioctl(&self) {
+        self.ioctls.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn add_mmap(&self) {
+        self.mmaps.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn add_munmap(&self) {
+        self.munmaps.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn add_grant_copy(&self) {
+        self.ioctls.fetch_add(1, Relaxed);
+        self.grant_copies.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn add_error(&self) {
+        self.errors.fetch_add(1, Relaxed);
+    }
+    /// Counts an error found above the device (a failed segment, a refused access).
+    pub(crate) fn add_errors(&self, n: u64) {
+        self.errors.fetch_add(n, Relaxed);
+    }
+    pub(crate) fn mapped(&self, pages: usize) {
+        self.pages_mapped.fetch_add(pages as u64, Relaxed);
+        self.live_mappings.fetch_add(1, Relaxed);
+    }
+    pub(crate) fn unmapped(&self) {
+        self.live_mappings.fetch_sub(1, Relaxed);
+    }
+}

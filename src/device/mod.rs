@@ -1,0 +1,316 @@
+//! The device boundary: the handful of things the kernel's Xen drivers do for us.
+//!
+//! Each method is exactly one system call on real Xen, so counting calls through
+//! [`XenDev`] counts syscalls. Two implementations: [`real::RealXen`] on `xen-sys`, and
+//! [`emulated::EmulatedXen`], a memfd-backed grant table and frame table that enforces what Xen
+//! enforces, so every layer above runs and is tested on any machine.
+
+pub mod counters;
+pub mod emulated;
+pub mod real;
+
+use std::ptr::NonNull;
+use std::sync::Arc;
+
+pub use counters::{CounterSnapshot, Counters};
+
+/// Page protection of a mapping.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Protection {
+    /// `PROT_READ`: gntdev maps the grant read-only.
+    ReadOnly,
+    /// `PROT_READ | PROT_WRITE`.
+    ReadWrite,
+}
+
+impl Protection {
+    /// The `mmap` protection bits.
+    pub fn bits(self) -> libc::c_int {
+        match self {
+            Protection::ReadOnly => libc::PROT_READ,
+            Protection::ReadWrite => libc::PROT_READ | libc::PROT_WRITE,
+        }
+    }
+}
+
+/// One grant to map: `(domid, ref)` as gntdev takes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct GrantRef {
+    /// Granting domain.
+    pub domid: u16,
+    /// Grant reference.
+    pub gref: u32,
+}
+
+/// Direction of one grant-copy segment.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CopyDirection {
+    /// Guest page to local buffer.
+    FromGuest,
+    /// Local buffer to guest page.
+    ToGuest,
+}
+
+/// One grant-copy segment: `len` bytes at `offset` in grant `grant`, to or from `local`.
+/// A segment never crosses a Xen page.
+#[derive(Clone, Copy, Debug)]
+pub struct CopySegment {
+    /// The guest page.
+    pub grant: GrantRef,
+    /// Offset inside the guest page.
+    pub offset: u16,
+    /// Bytes to copy; `offset + len <= 4096`.
+    pub len: u16,
+    /// Local buffer.
+    pub local: *mut u8,
+    /// Which way.
+    pub direction: CopyDirection,
+    /// Xen's per-segment status (`GNTST_*`), written by the call; 0 is success.
+    pub status: i16,
+}
+
+/// `GNTST_okay`.
+pub const GNTST_OKAY: i16 = 0;
+/// `GNTST_general_error`.
+pub const GNTST_GENERAL_ERROR: i16 = -1;
+/// `GNTST_bad_gntref`: the ref is not a valid grant.
+pub const GNTST_BAD_GNTREF: i16 = -4;
+/// `GNTST_permission_denied`: e.g. a write to a read-only grant.
+pub const GNTST_PERMISSION_DENIED: i16 = -8;
+
+/// Errors of the device boundary: the failing call and its errno.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// A system call failed.
+    #[error("{call} failed: {source}")]
+    Syscall {
+        /// Which call.
+        call: &'static str,
+        /// The errno.
+        source: std::io::Error,
+    },
+    /// The device node could not be opened.
+    #[error("cannot open {path}: {source}")]
+    Open {
+        /// Device path.
+        path: &'static str,
+        /// The errno.
+        source: std::io::Error,
+    },
+    /// An argument the caller built is out of range for the kernel interface.
+    #[error("{call}: {what}")]
+    BadArgument {
+        /// Which call.
+        call: &'static str,
+        /// What was wrong.
+        what: String,
+    },
+}
+
+impl DeviceError {
+    /// The errno, when the kernel (or the emulation) returned one.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            DeviceError::Syscall { source, .. } | DeviceError::Open { source, .. } => {
+                source.raw_os_error()
+            }
+            DeviceError::BadArgument { .. } => None,
+        }
+    }
+
+    pub(crate) fn sys(call: &'static str, errno: i32) -> Self {
+        DeviceError::Syscall {
+            call,
+            source: std::io::Error::from_raw_os_error(errno),
+        }
+    }
+
+    pub(crate) fn last(call: &'static str) -> Self {
+        DeviceError::Syscall {
+            call,
+            source: std::io::Error::last_os_error(),
+        }
+    }
+}
+
+/// What the Xen drivers do for a vhost-user backend. One method, one system call.
+///
+/// Implementations must be usable from several threads (one worker per queue).
+pub trait XenDevice: Send + Sync + std::fmt::Debug {
+    /// `IOCTL_GNTDEV_MAP_GRANT_REF`: registers `refs` (not necessarily consecutive) and returns
+    /// the offset to `mmap`. Refs are not checked until [`XenDevice::grant_mmap`].
+    fn grant_map_refs(&self, refs: &[GrantRef]) -> Result<u64, DeviceError>;
+
+    /// `mmap` of a whole grant map registered at `index` with `pages` pages. Mapping only part
+    /// of a map fails with `EINVAL` on the real driver; the emulation refuses it the same way.
+    fn grant_mmap(
+        &self,
+        index: u64,
+        pages: usize,
+        prot: Protection,
+    ) -> Result<NonNull<u8>, DeviceError>;
+
+    /// `munmap` of a mapping returned by [`XenDevice::grant_mmap`].
+    ///
+    /// # Safety
+    /// `addr`/`pages` must be exactly a mapping returned by `grant_mmap` of this device, and no
+    /// reference into it may be used afterwards.
+    unsafe fn grant_munmap(&self, addr: NonNull<u8>, pages: usize) -> Result<(), DeviceError>;
+
+    /// `IOCTL_GNTDEV_UNMAP_GRANT_REF`: forgets the map at `index` (after its `munmap`).
+    fn grant_unmap_refs(&self, index: u64, pages: usize) -> Result<(), DeviceError>;
+
+    /// `IOCTL_GNTDEV_GRANT_COPY`: runs all segments in order; each gets its own status.
+    ///
+    /// # Safety
+    /// Every segment's `local` must be valid for `len` bytes, writable for
+    /// [`CopyDirection::FromGuest`], and not accessed by anything else during the call.
+    unsafe fn grant_copy(&self, segments: &mut [CopySegment]) -> Result<(), DeviceError>;
+
+    /// `mmap` of `/dev/xen/privcmd`: reserves `pages` pages for foreign frames.
+    fn foreign_mmap(&self, pages: usize) -> Result<NonNull<u8>, DeviceError>;
+
+    /// `IOCTL_PRIVCMD_MMAPBATCH_V2`: maps `gfns` of `domid` at `addr`, writing a per-frame
+    /// error (0 or `-errno`) into `errs`. Returns `ENOENT` when some frames are paged out.
+    ///
+    /// # Safety
+    /// `addr` must point into a reservation from [`XenDevice::foreign_mmap`] of this device with
+    /// room for `gfns.len()` pages, and nothing may hold references into those pages.
+    unsafe fn foreign_map_batch(
+        &self,
+        domid: u16,
+        addr: NonNull<u8>,
+        gfns: &[u64],
+        errs: &mut [i32],
+    ) -> Result<(), DeviceError>;
+
+    /// `munmap` of a reservation from [`XenDevice::foreign_mmap`].
+    ///
+    /// # Safety
+    /// As for [`XenDevice::grant_munmap`].
+    unsafe fn foreign_munmap(&self, addr: NonNull<u8>, pages: usize) -> Result<(), DeviceError>;
+}
+
+/// A device plus the counters of every call made through it. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct XenDev {
+    dev: Arc<dyn XenDevice>,
+    counters: Arc<Counters>,
+}
+
+impl XenDev {
+    /// Wraps a device with fresh counters.
+    pub fn new(dev: Arc<dyn XenDevice>) -> Self {
+        XenDev {
+            dev,
+            counters: Arc::new(Counters::default()),
+        }
+    }
+
+    /// The counters of calls made through this handle and its clones.
+    pub fn counters(&self) -> &Counters {
+        &self.counters
+    }
+
+    fn count<T>(&self, r: Result<T, DeviceError>) -> Result<T, DeviceError> {
+        if r.is_err() {
+            self.counters.add_error();
+        }
+        r
+    }
+
+    /// See [`XenDevice::grant_map_refs`].
+    pub fn grant_map_refs(&self, refs: &[GrantRef]) -> Result<u64, DeviceError> {
+        self.counters.add_ioctl();
+        self.count(self.dev.grant_map_refs(refs))
+    }
+
+    /// See [`XenDevice::grant_mmap`].
+    pub fn grant_mmap(
+        &self,
+        index: u64,
+        pages: usize,
+        prot: Protection,
+    ) -> Result<NonNull<u8>, DeviceError> {
+        self.counters.add_mmap();
+        let r = self.count(self.dev.grant_mmap(index, pages, prot));
+        if r.is_ok() {
+            self.counters.mapped(pages);
+        }
+        r
+    }
+
+    /// See [`XenDevice::grant_munmap`].
+    ///
+    /// # Safety
+    /// As for [`XenDevice::grant_munmap`].
+    pub unsafe fn grant_munmap(&self, addr: NonNull<u8>, pages: usize) -> Result<(), DeviceError> {
+        self.counters.add_munmap();
+        // SAFETY: forwarded contract.
+        let r = self.count(unsafe { self.dev.grant_munmap(addr, pages) });
+        if r.is_ok() {
+            self.counters.unmapped();
+        }
+        r
+    }
+
+    /// See [`XenDevice::grant_unmap_refs`].
+    pub fn grant_unmap_refs(&self, index: u64, pages: usize) -> Result<(), DeviceError> {
+        self.counters.add_ioctl();
+        self.count(self.dev.grant_unmap_refs(index, pages))
+    }
+
+    /// See [`XenDevice::grant_copy`].
+    ///
+    /// # Safety
+    /// As for [`XenDevice::grant_copy`].
+    pub unsafe fn grant_copy(&self, segments: &mut [CopySegment]) -> Result<(), DeviceError> {
+        self.counters.add_grant_copy();
+        // SAFETY: forwarded contract.
+        self.count(unsafe { self.dev.grant_copy(segments) })
+    }
+
+    /// See [`XenDevice::foreign_mmap`].
+    pub fn foreign_mmap(&self, pages: usize) -> Result<NonNull<u8>, DeviceError> {
+        self.counters.add_mmap();
+        let r = self.count(self.dev.foreign_mmap(pages));
+        if r.is_ok() {
+            self.counters.mapped(pages);
+        }
+        r
+    }
+
+    /// See [`XenDevice::foreign_map_batch`].
+    ///
+    /// # Safety
+    /// As for [`XenDevice::foreign_map_batch`].
+    pub unsafe fn foreign_map_batch(
+        &self,
+        domid: u16,
+        addr: NonNull<u8>,
+        gfns: &[u64],
+        errs: &mut [i32],
+    ) -> Result<(), DeviceError> {
+        self.counters.add_ioctl();
+        // SAFETY: forwarded contract.
+        self.count(unsafe { self.dev.foreign_map_batch(domid, addr, gfns, errs) })
+    }
+
+    /// See [`XenDevice::foreign_munmap`].
+    ///
+    /// # Safety
+    /// As for [`XenDevice::foreign_munmap`].
+    pub unsafe fn foreign_munmap(
+        &self,
+        addr: NonNull<u8>,
+        pages: usize,
+    ) -> Result<(), DeviceError> {
+        self.counters.add_munmap();
+        // SAFETY: forwarded contract.
+        let r = self.count(unsafe { self.dev.foreign_munmap(addr, pages) });
+        if r.is_ok() {
+            self.counters.unmapped();
+        }
+        r
+    }
+}

@@ -1,0 +1,139 @@
+//! The region table: the guest memory map, sorted and non-overlapping, implementing
+//! vm-memory's `GuestMemoryBackend` (and so `GuestMemory` and `Bytes`).
+//!
+//! Tables are immutable; `ADD_MEM_REG` / `REM_MEM_REG` build a new table sharing the untouched
+//! regions (`Arc`), which the daemon swaps in (e.g. with `GuestMemoryAtomic`) so readers never
+//! block. On-demand grant regions are in the table but have no mapping: a plain-table access
+//! to them returns [`crate::region::OnDemandAccess`] inside `GuestMemoryError::IOError`.
+
+use std::sync::Arc;
+
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::region::XenRegion;
+
+/// Why a table could not be built or changed.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum TableError {
+    /// Two regions share guest addresses.
+    #[error("region gpa {gpa:#x} size {size:#x} overlaps region gpa {other_gpa:#x} size {other_size:#x}")]
+    Overlap {
+        /// The new region.
+        gpa: u64,
+        /// Its size.
+        size: u64,
+        /// The region already there.
+        other_gpa: u64,
+        /// Its size.
+        other_size: u64,
+    },
+    /// `REM_MEM_REG` named a region that is not in the table.
+    #[error("no region at gpa {gpa:#x} size {size:#x}")]
+    NotFound {
+        /// Gpa asked for.
+        gpa: u64,
+        /// Size asked for.
+        size: u64,
+    },
+}
+
+/// The guest memory map. Cheap to clone (regions are shared).
+#[derive(Clone, Debug, Default)]
+pub struct RegionTable {
+    regions: Vec<Arc<XenRegion>>,
+}
+
+impl RegionTable {
+    /// An empty table.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A table of `regions`, which must not overlap.
+    pub fn from_regions(regions: Vec<XenRegion>) -> Result<Self, TableError> {
+        regions
+            .into_iter()
+            .try_fold(RegionTable::new(), |t, r| t.insert(Arc::new(r)))
+    }
+
+    /// A new table with `region` added (hot add).
+    pub fn insert(&self, region: Arc<XenRegion>) -> Result<Self, TableError> {
+        let d = *region.descriptor();
+        let pos = self
+            .regions
+            .partition_point(|r| r.descriptor().guest_phys_addr < d.guest_phys_addr);
+        let overlaps = |o: &Arc<XenRegion>| {
+            let od = o.descriptor();
+            od.guest_phys_addr <= d.last_addr() && d.guest_phys_addr <= od.last_addr()
+        };
+        for o in [pos.checked_sub(1), Some(pos)]
+            .into_iter()
+            .flatten()
+            .filter_map(|i| self.regions.get(i))
+        {
+            if overlaps(o) {
+                return Err(TableError::Overlap {
+                    gpa: d.guest_phys_addr,
+                    size: d.size,
+                    other_gpa: o.descriptor().guest_phys_addr,
+                    other_size: o.descriptor().size,
+                });
+            }
+        }
+        let mut regions = self.regions.clone();
+        regions.insert(pos, region);
+        Ok(RegionTable { regions })
+    }
+
+    /// A new table without the region at exactly `gpa`/`size` (hot remove), and that region.
+    /// Its mapping goes away when the last table holding it is dropped.
+    pub fn remove(&self, gpa: u64, size: u64) -> Result<(Self, Arc<XenRegion>), TableError> {
+        let i = self
+            .regions
+            .iter()
+            .position(|r| r.descriptor().guest_phys_addr == gpa && r.descriptor().size == size)
+            .ok_or(TableError::NotFound { gpa, size })?;
+        let mut regions = self.regions.clone();
+        let r = regions.remove(i);
+        Ok((RegionTable { regions }, r))
+    }
+
+    /// Translates a frontend virtual address (as in `SET_VRING_ADDR`) to a guest address,
+    /// through the regions' `userspace_addr`. On-demand regions (userspace_addr 0) never match.
+    pub fn uaddr_to_gpa(&self, uaddr: u64) -> Option<GuestAddress> {
+        self.regions.iter().find_map(|r| {
+            let d = r.descriptor();
+            if d.userspace_addr == 0 && r.on_demand_domid().is_some() {
+                return None;
+            }
+            let off = uaddr.checked_sub(d.userspace_addr)?;
+            (off < d.size).then(|| GuestAddress(d.guest_phys_addr + off))
+        })
+    }
+
+    /// The regions, sorted by guest address.
+    pub fn regions(&self) -> &[Arc<XenRegion>] {
+        &self.regions
+    }
+}
+
+impl GuestMemoryBackend for RegionTable {
+    type R = XenRegion;
+
+    fn num_regions(&self) -> usize {
+        self.regions.len()
+    }
+
+    fn find_region(&self, addr: GuestAddress) -> Option<&XenRegion> {
+        let i = self
+            .regions
+            .partition_point(|r| r.start_addr() <= addr)
+            .checked_sub(1)?;
+        let r = self.regions.get(i)?;
+        (addr <= r.last_addr()).then_some(&**r)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &XenRegion> {
+        self.regions.iter().map(|r| &**r)
+    }
+}
