@@ -111,6 +111,11 @@ impl RegionTable {
         })
     }
 
+    /// The Xen device of the first region that has one (all Xen regions share one).
+    pub fn xen_device(&self) -> Option<&crate::device::XenDev> {
+        self.regions.iter().find_map(|r| r.device())
+    }
+
     /// The regions, sorted by guest address.
     pub fn regions(&self) -> &[Arc<XenRegion>] {
         &self.regions

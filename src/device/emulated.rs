@@ -82,6 +82,8 @@ struct Frame {
 struct GrantMap {
     refs: Vec<GrantRef>,
     mmapped: Option<usize>,
+    /// A failed mmap leaves the map unusable until UNMAP_GRANT_REF (as on real gntdev).
+    poisoned: bool,
 }
 
 #[derive(Debug)]
@@ -377,6 +379,7 @@ impl XenDevice for EmulatedXen {
             GrantMap {
                 refs: refs.to_vec(),
                 mmapped: None,
+                poisoned: false,
             },
         );
         Ok(index)
@@ -396,21 +399,25 @@ impl XenDevice for EmulatedXen {
             .get(&index)
             .ok_or(DeviceError::sys(CALL, libc::EINVAL))?;
         // The real driver refuses an mmap that does not cover exactly one whole map.
-        if map.refs.len() != pages || map.mmapped.is_some() {
+        if map.refs.len() != pages || map.mmapped.is_some() || map.poisoned {
             return Err(DeviceError::sys(CALL, libc::EINVAL));
         }
         // The hypercall runs at mmap time: every ref must be a grant of that domain, and a
-        // read-only grant refuses a writable mapping.
+        // read-only grant refuses a writable mapping. Real gntdev answers EINVAL for both and
+        // the map cannot be mmapped again.
         let mut grants = Vec::with_capacity(pages);
+        let mut refused = false;
         for r in &map.refs {
-            let g = st
-                .grants
-                .get(&(r.domid, r.gref))
-                .ok_or(DeviceError::sys(CALL, libc::EINVAL))?;
-            if g.readonly && prot == Protection::ReadWrite {
-                return Err(DeviceError::sys(CALL, libc::EPERM));
+            match st.grants.get(&(r.domid, r.gref)) {
+                Some(g) if !(g.readonly && prot == Protection::ReadWrite) => grants.push(g.page),
+                _ => refused = true,
             }
-            grants.push(g.page);
+        }
+        if refused {
+            if let Some(m) = st.maps.get_mut(&index) {
+                m.poisoned = true;
+            }
+            return Err(DeviceError::sys(CALL, libc::EINVAL));
         }
         let base = reserve(pages).map_err(|e| DeviceError::sys(CALL, e))?;
         for (i, page) in grants.iter().enumerate() {

@@ -1,0 +1,429 @@
+//! Fetching on-demand grant pages: grant copy into bounce buffers, or gntdev mappings.
+
+use std::ptr::NonNull;
+
+use vm_memory::{Permissions, VolatileSlice};
+
+use super::pages::{Bounce, BounceAlloc, LiveMap, PageKey, PageSlot, Span, PAGE};
+use super::{RequestError, RequestMemory, ScopeState};
+use crate::device::{
+    CopyDirection, CopySegment, GrantRef, Protection, XenDev, GNTST_BAD_GNTREF, GNTST_OKAY,
+    GNTST_PERMISSION_DENIED,
+};
+use crate::region::XenRegion;
+use crate::xen_page::{frame_of, page_offset};
+
+/// The part of one access that falls in one grant page.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Piece {
+    pub key: PageKey,
+    /// Guest address of the piece's first byte (for error messages).
+    pub gpa: u64,
+    pub span: Span,
+    pub write: bool,
+}
+
+/// Splits `[gpa, gpa + len)` of an on-demand region of `domid` into per-page pieces.
+pub(super) fn pieces(
+    domid: u16,
+    gpa: u64,
+    len: usize,
+    write: bool,
+    out: &mut Vec<Piece>,
+) -> Result<(), RequestError> {
+    let mut cur = gpa;
+    let mut left = len;
+    while left > 0 {
+        let gref =
+            u32::try_from(frame_of(cur)).map_err(|_| RequestError::RefOutOfRange { gpa: cur })?;
+        let lo = page_offset(cur) as usize;
+        let n = (PAGE - lo).min(left);
+        out.push(Piece {
+            key: (domid, gref),
+            gpa: cur,
+            span: Span::new(lo, lo + n),
+            write,
+        });
+        left -= n;
+        // Cannot overflow: the region holds `[gpa, gpa + len)`.
+        cur = cur.wrapping_add(n as u64);
+    }
+    Ok(())
+}
+
+impl RequestMemory<'_> {
+    /// Serves `[gpa, gpa + len)` of on-demand region `region`, fetching what is missing.
+    pub(super) fn on_demand(
+        &self,
+        region: &XenRegion,
+        domid: u16,
+        gpa: u64,
+        len: usize,
+        access: Permissions,
+    ) -> Result<Vec<VolatileSlice<'_>>, RequestError> {
+        let write = access.has_write();
+        let mut ps = Vec::new();
+        pieces(domid, gpa, len, write, &mut ps)?;
+        let mut st = self.state.borrow_mut();
+        let dev = st.device(region)?;
+        let copy_new = self.strategy.copies(len);
+        let (copy, map): (Vec<Piece>, Vec<Piece>) = ps.iter().partition(|p| {
+            match st.pages.get(&p.key) {
+                Some(s) if s.bounce.is_some() => true,
+                Some(s) if s.is_mapped() => false,
+                _ => copy_new,
+            }
+        });
+        let r = st
+            .fetch_by_copy(&dev, &copy, true)
+            .and_then(|()| st.fetch_by_map(&dev, &map, write, true));
+        if r.is_err() {
+            dev.counters().add_errors(1);
+        }
+        r?;
+        Ok(st.slices_for(&ps))
+    }
+}
+
+impl ScopeState {
+    /// The device of the first on-demand region touched (all regions share one).
+    pub(super) fn device(&mut self, region: &XenRegion) -> Result<XenDev, RequestError> {
+        if let Some(d) = &self.dev {
+            return Ok(d.clone());
+        }
+        let d = region
+            .device()
+            .cloned()
+            .ok_or(RequestError::RefOutOfRange {
+                gpa: region.descriptor().guest_phys_addr,
+            })?;
+        self.dev = Some(d.clone());
+        Ok(d)
+    }
+
+    /// Makes every piece's bytes valid in a bounce buffer with one grant-copy ioctl; probes
+    /// writability of pages to be written with a 1-byte write-back of bytes just read.
+    ///
+    /// With `strict`, the first failure is returned; otherwise (prefetch) failed pages are
+    /// simply left unfetched, to be retried and reported when touched.
+    pub(super) fn fetch_by_copy(
+        &mut self,
+        dev: &XenDev,
+        pieces: &[Piece],
+        strict: bool,
+    ) -> Result<(), RequestError> {
+        if pieces.is_empty() {
+            return Ok(());
+        }
+        self.alloc_bounces(pieces)?;
+        // Plan: per piece, the bytes to copy in and the new valid span; probes after.
+        let mut segs: Vec<CopySegment> = Vec::new();
+        let mut owners: Vec<usize> = Vec::new(); // piece index of each segment
+        let mut planned: Vec<(PageKey, Span)> = Vec::new();
+        let mut probes: Vec<(usize, PageKey)> = Vec::new();
+        for (i, p) in pieces.iter().enumerate() {
+            let Some(b) = self.bounce(p.key) else { continue };
+            let have = planned
+                .iter()
+                .rev()
+                .find(|(k, _)| *k == p.key)
+                .map_or(b.valid, |(_, s)| *s);
+            let need = have.hull(p.span);
+            for part in need.minus(have) {
+                if !part.is_empty() {
+                    segs.push(seg(p.key, b.buf, part, CopyDirection::FromGuest));
+                    owners.push(i);
+                }
+            }
+            planned.push((p.key, need));
+            if p.write && b.writable.is_none() && !probes.iter().any(|(_, k)| *k == p.key) {
+                probes.push((i, p.key));
+            }
+        }
+        for &(i, key) in &probes {
+            let (b, span) = match (self.bounce(key), planned.iter().rev().find(|(k, _)| *k == key))
+            {
+                (Some(b), Some((_, s))) => (b, *s),
+                _ => continue,
+            };
+            // Write back one byte we just read: same value, but Xen checks write permission.
+            segs.push(seg(
+                key,
+                b.buf,
+                Span {
+                    lo: span.lo,
+                    hi: span.lo + 1,
+                },
+                CopyDirection::ToGuest,
+            ));
+            owners.push(i);
+        }
+        if !segs.is_empty() {
+            // SAFETY: every local range lies in bounce memory this scope owns and that no slice
+            // covers yet (copy-ins go to bytes outside `valid`; probes only read).
+            unsafe { dev.grant_copy(&mut segs) }?;
+        }
+        // Commit: pages whose copy-in failed are dropped (or keep their old valid span).
+        let mut first_err = None;
+        let mut failed: Vec<PageKey> = Vec::new();
+        for (s, &i) in segs.iter().zip(&owners) {
+            let p = &pieces[i];
+            if s.direction == CopyDirection::ToGuest {
+                let ok = s.status == GNTST_OKAY;
+                if let Some(b) = self.bounce_mut(p.key) {
+                    b.writable = Some(ok);
+                }
+                if !ok && s.status != GNTST_PERMISSION_DENIED && first_err.is_none() {
+                    first_err = Some(copy_error(p, s.status));
+                }
+            } else if s.status != GNTST_OKAY {
+                failed.push(p.key);
+                first_err.get_or_insert_with(|| copy_error(p, s.status));
+            }
+        }
+        for (key, span) in planned {
+            if failed.contains(&key) {
+                continue;
+            }
+            if let Some(b) = self.bounce_mut(key) {
+                b.valid = span;
+            }
+        }
+        for key in failed {
+            if let Some(slot) = self.pages.get(&key) {
+                if slot.bounce.is_some_and(|b| b.valid.is_empty()) {
+                    self.pages.remove(&key);
+                }
+            }
+        }
+        if !strict {
+            return Ok(());
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        for p in pieces.iter().filter(|p| p.write) {
+            if self.bounce(p.key).and_then(|b| b.writable) == Some(false) {
+                return Err(read_only(p));
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives every page of `pieces` without a bounce buffer one, from a single allocation.
+    fn alloc_bounces(&mut self, pieces: &[Piece]) -> Result<(), RequestError> {
+        let mut new: Vec<PageKey> = Vec::new();
+        for p in pieces {
+            if !self.pages.contains_key(&p.key) && !new.contains(&p.key) {
+                new.push(p.key);
+            }
+        }
+        if new.is_empty() {
+            return Ok(());
+        }
+        let alloc =
+            BounceAlloc::new(new.len()).ok_or(RequestError::OutOfMemory { pages: new.len() })?;
+        for (i, key) in new.iter().enumerate() {
+            self.pages.insert(
+                *key,
+                PageSlot {
+                    bounce: Some(Bounce {
+                        buf: alloc.page(i),
+                        valid: Span::default(),
+                        dirty: Span::default(),
+                        writable: None,
+                    }),
+                    ..PageSlot::default()
+                },
+            );
+        }
+        self.allocs.push(alloc);
+        Ok(())
+    }
+
+    fn bounce(&self, key: PageKey) -> Option<Bounce> {
+        self.pages.get(&key).and_then(|s| s.bounce)
+    }
+
+    fn bounce_mut(&mut self, key: PageKey) -> Option<&mut Bounce> {
+        self.pages.get_mut(&key).and_then(|s| s.bounce.as_mut())
+    }
+
+    /// Maps the pages of `pieces` that lack a mapping good for the access, all in one
+    /// MAP_GRANT_REF + one mmap. If that fails, `strict` maps page by page to name the page at
+    /// fault (and tells a read-only grant from an ungranted ref); prefetch just leaves them.
+    pub(super) fn fetch_by_map(
+        &mut self,
+        dev: &XenDev,
+        pieces: &[Piece],
+        write: bool,
+        strict: bool,
+    ) -> Result<(), RequestError> {
+        let prot = if write {
+            Protection::ReadWrite
+        } else {
+            Protection::ReadOnly
+        };
+        let mut need: Vec<&Piece> = Vec::new();
+        for p in pieces {
+            let slot = self.pages.get(&p.key).copied().unwrap_or_default();
+            let ok = if write {
+                slot.rw.is_some()
+            } else {
+                slot.is_mapped()
+            };
+            if !ok && !need.iter().any(|q| q.key == p.key) {
+                need.push(p);
+            }
+        }
+        if need.is_empty() {
+            return Ok(());
+        }
+        let keys: Vec<PageKey> = need.iter().map(|p| p.key).collect();
+        match self.map_pages(dev, &keys, prot) {
+            Ok(()) => Ok(()),
+            Err(_) if !strict => Ok(()),
+            Err(e) if keys.len() == 1 => Err(self.blame(dev, need[0], prot, e)),
+            Err(_) => {
+                for p in need {
+                    if let Err(e) = self.map_pages(dev, &[p.key], prot) {
+                        return Err(self.blame(dev, p, prot, e));
+                    }
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// One MAP_GRANT_REF + one mmap for `keys`, recorded in the slots.
+    fn map_pages(
+        &mut self,
+        dev: &XenDev,
+        keys: &[PageKey],
+        prot: Protection,
+    ) -> Result<(), crate::device::DeviceError> {
+        let refs: Vec<GrantRef> = keys
+            .iter()
+            .map(|&(domid, gref)| GrantRef { domid, gref })
+            .collect();
+        let index = dev.grant_map_refs(&refs)?;
+        let base = match dev.grant_mmap(index, refs.len(), prot) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = dev.grant_unmap_refs(index, refs.len());
+                return Err(e);
+            }
+        };
+        self.maps.push(LiveMap {
+            base,
+            index,
+            pages: refs.len(),
+        });
+        for (i, key) in keys.iter().enumerate() {
+            // SAFETY: page `i` of a mapping of `keys.len()` pages.
+            let page = unsafe { base.add(i * PAGE) };
+            let slot = self.pages.entry(*key).or_default();
+            match prot {
+                Protection::ReadOnly => slot.ro = Some(page),
+                Protection::ReadWrite => slot.rw = Some(page),
+            }
+        }
+        Ok(())
+    }
+
+    /// Names the failure of mapping one page: a writable map refused where a read-only one
+    /// works means the guest granted it read-only.
+    fn blame(
+        &mut self,
+        dev: &XenDev,
+        p: &Piece,
+        prot: Protection,
+        e: crate::device::DeviceError,
+    ) -> RequestError {
+        let is_mapped_ro = self.pages.get(&p.key).is_some_and(|s| s.ro.is_some());
+        if prot == Protection::ReadWrite
+            && (is_mapped_ro || self.map_pages(dev, &[p.key], Protection::ReadOnly).is_ok())
+        {
+            return read_only(p);
+        }
+        RequestError::GrantMap {
+            gpa: p.gpa,
+            domid: p.key.0,
+            gref: p.key.1,
+            source: e,
+        }
+    }
+
+    /// Slices for fetched pieces, merging neighbours that are contiguous in host memory, and
+    /// marking written bounce bytes dirty.
+    fn slices_for<'a>(&mut self, pieces: &[Piece]) -> Vec<VolatileSlice<'a>> {
+        let mut runs: Vec<(NonNull<u8>, usize)> = Vec::new();
+        for p in pieces {
+            let Some(slot) = self.pages.get_mut(&p.key) else {
+                continue;
+            };
+            let page = match (&mut slot.bounce, p.write) {
+                (Some(b), w) => {
+                    if w {
+                        b.dirty = b.dirty.hull(p.span);
+                    }
+                    Some(b.buf)
+                }
+                (None, true) => slot.rw,
+                (None, false) => slot.rw.or(slot.ro),
+            };
+            let Some(page) = page else { continue };
+            // SAFETY: `span.lo < 4096`, inside the page's 4 KiB.
+            let ptr = unsafe { page.add(usize::from(p.span.lo)) };
+            let len = usize::from(p.span.hi - p.span.lo);
+            match runs.last_mut() {
+                Some((start, n)) if start.as_ptr().wrapping_add(*n) == ptr.as_ptr() => *n += len,
+                _ => runs.push((ptr, len)),
+            }
+        }
+        runs.into_iter()
+            // SAFETY: each run lies in bounce memory or mappings owned by the scope, which
+            // outlive `'a` (the caller ties `'a` to a borrow of the scope; see module docs).
+            .map(|(ptr, len)| unsafe { VolatileSlice::new(ptr.as_ptr(), len) })
+            .collect()
+    }
+}
+
+fn seg(key: PageKey, buf: NonNull<u8>, part: Span, direction: CopyDirection) -> CopySegment {
+    CopySegment {
+        grant: GrantRef {
+            domid: key.0,
+            gref: key.1,
+        },
+        offset: part.lo,
+        len: part.hi - part.lo,
+        // SAFETY: `part.lo < 4096`, inside the page's 4 KiB of bounce memory.
+        local: unsafe { buf.as_ptr().add(usize::from(part.lo)) },
+        direction,
+        status: GNTST_OKAY,
+    }
+}
+
+fn copy_error(p: &Piece, status: i16) -> RequestError {
+    match status {
+        GNTST_BAD_GNTREF => RequestError::UnknownRef {
+            gpa: p.gpa,
+            domid: p.key.0,
+            gref: p.key.1,
+        },
+        GNTST_PERMISSION_DENIED => read_only(p),
+        status => RequestError::GrantCopy {
+            gpa: p.gpa,
+            gref: p.key.1,
+            status,
+        },
+    }
+}
+
+fn read_only(p: &Piece) -> RequestError {
+    RequestError::ReadOnlyGrant {
+        gpa: p.gpa,
+        domid: p.key.0,
+        gref: p.key.1,
+    }
+}

@@ -1,0 +1,89 @@
+//! Batching: fetch the on-demand pages of whole descriptor chains up front, with one
+//! grant-copy ioctl, or one MAP_GRANT_REF + mmap per protection (an mmap must cover one whole
+//! map, so read-only and writable pages need two).
+
+use std::ops::Deref;
+
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion, Permissions};
+use virtio_queue::DescriptorChain;
+
+use super::access::{pieces, Piece};
+use super::{RequestError, RequestMemory};
+
+impl RequestMemory<'_> {
+    /// Fetches the on-demand pages of `chains` (one grant-copy ioctl, or one map per
+    /// protection). Best effort: a page that cannot be fetched is left alone and its error is
+    /// reported when the device touches it, so one bad chain does not fail the others.
+    pub fn prefetch_chains<M>(&self, chains: &[DescriptorChain<M>]) -> Result<(), RequestError>
+    where
+        M: Deref + Clone,
+        M::Target: GuestMemory,
+    {
+        let buffers: Vec<(GuestAddress, usize, Permissions)> = chains
+            .iter()
+            .flat_map(|c| c.clone())
+            .map(|d| {
+                let access = if d.is_write_only() {
+                    Permissions::Write
+                } else {
+                    Permissions::Read
+                };
+                (d.addr(), d.len() as usize, access)
+            })
+            .collect();
+        self.prefetch(&buffers)
+    }
+
+    /// Fetches the on-demand pages of `buffers` (`(gpa, len, access)`); see
+    /// [`RequestMemory::prefetch_chains`]. Errors only when the device call itself fails.
+    pub fn prefetch(&self, buffers: &[(GuestAddress, usize, Permissions)]) -> Result<(), RequestError> {
+        let mut copy: Vec<Piece> = Vec::new();
+        let mut map: Vec<Piece> = Vec::new();
+        let mut dev = None;
+        let mut st = self.state.borrow_mut();
+        for &(addr, len, access) in buffers {
+            let Some(region) = self.table.find_region(addr) else {
+                continue;
+            };
+            let Some(domid) = region.on_demand_domid() else {
+                continue;
+            };
+            // Only the part inside this region; a buffer crossing regions is rare and is
+            // fetched on touch.
+            let room = region.len() - (addr.0 - region.start_addr().0);
+            let n = (len as u64).min(room) as usize;
+            let mut ps = Vec::new();
+            if pieces(domid, addr.0, n, access.has_write(), &mut ps).is_err() {
+                continue;
+            }
+            if dev.is_none() {
+                dev = st.device(region).ok();
+            }
+            let copies = self.strategy.copies(len);
+            for p in ps {
+                let slot = st.pages.get(&p.key);
+                let by_copy = match slot {
+                    Some(s) if s.bounce.is_some() => true,
+                    Some(s) if s.is_mapped() => false,
+                    _ => copies,
+                };
+                if by_copy {
+                    copy.push(p);
+                } else {
+                    map.push(p);
+                }
+            }
+        }
+        let Some(dev) = dev else { return Ok(()) };
+        st.fetch_by_copy(&dev, &copy, false)?;
+        // A page both read and written in the batch is mapped once, writable.
+        let (rw, ro): (Vec<Piece>, Vec<Piece>) = map.iter().partition(|p| p.write);
+        let ro: Vec<Piece> = ro
+            .into_iter()
+            .filter(|p| !rw.iter().any(|q| q.key == p.key))
+            .collect();
+        st.fetch_by_map(&dev, &ro, false, false)?;
+        st.fetch_by_map(&dev, &rw, true, false)?;
+        Ok(())
+    }
+}

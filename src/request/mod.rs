@@ -1,0 +1,276 @@
+//! Request-scoped memory: the guest memory a device sees while it serves one request (or one
+//! batch of requests).
+//!
+//! [`RequestMemory`] borrows the [`RegionTable`] and implements vm-memory's `GuestMemory`.
+//! Regions mapped in advance are served directly. Pages of on-demand grant regions are
+//! fetched on first touch, by grant copy into bounce buffers the scope owns or by gntdev
+//! mapping in the protection the access asks for ([`Strategy`]); [`RequestMemory::prefetch`]
+//! fetches the pages of whole descriptor chains with one ioctl per direction or protection.
+//! When the scope ends ([`RequestMemory::finish`], or drop, on error paths and unwinding
+//! too) written bytes are copied back and every mapping is gone, before the daemon writes the
+//! used-ring entry: a guest ends foreign access to its buffers when a request completes.
+//!
+//! # Soundness
+//!
+//! `get_slices(&'a self, ..)` returns `VolatileSlice<'a>`s pointing into mappings and bounce
+//! buffers owned by the scope. `VolatileSlice` is `Copy` and has no `Drop`, so the scope never
+//! learns when an access ends; instead every slice borrows the scope, and the borrow checker
+//! forbids `finish(self)` or drop while any slice (or a `Reader`/`Writer` built from one) is
+//! alive. Nothing the scope owns is released or moved before then: bounce buffers are raw heap
+//! allocations that never move, mappings are never replaced (a page first mapped read-only and
+//! then written gets a second, writable mapping; both live until the end), and new pages are
+//! copied only into bytes no slice covers yet.
+
+mod access;
+mod batch;
+mod error;
+mod pages;
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::iter::FusedIterator;
+
+use vm_memory::bitmap::BS;
+use vm_memory::guest_memory::GuestMemorySliceIterator;
+use vm_memory::{
+    GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion,
+    MemoryRegionAddress, Permissions, VolatileSlice,
+};
+
+pub use error::RequestError;
+use pages::{BounceAlloc, LiveMap, PageKey, PageSlot};
+
+use crate::device::{CopyDirection, CopySegment, CounterSnapshot, XenDev, GNTST_OKAY};
+use crate::table::RegionTable;
+
+/// Buffer size at and above which [`Strategy::Auto`] maps instead of copying, set from the
+/// benchmarks (see README).
+pub const DEFAULT_MAP_THRESHOLD: usize = 64 * 1024;
+
+/// How on-demand grant pages are fetched.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Strategy {
+    /// gntdev mapping, read-only or writable as the access asks.
+    Map,
+    /// Grant copy through bounce buffers: no mapping, no TLB shootdown.
+    GrantCopy,
+    /// Grant copy for buffers shorter than `map_threshold` bytes, mapping for longer ones.
+    Auto {
+        /// Buffers of at least this many bytes are mapped.
+        map_threshold: usize,
+    },
+}
+
+impl Default for Strategy {
+    fn default() -> Self {
+        Strategy::Auto {
+            map_threshold: DEFAULT_MAP_THRESHOLD,
+        }
+    }
+}
+
+impl Strategy {
+    /// Whether a new buffer of `len` bytes is fetched by grant copy.
+    fn copies(self, len: usize) -> bool {
+        match self {
+            Strategy::Map => false,
+            Strategy::GrantCopy => true,
+            Strategy::Auto { map_threshold } => len < map_threshold,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct ScopeState {
+    dev: Option<XenDev>,
+    pages: HashMap<PageKey, PageSlot>,
+    allocs: Vec<BounceAlloc>,
+    maps: Vec<LiveMap>,
+}
+
+/// Guest memory for the life of one request or batch. See the module docs.
+#[derive(Debug)]
+pub struct RequestMemory<'t> {
+    table: &'t RegionTable,
+    strategy: Strategy,
+    state: RefCell<ScopeState>,
+}
+
+impl<'t> RequestMemory<'t> {
+    /// A scope over `table` with the default strategy.
+    pub fn new(table: &'t RegionTable) -> Self {
+        Self::with_strategy(table, Strategy::default())
+    }
+
+    /// A scope over `table` fetching on-demand pages with `strategy`.
+    pub fn with_strategy(table: &'t RegionTable, strategy: Strategy) -> Self {
+        RequestMemory {
+            table,
+            strategy,
+            state: RefCell::new(ScopeState::default()),
+        }
+    }
+
+    /// The table this scope reads through.
+    pub fn table(&self) -> &'t RegionTable {
+        self.table
+    }
+
+    /// The device counters (ioctls, mmaps, munmaps, grant copies, pages mapped, errors, live
+    /// mappings) of the table's Xen device; zero when the table has none.
+    pub fn counters(&self) -> CounterSnapshot {
+        self.table
+            .xen_device()
+            .map(|d| d.counters().snapshot())
+            .unwrap_or_default()
+    }
+
+    /// Mappings this scope holds right now.
+    pub fn live_mappings(&self) -> usize {
+        self.state.borrow().maps.len()
+    }
+
+    /// Ends the scope: copies written bytes back (one grant-copy ioctl) and unmaps everything.
+    /// Call it before `add_used`; dropping the scope does the same but cannot report errors.
+    pub fn finish(mut self) -> Result<(), RequestError> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<(), RequestError> {
+        let st = self.state.get_mut();
+        let mut first_err = None;
+        let mut segs: Vec<CopySegment> = Vec::new();
+        for (&(domid, gref), slot) in &st.pages {
+            if let Some(b) = slot.bounce {
+                if !b.dirty.is_empty() && b.writable == Some(true) {
+                    segs.push(CopySegment {
+                        grant: crate::device::GrantRef { domid, gref },
+                        offset: b.dirty.lo,
+                        len: b.dirty.hi - b.dirty.lo,
+                        // SAFETY: `dirty` lies within the page's 4 KiB of bounce memory.
+                        local: unsafe { b.buf.as_ptr().add(usize::from(b.dirty.lo)) },
+                        direction: CopyDirection::ToGuest,
+                        status: GNTST_OKAY,
+                    });
+                }
+            }
+        }
+        if let (false, Some(dev)) = (segs.is_empty(), st.dev.as_ref()) {
+            // SAFETY: every segment's local range is inside bounce memory this scope owns, and
+            // no slice into it can be alive (we hold `&mut self`).
+            match unsafe { dev.grant_copy(&mut segs) } {
+                Ok(()) => {
+                    let failed: Vec<&CopySegment> =
+                        segs.iter().filter(|s| s.status != GNTST_OKAY).collect();
+                    if let Some(f) = failed.first() {
+                        dev.counters().add_errors(failed.len() as u64);
+                        first_err = Some(RequestError::CopyBack {
+                            failed: failed.len(),
+                            gref: f.grant.gref,
+                            status: f.status,
+                        });
+                    }
+                }
+                Err(e) => first_err = Some(RequestError::Device(e)),
+            }
+        }
+        if let Some(dev) = st.dev.as_ref() {
+            for m in st.maps.drain(..) {
+                // SAFETY: `m` is a whole mapping this scope made; no slice into it is alive.
+                let r = unsafe { dev.grant_munmap(m.base, m.pages) }
+                    .and_then(|()| dev.grant_unmap_refs(m.index, m.pages));
+                if let (Err(e), None) = (r, &first_err) {
+                    first_err = Some(RequestError::Device(e));
+                }
+            }
+        }
+        st.pages.clear();
+        st.allocs.clear();
+        first_err.map_or(Ok(()), Err)
+    }
+
+    /// Resolves `[addr, addr + count)` into slices, fetching on-demand pages as needed.
+    fn slices(
+        &self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> Vec<Result<VolatileSlice<'_>, GuestMemoryError>> {
+        let mut out = Vec::new();
+        let mut cur = addr.0;
+        let mut left = count as u64;
+        while left > 0 {
+            let Some(region) = self.table.find_region(GuestAddress(cur)) else {
+                out.push(Err(GuestMemoryError::InvalidGuestAddress(GuestAddress(cur))));
+                break;
+            };
+            let off = cur - region.start_addr().0;
+            let n = (region.len() - off).min(left);
+            let r = match region.on_demand_domid() {
+                Some(domid) => self
+                    .on_demand(region, domid, cur, n as usize, access)
+                    .map_err(RequestError::into_guest_memory_error),
+                None => region
+                    .get_slice(MemoryRegionAddress(off), n as usize)
+                    .map(|s| vec![s]),
+            };
+            match r {
+                Ok(v) => out.extend(v.into_iter().map(Ok)),
+                Err(e) => {
+                    out.push(Err(e));
+                    break;
+                }
+            }
+            left -= n;
+            if left > 0 {
+                match cur.checked_add(n) {
+                    Some(c) => cur = c,
+                    None => {
+                        out.push(Err(GuestMemoryError::GuestAddressOverflow));
+                        break;
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+impl Drop for RequestMemory<'_> {
+    fn drop(&mut self) {
+        // Errors here were counted by the device; `finish` is the way to see them.
+        let _ = self.release();
+    }
+}
+
+/// The slices of one `get_slices` call.
+pub struct RequestSlices<'a>(std::vec::IntoIter<Result<VolatileSlice<'a>, GuestMemoryError>>);
+
+impl<'a> Iterator for RequestSlices<'a> {
+    type Item = Result<VolatileSlice<'a>, GuestMemoryError>;
+    fn next(&mut self) -> Option<Self::Item> {
+        self.0.next()
+    }
+}
+
+impl FusedIterator for RequestSlices<'_> {}
+
+impl<'a> GuestMemorySliceIterator<'a, ()> for RequestSlices<'a> {}
+
+impl GuestMemory for RequestMemory<'_> {
+    type PhysicalMemory = RegionTable;
+    type Bitmap = ();
+
+    fn check_range(&self, addr: GuestAddress, count: usize, _access: Permissions) -> bool {
+        GuestMemoryBackend::check_range(self.table, addr, count)
+    }
+
+    fn get_slices<'a>(
+        &'a self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> vm_memory::guest_memory::Result<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
+        Ok(RequestSlices(self.slices(addr, count, access).into_iter()))
+    }
+}

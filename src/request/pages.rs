@@ -1,0 +1,144 @@
+//! Per-page bookkeeping of a request scope: which on-demand grant pages it holds, as a bounce
+//! buffer or as mappings, and which bytes are valid or dirty.
+
+use std::alloc::Layout;
+use std::ptr::NonNull;
+
+use crate::xen_page::XEN_PAGE_SIZE;
+
+pub(crate) const PAGE: usize = XEN_PAGE_SIZE as usize;
+
+/// A grant page: `(granting domain, ref)`.
+pub(crate) type PageKey = (u16, u32);
+
+/// A half-open byte range inside one page, `lo..hi`; empty when `lo >= hi`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub(crate) struct Span {
+    pub lo: u16,
+    pub hi: u16,
+}
+
+impl Span {
+    pub fn new(lo: usize, hi: usize) -> Self {
+        // Callers pass in-page offsets (<= 4096), which fit in u16.
+        Span {
+            lo: lo as u16,
+            hi: hi as u16,
+        }
+    }
+    pub fn is_empty(self) -> bool {
+        self.lo >= self.hi
+    }
+    /// Smallest span covering both.
+    pub fn hull(self, other: Span) -> Span {
+        if self.is_empty() {
+            return other;
+        }
+        if other.is_empty() {
+            return self;
+        }
+        Span {
+            lo: self.lo.min(other.lo),
+            hi: self.hi.max(other.hi),
+        }
+    }
+    /// The parts of `self` not covered by `have` (at most two).
+    pub fn minus(self, have: Span) -> [Span; 2] {
+        if have.is_empty() {
+            return [self, Span::default()];
+        }
+        [
+            Span {
+                lo: self.lo,
+                hi: self.hi.min(have.lo),
+            },
+            Span {
+                lo: self.lo.max(have.hi),
+                hi: self.hi,
+            },
+        ]
+    }
+}
+
+/// A page held as a bounce buffer (grant copy).
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Bounce {
+    /// Start of this page's 4 KiB in a bounce allocation.
+    pub buf: NonNull<u8>,
+    /// Bytes copied in from the guest.
+    pub valid: Span,
+    /// Bytes handed out for writing; copied back when the scope ends.
+    pub dirty: Span,
+    /// Whether the grant accepts writes: unknown until probed.
+    pub writable: Option<bool>,
+}
+
+/// What a scope holds of one grant page.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct PageSlot {
+    pub bounce: Option<Bounce>,
+    /// Read-only mapping of the page.
+    pub ro: Option<NonNull<u8>>,
+    /// Writable mapping of the page.
+    pub rw: Option<NonNull<u8>>,
+}
+
+impl PageSlot {
+    /// True once the page is represented by mappings (so it must never be bounced too).
+    pub fn is_mapped(&self) -> bool {
+        self.ro.is_some() || self.rw.is_some()
+    }
+}
+
+/// Owned, page-aligned, zeroed bounce memory; freed when dropped. Raw allocation (not a `Box`)
+/// because slices handed to the device alias it for the scope's whole life.
+#[derive(Debug)]
+pub(crate) struct BounceAlloc {
+    ptr: NonNull<u8>,
+    layout: Layout,
+}
+
+impl BounceAlloc {
+    /// `pages` zeroed pages, or `None` if the allocation fails or the size overflows.
+    pub fn new(pages: usize) -> Option<Self> {
+        let layout = Layout::from_size_align(pages.checked_mul(PAGE)?.max(PAGE), PAGE).ok()?;
+        // SAFETY: the layout has nonzero size.
+        let ptr = NonNull::new(unsafe { std::alloc::alloc_zeroed(layout) })?;
+        Some(BounceAlloc { ptr, layout })
+    }
+
+    /// Start of page `i` of the allocation.
+    pub fn page(&self, i: usize) -> NonNull<u8> {
+        // In bounds for i < pages: callers only ask for pages they allocated.
+        // SAFETY: `i * PAGE` is within the allocation for the pages the caller allocated.
+        unsafe { self.ptr.add(i * PAGE) }
+    }
+}
+
+impl Drop for BounceAlloc {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with exactly this layout, freed once.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), self.layout) };
+    }
+}
+
+/// A gntdev mapping owned by a scope.
+#[derive(Debug)]
+pub(crate) struct LiveMap {
+    pub base: NonNull<u8>,
+    pub index: u64,
+    pub pages: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Span;
+
+    #[test]
+    fn span_algebra() {
+        let a = Span::new(10, 20);
+        assert_eq!(a.hull(Span::new(30, 40)), Span::new(10, 40));
+        assert_eq!(Span::new(0, 40).minus(a), [Span::new(0, 10), Span::new(20, 40)]);
+        assert!(Span::new(12, 18).minus(a).iter().all(|s| s.is_empty()));
+    }
+}
