@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod descriptor;
+pub mod guest_sim;
 pub mod device;
 pub mod region;
 pub mod request;
