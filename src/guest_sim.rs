@@ -27,7 +27,10 @@ pub struct GuestBuffer {
 impl GuestBuffer {
     /// The grant address of byte `offset` of the buffer.
     pub fn gpa(&self, offset: usize) -> u64 {
-        grant_addr(self.first_ref + (offset / PAGE) as u32, (offset % PAGE) as u64)
+        grant_addr(
+            self.first_ref + (offset / PAGE) as u32,
+            (offset % PAGE) as u64,
+        )
     }
 }
 
@@ -64,13 +67,23 @@ impl GuestSim {
     }
 
     /// Writes `data` at byte `offset` of `buf` (the guest filling a buffer).
-    pub fn write(&self, buf: &GuestBuffer, offset: usize, data: &[u8]) -> Result<(), EmulationError> {
+    pub fn write(
+        &self,
+        buf: &GuestBuffer,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), EmulationError> {
         self.check(buf, offset, data.len())?;
         self.emu.write_page(buf.first_page, offset, data)
     }
 
     /// Reads `len` bytes at `offset` of `buf` (the guest reading what the device wrote).
-    pub fn read(&self, buf: &GuestBuffer, offset: usize, len: usize) -> Result<Vec<u8>, EmulationError> {
+    pub fn read(
+        &self,
+        buf: &GuestBuffer,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<u8>, EmulationError> {
         self.check(buf, offset, len)?;
         self.emu.read_page(buf.first_page, offset, len)
     }

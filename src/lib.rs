@@ -6,9 +6,10 @@
 //! grants, a vm-memory `GuestMemory`).
 
 pub mod backend;
+pub mod block_workload;
 pub mod descriptor;
-pub mod guest_sim;
 pub mod device;
+pub mod guest_sim;
 pub mod region;
 pub mod request;
 pub mod table;

@@ -126,8 +126,14 @@ impl GuestMemoryRegion for XenRegion {
 
     fn bitmap(&self) -> BS<'_, ()> {}
 
-    fn get_host_address(&self, addr: MemoryRegionAddress) -> vm_memory::guest_memory::Result<*mut u8> {
-        let m = self.mapping.as_ref().ok_or_else(|| self.on_demand_error(addr))?;
+    fn get_host_address(
+        &self,
+        addr: MemoryRegionAddress,
+    ) -> vm_memory::guest_memory::Result<*mut u8> {
+        let m = self
+            .mapping
+            .as_ref()
+            .ok_or_else(|| self.on_demand_error(addr))?;
         self.check_address(addr)
             .ok_or(GuestMemoryError::InvalidBackendAddress)?;
         Ok(m.as_ptr().wrapping_add(addr.0 as usize))

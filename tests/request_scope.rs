@@ -14,7 +14,9 @@ const WRITE: u16 = 2; // VRING_DESC_F_WRITE
 const STRATEGIES: [Strategy; 3] = [
     Strategy::GrantCopy,
     Strategy::Map,
-    Strategy::Auto { map_threshold: 4096 },
+    Strategy::Auto {
+        map_threshold: 4096,
+    },
 ];
 
 /// A guest with a ring region mapped in advance and an on-demand region for everything else.
@@ -83,7 +85,11 @@ fn serve(mem: &RequestMemory<'_>, chain: DescriptorChain<&RegionTable>) -> [u8; 
 fn assert_no_live_mappings(s: &Setup) {
     // The ring region's own map and mapping stay for the table's life; nothing else may.
     assert_eq!(s.sim.emu.live_grant_maps(), 1, "grant maps left registered");
-    assert_eq!(s.sim.emu.live_mappings(), 1, "only the ring mapping may live");
+    assert_eq!(
+        s.sim.emu.live_mappings(),
+        1,
+        "only the ring mapping may live"
+    );
     assert_eq!(s.sim.dev.counters().live_mappings(), 1);
 }
 
@@ -148,14 +154,16 @@ fn batch_of_eight_costs_the_same_as_one() {
         for (i, d) in raw.iter_mut().enumerate() {
             let sd = SplitDescriptor::from(*d);
             let next = if sd.flags() & 1 != 0 { i as u16 + 1 } else { 0 };
-            *d = RawDescriptor::from(SplitDescriptor::new(sd.addr().0, sd.len(), sd.flags(), next));
+            *d = RawDescriptor::from(SplitDescriptor::new(
+                sd.addr().0,
+                sd.len(),
+                sd.flags(),
+                next,
+            ));
         }
         q.add_desc_chains(&raw, 0).unwrap();
         let mut queue: virtio_queue::Queue = q.create_queue().unwrap();
-        let chains: Vec<_> = std::iter::from_fn(|| {
-            queue.pop_descriptor_chain(&s.table)
-        })
-        .collect();
+        let chains: Vec<_> = std::iter::from_fn(|| queue.pop_descriptor_chain(&s.table)).collect();
         assert_eq!(chains.len(), 8);
         let before = s.sim.dev.counters().snapshot();
         let mem = RequestMemory::with_strategy(&s.table, strategy);
@@ -192,7 +200,11 @@ fn writing_a_read_only_grant_is_an_error() {
         // ...writing is refused with the gpa and the ref, and the guest's bytes are intact.
         let e = mem.write_slice(&[1; 8], GuestAddress(gpa)).unwrap_err();
         match request_error(&e) {
-            RequestError::ReadOnlyGrant { gpa: g, domid, gref } => {
+            RequestError::ReadOnlyGrant {
+                gpa: g,
+                domid,
+                gref,
+            } => {
                 assert_eq!((*g, *domid, *gref), (gpa, 1, ro.first_ref), "{strategy:?}");
             }
             other => panic!("{strategy:?}: {other:?}"),
@@ -216,7 +228,15 @@ fn unknown_ref_is_an_error_and_the_caller_carries_on() {
         let mut buf = [0u8; 4];
         let e = mem.read_slice(&mut buf, GuestAddress(gpa)).unwrap_err();
         match (strategy, request_error(&e)) {
-            (Strategy::Map, RequestError::GrantMap { gpa: g, gref, source, .. }) => {
+            (
+                Strategy::Map,
+                RequestError::GrantMap {
+                    gpa: g,
+                    gref,
+                    source,
+                    ..
+                },
+            ) => {
                 assert_eq!((*g, *gref), (gpa, never));
                 assert_eq!(source.errno(), Some(libc::EINVAL));
             }
@@ -244,14 +264,18 @@ fn multi_page_buffer_uses_consecutive_refs_and_names_the_missing_one() {
         let mem = RequestMemory::with_strategy(&s.table, strategy);
         // Mid-page start, crossing two page boundaries.
         let mut got = vec![0u8; 8000];
-        mem.read_slice(&mut got, GuestAddress(buf.gpa(100))).unwrap();
+        mem.read_slice(&mut got, GuestAddress(buf.gpa(100)))
+            .unwrap();
         assert_eq!(got, pattern[100..8100], "{strategy:?}");
         // A buffer that runs past the granted pages into ref first_ref + 3.
         let mut long = vec![0u8; 3 * 4096];
-        let e = mem.read_slice(&mut long, GuestAddress(buf.gpa(4096))).unwrap_err();
+        let e = mem
+            .read_slice(&mut long, GuestAddress(buf.gpa(4096)))
+            .unwrap_err();
         let missing = buf.first_ref + 3;
         match request_error(&e) {
-            RequestError::UnknownRef { gpa, gref, .. } | RequestError::GrantMap { gpa, gref, .. } => {
+            RequestError::UnknownRef { gpa, gref, .. }
+            | RequestError::GrantMap { gpa, gref, .. } => {
                 assert_eq!((*gpa, *gref), (buf.gpa(3 * 4096), missing), "{strategy:?}");
             }
             other => panic!("{strategy:?}: {other:?}"),
@@ -286,16 +310,25 @@ fn grant_copy_writes_back_only_what_was_touched_and_keeps_the_rest() {
     let buf = s.sim.grant(1, false).unwrap();
     s.sim.write(&buf, 0, &[3; 4096]).unwrap();
     let mem = RequestMemory::with_strategy(&s.table, Strategy::GrantCopy);
-    mem.write_slice(&[4; 10], GuestAddress(buf.gpa(100))).unwrap();
-    mem.write_slice(&[5; 10], GuestAddress(buf.gpa(200))).unwrap();
+    mem.write_slice(&[4; 10], GuestAddress(buf.gpa(100)))
+        .unwrap();
+    mem.write_slice(&[5; 10], GuestAddress(buf.gpa(200)))
+        .unwrap();
     // The guest changes a byte outside anything the device touched meanwhile.
     s.sim.write(&buf, 3000, &[6]).unwrap();
     mem.finish().unwrap();
     let got = s.sim.read(&buf, 0, 4096).unwrap();
     assert_eq!(&got[100..110], &[4; 10]);
     assert_eq!(&got[200..210], &[5; 10]);
-    assert_eq!(&got[110..200], &[3; 90], "bytes between writes go back unchanged");
-    assert_eq!(got[3000], 6, "bytes outside the touched span are not written back");
+    assert_eq!(
+        &got[110..200],
+        &[3; 90],
+        "bytes between writes go back unchanged"
+    );
+    assert_eq!(
+        got[3000], 6,
+        "bytes outside the touched span are not written back"
+    );
     assert_eq!(got[0], 3);
 }
 
@@ -306,13 +339,18 @@ fn mappings_are_gone_when_the_device_panics() {
         let buf = s.sim.grant(2, false).unwrap();
         let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
             let mem = RequestMemory::with_strategy(&s.table, strategy);
-            mem.write_slice(&[8; 6000], GuestAddress(buf.gpa(0))).unwrap();
+            mem.write_slice(&[8; 6000], GuestAddress(buf.gpa(0)))
+                .unwrap();
             panic!("device bug");
         }));
         assert!(r.is_err());
         assert_no_live_mappings(&s);
         // Written bytes still reached the guest (copy-back on unwind).
-        assert_eq!(s.sim.read(&buf, 0, 6000).unwrap(), vec![8; 6000], "{strategy:?}");
+        assert_eq!(
+            s.sim.read(&buf, 0, 6000).unwrap(),
+            vec![8; 6000],
+            "{strategy:?}"
+        );
         s.sim.end_access(&buf).unwrap();
     }
 }
@@ -322,12 +360,19 @@ fn ring_and_plain_regions_pass_through_without_device_calls() {
     let s = setup();
     let before = s.sim.dev.counters().snapshot();
     let mem = RequestMemory::new(&s.table);
-    mem.write_obj(0x1234u16, GuestAddress(s.ring.gpa(6))).unwrap();
-    assert_eq!(mem.read_obj::<u16>(GuestAddress(s.ring.gpa(6))).unwrap(), 0x1234);
+    mem.write_obj(0x1234u16, GuestAddress(s.ring.gpa(6)))
+        .unwrap();
+    assert_eq!(
+        mem.read_obj::<u16>(GuestAddress(s.ring.gpa(6))).unwrap(),
+        0x1234
+    );
     assert!(mem.check_range(GuestAddress(s.ring.gpa(0)), 8192, Permissions::ReadWrite));
     assert!(!mem.check_range(GuestAddress(0x1000), 1, Permissions::Read));
     let e = mem.read_obj::<u8>(GuestAddress(0x1000)).unwrap_err();
-    assert!(matches!(e, vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(0x1000))));
+    assert!(matches!(
+        e,
+        vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(0x1000))
+    ));
     mem.finish().unwrap();
     assert_eq!(s.sim.dev.counters().snapshot().since(&before).syscalls(), 0);
 }

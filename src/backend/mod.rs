@@ -49,7 +49,9 @@ pub enum BackendError {
         errno: i32,
     },
     /// A frame stayed paged out through every retry.
-    #[error("foreign frame gfn {gfn:#x} of domain {domid} still paged out after {attempts} attempts")]
+    #[error(
+        "foreign frame gfn {gfn:#x} of domain {domid} still paged out after {attempts} attempts"
+    )]
     ForeignPagedOut {
         /// Guest domain.
         domid: u16,
@@ -59,7 +61,9 @@ pub enum BackendError {
         attempts: u32,
     },
     /// Mapping a grant region in advance failed.
-    #[error("grant mapping of domain {domid} refs {first_ref:#x}+{pages} (gpa {gpa:#x}): {source}")]
+    #[error(
+        "grant mapping of domain {domid} refs {first_ref:#x}+{pages} (gpa {gpa:#x}): {source}"
+    )]
     GrantMap {
         /// Guest domain.
         domid: u16,

@@ -31,7 +31,10 @@ pub fn map_unix(
         .map_err(|_| err(std::io::Error::from_raw_os_error(libc::EOVERFLOW)))?;
     let (fd, flags) = match file {
         Some(f) => (f.as_raw_fd(), libc::MAP_SHARED),
-        None => (-1, libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE),
+        None => (
+            -1,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+        ),
     };
     // SAFETY: a fresh mapping at a kernel-chosen address; checked for MAP_FAILED below.
     let p = unsafe {

@@ -254,7 +254,12 @@ impl EmulatedXen {
     }
 
     /// Writes guest bytes (the guest filling a buffer).
-    pub fn write_page(&self, page: usize, offset: usize, data: &[u8]) -> Result<(), EmulationError> {
+    pub fn write_page(
+        &self,
+        page: usize,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), EmulationError> {
         self.check_pages(&self.state(), page, offset, data.len())?;
         // SAFETY: the range is inside the allocated part of our mapping (checked above).
         unsafe {
@@ -344,7 +349,9 @@ impl Drop for EmulatedXen {
 }
 
 fn errno() -> i32 {
-    std::io::Error::last_os_error().raw_os_error().unwrap_or(libc::EIO)
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
 }
 
 /// Reserves `pages` of address space with no access, for pages to be mapped into.

@@ -80,10 +80,7 @@ unsafe fn munmap(call: &'static str, addr: NonNull<u8>, pages: usize) -> Result<
 
 impl XenDevice for RealXen {
     fn grant_map_refs(&self, refs: &[GrantRef]) -> Result<u64, DeviceError> {
-        let pairs: Vec<(u32, u32)> = refs
-            .iter()
-            .map(|r| (u32::from(r.domid), r.gref))
-            .collect();
+        let pairs: Vec<(u32, u32)> = refs.iter().map(|r| (u32::from(r.domid), r.gref)).collect();
         self.gntdev
             .map_grant_refs(&pairs)
             .map_err(io("IOCTL_GNTDEV_MAP_GRANT_REF"))

@@ -67,13 +67,12 @@ impl RequestMemory<'_> {
         let mut st = self.state.borrow_mut();
         let dev = st.device(region)?;
         let copy_new = self.strategy.copies(len);
-        let (copy, map): (Vec<Piece>, Vec<Piece>) = ps.iter().partition(|p| {
-            match st.pages.get(&p.key) {
+        let (copy, map): (Vec<Piece>, Vec<Piece>) =
+            ps.iter().partition(|p| match st.pages.get(&p.key) {
                 Some(s) if s.bounce.is_some() => true,
                 Some(s) if s.is_mapped() => false,
                 _ => copy_new,
-            }
-        });
+            });
         let r = st
             .fetch_by_copy(&dev, &copy, true)
             .and_then(|()| st.fetch_by_map(&dev, &map, write, true));
@@ -122,7 +121,9 @@ impl ScopeState {
         let mut planned: Vec<(PageKey, Span)> = Vec::new();
         let mut probes: Vec<(usize, PageKey)> = Vec::new();
         for (i, p) in pieces.iter().enumerate() {
-            let Some(b) = self.bounce(p.key) else { continue };
+            let Some(b) = self.bounce(p.key) else {
+                continue;
+            };
             let have = planned
                 .iter()
                 .rev()
@@ -141,8 +142,10 @@ impl ScopeState {
             }
         }
         for &(i, key) in &probes {
-            let (b, span) = match (self.bounce(key), planned.iter().rev().find(|(k, _)| *k == key))
-            {
+            let (b, span) = match (
+                self.bounce(key),
+                planned.iter().rev().find(|(k, _)| *k == key),
+            ) {
                 (Some(b), Some((_, s))) => (b, *s),
                 _ => continue,
             };

@@ -4,8 +4,8 @@
 
 use std::ops::Deref;
 
-use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion, Permissions};
 use virtio_queue::DescriptorChain;
+use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion, Permissions};
 
 use super::access::{pieces, Piece};
 use super::{RequestError, RequestMemory};
@@ -36,7 +36,10 @@ impl RequestMemory<'_> {
 
     /// Fetches the on-demand pages of `buffers` (`(gpa, len, access)`); see
     /// [`RequestMemory::prefetch_chains`]. Errors only when the device call itself fails.
-    pub fn prefetch(&self, buffers: &[(GuestAddress, usize, Permissions)]) -> Result<(), RequestError> {
+    pub fn prefetch(
+        &self,
+        buffers: &[(GuestAddress, usize, Permissions)],
+    ) -> Result<(), RequestError> {
         let mut copy: Vec<Piece> = Vec::new();
         let mut map: Vec<Piece> = Vec::new();
         let mut dev = None;

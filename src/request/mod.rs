@@ -201,7 +201,9 @@ impl<'t> RequestMemory<'t> {
         let mut left = count as u64;
         while left > 0 {
             let Some(region) = self.table.find_region(GuestAddress(cur)) else {
-                out.push(Err(GuestMemoryError::InvalidGuestAddress(GuestAddress(cur))));
+                out.push(Err(GuestMemoryError::InvalidGuestAddress(GuestAddress(
+                    cur,
+                ))));
                 break;
             };
             let off = cur - region.start_addr().0;

@@ -138,7 +138,10 @@ mod tests {
     fn span_algebra() {
         let a = Span::new(10, 20);
         assert_eq!(a.hull(Span::new(30, 40)), Span::new(10, 40));
-        assert_eq!(Span::new(0, 40).minus(a), [Span::new(0, 10), Span::new(20, 40)]);
+        assert_eq!(
+            Span::new(0, 40).minus(a),
+            [Span::new(0, 10), Span::new(20, 40)]
+        );
         assert!(Span::new(12, 18).minus(a).iter().all(|s| s.is_empty()));
     }
 }

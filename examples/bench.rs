@@ -1,0 +1,106 @@
+//! The block-like workload over emulated Xen for every strategy, at batch 1 and 8: a table of
+//! syscalls per request (exact, from the device counters) and ns per request.
+//!
+//! `cargo run --release --example bench [-- --json] [--requests N]`
+
+use std::time::Instant;
+
+use xen_vhost_mem::block_workload::{emulated_block_guest, BlockWorkload, Mode, QUEUE_SIZE};
+use xen_vhost_mem::guest_sim::GuestSim;
+
+struct Row {
+    strategy: &'static str,
+    batch: usize,
+    syscalls_per_request: f64,
+    ns_per_request: f64,
+}
+
+fn measure(
+    mode: Mode,
+    premapped: bool,
+    batch: usize,
+    requests: usize,
+) -> Result<Row, Box<dyn std::error::Error>> {
+    let sim = GuestSim::new(1, 4096)?;
+    let (table, ring, bufs) = emulated_block_guest(&sim, 16, premapped)?;
+    let mut w = BlockWorkload::new(&table, ring, QUEUE_SIZE, &bufs)?;
+    for _ in 0..(64 / batch).max(2) {
+        w.run_batch(mode, batch)?; // warm up
+    }
+    let rounds = requests.div_ceil(batch);
+    let before = sim.dev.counters().snapshot();
+    let t = Instant::now();
+    for _ in 0..rounds {
+        w.run_batch(mode, batch)?;
+    }
+    let ns = t.elapsed().as_nanos() as f64;
+    let d = sim.dev.counters().snapshot().since(&before);
+    // Only the table's own in-advance mappings may outlive the requests.
+    let own = table
+        .regions()
+        .iter()
+        .filter(|r| r.host_mapping().is_some())
+        .count() as i64;
+    if d.errors != 0 || sim.dev.counters().live_mappings() != own {
+        return Err(format!(
+            "{}: {} errors, {} live mappings",
+            mode.label(),
+            d.errors,
+            sim.dev.counters().live_mappings()
+        )
+        .into());
+    }
+    let n = (rounds * batch) as f64;
+    Ok(Row {
+        strategy: if premapped { "premapped" } else { mode.label() },
+        batch,
+        syscalls_per_request: d.syscalls() as f64 / n,
+        ns_per_request: ns / n,
+    })
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let json = args.iter().any(|a| a == "--json");
+    let requests = args
+        .iter()
+        .position(|a| a == "--requests")
+        .and_then(|i| args.get(i + 1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4000usize);
+    let mut rows = Vec::new();
+    for batch in [1, 8] {
+        for mode in Mode::ALL {
+            rows.push(measure(mode, false, batch, requests)?);
+        }
+        rows.push(measure(Mode::Batched, true, batch, requests)?);
+    }
+    let base = |batch: usize| {
+        rows.iter()
+            .find(|r| r.strategy == "per-access" && r.batch == batch)
+            .map(|r| r.ns_per_request)
+            .unwrap_or(f64::NAN)
+    };
+    if json {
+        for r in &rows {
+            println!(
+                "{{\"strategy\":\"{}\",\"batch\":{},\"syscalls_per_request\":{:.3},\"ns_per_request\":{:.0},\"speedup_vs_per_access\":{:.2}}}",
+                r.strategy, r.batch, r.syscalls_per_request, r.ns_per_request, base(r.batch) / r.ns_per_request
+            );
+        }
+    } else {
+        println!("| strategy | batch | syscalls/request | ns/request | speed-up vs per-access |");
+        println!("|---|---|---|---|---|");
+        for r in &rows {
+            println!(
+                "| {} | {} | {:.2} | {:.0} | {:.1}x |",
+                r.strategy,
+                r.batch,
+                r.syscalls_per_request,
+                r.ns_per_request,
+                base(r.batch) / r.ns_per_request
+            );
+        }
+    }
+    Ok(())
+}
