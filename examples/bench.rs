@@ -5,7 +5,9 @@
 
 use std::time::Instant;
 
-use xen_vhost_mem::block_workload::{emulated_block_guest, BlockWorkload, Mode, QUEUE_SIZE};
+use xen_vhost_mem::block_workload::{
+    emulated_block_guest, BlockWorkload, Mode, DRAIN_BATCH, QUEUE_SIZE,
+};
 use xen_vhost_mem::guest_sim::GuestSim;
 
 struct Row {
@@ -21,8 +23,8 @@ fn measure(
     batch: usize,
     requests: usize,
 ) -> Result<Row, Box<dyn std::error::Error>> {
-    let sim = GuestSim::new(1, 4096)?;
-    let (table, ring, bufs) = emulated_block_guest(&sim, 16, premapped)?;
+    let sim = GuestSim::new(1, 8192)?;
+    let (table, ring, bufs) = emulated_block_guest(&sim, DRAIN_BATCH, premapped)?;
     let mut w = BlockWorkload::new(&table, ring, QUEUE_SIZE, &bufs)?;
     for _ in 0..(64 / batch).max(2) {
         w.run_batch(mode, batch)?; // warm up
@@ -69,7 +71,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .and_then(|v| v.parse().ok())
         .unwrap_or(4000usize);
     let mut rows = Vec::new();
-    for batch in [1, 8] {
+    for batch in [1, 8, DRAIN_BATCH] {
         for mode in Mode::ALL {
             rows.push(measure(mode, false, batch, requests)?);
         }

@@ -265,7 +265,9 @@ fn serve_per_access(
 }
 
 /// Queue size used by the benchmarks.
-pub const QUEUE_SIZE: u16 = 64;
+pub const QUEUE_SIZE: u16 = 256;
+/// Requests a daemon finds per kick when it drains the whole avail ring in the benchmarks.
+pub const DRAIN_BATCH: usize = 64;
 
 /// A guest on emulated Xen ready for [`BlockWorkload`]: a ring region mapped in advance and
 /// `requests` pre-granted requests (header read-only with content, data and status writable),
