@@ -207,7 +207,9 @@ impl RegionDescriptor {
             RegionKind::Grant {
                 mapping: GrantMapping::InAdvance,
                 ..
-            } if frame_of(last) > u64::from(u32::MAX) => {
+            } if frame_of(gpa).max(frame_of(last)) > u64::from(u32::MAX)
+                || frame_of(gpa) > frame_of(last) =>
+            {
                 return Err(DescriptorError::GrantRefOverflow { gpa, size });
             }
             _ => {}

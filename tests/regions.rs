@@ -189,6 +189,52 @@ fn foreign_frame_paged_out_within_the_retry_budget_is_mapped_at_its_own_slot() {
 }
 
 #[test]
+fn large_foreign_region_is_batched_in_chunks_and_retries_land_in_the_right_chunk() {
+    use xen_vhost_mem::backend::foreign::BATCH_FRAMES;
+    let n = BATCH_FRAMES + 6;
+    let g = Guest::new(n + 1);
+    let page = g.frames(0x1_0000, n);
+    for i in [
+        0,
+        1,
+        BATCH_FRAMES - 1,
+        BATCH_FRAMES,
+        BATCH_FRAMES + 3,
+        n - 1,
+    ] {
+        g.emu
+            .write_page(page + i, 0, &(i as u64).to_le_bytes())
+            .unwrap();
+    }
+    // One frame in the second chunk is paged out for two attempts.
+    g.emu.page_out(DOMID, 0x1_0000 + BATCH_FRAMES as u64 + 3, 2);
+    let gpa = 0x1_0000 * 0x1000;
+    let t = table(vec![foreign_region(&g, gpa, (n * PAGE) as u64)]);
+    for i in [
+        0,
+        1,
+        BATCH_FRAMES - 1,
+        BATCH_FRAMES,
+        BATCH_FRAMES + 3,
+        n - 1,
+    ] {
+        assert_eq!(
+            read(&t, gpa + (i * PAGE) as u64, 8),
+            (i as u64).to_le_bytes(),
+            "frame {i}"
+        );
+    }
+    let s = g.dev.counters().snapshot();
+    // Two chunks, then two single-frame retries.
+    assert_eq!(
+        (s.ioctls, s.mmaps, s.errors, s.pages_mapped),
+        (4, 1, 2, n as u64)
+    );
+    drop(t);
+    g.assert_nothing_live();
+}
+
+#[test]
 fn foreign_frame_that_stays_paged_out_is_an_error_naming_it() {
     let g = Guest::new(8);
     g.frames(0x400, 4);
@@ -630,4 +676,56 @@ fn frontend_addresses_translate_through_userspace_addr() {
     assert_eq!(read(&t, ring_gpa + 0x10, 5), b"vring");
     drop(t);
     g.assert_nothing_live();
+}
+
+/// A FOREIGN region's gpa is a plain guest physical address: its first frame is `gpa >> 12`.
+/// Using `xen_page::frame_of` there would drop bit 63 (the *grant* marker), so a FOREIGN region
+/// at `1 << 63 | 0x10_0000` would silently map frames `0x100..`, aliasing the region at
+/// `0x10_0000`, instead of failing on gfn `0x8_0000_0000_0100`.
+#[test]
+fn foreign_region_with_bit_63_does_not_alias_low_frames() {
+    let g = Guest::new(4);
+    let page = g.frames(0x100, 1);
+    g.emu.write_page(page, 0, b"frame 0x100").unwrap();
+    let gpa = (1u64 << 63) | 0x10_0000;
+    let r = XenRegion::new(
+        desc(wire(gpa, 0x1000, 0, 0, FLAG_FOREIGN, DOMID.into())),
+        None,
+        Some(&g.dev),
+    );
+    match r {
+        Err(RegionError::Backend(BackendError::ForeignFrame { domid, gfn, errno })) => {
+            assert_eq!((domid, gfn, errno), (DOMID, gpa >> 12, libc::EINVAL));
+        }
+        other => panic!(
+            "expected ForeignFrame for gfn {:#x}, got {other:?}",
+            gpa >> 12
+        ),
+    }
+    g.assert_nothing_live();
+}
+
+/// A UNIX region larger than its file would map fine (vm-memory maps it) but the first access
+/// past EOF raises SIGBUS, killing the daemon: the frontend controls both the fd and the size.
+/// `backend::unix::map_unix` compares `mmap_offset + size` with the file's length and refuses. (This test only builds the region; it never touches the bytes.)
+#[test]
+fn unix_region_past_the_end_of_its_file_is_refused() {
+    let f = memfd(0x1000);
+    let r = XenRegion::new(
+        desc(wire(0x10_0000, 0x3000, 0, 0x800, 0, 0)),
+        Some(&f),
+        None,
+    );
+    assert!(
+        matches!(
+            r,
+            Err(RegionError::Backend(BackendError::UnixBeyondFile {
+                gpa: 0x10_0000,
+                size: 0x3000,
+                offset: 0x800,
+                file_len: 0x1000,
+            }))
+        ),
+        "{r:?}"
+    );
 }

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use super::{BackendError, HostMapping, Release};
 use crate::device::XenDev;
-use crate::xen_page::{frame_of, page_offset, pages_spanned, XEN_PAGE_SIZE};
+use crate::xen_page::{page_offset, pages_spanned, XEN_PAGE_SHIFT, XEN_PAGE_SIZE};
 
 /// Frames per MMAPBATCH_V2 call: bounds the kernel's temporary allocation and our err[] buffer.
 pub const BATCH_FRAMES: usize = 1024;
@@ -38,7 +38,8 @@ pub fn map_foreign_region(
             pages,
         },
     };
-    let first_gfn = frame_of(gpa);
+    // A foreign gpa is a plain guest physical address (bit 63 is no grant marker here).
+    let first_gfn = gpa >> XEN_PAGE_SHIFT;
     let mut errs = vec![0i32; BATCH_FRAMES.min(pages)];
     for start in (0..pages).step_by(BATCH_FRAMES) {
         let n = BATCH_FRAMES.min(pages - start);

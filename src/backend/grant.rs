@@ -25,13 +25,14 @@ pub fn map_grant_region(
         pages,
         source,
     };
+    // `from_wire` refuses such regions; a hand-built descriptor gets the same answer here.
     let refs: Vec<GrantRef> = (0..pages)
-        .map(|i| GrantRef {
-            domid,
-            // The descriptor check guarantees in-advance regions end below ref u32::MAX.
-            gref: (first + i) as u32,
+        .map(|i| {
+            u32::try_from(first + i)
+                .map(|gref| GrantRef { domid, gref })
+                .map_err(|_| BackendError::GrantRefOutOfRange { gpa, size })
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     let index = dev.grant_map_refs(&refs).map_err(err)?;
     let base = match dev.grant_mmap(index, refs.len(), Protection::ReadWrite) {
         Ok(b) => b,

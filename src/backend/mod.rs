@@ -26,6 +26,18 @@ pub enum BackendError {
         /// The errno.
         source: std::io::Error,
     },
+    /// A UNIX region reaching past the end of its file: an access there would be SIGBUS.
+    #[error("UNIX region gpa {gpa:#x} size {size:#x} at fd offset {offset:#x} ends past the file's {file_len:#x} bytes")]
+    UnixBeyondFile {
+        /// Region gpa.
+        gpa: u64,
+        /// Region size.
+        size: u64,
+        /// fd offset.
+        offset: u64,
+        /// The file's length.
+        file_len: u64,
+    },
     /// Reserving or batching foreign frames failed as a whole.
     #[error("foreign mapping of domain {domid} gpa {gpa:#x} size {size:#x}: {source}")]
     ForeignMap {
@@ -59,6 +71,14 @@ pub enum BackendError {
         gfn: u64,
         /// Attempts made.
         attempts: u32,
+    },
+    /// A grant region whose pages would need refs above `u32::MAX`.
+    #[error("grant region gpa {gpa:#x} size {size:#x} needs refs above u32::MAX")]
+    GrantRefOutOfRange {
+        /// Region gpa.
+        gpa: u64,
+        /// Region size.
+        size: u64,
     },
     /// Mapping a grant region in advance failed.
     #[error(

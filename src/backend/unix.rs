@@ -20,6 +20,9 @@ pub fn map_unix(
         offset,
         source,
     };
+    if let Some(f) = file {
+        check_file_len(f, gpa, size, offset)?;
+    }
     let host_page = host_page_size();
     let in_page = (offset % host_page) as usize;
     let aligned = offset - in_page as u64;
@@ -58,6 +61,27 @@ pub fn map_unix(
         len: size as usize,
         release: Release::Munmap { len },
     })
+}
+
+/// Refuses a region that ends past the end of a regular file or memfd (devices such as
+/// hugetlbfs or DAX report no useful length and are left to the kernel).
+fn check_file_len(f: &File, gpa: u64, size: u64, offset: u64) -> Result<(), BackendError> {
+    let meta = f.metadata().map_err(|source| BackendError::UnixMmap {
+        gpa,
+        size,
+        offset,
+        source,
+    })?;
+    let end = offset.checked_add(size);
+    if meta.is_file() && end.is_none_or(|e| e > meta.len()) {
+        return Err(BackendError::UnixBeyondFile {
+            gpa,
+            size,
+            offset,
+            file_len: meta.len(),
+        });
+    }
+    Ok(())
 }
 
 fn host_page_size() -> u64 {

@@ -1,10 +1,11 @@
 //! Fetching on-demand grant pages: grant copy into bounce buffers, or gntdev mappings.
 
+use std::collections::{HashMap, HashSet};
 use std::ptr::NonNull;
 
 use vm_memory::{Permissions, VolatileSlice};
 
-use super::pages::{Bounce, BounceAlloc, LiveMap, PageKey, PageSlot, Span, PAGE};
+use super::pages::{Bounce, BouncePage, LiveMap, PageKey, PageSlot, Span, PAGE};
 use super::{RequestError, RequestMemory, ScopeState};
 use crate::device::{
     CopyDirection, CopySegment, GrantRef, Protection, XenDev, GNTST_BAD_GNTREF, GNTST_OKAY,
@@ -115,20 +116,16 @@ impl ScopeState {
             return Ok(());
         }
         self.alloc_bounces(pieces)?;
-        // Plan: per piece, the bytes to copy in and the new valid span; probes after.
+        // Plan: per page, the bytes to copy in (segments) and the new valid span; probes last.
         let mut segs: Vec<CopySegment> = Vec::new();
         let mut owners: Vec<usize> = Vec::new(); // piece index of each segment
-        let mut planned: Vec<(PageKey, Span)> = Vec::new();
-        let mut probes: Vec<(usize, PageKey)> = Vec::new();
+        let mut planned: HashMap<PageKey, (Span, NonNull<u8>)> = HashMap::new();
+        let mut probes: Vec<usize> = Vec::new();
         for (i, p) in pieces.iter().enumerate() {
             let Some(b) = self.bounce(p.key) else {
                 continue;
             };
-            let have = planned
-                .iter()
-                .rev()
-                .find(|(k, _)| *k == p.key)
-                .map_or(b.valid, |(_, s)| *s);
+            let have = planned.get(&p.key).map_or(b.valid, |(s, _)| *s);
             let need = have.hull(p.span);
             for part in need.minus(have) {
                 if !part.is_empty() {
@@ -136,39 +133,33 @@ impl ScopeState {
                     owners.push(i);
                 }
             }
-            planned.push((p.key, need));
-            if p.write && b.writable.is_none() && !probes.iter().any(|(_, k)| *k == p.key) {
-                probes.push((i, p.key));
+            let first_plan = planned.insert(p.key, (need, b.buf)).is_none();
+            if p.write
+                && b.writable.is_none()
+                && (first_plan || !probes.iter().any(|&j| pieces[j].key == p.key))
+            {
+                probes.push(i);
             }
         }
-        for &(i, key) in &probes {
-            let (b, span) = match (
-                self.bounce(key),
-                planned.iter().rev().find(|(k, _)| *k == key),
-            ) {
-                (Some(b), Some((_, s))) => (b, *s),
-                _ => continue,
-            };
-            // Write back one byte we just read: same value, but Xen checks write permission.
-            segs.push(seg(
-                key,
-                b.buf,
-                Span {
+        for &i in &probes {
+            let key = pieces[i].key;
+            if let Some(&(span, buf)) = planned.get(&key) {
+                // Write back one byte just read: same value, but Xen checks write permission.
+                let byte = Span {
                     lo: span.lo,
                     hi: span.lo + 1,
-                },
-                CopyDirection::ToGuest,
-            ));
-            owners.push(i);
+                };
+                segs.push(seg(key, buf, byte, CopyDirection::ToGuest));
+                owners.push(i);
+            }
         }
         if !segs.is_empty() {
             // SAFETY: every local range lies in bounce memory this scope owns and that no slice
             // covers yet (copy-ins go to bytes outside `valid`; probes only read).
             unsafe { dev.grant_copy(&mut segs) }?;
         }
-        // Commit: pages whose copy-in failed are dropped (or keep their old valid span).
+        // Commit: a page whose copy-in failed keeps its old valid span (or is dropped).
         let mut first_err = None;
-        let mut failed: Vec<PageKey> = Vec::new();
         for (s, &i) in segs.iter().zip(&owners) {
             let p = &pieces[i];
             if s.direction == CopyDirection::ToGuest {
@@ -180,23 +171,16 @@ impl ScopeState {
                     first_err = Some(copy_error(p, s.status));
                 }
             } else if s.status != GNTST_OKAY {
-                failed.push(p.key);
+                planned.remove(&p.key);
+                if self.bounce(p.key).is_some_and(|b| b.valid.is_empty()) {
+                    self.pages.remove(&p.key);
+                }
                 first_err.get_or_insert_with(|| copy_error(p, s.status));
             }
         }
-        for (key, span) in planned {
-            if failed.contains(&key) {
-                continue;
-            }
+        for (key, (span, _)) in planned {
             if let Some(b) = self.bounce_mut(key) {
                 b.valid = span;
-            }
-        }
-        for key in failed {
-            if let Some(slot) = self.pages.get(&key) {
-                if slot.bounce.is_some_and(|b| b.valid.is_empty()) {
-                    self.pages.remove(&key);
-                }
             }
         }
         if !strict {
@@ -213,25 +197,22 @@ impl ScopeState {
         Ok(())
     }
 
-    /// Gives every page of `pieces` without a bounce buffer one, from a single allocation.
+    /// Gives every page of `pieces` without a bounce buffer one.
     fn alloc_bounces(&mut self, pieces: &[Piece]) -> Result<(), RequestError> {
         let mut new: Vec<PageKey> = Vec::new();
+        let mut seen: HashSet<PageKey> = HashSet::new();
         for p in pieces {
-            if !self.pages.contains_key(&p.key) && !new.contains(&p.key) {
+            if !self.pages.contains_key(&p.key) && seen.insert(p.key) {
                 new.push(p.key);
             }
         }
-        if new.is_empty() {
-            return Ok(());
-        }
-        let alloc =
-            BounceAlloc::new(new.len()).ok_or(RequestError::OutOfMemory { pages: new.len() })?;
-        for (i, key) in new.iter().enumerate() {
+        for key in &new {
+            let page = BouncePage::take().ok_or(RequestError::OutOfMemory { pages: new.len() })?;
             self.pages.insert(
                 *key,
                 PageSlot {
                     bounce: Some(Bounce {
-                        buf: alloc.page(i),
+                        buf: page.ptr(),
                         valid: Span::default(),
                         dirty: Span::default(),
                         writable: None,
@@ -239,8 +220,8 @@ impl ScopeState {
                     ..PageSlot::default()
                 },
             );
+            self.bounce_pages.push(page);
         }
-        self.allocs.push(alloc);
         Ok(())
     }
 
@@ -268,6 +249,7 @@ impl ScopeState {
             Protection::ReadOnly
         };
         let mut need: Vec<&Piece> = Vec::new();
+        let mut seen: HashSet<PageKey> = HashSet::new();
         for p in pieces {
             let slot = self.pages.get(&p.key).copied().unwrap_or_default();
             let ok = if write {
@@ -275,7 +257,7 @@ impl ScopeState {
             } else {
                 slot.is_mapped()
             };
-            if !ok && !need.iter().any(|q| q.key == p.key) {
+            if !ok && seen.insert(p.key) {
                 need.push(p);
             }
         }

@@ -81,9 +81,10 @@ impl RequestMemory<'_> {
         st.fetch_by_copy(&dev, &copy, false)?;
         // A page both read and written in the batch is mapped once, writable.
         let (rw, ro): (Vec<Piece>, Vec<Piece>) = map.iter().partition(|p| p.write);
+        let written: std::collections::HashSet<_> = rw.iter().map(|p| p.key).collect();
         let ro: Vec<Piece> = ro
             .into_iter()
-            .filter(|p| !rw.iter().any(|q| q.key == p.key))
+            .filter(|p| !written.contains(&p.key))
             .collect();
         st.fetch_by_map(&dev, &ro, false, false)?;
         st.fetch_by_map(&dev, &rw, true, false)?;

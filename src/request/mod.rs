@@ -17,7 +17,7 @@
 //! learns when an access ends; instead every slice borrows the scope, and the borrow checker
 //! forbids `finish(self)` or drop while any slice (or a `Reader`/`Writer` built from one) is
 //! alive. Nothing the scope owns is released or moved before then: bounce buffers are raw heap
-//! allocations that never move, mappings are never replaced (a page first mapped read-only and
+//! pages that never move, mappings are never replaced (a page first mapped read-only and
 //! then written gets a second, writable mapping; both live until the end), and new pages are
 //! copied only into bytes no slice covers yet.
 
@@ -38,7 +38,7 @@ use vm_memory::{
 };
 
 pub use error::RequestError;
-use pages::{BounceAlloc, LiveMap, PageKey, PageSlot};
+use pages::{BouncePage, LiveMap, PageKey, PageSlot};
 
 use crate::device::{CopyDirection, CopySegment, CounterSnapshot, XenDev, GNTST_OKAY};
 use crate::table::RegionTable;
@@ -84,7 +84,7 @@ impl Strategy {
 struct ScopeState {
     dev: Option<XenDev>,
     pages: HashMap<PageKey, PageSlot>,
-    allocs: Vec<BounceAlloc>,
+    bounce_pages: Vec<BouncePage>,
     maps: Vec<LiveMap>,
 }
 
@@ -185,7 +185,7 @@ impl<'t> RequestMemory<'t> {
             }
         }
         st.pages.clear();
-        st.allocs.clear();
+        st.bounce_pages.clear();
         first_err.map_or(Ok(()), Err)
     }
 
