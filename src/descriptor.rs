@@ -185,13 +185,11 @@ impl RegionDescriptor {
             return Err(DescriptorError::TooLarge { size });
         }
         match kind {
-            RegionKind::Unix => {
-                if w.mmap_offset.checked_add(size).is_none() {
-                    return Err(DescriptorError::MmapOffsetOverflow {
-                        offset: w.mmap_offset,
-                        size,
-                    });
-                }
+            RegionKind::Unix if w.mmap_offset.checked_add(size).is_none() => {
+                return Err(DescriptorError::MmapOffsetOverflow {
+                    offset: w.mmap_offset,
+                    size,
+                });
             }
             RegionKind::Foreign { .. } | RegionKind::Grant { .. } if w.mmap_offset != 0 => {
                 let kind = if matches!(kind, RegionKind::Foreign { .. }) {
