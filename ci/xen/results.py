@@ -4,6 +4,17 @@
 usage: results.py LOG OUT.json BOOT_SECONDS QEMU_RC BINARY_NAME...
 Exit status 1 if a test failed, XVM-DONE is missing (crash or timeout), no test
 ran, or a binary reported no test case.
+
+Block bench rows (`"bench":"block"`) of our implementation (`"impl":"ours"`)
+get two ratios to the peer row (`"impl":"vm-memory-xen"`, from the
+vm-memory-peer binary) of the same batch, stored in the row:
+  ratio_requests_per_s = ours.requests_per_s / peer.requests_per_s   (speed-up)
+  ratio_syscalls       = peer.syscalls_per_request / ours.syscalls_per_request
+                         (syscalls saved); null when ours makes 0 syscalls
+                         per request (e.g. "premapped"), since the ratio is
+                         infinite and JSON has no infinity.
+Both are null when no peer row with that batch exists (or its rate is 0).
+A markdown table of every block row and its ratios closes the output.
 """
 import json
 import re
@@ -33,6 +44,44 @@ for n in names:
     if not any(t["name"].startswith(n + "/") for t in tests):
         tests.append({"name": f"{n}/no-cases", "status": "FAIL", "detail": "binary printed no XVM-TEST line"})
 
+
+def add_ratios(bench):
+    """Store ratio_requests_per_s and ratio_syscalls in each block row of ours (see above)."""
+    peer = {b.get("batch"): b for b in bench
+            if b.get("bench") == "block" and b.get("impl") == "vm-memory-xen"}
+    for b in bench:
+        if b.get("bench") != "block" or b.get("impl") != "ours":
+            continue
+        p = peer.get(b.get("batch"))
+        rps, spr = b.get("requests_per_s"), b.get("syscalls_per_request")
+        b["ratio_requests_per_s"] = (round(rps / p["requests_per_s"], 3)
+                                     if p and rps is not None and p.get("requests_per_s") else None)
+        b["ratio_syscalls"] = (round(p["syscalls_per_request"] / spr, 3)
+                               if p and spr and p.get("syscalls_per_request") is not None else None)
+
+
+def block_table(bench):
+    """Markdown table of the block rows: ours (with ratios to vm-memory-xen) and the peer."""
+    rows = [b for b in bench if b.get("bench") == "block"]
+    if not rows:
+        return ""
+    fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
+    out = ["| impl | strategy | batch | requests/s | syscalls/request | x requests/s vs vm-memory | x fewer syscalls vs vm-memory |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    key = lambda b: (b.get("impl") != "vm-memory-xen", str(b.get("strategy")), b.get("batch") or 0)  # noqa: E731
+    for b in sorted(rows, key=key):
+        peer = b.get("impl") == "vm-memory-xen"
+        r_rps = "1 (peer)" if peer else fmt(b.get("ratio_requests_per_s"), ".2f")
+        r_sys = "1 (peer)" if peer else (
+            "inf (0 syscalls)" if b.get("syscalls_per_request") == 0 and b.get("ratio_syscalls") is None
+            and any(p.get("impl") == "vm-memory-xen" and p.get("batch") == b.get("batch") for p in rows)
+            else fmt(b.get("ratio_syscalls"), ".1f"))
+        out.append(f"| {b.get('impl')} | {b.get('strategy')} | {b.get('batch')} | {fmt(b.get('requests_per_s'), '.0f')} "
+                   f"| {fmt(b.get('syscalls_per_request'), '.3g')} | {r_rps} | {r_sys} |")
+    return "\n".join(out)
+
+
+add_ratios(bench)
 for t in tests:
     print(f"XVM-TEST {t['name']} {t['status']} {t['detail']}".rstrip())
 for b in bench:
@@ -41,5 +90,7 @@ with open(out, "w") as f:
     json.dump({"tests": tests, "bench": bench, "boot_seconds": round(boot_seconds, 1)}, f, indent=1)
 failed = sum(t["status"] == "FAIL" for t in tests)
 passed = len(tests) - failed
+if table := block_table(bench):
+    print("\n" + table + "\n")
 print(f"xen: {passed} passed, {failed} failed")
 sys.exit(1 if failed or not passed else 0)

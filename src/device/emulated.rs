@@ -543,7 +543,9 @@ impl XenDevice for EmulatedXen {
         let a = addr.as_ptr() as usize;
         let inside = st.live.iter().any(|(&base, l)| match l {
             Live::Foreign { pages } => {
-                a >= base && a + gfns.len() * PAGE <= base + pages * PAGE && (a - base).is_multiple_of(PAGE)
+                a >= base
+                    && a + gfns.len() * PAGE <= base + pages * PAGE
+                    && (a - base).is_multiple_of(PAGE)
             }
             Live::Grant { .. } => false,
         });
