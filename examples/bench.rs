@@ -1,14 +1,17 @@
 //! The block-like workload over emulated Xen for every strategy, at batch 1 and 8: a table of
 //! syscalls per request (exact, from the device counters) and ns per request.
 //!
-//! `cargo run --release --example bench [-- --json] [--requests N]`
+//! `cargo run --release --example bench [-- --json] [--requests N]`; `-- --sweep` compares
+//! grant copy and mapping by buffer size.
 
 use std::time::Instant;
 
+use vm_memory::{Bytes, GuestAddress, Permissions};
 use xen_vhost_mem::block_workload::{
     emulated_block_guest, BlockWorkload, Mode, DRAIN_BATCH, QUEUE_SIZE,
 };
 use xen_vhost_mem::guest_sim::GuestSim;
+use xen_vhost_mem::{RegionTable, RequestMemory, Strategy, XenRegion};
 
 struct Row {
     strategy: &'static str,
@@ -61,8 +64,55 @@ fn measure(
     })
 }
 
+/// ns to fetch, fill and release one on-demand buffer of `size` bytes with `strategy`.
+fn buffer_ns(
+    strategy: Strategy,
+    size: usize,
+    rounds: usize,
+) -> Result<f64, Box<dyn std::error::Error>> {
+    let sim = GuestSim::new(1, 1024)?;
+    let pages = size.div_ceil(4096);
+    let buf = sim.grant(pages, false)?;
+    let table = RegionTable::from_regions(vec![XenRegion::new(
+        sim.on_demand_region(buf.first_ref, pages as u64),
+        None,
+        Some(&sim.dev),
+    )?])?;
+    let data = vec![0x3cu8; size];
+    let t = Instant::now();
+    for _ in 0..rounds {
+        let mem = RequestMemory::with_strategy(&table, strategy);
+        mem.prefetch(&[(GuestAddress(buf.gpa(0)), size, Permissions::Write)])?;
+        mem.write_slice(&data, GuestAddress(buf.gpa(0)))?;
+        mem.finish()?;
+    }
+    Ok(t.elapsed().as_nanos() as f64 / rounds as f64)
+}
+
+/// Copy against map by buffer size: where mapping starts to win sets `DEFAULT_MAP_THRESHOLD`.
+fn sweep(json: bool) -> Result<(), Box<dyn std::error::Error>> {
+    if !json {
+        println!("| buffer | grant-copy ns | map ns | copy/map |");
+        println!("|---|---|---|---|");
+    }
+    for kib in [4usize, 16, 64, 256, 1024] {
+        let rounds = (4096 / kib).max(50);
+        let copy = buffer_ns(Strategy::GrantCopy, kib * 1024, rounds)?;
+        let map = buffer_ns(Strategy::Map, kib * 1024, rounds)?;
+        if json {
+            println!("{{\"bench\":\"buffer\",\"kib\":{kib},\"grant_copy_ns\":{copy:.0},\"map_ns\":{map:.0}}}");
+        } else {
+            println!("| {kib} KiB | {copy:.0} | {map:.0} | {:.2} |", copy / map);
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
+    if args.iter().any(|a| a == "--sweep") {
+        return sweep(args.iter().any(|a| a == "--json"));
+    }
     let json = args.iter().any(|a| a == "--json");
     let requests = args
         .iter()
