@@ -98,7 +98,15 @@ pub unsafe extern "C" fn mmap(
     MMAPS.fetch_add(1, Ordering::Relaxed);
     // SAFETY: forwarded unchanged; -1 (MAP_FAILED) with errno set on failure.
     let ret = unsafe {
-        libc::syscall(libc::SYS_mmap, addr, len, prot as c_long, flags as c_long, fd as c_long, off)
+        libc::syscall(
+            libc::SYS_mmap,
+            addr,
+            len,
+            prot as c_long,
+            flags as c_long,
+            fd as c_long,
+            off,
+        )
     };
     ret as *mut c_void
 }
@@ -197,7 +205,10 @@ struct Guest {
 impl Guest {
     fn new() -> Res<Self> {
         let gntalloc = xen_sys::Gntalloc::open().map_err(|e| format!("open gntalloc: {e}"))?;
-        Ok(Guest { gntalloc, allocs: Vec::new() })
+        Ok(Guest {
+            gntalloc,
+            allocs: Vec::new(),
+        })
     }
 
     /// Grants `count` zeroed pages to domid 0 (one allocation) and maps them.
@@ -228,7 +239,10 @@ impl Guest {
             .into_iter()
             .enumerate()
             // SAFETY: page i of the `count`-page mapping.
-            .map(|(i, gref)| GrantedPage { gref, view: unsafe { view.add(i * PG) } })
+            .map(|(i, gref)| GrantedPage {
+                gref,
+                view: unsafe { view.add(i * PG) },
+            })
             .collect())
     }
 }
@@ -272,10 +286,21 @@ fn grant_region(gntdev: &File, gpa: u64, size: usize, on_demand: bool) -> Res<Gu
         flags |= MmapXenFlags::NO_ADVANCE_MAP;
     }
     let fd = gntdev.try_clone().map_err(|e| format!("dup gntdev: {e}"))?;
-    let range = MmapRange::new(size, Some(FileOffset::new(fd, 0)), GuestAddress(gpa), flags.bits(), 0);
-    let region = MmapRegion::<()>::from_range(range)
-        .map_err(|e| format!("MmapRegion::from_range(gpa {gpa:#x}, size {size:#x}, flags {:#x}): {e}", flags.bits()))?;
-    GuestRegionMmap::new(region, GuestAddress(gpa)).ok_or_else(|| format!("GuestRegionMmap::new({gpa:#x})"))
+    let range = MmapRange::new(
+        size,
+        Some(FileOffset::new(fd, 0)),
+        GuestAddress(gpa),
+        flags.bits(),
+        0,
+    );
+    let region = MmapRegion::<()>::from_range(range).map_err(|e| {
+        format!(
+            "MmapRegion::from_range(gpa {gpa:#x}, size {size:#x}, flags {:#x}): {e}",
+            flags.bits()
+        )
+    })?;
+    GuestRegionMmap::new(region, GuestAddress(gpa))
+        .ok_or_else(|| format!("GuestRegionMmap::new({gpa:#x})"))
 }
 
 // ---------------------------------------------------------------------------
@@ -319,9 +344,14 @@ impl<'m> BlockWorkload<'m> {
                 (r.status, 1, F_WRITE),
             ];
             for (j, (addr, len, flags)) in descs.into_iter().enumerate() {
-                let next = if flags & F_NEXT != 0 { head + j as u16 + 1 } else { 0 };
+                let next = if flags & F_NEXT != 0 {
+                    head + j as u16 + 1
+                } else {
+                    0
+                };
                 let d = RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next));
-                mem.write_obj(d, desc.unchecked_add(16 * u64::from(head + j as u16))).map_err(e)?;
+                mem.write_obj(d, desc.unchecked_add(16 * u64::from(head + j as u16)))
+                    .map_err(e)?;
             }
         }
         mem.write_obj(0u16, avail).map_err(e)?;
@@ -333,7 +363,14 @@ impl<'m> BlockWorkload<'m> {
         queue.try_set_avail_ring_address(avail).map_err(qe)?;
         queue.try_set_used_ring_address(used).map_err(qe)?;
         queue.set_ready(true);
-        Ok(BlockWorkload { mem, queue, avail, requests: requests.len(), next: 0, avail_idx: 0 })
+        Ok(BlockWorkload {
+            mem,
+            queue,
+            avail,
+            requests: requests.len(),
+            next: 0,
+            avail_idx: 0,
+        })
     }
 
     /// The driver publishes `batch` requests; the device serves them through
@@ -345,10 +382,12 @@ impl<'m> BlockWorkload<'m> {
             let head = (3 * self.next) as u16;
             self.next = (self.next + 1) % self.requests;
             let slot = u64::from(self.avail_idx % QUEUE_SIZE);
-            mem.write_obj(head, self.avail.unchecked_add(4 + 2 * slot)).map_err(e)?;
+            mem.write_obj(head, self.avail.unchecked_add(4 + 2 * slot))
+                .map_err(e)?;
             self.avail_idx = self.avail_idx.wrapping_add(1);
         }
-        mem.write_obj(self.avail_idx, self.avail.unchecked_add(2)).map_err(e)?;
+        mem.write_obj(self.avail_idx, self.avail.unchecked_add(2))
+            .map_err(e)?;
         let chains: Vec<DescriptorChain<&GuestMemoryMmap>> =
             std::iter::from_fn(|| self.queue.pop_descriptor_chain(mem)).collect();
         if chains.len() != batch {
@@ -359,11 +398,14 @@ impl<'m> BlockWorkload<'m> {
             let head = c.head_index();
             let mut r = Reader::new(mem, c.clone()).map_err(|e| format!("Reader: {e}"))?;
             let mut header = [0u8; HEADER_LEN as usize];
-            r.read_exact(&mut header).map_err(|e| format!("read header: {e}"))?;
+            r.read_exact(&mut header)
+                .map_err(|e| format!("read header: {e}"))?;
             let mut w = Writer::new(mem, c).map_err(|e| format!("Writer: {e}"))?;
             w.write_all(&data).map_err(|e| format!("write data: {e}"))?;
             w.write_obj(0u8).map_err(|e| format!("write status: {e}"))?;
-            self.queue.add_used(mem, head, DATA_LEN + 1).map_err(|e| format!("add_used: {e}"))?;
+            self.queue
+                .add_used(mem, head, DATA_LEN + 1)
+                .map_err(|e| format!("add_used: {e}"))?;
         }
         Ok(())
     }
@@ -385,7 +427,10 @@ fn catch_panic<T>(f: impl FnOnce() -> T) -> Result<T, String> {
         } else {
             "(non-string payload)".into()
         };
-        let loc = info.location().map(|l| format!(" at {}:{}", l.file(), l.line())).unwrap_or_default();
+        let loc = info
+            .location()
+            .map(|l| format!(" at {}:{}", l.file(), l.line()))
+            .unwrap_or_default();
         *c2.lock().unwrap() = format!("{msg}{loc}");
     }));
     let r = panic::catch_unwind(AssertUnwindSafe(f));
@@ -401,7 +446,10 @@ fn hex(b: &[u8]) -> String {
 fn probe_midpage(rep: &mut Report, guest: &mut Guest, gntdev: &File) -> Res<()> {
     let pages = guest.grant(2, true)?;
     if pages[1].gref != pages[0].gref + 1 {
-        return Err(format!("refs not consecutive: {} {}", pages[0].gref, pages[1].gref));
+        return Err(format!(
+            "refs not consecutive: {} {}",
+            pages[0].gref, pages[1].gref
+        ));
     }
     let p = &pages[0];
     let at0 = [0xa0, 0xa1, 0xa2, 0xa3, 0xa4, 0xa5, 0xa6, 0xa7u8];
@@ -411,7 +459,9 @@ fn probe_midpage(rep: &mut Report, guest: &mut Guest, gntdev: &File) -> Res<()> 
     let gpa = grant_addr(p.gref, 0x840);
     let mem = GuestMemoryMmap::from_regions(vec![grant_region(gntdev, gpa, 0x1002, false)?])
         .map_err(|e| format!("GuestMemoryMmap: {e}"))?;
-    let got: [u8; 8] = mem.read_obj(GuestAddress(gpa)).map_err(|e| format!("read {gpa:#x}: {e}"))?;
+    let got: [u8; 8] = mem
+        .read_obj(GuestAddress(gpa))
+        .map_err(|e| format!("read {gpa:#x}: {e}"))?;
     let confirmed_read = got == at0;
     rep.case(
         "defect-midpage-grant-reads-page-offset-0",
@@ -426,7 +476,8 @@ fn probe_midpage(rep: &mut Report, guest: &mut Guest, gntdev: &File) -> Res<()> 
         ),
     );
     let w = [0xc0, 0xc1, 0xc2, 0xc3, 0xc4, 0xc5, 0xc6, 0xc7u8];
-    mem.write_obj(w, GuestAddress(gpa)).map_err(|e| format!("write {gpa:#x}: {e}"))?;
+    mem.write_obj(w, GuestAddress(gpa))
+        .map_err(|e| format!("write {gpa:#x}: {e}"))?;
     let (now0, now840) = (peek(p, 0, 8), peek(p, 0x840, 8));
     let confirmed_write = now0 == w && now840 == at840;
     rep.case(
@@ -463,14 +514,31 @@ fn run(rep: &mut Report) -> Res<()> {
         status.push(s);
     }
     let first_buf_ref = hdr[0].gref;
-    let all: Vec<u32> = ring.iter().chain(hdr.iter()).chain(data.iter()).chain(status.iter()).map(|p| p.gref).collect();
+    let all: Vec<u32> = ring
+        .iter()
+        .chain(hdr.iter())
+        .chain(data.iter())
+        .chain(status.iter())
+        .map(|p| p.gref)
+        .collect();
     let last_ref = *all.iter().max().unwrap();
-    let min_buf = hdr.iter().chain(&data).chain(&status).map(|p| p.gref).min().unwrap();
+    let min_buf = hdr
+        .iter()
+        .chain(&data)
+        .chain(&status)
+        .map(|p| p.gref)
+        .min()
+        .unwrap();
     let max_ring = ring.iter().map(|p| p.gref).max().unwrap();
     if min_buf != first_buf_ref || max_ring >= first_buf_ref {
-        return Err(format!("unexpected ref order: ring {:?}, first buffer {first_buf_ref}, min buffer {min_buf}", ring.iter().map(|p| p.gref).collect::<Vec<_>>()));
+        return Err(format!(
+            "unexpected ref order: ring {:?}, first buffer {first_buf_ref}, min buffer {min_buf}",
+            ring.iter().map(|p| p.gref).collect::<Vec<_>>()
+        ));
     }
-    let consecutive = all.windows(2).all(|w| w[1] == w[0] + 1);
+    let mut sorted = all.clone();
+    sorted.sort_unstable();
+    let consecutive = sorted.windows(2).all(|w| w[1] == w[0] + 1);
     rep.case(
         "guest-grants",
         true,
@@ -481,7 +549,11 @@ fn run(rep: &mut Report) -> Res<()> {
             max_ring,
             first_buf_ref,
             last_ref,
-            if consecutive { " (consecutive)" } else { " (not consecutive)" }
+            if consecutive {
+                " (consecutive)"
+            } else {
+                " (not consecutive)"
+            }
         ),
     );
 
@@ -539,15 +611,22 @@ fn run(rep: &mut Report) -> Res<()> {
         rep.case(
             &format!("bench-batch-{batch}"),
             c.total() == 12 * n as u64,
-            format!("{n} requests in {:.3} s, {c} = {spr} per request (expected 12: 3 accesses x 4)", secs),
+            format!(
+                "{n} requests in {:.3} s, {c} = {spr} per request (expected 12: 3 accesses x 4)",
+                secs
+            ),
         );
     }
-    let landed = data.iter().all(|p| peek(p, 0, PG).iter().all(|&b| b == 0xd5))
+    let landed = data
+        .iter()
+        .all(|p| peek(p, 0, PG).iter().all(|&b| b == 0xd5))
         && status.iter().all(|p| peek(p, 0, 1) == [0]);
     rep.case(
         "bench-data-landed",
         landed,
-        format!("all {REQUESTS} data pages hold 0xd5 and status bytes 0 in the guest's view: {landed}"),
+        format!(
+            "all {REQUESTS} data pages hold 0xd5 and status bytes 0 in the guest's view: {landed}"
+        ),
     );
 
     // --- defect (b): a read at a ref the guest never granted panics.
@@ -614,7 +693,10 @@ fn run(rep: &mut Report) -> Res<()> {
 fn atomic_probe(gpa: &str) -> ! {
     let gpa = u64::from_str_radix(gpa.trim_start_matches("0x"), 16).expect("gpa");
     let dev = gntdev().expect("gntdev");
-    let mem = GuestMemoryMmap::from_regions(vec![grant_region(&dev, gpa, 64 * PG, true).expect("region")])
+    let mem =
+        GuestMemoryMmap::from_regions(
+            vec![grant_region(&dev, gpa, 64 * PG, true).expect("region")],
+        )
         .expect("memory");
     let v: Result<u32, _> = mem.load(GuestAddress(gpa), std::sync::atomic::Ordering::Acquire);
     println!("atomic load returned {v:?}");
