@@ -101,8 +101,21 @@ pub(crate) struct BouncePage(NonNull<u8>);
 /// Pages kept per thread for reuse (16 MiB).
 const POOL_PAGES: usize = 4096;
 
+/// Free bounce pages of one thread; freed for real when the thread exits.
+struct Pool(Vec<NonNull<u8>>);
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        for p in self.0.drain(..) {
+            // SAFETY: every pooled page was allocated with `page_layout()` and is owned by the
+            // pool alone.
+            unsafe { std::alloc::dealloc(p.as_ptr(), page_layout()) };
+        }
+    }
+}
+
 thread_local! {
-    static POOL: std::cell::RefCell<Vec<NonNull<u8>>> = const { std::cell::RefCell::new(Vec::new()) };
+    static POOL: std::cell::RefCell<Pool> = const { std::cell::RefCell::new(Pool(Vec::new())) };
 }
 
 fn page_layout() -> Layout {
@@ -113,7 +126,11 @@ fn page_layout() -> Layout {
 impl BouncePage {
     /// A page from the pool, or freshly allocated; `None` when memory is exhausted.
     pub fn take() -> Option<Self> {
-        if let Some(p) = POOL.with(|pool| pool.borrow_mut().pop()) {
+        if let Some(p) = POOL
+            .try_with(|pool| pool.borrow_mut().0.pop())
+            .ok()
+            .flatten()
+        {
             return Some(BouncePage(p));
         }
         // SAFETY: the layout has nonzero size.
@@ -132,7 +149,9 @@ impl Drop for BouncePage {
         let kept = POOL
             .try_with(|pool| {
                 let mut pool = pool.borrow_mut();
-                (pool.len() < POOL_PAGES).then(|| pool.push(p)).is_some()
+                (pool.0.len() < POOL_PAGES)
+                    .then(|| pool.0.push(p))
+                    .is_some()
             })
             .unwrap_or(false);
         if !kept {
