@@ -13,8 +13,8 @@ use std::ptr::NonNull;
 use std::sync::{Mutex, MutexGuard};
 
 use super::{
-    CopyDirection, CopySegment, DeviceError, GrantRef, Protection, XenDevice, GNTST_BAD_GNTREF,
-    GNTST_GENERAL_ERROR, GNTST_OKAY, GNTST_PERMISSION_DENIED,
+    CopyDirection, CopySegment, DeviceError, GrantRef, Protection, XenDevice, GNTST_BAD_COPY_ARG,
+    GNTST_BAD_GNTREF, GNTST_GENERAL_ERROR, GNTST_OKAY,
 };
 use crate::xen_page::XEN_PAGE_SIZE;
 
@@ -496,10 +496,11 @@ impl XenDevice for EmulatedXen {
             seg.status = match st.grants.get(&(seg.grant.domid, seg.grant.gref)) {
                 None => GNTST_BAD_GNTREF,
                 Some(_) if usize::from(seg.offset) + usize::from(seg.len) > PAGE => {
-                    GNTST_GENERAL_ERROR
+                    GNTST_BAD_COPY_ARG
                 }
+                // What Xen 4.17 answers for a write to a read-only grant.
                 Some(g) if g.readonly && seg.direction == CopyDirection::ToGuest => {
-                    GNTST_PERMISSION_DENIED
+                    GNTST_GENERAL_ERROR
                 }
                 Some(g) => {
                     let guest = self.page_ptr(g.page).wrapping_add(usize::from(seg.offset));

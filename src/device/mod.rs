@@ -69,14 +69,11 @@ pub struct CopySegment {
     pub status: i16,
 }
 
-/// `GNTST_okay`.
-pub const GNTST_OKAY: i16 = 0;
-/// `GNTST_general_error`.
-pub const GNTST_GENERAL_ERROR: i16 = -1;
-/// `GNTST_bad_gntref`: the ref is not a valid grant.
-pub const GNTST_BAD_GNTREF: i16 = -4;
-/// `GNTST_permission_denied`: e.g. a write to a read-only grant.
-pub const GNTST_PERMISSION_DENIED: i16 = -8;
+/// Grant-copy statuses. On Xen 4.17 an ungranted ref gives `GNTST_BAD_GNTREF` (-3) and a write
+/// to a read-only grant gives `GNTST_GENERAL_ERROR` (-1), not `GNTST_PERMISSION_DENIED`.
+pub use xen_sys::xen::{
+    GNTST_BAD_COPY_ARG, GNTST_BAD_GNTREF, GNTST_GENERAL_ERROR, GNTST_OKAY, GNTST_PERMISSION_DENIED,
+};
 
 /// Errors of the device boundary: the failing call and its errno.
 #[derive(Debug, thiserror::Error)]

@@ -9,7 +9,6 @@ use super::pages::{Bounce, BouncePage, LiveMap, PageKey, PageSlot, Span, PAGE};
 use super::{RequestError, RequestMemory, ScopeState};
 use crate::device::{
     CopyDirection, CopySegment, GrantRef, Protection, XenDev, GNTST_BAD_GNTREF, GNTST_OKAY,
-    GNTST_PERMISSION_DENIED,
 };
 use crate::region::XenRegion;
 use crate::xen_page::{frame_of, page_offset};
@@ -163,12 +162,10 @@ impl ScopeState {
         for (s, &i) in segs.iter().zip(&owners) {
             let p = &pieces[i];
             if s.direction == CopyDirection::ToGuest {
-                let ok = s.status == GNTST_OKAY;
+                // The probe: the page was readable, so a refused write means a read-only grant
+                // (Xen 4.17 says GNTST_general_error here, not GNTST_permission_denied).
                 if let Some(b) = self.bounce_mut(p.key) {
-                    b.writable = Some(ok);
-                }
-                if !ok && s.status != GNTST_PERMISSION_DENIED && first_err.is_none() {
-                    first_err = Some(copy_error(p, s.status));
+                    b.writable = Some(s.status == GNTST_OKAY);
                 }
             } else if s.status != GNTST_OKAY {
                 planned.remove(&p.key);
@@ -396,7 +393,6 @@ fn copy_error(p: &Piece, status: i16) -> RequestError {
             domid: p.key.0,
             gref: p.key.1,
         },
-        GNTST_PERMISSION_DENIED => read_only(p),
         status => RequestError::GrantCopy {
             gpa: p.gpa,
             gref: p.key.1,

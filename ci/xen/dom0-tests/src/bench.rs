@@ -1,0 +1,215 @@
+//! The block workload of `xen_vhost_mem::block_workload` on the real gntdev, over buffers
+//! dom0 granted to itself through gntalloc: one `XVM-JSON` line per (strategy, batch) row.
+//! Syscalls come from the `XenDev` counters (exact); time is wall time under TCG.
+
+use std::time::{Duration, Instant};
+
+use xen_vhost_mem::block_workload::{
+    BlockBuffers, BlockWorkload, Mode, DRAIN_BATCH, HEADER_LEN, QUEUE_SIZE,
+};
+use xen_vhost_mem::{GrantMapping, RegionTable, XenDev};
+
+use crate::cases::{build_table, grant_region, on_demand_around, open_dev, own_mappings};
+use crate::guest::{GuestBuf, RealGuest};
+use crate::Report;
+
+/// A guest on real Xen ready for [`BlockWorkload`], like `emulated_block_guest`: a ring region
+/// mapped in advance and `requests` requests (header read-only with content, data and status
+/// writable) in on-demand regions or, with `premapped`, in one region mapped in advance (the
+/// ceiling; a region mapped in advance is mapped writable, so headers are granted writable).
+fn real_block_guest(
+    dev: &XenDev,
+    guest: &RealGuest,
+    requests: usize,
+    premapped: bool,
+) -> Result<BlockGuest, String> {
+    let ring_pages = BlockWorkload::ring_bytes(QUEUE_SIZE).div_ceil(4096) as usize;
+    let ring = guest.grant(ring_pages, false)?;
+    let mut bufs = Vec::with_capacity(requests);
+    let mut data = Vec::with_capacity(requests);
+    let mut descs = vec![grant_region(
+        ring.gpa(0),
+        ring_pages as u64 * 4096,
+        GrantMapping::InAdvance,
+        0x7000_0000,
+    )];
+    if premapped {
+        let all = guest.grant(3 * requests, false)?;
+        for i in 0..requests {
+            guest.write(&all, 3 * i * 4096, &[0x11; HEADER_LEN as usize])?;
+            bufs.push(BlockBuffers {
+                header: all.gpa(3 * i * 4096),
+                data: all.gpa((3 * i + 1) * 4096),
+                status: all.gpa((3 * i + 2) * 4096),
+            });
+            data.push((all, (3 * i + 1) * 4096));
+        }
+        descs.push(grant_region(
+            all.gpa(0),
+            3 * requests as u64 * 4096,
+            GrantMapping::InAdvance,
+            0x8000_0000,
+        ));
+    } else {
+        for _ in 0..requests {
+            let h = guest.grant(1, true)?;
+            guest.write(&h, 0, &[0x11; HEADER_LEN as usize])?;
+            let d = guest.grant(1, false)?;
+            let s = guest.grant(1, false)?;
+            bufs.push(BlockBuffers {
+                header: h.gpa(0),
+                data: d.gpa(0),
+                status: s.gpa(0),
+            });
+            data.push((d, 0));
+        }
+        descs.extend(on_demand_around(ring.first_ref, ring_pages as u32));
+    }
+    let table = build_table(dev, descs)?;
+    Ok((table, ring.gpa(0), bufs, data))
+}
+
+/// The table, ring gpa, requests' buffers, and where each request's data page is in the
+/// guest's view.
+type BlockGuest = (RegionTable, u64, Vec<BlockBuffers>, Vec<(GuestBuf, usize)>);
+
+struct Row {
+    label: &'static str,
+    batch: usize,
+    requests: usize,
+    ns_per_request: f64,
+    syscalls_per_request: f64,
+}
+
+/// Requests per row: at least `min`, then until `budget` is spent or `max` is reached.
+#[derive(Clone, Copy)]
+struct Size {
+    min: usize,
+    max: usize,
+    budget: Duration,
+}
+
+fn measure(mode: Mode, premapped: bool, batch: usize, size: Size) -> Result<(Row, String), String> {
+    let dev = open_dev()?;
+    let guest = RealGuest::new()?;
+    let label = if premapped { "premapped" } else { mode.label() };
+    let r = (|| {
+        let (table, ring, bufs, data) = real_block_guest(&dev, &guest, DRAIN_BATCH, premapped)?;
+        let mut w = BlockWorkload::new(&table, ring, QUEUE_SIZE, &bufs)
+            .map_err(|e| format!("BlockWorkload::new: {e}"))?;
+        for _ in 0..(64 / batch).max(2) {
+            w.run_batch(mode, batch)
+                .map_err(|e| format!("warm-up: {e}"))?;
+        }
+        let before = dev.counters().snapshot();
+        let t = Instant::now();
+        let mut n = 0;
+        while n < size.min || (n < size.max && t.elapsed() < size.budget) {
+            w.run_batch(mode, batch).map_err(|e| format!("run: {e}"))?;
+            n += batch;
+        }
+        let ns = t.elapsed().as_nanos() as f64;
+        let d = dev.counters().snapshot().since(&before);
+        let own = own_mappings(&table);
+        let live = dev.counters().live_mappings();
+        if d.errors != 0 || live != own {
+            return Err(format!(
+                "{} errors, {live} live mappings (table's own {own})",
+                d.errors
+            ));
+        }
+        drop(table);
+        if dev.counters().live_mappings() != 0 {
+            return Err("mappings left after dropping the table".into());
+        }
+        // Every request was served for real: the guest sees the device's data.
+        for (i, (b, off)) in data.iter().enumerate() {
+            if guest.read(b, *off, 4096)?.iter().any(|&x| x != 0xd5) {
+                return Err(format!("request {i}: data not written by the device"));
+            }
+        }
+        Ok(Row {
+            label,
+            batch,
+            requests: n,
+            ns_per_request: ns / n as f64,
+            syscalls_per_request: d.syscalls() as f64 / n as f64,
+        })
+    })();
+    let fin = guest.release_all();
+    match (r, fin) {
+        (Ok(row), Ok(f)) => Ok((row, f)),
+        (Ok(_), Err(f)) => Err(format!("cleanup: {f}")),
+        (Err(e), f) => Err(format!("{e}; cleanup: {f:?}")),
+    }
+}
+
+pub fn run_all(report: &mut Report) {
+    let slow = Size {
+        min: 192,
+        max: 384,
+        budget: Duration::from_millis(600),
+    };
+    let fast = Size {
+        min: 512,
+        max: 50_000,
+        budget: Duration::from_millis(1200),
+    };
+    let mut rows: Vec<Row> = Vec::new();
+    for batch in [1, 8, DRAIN_BATCH] {
+        let plan = Mode::ALL
+            .iter()
+            .map(|&m| (m, false))
+            .chain([(Mode::Batched, true)]);
+        for (mode, premapped) in plan {
+            let label = if premapped { "premapped" } else { mode.label() };
+            let name = format!("bench/{label}/batch-{batch}");
+            if !report.wants(&name) {
+                continue;
+            }
+            let size = if matches!(mode, Mode::PerAccess | Mode::Request) && !premapped {
+                slow
+            } else {
+                fast
+            };
+            let mut out = None;
+            report.case(&name, || {
+                let (row, fin) = measure(mode, premapped, batch, size)?;
+                let d = format!(
+                    "{} requests, {:.3} syscalls/request, {:.0} ns/request; cleanup: {fin}",
+                    row.requests, row.syscalls_per_request, row.ns_per_request
+                );
+                out = Some(row);
+                Ok(d)
+            });
+            if let Some(row) = out {
+                println!(
+                    "XVM-JSON {{\"bench\":\"block\",\"impl\":\"ours\",\"strategy\":\"{}\",\"batch\":{},\"requests\":{},\"requests_per_s\":{:.1},\"syscalls_per_request\":{:?},\"ns_per_request\":{:.1}}}",
+                    row.label,
+                    row.batch,
+                    row.requests,
+                    1e9 / row.ns_per_request,
+                    row.syscalls_per_request,
+                    row.ns_per_request
+                );
+                rows.push(row);
+            }
+        }
+    }
+    eprintln!("| strategy | batch | requests | syscalls/request | ns/request | vs per-access |");
+    for r in &rows {
+        let base = rows
+            .iter()
+            .find(|b| b.label == "per-access" && b.batch == r.batch)
+            .map_or(f64::NAN, |b| b.ns_per_request);
+        eprintln!(
+            "| {} | {} | {} | {:.3} | {:.0} | {:.1}x |",
+            r.label,
+            r.batch,
+            r.requests,
+            r.syscalls_per_request,
+            r.ns_per_request,
+            base / r.ns_per_request
+        );
+    }
+}
