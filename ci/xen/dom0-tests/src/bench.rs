@@ -213,3 +213,47 @@ pub fn run_all(report: &mut Report) {
         );
     }
 }
+
+/// What one grant-copy ioctl costs by segment count and size on the real driver: the numbers
+/// behind the grant-copy strategy's choices (probe segments, copying in write-only buffers).
+pub fn grant_copy_cost(report: &mut Report) {
+    use xen_vhost_mem::device::{CopyDirection, CopySegment, GrantRef, GNTST_OKAY};
+    report.case("bench/grant-copy-cost", || {
+        let dev = crate::cases::open_dev()?;
+        let guest = RealGuest::new()?;
+        let buf = guest.grant(16, false)?;
+        let mut local = vec![0u8; 16 * 4096];
+        let mut out = Vec::new();
+        for (segs, len) in [(1usize, 16u16), (2, 16), (4, 16), (8, 16), (16, 16), (1, 4096), (4, 4096)] {
+            let base = local.as_mut_ptr();
+            let mut v: Vec<CopySegment> = (0..segs)
+                .map(|i| CopySegment {
+                    grant: GrantRef {
+                        domid: crate::guest::DOMID,
+                        gref: buf.first_ref + i as u32,
+                    },
+                    offset: 0,
+                    len,
+                    // In bounds: i < 16 pages of `local`.
+                    local: base.wrapping_add(i * 4096),
+                    direction: CopyDirection::FromGuest,
+                    status: GNTST_OKAY,
+                })
+                .collect();
+            let rounds = 300;
+            let t = Instant::now();
+            for _ in 0..rounds {
+                // SAFETY: every segment's local range is inside `local`, alive and unaliased.
+                unsafe { dev.grant_copy(&mut v) }.map_err(|e| e.to_string())?;
+            }
+            let ns = t.elapsed().as_nanos() as f64 / rounds as f64;
+            if v.iter().any(|s| s.status != GNTST_OKAY) {
+                return Err(format!("status {:?}", v.iter().map(|s| s.status).collect::<Vec<_>>()));
+            }
+            println!("XVM-JSON {{\"bench\":\"grant-copy-cost\",\"segments\":{segs},\"len\":{len},\"ns_per_call\":{ns:.0}}}");
+            out.push(format!("{segs}x{len}B: {ns:.0} ns"));
+        }
+        let fin = guest.release_all()?;
+        Ok(format!("{}; cleanup: {fin}", out.join(", ")))
+    });
+}
