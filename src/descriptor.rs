@@ -4,6 +4,10 @@
 use crate::xen_flags::XenMmapFlags;
 use crate::xen_page::{frame_of, DOMID_MAX};
 
+/// Most pages an in-advance grant region may span: Linux gntdev's default per-map limit
+/// (65536 pages, 256 MiB), far above what vrings need.
+pub const MAX_IN_ADVANCE_GRANT_PAGES: u64 = 65536;
+
 /// A memory region exactly as the frontend sent it (the 40-byte Xen layout; the Xen fields are
 /// zero when `XEN_MMAP` was not negotiated).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -150,6 +154,18 @@ pub enum DescriptorError {
         /// The region's size.
         size: u64,
     },
+    /// An in-advance grant region with more pages than one gntdev map may hold.
+    #[error("grant region gpa {gpa:#x} size {size:#x} spans {pages} pages; at most {max} are mapped in advance")]
+    TooManyGrantPages {
+        /// The region's gpa.
+        gpa: u64,
+        /// The region's size.
+        size: u64,
+        /// Pages it spans.
+        pages: u64,
+        /// The limit.
+        max: u64,
+    },
     /// An in-advance grant region whose last page would need a grant ref above `u32::MAX`.
     /// (On-demand regions may reach the top of the address space, as xen-vhost-frontend's do;
     /// an access there fails when it happens.)
@@ -166,17 +182,30 @@ impl RegionDescriptor {
     /// Validates a wire region. Page alignment is not required: the real frontend sends vrings
     /// as grant regions at their own (mid-page) gpa with odd sizes.
     pub fn from_wire(w: &WireRegion) -> Result<Self, DescriptorError> {
-        let kind = parse_kind(w.xen_mmap_flags, w.xen_mmap_data)?;
-        let (gpa, size) = (w.guest_phys_addr, w.memory_size);
+        let desc = RegionDescriptor {
+            guest_phys_addr: w.guest_phys_addr,
+            size: w.memory_size,
+            userspace_addr: w.userspace_addr,
+            mmap_offset: w.mmap_offset,
+            kind: parse_kind(w.xen_mmap_flags, w.xen_mmap_data)?,
+        };
+        desc.check()?;
+        Ok(desc)
+    }
+
+    /// Checks the addresses and sizes (everything but the flags and domid, which `from_wire`
+    /// parses). [`crate::XenRegion::new`] runs it again, since the fields are public.
+    pub fn check(&self) -> Result<(), DescriptorError> {
+        let (gpa, size) = (self.guest_phys_addr, self.size);
         if size == 0 {
             return Err(DescriptorError::ZeroSize { gpa });
         }
         let last = gpa
             .checked_add(size - 1)
             .ok_or(DescriptorError::GpaOverflow { gpa, size })?;
-        if w.userspace_addr.checked_add(size).is_none() {
+        if self.userspace_addr.checked_add(size).is_none() {
             return Err(DescriptorError::UserspaceAddrOverflow {
-                addr: w.userspace_addr,
+                addr: self.userspace_addr,
                 size,
             });
         }
@@ -184,46 +213,53 @@ impl RegionDescriptor {
         if size > isize::MAX as u64 {
             return Err(DescriptorError::TooLarge { size });
         }
-        match kind {
-            RegionKind::Unix if w.mmap_offset.checked_add(size).is_none() => {
-                return Err(DescriptorError::MmapOffsetOverflow {
-                    offset: w.mmap_offset,
+        match self.kind {
+            RegionKind::Unix if self.mmap_offset.checked_add(size).is_none() => {
+                Err(DescriptorError::MmapOffsetOverflow {
+                    offset: self.mmap_offset,
                     size,
-                });
+                })
             }
-            RegionKind::Foreign { .. } | RegionKind::Grant { .. } if w.mmap_offset != 0 => {
-                let kind = if matches!(kind, RegionKind::Foreign { .. }) {
+            RegionKind::Foreign { .. } | RegionKind::Grant { .. } if self.mmap_offset != 0 => {
+                let kind = if matches!(self.kind, RegionKind::Foreign { .. }) {
                     "FOREIGN"
                 } else {
                     "GRANT"
                 };
-                return Err(DescriptorError::XenMmapOffset {
+                Err(DescriptorError::XenMmapOffset {
                     kind,
-                    offset: w.mmap_offset,
-                });
+                    offset: self.mmap_offset,
+                })
             }
             RegionKind::Grant {
                 mapping: GrantMapping::InAdvance,
                 ..
-            } if frame_of(gpa).max(frame_of(last)) > u64::from(u32::MAX)
-                || frame_of(gpa) > frame_of(last) =>
-            {
-                return Err(DescriptorError::GrantRefOverflow { gpa, size });
+            } => {
+                if frame_of(gpa).max(frame_of(last)) > u64::from(u32::MAX)
+                    || frame_of(gpa) > frame_of(last)
+                {
+                    return Err(DescriptorError::GrantRefOverflow { gpa, size });
+                }
+                let pages = frame_of(last) - frame_of(gpa) + 1;
+                if pages > MAX_IN_ADVANCE_GRANT_PAGES {
+                    return Err(DescriptorError::TooManyGrantPages {
+                        gpa,
+                        size,
+                        pages,
+                        max: MAX_IN_ADVANCE_GRANT_PAGES,
+                    });
+                }
+                Ok(())
             }
-            _ => {}
+            _ => Ok(()),
         }
-        Ok(RegionDescriptor {
-            guest_phys_addr: gpa,
-            size,
-            userspace_addr: w.userspace_addr,
-            mmap_offset: w.mmap_offset,
-            kind,
-        })
     }
 
     /// The region's last guest address (inclusive).
     pub fn last_addr(&self) -> u64 {
-        self.guest_phys_addr + (self.size - 1)
+        // Saturating only matters for descriptors that fail `check`.
+        self.guest_phys_addr
+            .saturating_add(self.size.saturating_sub(1))
     }
 
     /// The wire form, with "do not map in advance" emitted as `0x8`.

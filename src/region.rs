@@ -22,6 +22,9 @@ pub enum RegionError {
     /// The backend failed to map it.
     #[error(transparent)]
     Backend(#[from] BackendError),
+    /// The descriptor's addresses or sizes are invalid (hand-built descriptors).
+    #[error(transparent)]
+    Descriptor(#[from] crate::descriptor::DescriptorError),
     /// A Xen region was added to a table that has no Xen device.
     #[error("region at gpa {gpa:#x} needs a Xen device and none was given")]
     NoDevice {
@@ -60,6 +63,7 @@ impl XenRegion {
         file: Option<&File>,
         dev: Option<&XenDev>,
     ) -> Result<Self, RegionError> {
+        desc.check()?;
         let (gpa, size) = (desc.guest_phys_addr, desc.size);
         let need_dev = || dev.ok_or(RegionError::NoDevice { gpa });
         let mapping = match desc.kind {

@@ -376,3 +376,65 @@ fn ring_and_plain_regions_pass_through_without_device_calls() {
     mem.finish().unwrap();
     assert_eq!(s.sim.dev.counters().snapshot().since(&before).syscalls(), 0);
 }
+
+#[test]
+fn the_writability_probe_never_writes_a_stale_byte_back() {
+    for strategy in [Strategy::GrantCopy, Strategy::default()] {
+        let s = setup();
+        let buf = s.sim.grant(1, false).unwrap();
+        s.sim.write(&buf, 0, &[0x11; 200]).unwrap();
+        let mem = RequestMemory::with_strategy(&s.table, strategy);
+        let mut hdr = [0u8; 16];
+        mem.read_slice(&mut hdr, GuestAddress(buf.gpa(0))).unwrap();
+        // The guest changes byte 0 after the device read it; the device then writes elsewhere
+        // in the same page, twice (the second write finds the page already fetched).
+        s.sim.write(&buf, 0, &[0x55]).unwrap();
+        mem.write_slice(&[0xee], GuestAddress(buf.gpa(100)))
+            .unwrap();
+        s.sim.write(&buf, 150, &[0x66]).unwrap();
+        mem.write_slice(&[0xdd], GuestAddress(buf.gpa(8))).unwrap();
+        mem.finish().unwrap();
+        let got = s.sim.read(&buf, 0, 200).unwrap();
+        assert_eq!(
+            got[0], 0x55,
+            "{strategy:?}: byte 0 was never written by the device"
+        );
+        assert_eq!((got[8], got[100]), (0xdd, 0xee), "{strategy:?}");
+        assert_eq!(got[150], 0x66, "{strategy:?}: outside every written span");
+        assert_no_live_mappings(&s);
+    }
+}
+
+#[test]
+fn a_guest_cannot_make_a_scope_hold_unbounded_pages() {
+    use xen_vhost_mem::request::MAX_SCOPE_PAGES;
+    for strategy in STRATEGIES {
+        let s = setup();
+        let buf = s.sim.grant(1, false).unwrap();
+        let mem = RequestMemory::with_strategy(&s.table, strategy);
+        // 4 GiB at refs nobody granted: refused before any allocation or device call.
+        let before = s.sim.dev.counters().snapshot();
+        let huge = u32::MAX as usize;
+        let e = mem
+            .get_slices(GuestAddress(buf.gpa(0)), huge, Permissions::Read)
+            .map(|it| it.collect::<Vec<_>>());
+        let err = match e {
+            Err(e) => e,
+            Ok(v) => v.into_iter().find_map(Result::err).expect("an error"),
+        };
+        match request_error(&err) {
+            RequestError::ScopeFull { gpa, len, max, .. } => {
+                assert_eq!((*gpa, *len, *max), (buf.gpa(0), huge, MAX_SCOPE_PAGES));
+            }
+            other => panic!("{strategy:?}: {other:?}"),
+        }
+        assert_eq!(s.sim.dev.counters().snapshot().since(&before).syscalls(), 0);
+        // Prefetch skips what does not fit, and the scope still serves normal accesses.
+        mem.prefetch(&[(GuestAddress(buf.gpa(0)), huge, Permissions::Write)])
+            .unwrap();
+        mem.write_slice(&[1; 8], GuestAddress(buf.gpa(0))).unwrap();
+        mem.finish().unwrap();
+        assert_eq!(s.sim.read(&buf, 0, 8).unwrap(), vec![1; 8]);
+        assert_no_live_mappings(&s);
+    }
+}

@@ -6,12 +6,12 @@ use std::ptr::NonNull;
 use vm_memory::{Permissions, VolatileSlice};
 
 use super::pages::{Bounce, BouncePage, LiveMap, PageKey, PageSlot, Span, PAGE};
-use super::{RequestError, RequestMemory, ScopeState};
+use super::{RequestError, RequestMemory, ScopeState, MAX_SCOPE_PAGES};
 use crate::device::{
     CopyDirection, CopySegment, GrantRef, Protection, XenDev, GNTST_BAD_GNTREF, GNTST_OKAY,
 };
 use crate::region::XenRegion;
-use crate::xen_page::{frame_of, page_offset};
+use crate::xen_page::{frame_of, page_offset, pages_spanned};
 
 /// The part of one access that falls in one grant page.
 #[derive(Clone, Copy, Debug)]
@@ -62,9 +62,10 @@ impl RequestMemory<'_> {
         access: Permissions,
     ) -> Result<Vec<VolatileSlice<'_>>, RequestError> {
         let write = access.has_write();
+        let mut st = self.state.borrow_mut();
+        st.check_room(gpa, len, 0)?;
         let mut ps = Vec::new();
         pieces(domid, gpa, len, write, &mut ps)?;
-        let mut st = self.state.borrow_mut();
         let dev = st.device(region)?;
         let copy_new = self.strategy.copies(len);
         let (copy, map): (Vec<Piece>, Vec<Piece>) =
@@ -85,6 +86,27 @@ impl RequestMemory<'_> {
 }
 
 impl ScopeState {
+    /// Refuses an access that could take the scope past [`MAX_SCOPE_PAGES`], before any work.
+    /// `planned` counts pages about to be added that are not in the scope yet.
+    pub(super) fn check_room(
+        &self,
+        gpa: u64,
+        len: usize,
+        planned: usize,
+    ) -> Result<(), RequestError> {
+        let pages =
+            self.pages.len() + planned + pages_spanned(page_offset(gpa), len as u64) as usize;
+        if pages > MAX_SCOPE_PAGES {
+            return Err(RequestError::ScopeFull {
+                gpa,
+                len,
+                pages,
+                max: MAX_SCOPE_PAGES,
+            });
+        }
+        Ok(())
+    }
+
     /// The device of the first on-demand region touched (all regions share one).
     pub(super) fn device(&mut self, region: &XenRegion) -> Result<XenDev, RequestError> {
         if let Some(d) = &self.dev {
@@ -119,6 +141,8 @@ impl ScopeState {
         let mut segs: Vec<CopySegment> = Vec::new();
         let mut owners: Vec<usize> = Vec::new(); // piece index of each segment
         let mut planned: HashMap<PageKey, (Span, NonNull<u8>)> = HashMap::new();
+        // Per page, the first byte this call copies in: a fresh value the probe can write back.
+        let mut fresh: HashMap<PageKey, u16> = HashMap::new();
         let mut probes: Vec<usize> = Vec::new();
         for (i, p) in pieces.iter().enumerate() {
             let Some(b) = self.bounce(p.key) else {
@@ -128,8 +152,10 @@ impl ScopeState {
             let need = have.hull(p.span);
             for part in need.minus(have) {
                 if !part.is_empty() {
-                    segs.push(seg(p.key, b.buf, part, CopyDirection::FromGuest));
+                    let local = in_page(b.buf, part);
+                    segs.push(seg(p.key, part, local, CopyDirection::FromGuest));
                     owners.push(i);
+                    fresh.entry(p.key).or_insert(part.lo);
                 }
             }
             let first_plan = planned.insert(p.key, (need, b.buf)).is_none();
@@ -140,21 +166,37 @@ impl ScopeState {
                 probes.push(i);
             }
         }
-        for &i in &probes {
+        // Probe writability by writing back one byte just read, in the same call: the same
+        // value, but Xen checks write permission. Pages with nothing new to copy in read their
+        // byte into `scratch` first, so no stale bounce byte ever reaches the guest.
+        let mut scratch = vec![0u8; probes.len()];
+        for (n, &i) in probes.iter().enumerate() {
             let key = pieces[i].key;
-            if let Some(&(span, buf)) = planned.get(&key) {
-                // Write back one byte just read: same value, but Xen checks write permission.
-                let byte = Span {
-                    lo: span.lo,
-                    hi: span.lo + 1,
-                };
-                segs.push(seg(key, buf, byte, CopyDirection::ToGuest));
-                owners.push(i);
+            let Some(&(span, buf)) = planned.get(&key) else {
+                continue;
+            };
+            match fresh.get(&key) {
+                Some(&lo) => {
+                    let byte = Span { lo, hi: lo + 1 };
+                    segs.push(seg(key, byte, in_page(buf, byte), CopyDirection::ToGuest));
+                }
+                None => {
+                    let byte = Span {
+                        lo: span.lo,
+                        hi: span.lo + 1,
+                    };
+                    let local: *mut u8 = &mut scratch[n];
+                    segs.push(seg(key, byte, local, CopyDirection::FromGuest));
+                    owners.push(i);
+                    segs.push(seg(key, byte, local, CopyDirection::ToGuest));
+                }
             }
+            owners.push(i);
         }
         if !segs.is_empty() {
             // SAFETY: every local range lies in bounce memory this scope owns and that no slice
-            // covers yet (copy-ins go to bytes outside `valid`; probes only read).
+            // covers yet (copy-ins go to bytes outside `valid`; probes only read), or in
+            // `scratch`, alive until after the call.
             unsafe { dev.grant_copy(&mut segs) }?;
         }
         // Commit: a page whose copy-in failed keeps its old valid span (or is dropped).
@@ -371,7 +413,8 @@ impl ScopeState {
     }
 }
 
-fn seg(key: PageKey, buf: NonNull<u8>, part: Span, direction: CopyDirection) -> CopySegment {
+/// A segment for bytes `part` of grant page `key`, to or from `local`.
+fn seg(key: PageKey, part: Span, local: *mut u8, direction: CopyDirection) -> CopySegment {
     CopySegment {
         grant: GrantRef {
             domid: key.0,
@@ -379,11 +422,15 @@ fn seg(key: PageKey, buf: NonNull<u8>, part: Span, direction: CopyDirection) -> 
         },
         offset: part.lo,
         len: part.hi - part.lo,
-        // SAFETY: `part.lo < 4096`, inside the page's 4 KiB of bounce memory.
-        local: unsafe { buf.as_ptr().add(usize::from(part.lo)) },
+        local,
         direction,
         status: GNTST_OKAY,
     }
+}
+
+/// Where bytes `part` of a page sit in its bounce page `buf` (`part.lo < 4096`: in bounds).
+fn in_page(buf: NonNull<u8>, part: Span) -> *mut u8 {
+    buf.as_ptr().wrapping_add(usize::from(part.lo))
 }
 
 fn copy_error(p: &Piece, status: i16) -> RequestError {

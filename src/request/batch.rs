@@ -55,6 +55,10 @@ impl RequestMemory<'_> {
             // fetched on touch.
             let room = region.len() - (addr.0 - region.start_addr().0);
             let n = (len as u64).min(room) as usize;
+            // Over the scope's limit: leave it to the touch, which reports ScopeFull.
+            if st.check_room(addr.0, n, copy.len() + map.len()).is_err() {
+                continue;
+            }
             let mut ps = Vec::new();
             if pieces(domid, addr.0, n, access.has_write(), &mut ps).is_err() {
                 continue;

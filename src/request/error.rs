@@ -59,6 +59,19 @@ pub enum RequestError {
     /// A whole device call failed.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// The access would make the scope hold more on-demand pages than it may: a guest cannot
+    /// make the daemon copy or map without bound.
+    #[error("gpa {gpa:#x} len {len:#x}: scope would hold {pages} on-demand pages, limit {max}")]
+    ScopeFull {
+        /// The access.
+        gpa: u64,
+        /// Its length.
+        len: usize,
+        /// Pages the scope would hold.
+        pages: usize,
+        /// The limit ([`super::MAX_SCOPE_PAGES`]).
+        max: usize,
+    },
     /// No memory for bounce buffers.
     #[error("cannot allocate {pages} bounce pages")]
     OutOfMemory {

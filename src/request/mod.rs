@@ -47,6 +47,10 @@ use crate::table::RegionTable;
 /// benchmarks (see README).
 pub const DEFAULT_MAP_THRESHOLD: usize = 64 * 1024;
 
+/// Most on-demand pages (bounce buffers plus mapped pages) one scope may hold: 64 MiB, far
+/// above any one virtio request, well below gntdev's per-map and the kernel's map-count limits.
+pub const MAX_SCOPE_PAGES: usize = 16384;
+
 /// How on-demand grant pages are fetched.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Strategy {
