@@ -326,6 +326,26 @@ fn grant_copy_reports_a_status_per_segment_and_moves_data_both_ways() {
     g.assert_nothing_live();
 }
 
+/// A privcmd mapping of `pages` pages over address space reserved for it.
+fn privcmd_mapping(g: &Guest, pages: usize) -> std::ptr::NonNull<u8> {
+    // SAFETY: a fresh anonymous reservation, checked below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            pages * PAGE,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    assert_ne!(p, libc::MAP_FAILED);
+    let base = std::ptr::NonNull::new(p.cast()).unwrap();
+    // SAFETY: the reservation is ours and unused.
+    unsafe { g.dev.foreign_mmap_at(base, pages) }.unwrap();
+    base
+}
+
 #[test]
 fn mmapbatch_reports_unknown_frames_per_frame() {
     let g = Guest::new(8);
@@ -335,11 +355,16 @@ fn mmapbatch_reports_unknown_frames_per_frame() {
             .write_page(page + i, 0, &common::pattern(10 + i as u8, PAGE))
             .unwrap();
     }
-    let base = g.dev.foreign_mmap(5).unwrap();
+    let base = privcmd_mapping(&g, 5);
     assert_eq!(g.emu.live_mappings(), 1);
+    // As on Linux privcmd, the first batch must cover the whole mapping.
+    let mut errs1 = [0i32; 1];
+    // SAFETY: `base` is a fresh 5-page privcmd mapping of this device with no users.
+    let e = unsafe { g.dev.foreign_map_batch(DOMID, base, &[0x100], &mut errs1) }.unwrap_err();
+    assert_eq!(e.errno(), Some(libc::EINVAL), "{e}");
     let gfns = [0x100, 0x999, 0x101, 0x102, 0x103];
     let mut errs = [0x55i32; 5];
-    // SAFETY: `base` is a fresh 5-page reservation of this device with no users.
+    // SAFETY: as above.
     unsafe { g.dev.foreign_map_batch(DOMID, base, &gfns, &mut errs) }.unwrap();
     assert_eq!(errs, [0, -libc::EINVAL, 0, 0, -libc::EINVAL]);
     assert_eq!(read_mapped(base, 0, PAGE), common::pattern(10, PAGE));
@@ -350,12 +375,15 @@ fn mmapbatch_reports_unknown_frames_per_frame() {
     unsafe { base.as_ptr().add(5).write_volatile(0xa5) };
     assert_eq!(g.emu.read_page(page, 5, 1).unwrap(), [0xa5]);
 
-    // Frames of another domain are unknown; mismatched lengths are refused as a whole.
-    let mut errs1 = [0i32; 1];
+    // Later batches may only fill holes: slot 0 is mapped, slot 1 (0x999 failed) is not.
     // SAFETY: as above.
+    let e = unsafe { g.dev.foreign_map_batch(DOMID, base, &[0x100], &mut errs1) }.unwrap_err();
+    assert_eq!(e.errno(), Some(libc::EINVAL), "{e}");
+    // Frames of another domain are unknown; mismatched lengths are refused as a whole.
+    // SAFETY: slot 1 is an unmapped page of the mapping.
     unsafe {
         g.dev
-            .foreign_map_batch(DOMID + 1, base, &[0x100], &mut errs1)
+            .foreign_map_batch(DOMID + 1, base.add(PAGE), &[0x100], &mut errs1)
     }
     .unwrap();
     assert_eq!(errs1, [-libc::EINVAL]);
@@ -364,9 +392,9 @@ fn mmapbatch_reports_unknown_frames_per_frame() {
     let e = unsafe { g.dev.foreign_map_batch(DOMID, base, &[0x100], &mut errs2) }.unwrap_err();
     assert_eq!(e.errno(), Some(libc::EINVAL), "{e}");
 
-    // SAFETY: exactly the reservation made above; not used afterwards.
+    // SAFETY: exactly the mapping made above; not used afterwards.
     unsafe { g.dev.foreign_munmap(base, 5) }.unwrap();
-    assert_eq!(snap(&g), counts(3, 1, 1, 0, 5, 1));
+    assert_eq!(snap(&g), counts(5, 1, 1, 0, 5, 3));
     g.assert_nothing_live();
 }
 
@@ -376,16 +404,23 @@ fn mmapbatch_reports_paged_out_frames_until_they_come_back() {
     let page = g.frames(0x200, 3);
     g.emu.write_page(page + 1, 0x123, b"paged back in").unwrap();
     g.emu.page_out(DOMID, 0x201, 2);
-    let base = g.dev.foreign_mmap(3).unwrap();
+    let base = privcmd_mapping(&g, 3);
     let gfns = [0x200, 0x201, 0x202];
-    for attempt in 1..=2 {
-        let mut errs = [0i32; 3];
-        // SAFETY: `base` is a 3-page reservation of this device with no users.
-        let e = unsafe { g.dev.foreign_map_batch(DOMID, base, &gfns, &mut errs) }.unwrap_err();
-        assert_eq!(e.errno(), Some(libc::ENOENT), "attempt {attempt}: {e}");
-        assert_eq!(errs, [0, -libc::ENOENT, 0], "attempt {attempt}");
-    }
+    let mut errs = [0i32; 3];
+    // SAFETY: `base` is a 3-page privcmd mapping of this device with no users.
+    let e = unsafe { g.dev.foreign_map_batch(DOMID, base, &gfns, &mut errs) }.unwrap_err();
+    assert_eq!(e.errno(), Some(libc::ENOENT), "{e}");
+    assert_eq!(errs, [0, -libc::ENOENT, 0]);
+    // Retries fill the hole only.
     let mut errs = [0i32; 1];
+    // SAFETY: slot 1 of the mapping is unmapped, with no users.
+    let e = unsafe {
+        g.dev
+            .foreign_map_batch(DOMID, base.add(PAGE), &gfns[1..2], &mut errs)
+    }
+    .unwrap_err();
+    assert_eq!(e.errno(), Some(libc::ENOENT), "{e}");
+    assert_eq!(errs, [-libc::ENOENT]);
     // SAFETY: slot 1 of the reservation, with no users.
     unsafe {
         g.dev

@@ -103,8 +103,12 @@ pub enum BackendError {
 enum Release {
     /// Plain `munmap` of `len` bytes.
     Munmap { len: usize },
-    /// privcmd reservation.
-    Foreign { dev: XenDev, pages: usize },
+    /// A reservation of `pages` pages holding one privcmd mapping per chunk.
+    Foreign {
+        dev: XenDev,
+        chunks: Vec<(NonNull<u8>, usize)>,
+        pages: usize,
+    },
     /// gntdev mapping: munmap, then UNMAP_GRANT_REF.
     Grant {
         dev: XenDev,
@@ -154,9 +158,14 @@ impl Drop for HostMapping {
                 // SAFETY: `base`/`len` is exactly the mapping we created; it dies with us.
                 unsafe { libc::munmap(self.base.as_ptr().cast(), *len) };
             }
-            Release::Foreign { dev, pages } => {
-                // SAFETY: exactly the reservation we made through this device; it dies with us.
-                let _ = unsafe { dev.foreign_munmap(self.base, *pages) };
+            Release::Foreign { dev, chunks, pages } => {
+                for (addr, n) in chunks {
+                    // SAFETY: exactly a privcmd mapping we made through this device.
+                    let _ = unsafe { dev.foreign_munmap(*addr, *n) };
+                }
+                // Whatever of the reservation no chunk replaced.
+                // SAFETY: our own reservation; nothing refers into it any more.
+                unsafe { libc::munmap(self.base.as_ptr().cast(), *pages * 4096) };
             }
             Release::Grant { dev, index, pages } => {
                 // SAFETY: exactly the gntdev mapping we made through this device.

@@ -88,8 +88,15 @@ struct GrantMap {
 
 #[derive(Debug)]
 enum Live {
-    Grant { index: u64, pages: usize },
-    Foreign { pages: usize },
+    Grant {
+        index: u64,
+        pages: usize,
+    },
+    /// A privcmd mapping; `mapped` is per page, empty until the first (whole) MMAPBATCH.
+    Foreign {
+        pages: usize,
+        mapped: Vec<bool>,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -521,12 +528,34 @@ impl XenDevice for EmulatedXen {
         Ok(())
     }
 
-    fn foreign_mmap(&self, pages: usize) -> Result<NonNull<u8>, DeviceError> {
-        let base = reserve(pages).map_err(|e| DeviceError::sys("mmap(privcmd)", e))?;
-        self.state()
-            .live
-            .insert(base.as_ptr() as usize, Live::Foreign { pages });
-        Ok(base)
+    unsafe fn foreign_mmap_at(&self, addr: NonNull<u8>, pages: usize) -> Result<(), DeviceError> {
+        const CALL: &str = "mmap(privcmd)";
+        let len = pages
+            .checked_mul(PAGE)
+            .ok_or(DeviceError::sys(CALL, libc::EOVERFLOW))?;
+        // SAFETY: the caller owns `addr..addr+len` with no references into it; an inaccessible
+        // anonymous mapping stands for the empty privcmd VMA.
+        let p = unsafe {
+            libc::mmap(
+                addr.as_ptr().cast(),
+                len,
+                libc::PROT_NONE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(DeviceError::sys(CALL, errno()));
+        }
+        self.state().live.insert(
+            addr.as_ptr() as usize,
+            Live::Foreign {
+                pages,
+                mapped: Vec::new(),
+            },
+        );
+        Ok(())
     }
 
     unsafe fn foreign_map_batch(
@@ -537,20 +566,31 @@ impl XenDevice for EmulatedXen {
         errs: &mut [i32],
     ) -> Result<(), DeviceError> {
         const CALL: &str = "IOCTL_PRIVCMD_MMAPBATCH_V2";
-        if gfns.len() != errs.len() {
+        if gfns.len() != errs.len() || gfns.is_empty() {
             return Err(DeviceError::sys(CALL, libc::EINVAL));
         }
         let mut st = self.state();
+        let st = &mut *st;
         let a = addr.as_ptr() as usize;
-        let inside = st.live.iter().any(|(&base, l)| match l {
-            Live::Foreign { pages } => {
-                a >= base
-                    && a + gfns.len() * PAGE <= base + pages * PAGE
-                    && (a - base).is_multiple_of(PAGE)
+        // The privcmd VMA holding `addr`, and the page index of `addr` in it.
+        let found = st.live.iter_mut().find_map(|(&base, l)| match l {
+            Live::Foreign { pages, mapped } if a >= base && a < base + *pages * PAGE => {
+                Some(((a - base) / PAGE, *pages, mapped, (a - base) % PAGE))
             }
-            Live::Grant { .. } => false,
+            _ => None,
         });
-        if !inside {
+        let Some((first, pages, mapped, 0)) = found else {
+            return Err(DeviceError::sys(CALL, libc::EINVAL));
+        };
+        let n = gfns.len();
+        // Linux privcmd: the first call must cover the whole VMA; later calls may only fill
+        // pages that are still unmapped.
+        if mapped.is_empty() {
+            if first != 0 || n != pages {
+                return Err(DeviceError::sys(CALL, libc::EINVAL));
+            }
+            *mapped = vec![false; pages];
+        } else if first + n > pages || mapped[first..first + n].iter().any(|&m| m) {
             return Err(DeviceError::sys(CALL, libc::EINVAL));
         }
         let mut paged_out = false;
@@ -563,17 +603,20 @@ impl XenDevice for EmulatedXen {
                     -libc::ENOENT
                 }
                 Some(f) => {
-                    let page = f.page;
-                    // SAFETY: the target page is inside a live privcmd reservation of ours
-                    // (checked above); the caller promises no references into it.
-                    match unsafe {
+                    // SAFETY: the target page is inside a live privcmd mapping of ours (found
+                    // above); the caller promises no references into it.
+                    let r = unsafe {
                         self.map_page_at(
                             addr.as_ptr().add(i * PAGE),
-                            page,
+                            f.page,
                             libc::PROT_READ | libc::PROT_WRITE,
                         )
-                    } {
-                        Ok(()) => 0,
+                    };
+                    match r {
+                        Ok(()) => {
+                            mapped[first + i] = true;
+                            0
+                        }
                         Err(e) => -e,
                     }
                 }
@@ -590,7 +633,7 @@ impl XenDevice for EmulatedXen {
         let mut st = self.state();
         let key = addr.as_ptr() as usize;
         match st.live.get(&key) {
-            Some(Live::Foreign { pages: p }) if *p == pages => {}
+            Some(Live::Foreign { pages: p, .. }) if *p == pages => {}
             _ => return Err(DeviceError::sys(CALL, libc::EINVAL)),
         }
         // SAFETY: exactly a live privcmd reservation of ours; the caller promises no users.

@@ -164,14 +164,21 @@ pub trait XenDevice: Send + Sync + std::fmt::Debug {
     /// [`CopyDirection::FromGuest`], and not accessed by anything else during the call.
     unsafe fn grant_copy(&self, segments: &mut [CopySegment]) -> Result<(), DeviceError>;
 
-    /// `mmap` of `/dev/xen/privcmd`: reserves `pages` pages for foreign frames.
-    fn foreign_mmap(&self, pages: usize) -> Result<NonNull<u8>, DeviceError>;
+    /// `mmap` of `/dev/xen/privcmd` at `addr` (`MAP_FIXED`): a privcmd mapping of `pages`
+    /// pages for foreign frames. The first MMAPBATCH on it must cover it whole.
+    ///
+    /// # Safety
+    /// `addr..addr + pages` must be address space the caller owns (e.g. its own reservation)
+    /// with no live references into it: it is replaced.
+    unsafe fn foreign_mmap_at(&self, addr: NonNull<u8>, pages: usize) -> Result<(), DeviceError>;
 
     /// `IOCTL_PRIVCMD_MMAPBATCH_V2`: maps `gfns` of `domid` at `addr`, writing a per-frame
     /// error (0 or `-errno`) into `errs`. Returns `ENOENT` when some frames are paged out.
+    /// The first call on a privcmd mapping must cover all of it; later calls may only fill
+    /// pages left unmapped (retries of paged-out frames).
     ///
     /// # Safety
-    /// `addr` must point into a reservation from [`XenDevice::foreign_mmap`] of this device with
+    /// `addr` must point into a mapping from [`XenDevice::foreign_mmap_at`] of this device with
     /// room for `gfns.len()` pages, and nothing may hold references into those pages.
     unsafe fn foreign_map_batch(
         &self,
@@ -181,7 +188,7 @@ pub trait XenDevice: Send + Sync + std::fmt::Debug {
         errs: &mut [i32],
     ) -> Result<(), DeviceError>;
 
-    /// `munmap` of a reservation from [`XenDevice::foreign_mmap`].
+    /// `munmap` of a mapping from [`XenDevice::foreign_mmap_at`].
     ///
     /// # Safety
     /// As for [`XenDevice::grant_munmap`].
@@ -267,10 +274,18 @@ impl XenDev {
         self.count(unsafe { self.dev.grant_copy(segments) })
     }
 
-    /// See [`XenDevice::foreign_mmap`].
-    pub fn foreign_mmap(&self, pages: usize) -> Result<NonNull<u8>, DeviceError> {
+    /// See [`XenDevice::foreign_mmap_at`].
+    ///
+    /// # Safety
+    /// As for [`XenDevice::foreign_mmap_at`].
+    pub unsafe fn foreign_mmap_at(
+        &self,
+        addr: NonNull<u8>,
+        pages: usize,
+    ) -> Result<(), DeviceError> {
         self.counters.add_mmap();
-        let r = self.count(self.dev.foreign_mmap(pages));
+        // SAFETY: forwarded contract.
+        let r = self.count(unsafe { self.dev.foreign_mmap_at(addr, pages) });
         if r.is_ok() {
             self.counters.mapped(pages);
         }

@@ -140,10 +140,28 @@ impl XenDevice for RealXen {
         Ok(())
     }
 
-    fn foreign_mmap(&self, pages: usize) -> Result<NonNull<u8>, DeviceError> {
+    unsafe fn foreign_mmap_at(&self, addr: NonNull<u8>, pages: usize) -> Result<(), DeviceError> {
         const CALL: &str = "mmap(privcmd)";
         let fd = self.privcmd(CALL)?.as_raw_fd();
-        mmap_dev(CALL, fd, pages, libc::PROT_READ | libc::PROT_WRITE, 0)
+        let len = pages
+            .checked_mul(PAGE)
+            .ok_or(DeviceError::sys(CALL, libc::EOVERFLOW))?;
+        // SAFETY: the caller owns `addr..addr+len` and holds no references into it, so
+        // MAP_FIXED replaces nothing anyone uses; the result is checked.
+        let p = unsafe {
+            libc::mmap(
+                addr.as_ptr().cast(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED | libc::MAP_FIXED,
+                fd,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(DeviceError::last(CALL));
+        }
+        Ok(())
     }
 
     unsafe fn foreign_map_batch(
