@@ -111,6 +111,24 @@ impl RegionTable {
         })
     }
 
+    /// True when regions cover `[addr, addr + len)` without a gap (mapped or on demand).
+    pub fn covers(&self, addr: GuestAddress, len: usize) -> bool {
+        let mut cur = addr.0;
+        let mut left = len as u64;
+        while left > 0 {
+            let Some(r) = self.find_region(GuestAddress(cur)) else {
+                return false;
+            };
+            let n = (r.last_addr().0 - cur).saturating_add(1).min(left);
+            left -= n;
+            match cur.checked_add(n) {
+                Some(c) => cur = c,
+                None => return left == 0,
+            }
+        }
+        true
+    }
+
     /// The Xen device of the first region that has one (all Xen regions share one).
     pub fn xen_device(&self) -> Option<&crate::device::XenDev> {
         self.regions.iter().find_map(|r| r.device())

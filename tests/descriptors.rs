@@ -201,6 +201,18 @@ fn invalid_cases() -> Vec<Invalid> {
             },
         },
         Invalid {
+            // 1 TiB mapped in advance would mean 2^28 refs in one gntdev map (and a vector of
+            // them): refused up front.
+            name: "in-advance grant of more pages than one gntdev map holds",
+            wire: wire(grant_addr(8, 0), 1 << 40, 0, 0, FLAG_GRANT, 1),
+            expected: TooManyGrantPages {
+                gpa: grant_addr(8, 0),
+                size: 1 << 40,
+                pages: 1 << 28,
+                max: xen_vhost_mem::descriptor::MAX_IN_ADVANCE_GRANT_PAGES,
+            },
+        },
+        Invalid {
             name: "mid-page in-advance grant crossing past ref u32::MAX",
             wire: wire(grant_addr(u32::MAX, 0xff0), 0x20, 0, 0, FLAG_GRANT, 1),
             expected: GrantRefOverflow {

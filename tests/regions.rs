@@ -730,3 +730,38 @@ fn unix_region_past_the_end_of_its_file_is_refused() {
         "{r:?}"
     );
 }
+
+/// `RegionDescriptor`'s fields are public, so `XenRegion::new` checks them again: a
+/// hand-built zero-size or overflowing region is an error, never a later panic.
+#[test]
+fn hand_built_descriptors_are_checked_again() {
+    use xen_vhost_mem::descriptor::{DescriptorError, GrantMapping, RegionKind};
+    let g = Guest::new(4);
+    let od = |gpa: u64, size: u64| xen_vhost_mem::RegionDescriptor {
+        guest_phys_addr: gpa,
+        size,
+        userspace_addr: 0,
+        mmap_offset: 0,
+        kind: RegionKind::Grant {
+            domid: DOMID,
+            mapping: GrantMapping::OnDemand,
+        },
+    };
+    let cases = [
+        (od(1 << 63, 0), DescriptorError::ZeroSize { gpa: 1 << 63 }),
+        (
+            od(u64::MAX - 0xfff, 0x2000),
+            DescriptorError::GpaOverflow {
+                gpa: u64::MAX - 0xfff,
+                size: 0x2000,
+            },
+        ),
+    ];
+    for (d, want) in cases {
+        match XenRegion::new(d, None, Some(&g.dev)) {
+            Err(RegionError::Descriptor(e)) => assert_eq!(e, want),
+            other => panic!("{d:?}: {other:?}"),
+        }
+    }
+    g.assert_nothing_live();
+}

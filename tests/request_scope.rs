@@ -368,6 +368,12 @@ fn ring_and_plain_regions_pass_through_without_device_calls() {
     );
     assert!(mem.check_range(GuestAddress(s.ring.gpa(0)), 8192, Permissions::ReadWrite));
     assert!(!mem.check_range(GuestAddress(0x1000), 1, Permissions::Read));
+    // On-demand memory is reachable through the scope, so it is in range too.
+    let od = xen_vhost_mem::xen_page::grant_addr(s.ring.first_ref + 2, 0);
+    assert!(mem.check_range(GuestAddress(od), 3 * 4096, Permissions::Write));
+    // A range running from the ring region into the on-demand one has no gap.
+    assert!(mem.check_range(GuestAddress(s.ring.gpa(8000)), 1000, Permissions::Read));
+    assert!(!mem.check_range(GuestAddress(s.ring.gpa(0) - 1), 2, Permissions::Read));
     let e = mem.read_obj::<u8>(GuestAddress(0x1000)).unwrap_err();
     assert!(matches!(
         e,

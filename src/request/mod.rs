@@ -267,8 +267,10 @@ impl GuestMemory for RequestMemory<'_> {
     type PhysicalMemory = RegionTable;
     type Bitmap = ();
 
+    /// Whether regions cover the range; on-demand pages count (whether the guest granted them,
+    /// and how, is only known by touching them).
     fn check_range(&self, addr: GuestAddress, count: usize, _access: Permissions) -> bool {
-        GuestMemoryBackend::check_range(self.table, addr, count)
+        self.table.covers(addr, count)
     }
 
     fn get_slices<'a>(
