@@ -120,12 +120,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .and_then(|i| args.get(i + 1))
         .and_then(|v| v.parse().ok())
         .unwrap_or(4000usize);
+    // `--only LABEL` (and `--batch N`) run one row, e.g. under a profiler.
+    let arg = |name: &str| {
+        args.iter()
+            .position(|a| a == name)
+            .and_then(|i| args.get(i + 1))
+    };
+    let only = arg("--only");
+    let batches: Vec<usize> = match arg("--batch").and_then(|b| b.parse().ok()) {
+        Some(b) => vec![b],
+        None => vec![1, 8, DRAIN_BATCH],
+    };
     let mut rows = Vec::new();
-    for batch in [1, 8, DRAIN_BATCH] {
-        for mode in Mode::ALL {
-            rows.push(measure(mode, false, batch, requests)?);
+    for &batch in &batches {
+        let plan = Mode::ALL
+            .iter()
+            .map(|&m| (m, false))
+            .chain([(Mode::Batched, true)]);
+        for (mode, premapped) in plan {
+            let label = if premapped { "premapped" } else { mode.label() };
+            if only.is_none_or(|o| o == label) {
+                rows.push(measure(mode, premapped, batch, requests)?);
+            }
         }
-        rows.push(measure(Mode::Batched, true, batch, requests)?);
     }
     let base = |batch: usize| {
         rows.iter()

@@ -1,11 +1,10 @@
 //! Fetching on-demand grant pages: grant copy into bounce buffers, or gntdev mappings.
 
-use std::collections::{HashMap, HashSet};
 use std::ptr::NonNull;
 
-use vm_memory::{Permissions, VolatileSlice};
+use vm_memory::{GuestMemoryError, Permissions, VolatileSlice};
 
-use super::pages::{Bounce, BouncePage, LiveMap, PageKey, PageSlot, Span, PAGE};
+use super::pages::{Bounce, BouncePage, KeyMap, KeySet, LiveMap, PageKey, PageSlot, Span, PAGE};
 use super::{RequestError, RequestMemory, ScopeState, MAX_SCOPE_PAGES};
 use crate::device::{
     CopyDirection, CopySegment, GrantRef, Protection, XenDev, GNTST_BAD_GNTREF, GNTST_OKAY,
@@ -53,35 +52,39 @@ pub(super) fn pieces(
 
 impl RequestMemory<'_> {
     /// Serves `[gpa, gpa + len)` of on-demand region `region`, fetching what is missing.
-    pub(super) fn on_demand(
-        &self,
+    pub(super) fn on_demand<'a>(
+        &'a self,
         region: &XenRegion,
         domid: u16,
         gpa: u64,
         len: usize,
         access: Permissions,
-    ) -> Result<Vec<VolatileSlice<'_>>, RequestError> {
+        out: &mut Vec<Result<VolatileSlice<'a>, GuestMemoryError>>,
+    ) -> Result<(), RequestError> {
         let write = access.has_write();
         let mut st = self.state.borrow_mut();
         st.check_room(gpa, len, 0)?;
         let mut ps = Vec::new();
         pieces(domid, gpa, len, write, &mut ps)?;
-        let dev = st.device(region)?;
-        let copy_new = self.strategy.copies(len);
-        let (copy, map): (Vec<Piece>, Vec<Piece>) =
-            ps.iter().partition(|p| match st.pages.get(&p.key) {
-                Some(s) if s.bounce.is_some() => true,
-                Some(s) if s.is_mapped() => false,
-                _ => copy_new,
-            });
-        let r = st
-            .fetch_by_copy(&dev, &copy, true)
-            .and_then(|()| st.fetch_by_map(&dev, &map, write, true));
-        if r.is_err() {
-            dev.counters().add_errors(1);
+        // Prefetched pages are served without a device call or any bookkeeping.
+        if !ps.iter().all(|p| st.ready(p)) {
+            let dev = st.device(region)?;
+            let copy_new = self.strategy.copies(len);
+            let (copy, map): (Vec<Piece>, Vec<Piece>) =
+                ps.iter().partition(|p| match st.pages.get(&p.key) {
+                    Some(s) if s.bounce.is_some() => true,
+                    Some(s) if s.is_mapped() => false,
+                    _ => copy_new,
+                });
+            let r = st
+                .fetch_by_copy(&dev, &copy, true)
+                .and_then(|()| st.fetch_by_map(&dev, &map, write, true));
+            if r.is_err() {
+                dev.counters().add_errors(1);
+            }
+            r?;
         }
-        r?;
-        Ok(st.slices_for(&ps))
+        st.slices_for(&ps, out)
     }
 }
 
@@ -140,9 +143,11 @@ impl ScopeState {
         // Plan: per page, the bytes to copy in (segments) and the new valid span; probes last.
         let mut segs: Vec<CopySegment> = Vec::new();
         let mut owners: Vec<usize> = Vec::new(); // piece index of each segment
-        let mut planned: HashMap<PageKey, (Span, NonNull<u8>)> = HashMap::new();
+        let mut planned: KeyMap<(Span, NonNull<u8>)> =
+            KeyMap::with_capacity_and_hasher(pieces.len(), Default::default());
         // Per page, the first byte this call copies in: a fresh value the probe can write back.
-        let mut fresh: HashMap<PageKey, u16> = HashMap::new();
+        let mut fresh: KeyMap<u16> =
+            KeyMap::with_capacity_and_hasher(pieces.len(), Default::default());
         let mut probes: Vec<usize> = Vec::new();
         for (i, p) in pieces.iter().enumerate() {
             let Some(b) = self.bounce(p.key) else {
@@ -238,13 +243,15 @@ impl ScopeState {
 
     /// Gives every page of `pieces` without a bounce buffer one.
     fn alloc_bounces(&mut self, pieces: &[Piece]) -> Result<(), RequestError> {
-        let mut new: Vec<PageKey> = Vec::new();
-        let mut seen: HashSet<PageKey> = HashSet::new();
+        let mut new: Vec<PageKey> = Vec::with_capacity(pieces.len());
+        let mut seen = KeySet::with_capacity_and_hasher(pieces.len(), Default::default());
         for p in pieces {
             if !self.pages.contains_key(&p.key) && seen.insert(p.key) {
                 new.push(p.key);
             }
         }
+        self.pages.reserve(new.len());
+        self.bounce_pages.reserve(new.len());
         for key in &new {
             let page = BouncePage::take().ok_or(RequestError::OutOfMemory { pages: new.len() })?;
             self.pages.insert(
@@ -288,7 +295,7 @@ impl ScopeState {
             Protection::ReadOnly
         };
         let mut need: Vec<&Piece> = Vec::new();
-        let mut seen: HashSet<PageKey> = HashSet::new();
+        let mut seen = KeySet::default();
         for p in pieces {
             let slot = self.pages.get(&p.key).copied().unwrap_or_default();
             let ok = if write {
@@ -378,39 +385,84 @@ impl ScopeState {
         }
     }
 
-    /// Slices for fetched pieces, merging neighbours that are contiguous in host memory, and
-    /// marking written bounce bytes dirty.
-    fn slices_for<'a>(&mut self, pieces: &[Piece]) -> Vec<VolatileSlice<'a>> {
-        let mut runs: Vec<(NonNull<u8>, usize)> = Vec::new();
+    /// Whether `p` can be served from what the scope already holds, without a device call.
+    fn ready(&self, p: &Piece) -> bool {
+        match self.pages.get(&p.key) {
+            Some(PageSlot {
+                bounce: Some(b), ..
+            }) => b.valid.hull(p.span) == b.valid && (!p.write || b.writable == Some(true)),
+            Some(s) if p.write => s.rw.is_some(),
+            Some(s) => s.is_mapped(),
+            None => false,
+        }
+    }
+
+    /// Slices for fetched pieces, appended to `out`, marking written bounce bytes dirty.
+    /// Neighbouring pages are merged only inside one mapping (never across allocations).
+    fn slices_for<'a>(
+        &mut self,
+        pieces: &[Piece],
+        out: &mut Vec<Result<VolatileSlice<'a>, GuestMemoryError>>,
+    ) -> Result<(), RequestError> {
+        let mut run: Option<(NonNull<u8>, usize, Option<usize>)> = None; // (start, len, map)
         for p in pieces {
-            let Some(slot) = self.pages.get_mut(&p.key) else {
-                continue;
-            };
-            let page = match (&mut slot.bounce, p.write) {
-                (Some(b), w) => {
-                    if w {
+            let slot = self.pages.get_mut(&p.key);
+            let (page, map) = match slot {
+                Some(PageSlot {
+                    bounce: Some(b), ..
+                }) => {
+                    if p.write {
                         b.dirty = b.dirty.hull(p.span);
                     }
-                    Some(b.buf)
+                    (Some(b.buf), None)
                 }
-                (None, true) => slot.rw,
-                (None, false) => slot.rw.or(slot.ro),
+                Some(s) if p.write => (s.rw, None),
+                Some(s) => (s.rw.or(s.ro), None),
+                None => (None, None),
             };
-            let Some(page) = page else { continue };
-            // SAFETY: `span.lo < 4096`, inside the page's 4 KiB.
-            let ptr = unsafe { page.add(usize::from(p.span.lo)) };
+            // A fetch that succeeded left every piece served; anything else is our bug, which
+            // must become an error, not a short read.
+            let page = page.ok_or(RequestError::NotFetched { gpa: p.gpa })?;
+            let map = map.or_else(|| self.map_of(page));
+            let ptr = in_page(page, p.span);
             let len = usize::from(p.span.hi - p.span.lo);
-            match runs.last_mut() {
-                Some((start, n)) if start.as_ptr().wrapping_add(*n) == ptr.as_ptr() => *n += len,
-                _ => runs.push((ptr, len)),
+            match &mut run {
+                Some((start, n, m))
+                    if m.is_some() && *m == map && start.as_ptr().wrapping_add(*n) == ptr =>
+                {
+                    *n += len
+                }
+                _ => {
+                    if let Some((start, n, _)) = run.take() {
+                        out.push(Ok(slice(start, n)));
+                    }
+                    // In bounds: `in_page` stays inside the page.
+                    let start = NonNull::new(ptr).unwrap_or(page);
+                    run = Some((start, len, map));
+                }
             }
         }
-        runs.into_iter()
-            // SAFETY: each run lies in bounce memory or mappings owned by the scope, which
-            // outlive `'a` (the caller ties `'a` to a borrow of the scope; see module docs).
-            .map(|(ptr, len)| unsafe { VolatileSlice::new(ptr.as_ptr(), len) })
-            .collect()
+        if let Some((start, n, _)) = run {
+            out.push(Ok(slice(start, n)));
+        }
+        Ok(())
     }
+
+    /// Index of the scope's mapping holding `page`, if it is a mapped page.
+    fn map_of(&self, page: NonNull<u8>) -> Option<usize> {
+        let a = page.as_ptr() as usize;
+        self.maps.iter().position(|m| {
+            let base = m.base.as_ptr() as usize;
+            a >= base && a < base + m.pages * PAGE
+        })
+    }
+}
+
+/// A slice of `len` bytes at `start`, inside bounce memory or a mapping the scope owns.
+fn slice<'a>(start: NonNull<u8>, len: usize) -> VolatileSlice<'a> {
+    // SAFETY: `start..start+len` lies in one bounce page or one mapping owned by the scope,
+    // which outlives `'a` (the caller ties `'a` to a borrow of the scope; see module docs).
+    unsafe { VolatileSlice::new(start.as_ptr(), len) }
 }
 
 /// A segment for bytes `part` of grant page `key`, to or from `local`.

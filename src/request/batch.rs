@@ -8,6 +8,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion, Permissions};
 
 use super::access::{pieces, Piece};
+use super::pages::KeySet;
 use super::{RequestError, RequestMemory};
 
 impl RequestMemory<'_> {
@@ -85,7 +86,7 @@ impl RequestMemory<'_> {
         st.fetch_by_copy(&dev, &copy, false)?;
         // A page both read and written in the batch is mapped once, writable.
         let (rw, ro): (Vec<Piece>, Vec<Piece>) = map.iter().partition(|p| p.write);
-        let written: std::collections::HashSet<_> = rw.iter().map(|p| p.key).collect();
+        let written: KeySet = rw.iter().map(|p| p.key).collect();
         let ro: Vec<Piece> = ro
             .into_iter()
             .filter(|p| !written.contains(&p.key))

@@ -56,6 +56,13 @@ pub enum RequestError {
         /// The address accessed.
         gpa: u64,
     },
+    /// A page was not fetched although its fetch reported success (a bug in this crate,
+    /// reported rather than served short).
+    #[error("gpa {gpa:#x}: page not fetched")]
+    NotFetched {
+        /// The address accessed.
+        gpa: u64,
+    },
     /// A whole device call failed.
     #[error(transparent)]
     Device(#[from] DeviceError),

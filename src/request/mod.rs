@@ -27,7 +27,6 @@ mod error;
 mod pages;
 
 use std::cell::RefCell;
-use std::collections::HashMap;
 use std::iter::FusedIterator;
 
 use vm_memory::bitmap::BS;
@@ -38,7 +37,7 @@ use vm_memory::{
 };
 
 pub use error::RequestError;
-use pages::{BouncePage, LiveMap, PageKey, PageSlot};
+use pages::{BouncePage, KeyMap, LiveMap, PageSlot};
 
 use crate::device::{CopyDirection, CopySegment, CounterSnapshot, XenDev, GNTST_OKAY};
 use crate::table::RegionTable;
@@ -87,7 +86,7 @@ impl Strategy {
 #[derive(Debug, Default)]
 struct ScopeState {
     dev: Option<XenDev>,
-    pages: HashMap<PageKey, PageSlot>,
+    pages: KeyMap<PageSlot>,
     bounce_pages: Vec<BouncePage>,
     maps: Vec<LiveMap>,
 }
@@ -214,18 +213,15 @@ impl<'t> RequestMemory<'t> {
             let n = (region.len() - off).min(left);
             let r = match region.on_demand_domid() {
                 Some(domid) => self
-                    .on_demand(region, domid, cur, n as usize, access)
+                    .on_demand(region, domid, cur, n as usize, access, &mut out)
                     .map_err(RequestError::into_guest_memory_error),
                 None => region
                     .get_slice(MemoryRegionAddress(off), n as usize)
-                    .map(|s| vec![s]),
+                    .map(|s| out.push(Ok(s))),
             };
-            match r {
-                Ok(v) => out.extend(v.into_iter().map(Ok)),
-                Err(e) => {
-                    out.push(Err(e));
-                    break;
-                }
+            if let Err(e) = r {
+                out.push(Err(e));
+                break;
             }
             left -= n;
             if left > 0 {

@@ -11,6 +11,54 @@ pub(crate) const PAGE: usize = XEN_PAGE_SIZE as usize;
 /// A grant page: `(granting domain, ref)`.
 pub(crate) type PageKey = (u16, u32);
 
+/// Hash maps keyed by grant page. SipHash was a third of the grant-copy path's instructions;
+/// this hasher is a murmur3 finaliser over the key, seeded once per process so that a guest
+/// choosing refs cannot predict collisions.
+pub(crate) type KeyMap<V> = std::collections::HashMap<PageKey, V, BuildKeyHasher>;
+/// Sets of grant pages; see [`KeyMap`].
+pub(crate) type KeySet = std::collections::HashSet<PageKey, BuildKeyHasher>;
+
+/// Builds [`KeyHasher`]s with the process's seed.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct BuildKeyHasher;
+
+impl std::hash::BuildHasher for BuildKeyHasher {
+    type Hasher = KeyHasher;
+    fn build_hasher(&self) -> KeyHasher {
+        static SEED: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+        let seed = *SEED
+            .get_or_init(|| std::collections::hash_map::RandomState::new().hash_one(0x5eed_u64));
+        KeyHasher(seed)
+    }
+}
+
+/// See [`KeyMap`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KeyHasher(u64);
+
+impl std::hash::Hasher for KeyHasher {
+    fn finish(&self) -> u64 {
+        // murmur3's fmix64.
+        let mut h = self.0;
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xff51_afd7_ed55_8ccd);
+        h ^= h >> 33;
+        h = h.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+        h ^ (h >> 33)
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(b);
+        }
+    }
+    fn write_u16(&mut self, n: u16) {
+        self.0 = self.0.rotate_left(16) ^ u64::from(n);
+    }
+    fn write_u32(&mut self, n: u32) {
+        self.0 = self.0.rotate_left(32) ^ u64::from(n);
+    }
+}
+
 /// A half-open byte range inside one page, `lo..hi`; empty when `lo >= hi`.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub(crate) struct Span {

@@ -2,14 +2,20 @@
 //! dom0 granted to itself through gntalloc: one `XVM-JSON` line per (strategy, batch) row.
 //! Syscalls come from the `XenDev` counters (exact); time is wall time under TCG.
 
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use xen_vhost_mem::device::real::RealXen;
+use xen_vhost_mem::device::{CopySegment, DeviceError, GrantRef, Protection, XenDevice};
 
 use xen_vhost_mem::block_workload::{
     BlockBuffers, BlockWorkload, Mode, DRAIN_BATCH, HEADER_LEN, QUEUE_SIZE,
 };
 use xen_vhost_mem::{GrantMapping, RegionTable, XenDev};
 
-use crate::cases::{build_table, grant_region, on_demand_around, open_dev, own_mappings};
+use crate::cases::{build_table, grant_region, on_demand_around, own_mappings};
 use crate::guest::{GuestBuf, RealGuest};
 use crate::Report;
 
@@ -78,6 +84,8 @@ struct Row {
     batch: usize,
     requests: usize,
     ns_per_request: f64,
+    /// Of which inside device calls (kernel + hypervisor).
+    device_ns_per_request: f64,
     syscalls_per_request: f64,
 }
 
@@ -89,8 +97,73 @@ struct Size {
     budget: Duration,
 }
 
+/// The real device with a clock around every call: how much of a request is spent in the
+/// kernel and hypervisor, and how much in our code.
+#[derive(Debug)]
+struct Timed {
+    inner: RealXen,
+    ns: AtomicU64,
+}
+
+impl Timed {
+    fn time<T>(&self, f: impl FnOnce() -> T) -> T {
+        let t = Instant::now();
+        let r = f();
+        self.ns
+            .fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl XenDevice for Timed {
+    fn grant_map_refs(&self, refs: &[GrantRef]) -> Result<u64, DeviceError> {
+        self.time(|| self.inner.grant_map_refs(refs))
+    }
+    fn grant_mmap(
+        &self,
+        index: u64,
+        pages: usize,
+        prot: Protection,
+    ) -> Result<NonNull<u8>, DeviceError> {
+        self.time(|| self.inner.grant_mmap(index, pages, prot))
+    }
+    unsafe fn grant_munmap(&self, addr: NonNull<u8>, pages: usize) -> Result<(), DeviceError> {
+        // SAFETY: forwarded contract.
+        self.time(|| unsafe { self.inner.grant_munmap(addr, pages) })
+    }
+    fn grant_unmap_refs(&self, index: u64, pages: usize) -> Result<(), DeviceError> {
+        self.time(|| self.inner.grant_unmap_refs(index, pages))
+    }
+    unsafe fn grant_copy(&self, segments: &mut [CopySegment]) -> Result<(), DeviceError> {
+        // SAFETY: forwarded contract.
+        self.time(|| unsafe { self.inner.grant_copy(segments) })
+    }
+    unsafe fn foreign_mmap_at(&self, addr: NonNull<u8>, pages: usize) -> Result<(), DeviceError> {
+        // SAFETY: forwarded contract.
+        self.time(|| unsafe { self.inner.foreign_mmap_at(addr, pages) })
+    }
+    unsafe fn foreign_map_batch(
+        &self,
+        domid: u16,
+        addr: NonNull<u8>,
+        gfns: &[u64],
+        errs: &mut [i32],
+    ) -> Result<(), DeviceError> {
+        // SAFETY: forwarded contract.
+        self.time(|| unsafe { self.inner.foreign_map_batch(domid, addr, gfns, errs) })
+    }
+    unsafe fn foreign_munmap(&self, addr: NonNull<u8>, pages: usize) -> Result<(), DeviceError> {
+        // SAFETY: forwarded contract.
+        self.time(|| unsafe { self.inner.foreign_munmap(addr, pages) })
+    }
+}
+
 fn measure(mode: Mode, premapped: bool, batch: usize, size: Size) -> Result<(Row, String), String> {
-    let dev = open_dev()?;
+    let timed = Arc::new(Timed {
+        inner: RealXen::open().map_err(|e| format!("RealXen::open: {e}"))?,
+        ns: AtomicU64::new(0),
+    });
+    let dev = XenDev::new(timed.clone());
     let guest = RealGuest::new()?;
     let label = if premapped { "premapped" } else { mode.label() };
     let r = (|| {
@@ -102,6 +175,7 @@ fn measure(mode: Mode, premapped: bool, batch: usize, size: Size) -> Result<(Row
                 .map_err(|e| format!("warm-up: {e}"))?;
         }
         let before = dev.counters().snapshot();
+        let device_before = timed.ns.load(Ordering::Relaxed);
         let t = Instant::now();
         let mut n = 0;
         while n < size.min || (n < size.max && t.elapsed() < size.budget) {
@@ -109,6 +183,7 @@ fn measure(mode: Mode, premapped: bool, batch: usize, size: Size) -> Result<(Row
             n += batch;
         }
         let ns = t.elapsed().as_nanos() as f64;
+        let device_ns = (timed.ns.load(Ordering::Relaxed) - device_before) as f64;
         let d = dev.counters().snapshot().since(&before);
         let own = own_mappings(&table);
         let live = dev.counters().live_mappings();
@@ -133,6 +208,7 @@ fn measure(mode: Mode, premapped: bool, batch: usize, size: Size) -> Result<(Row
             batch,
             requests: n,
             ns_per_request: ns / n as f64,
+            device_ns_per_request: device_ns / n as f64,
             syscalls_per_request: d.syscalls() as f64 / n as f64,
         })
     })();
@@ -184,13 +260,14 @@ pub fn run_all(report: &mut Report) {
             });
             if let Some(row) = out {
                 println!(
-                    "XVM-JSON {{\"bench\":\"block\",\"impl\":\"ours\",\"strategy\":\"{}\",\"batch\":{},\"requests\":{},\"requests_per_s\":{:.1},\"syscalls_per_request\":{:?},\"ns_per_request\":{:.1}}}",
+                    "XVM-JSON {{\"bench\":\"block\",\"impl\":\"ours\",\"strategy\":\"{}\",\"batch\":{},\"requests\":{},\"requests_per_s\":{:.1},\"syscalls_per_request\":{:?},\"ns_per_request\":{:.1},\"device_ns_per_request\":{:.1}}}",
                     row.label,
                     row.batch,
                     row.requests,
                     1e9 / row.ns_per_request,
                     row.syscalls_per_request,
-                    row.ns_per_request
+                    row.ns_per_request,
+                    row.device_ns_per_request
                 );
                 rows.push(row);
             }
