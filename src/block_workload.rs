@@ -8,7 +8,7 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryError};
 
-use crate::request::{RequestError, RequestMemory, Strategy};
+use crate::request::{RequestError, RequestMemory, Strategy, WritableBuffers};
 use crate::table::RegionTable;
 
 const F_NEXT: u16 = 1;
@@ -31,16 +31,20 @@ pub enum Mode {
     GrantCopy,
     /// The default strategy ([`Strategy::default`]), batched.
     Default,
+    /// Grant copy, batched, with [`WritableBuffers::Overwrite`]: the device declares that it
+    /// overwrites the buffers it writes.
+    Overwrite,
 }
 
 impl Mode {
     /// All modes, in table order.
-    pub const ALL: [Mode; 5] = [
+    pub const ALL: [Mode; 6] = [
         Mode::PerAccess,
         Mode::Request,
         Mode::Batched,
         Mode::GrantCopy,
         Mode::Default,
+        Mode::Overwrite,
     ];
 
     /// The label used in tables and JSON.
@@ -51,6 +55,7 @@ impl Mode {
             Mode::Batched => "batched",
             Mode::GrantCopy => "grant-copy",
             Mode::Default => "default",
+            Mode::Overwrite => "overwrite",
         }
     }
 }
@@ -208,13 +213,18 @@ impl<'t> BlockWorkload<'t> {
                     mem.finish()?;
                 }
             }
-            Mode::Batched | Mode::GrantCopy | Mode::Default => {
+            Mode::Batched | Mode::GrantCopy | Mode::Default | Mode::Overwrite => {
                 let strategy = match mode {
                     Mode::Batched => Strategy::Map,
-                    Mode::GrantCopy => Strategy::GrantCopy,
+                    Mode::GrantCopy | Mode::Overwrite => Strategy::GrantCopy,
                     _ => Strategy::default(),
                 };
-                let mem = RequestMemory::with_strategy(table, strategy);
+                let writable = if mode == Mode::Overwrite {
+                    WritableBuffers::Overwrite
+                } else {
+                    WritableBuffers::CopyIn
+                };
+                let mem = RequestMemory::with_strategy(table, strategy).writable_buffers(writable);
                 mem.prefetch_chains(&chains)?;
                 for c in chains {
                     serve(&mem, c)?;

@@ -19,6 +19,6 @@ pub mod xen_page;
 pub use descriptor::{DescriptorError, GrantMapping, RegionDescriptor, RegionKind, WireRegion};
 pub use device::{emulated::EmulatedXen, XenDev, XenDevice};
 pub use region::XenRegion;
-pub use request::{RequestError, RequestMemory, Strategy};
+pub use request::{RequestError, RequestMemory, Strategy, WritableBuffers};
 pub use table::RegionTable;
 pub use xen_flags::XenMmapFlags;

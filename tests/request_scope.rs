@@ -8,7 +8,9 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 use xen_vhost_mem::guest_sim::{GuestBuffer, GuestSim};
-use xen_vhost_mem::{RegionTable, RequestError, RequestMemory, Strategy, XenRegion};
+use xen_vhost_mem::{
+    RegionTable, RequestError, RequestMemory, Strategy, WritableBuffers, XenRegion,
+};
 
 const WRITE: u16 = 2; // VRING_DESC_F_WRITE
 const STRATEGIES: [Strategy; 3] = [
@@ -443,4 +445,100 @@ fn a_guest_cannot_make_a_scope_hold_unbounded_pages() {
         assert_eq!(s.sim.read(&buf, 0, 8).unwrap(), vec![1; 8]);
         assert_no_live_mappings(&s);
     }
+}
+
+/// Grant-copy segments for one prefetched block request: with `CopyIn`, 3 copy-ins (header,
+/// data, status), 2 one-byte write probes and 2 copy-backs; with `Overwrite`, the header
+/// copy-in and the 2 copy-backs only. Same bytes in the guest either way.
+#[test]
+fn overwrite_mode_needs_three_segments_instead_of_seven() {
+    for (mode, segments) in [
+        (WritableBuffers::CopyIn, 7),
+        (WritableBuffers::Overwrite, 3),
+    ] {
+        let s = setup();
+        let q = MockSplitQueue::create(&s.table, GuestAddress(s.ring.gpa(0)), 16);
+        let b = block_request(&s);
+        let chain = block_chain(&q, &b);
+        let before = s.sim.dev.counters().snapshot();
+        let mem =
+            RequestMemory::with_strategy(&s.table, Strategy::GrantCopy).writable_buffers(mode);
+        mem.prefetch_chains(std::slice::from_ref(&chain)).unwrap();
+        assert_eq!(&serve(&mem, chain), b"HEADER-012345678");
+        mem.finish().unwrap();
+        let d = s.sim.dev.counters().snapshot().since(&before);
+        assert_eq!(
+            (d.syscalls(), d.copy_segments),
+            (2, segments),
+            "{mode:?}: {d:?}"
+        );
+        check_completed(&s, &b);
+        assert_no_live_mappings(&s);
+    }
+}
+
+/// `Overwrite` zero-fills what the device is to write: a bounce page reused from an earlier
+/// request never shows that request's bytes, and bytes between two writes that the device
+/// never asked for are still copied in and go back unchanged.
+#[test]
+fn overwrite_mode_never_shows_stale_bytes_and_keeps_unasked_bytes() {
+    let s = setup();
+    let first = s.sim.grant(1, false).unwrap();
+    let mem = RequestMemory::with_strategy(&s.table, Strategy::GrantCopy);
+    mem.write_slice(&[0xaa; 4096], GuestAddress(first.gpa(0)))
+        .unwrap();
+    mem.finish().unwrap();
+    let second = s.sim.grant(1, false).unwrap();
+    s.sim.write(&second, 0, &[0x77; 4096]).unwrap();
+    let mem = RequestMemory::with_strategy(&s.table, Strategy::GrantCopy)
+        .writable_buffers(WritableBuffers::Overwrite);
+    // What the device sees in a buffer it is about to write: zeros, not 0xaa, not 0x77.
+    let slices: Vec<_> = mem
+        .get_slices(GuestAddress(second.gpa(100)), 16, Permissions::Write)
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut seen = [0xffu8; 16];
+    slices[0].copy_to(&mut seen[..]);
+    assert_eq!(seen, [0; 16]);
+    slices[0].copy_from(&[1u8; 16]);
+    mem.write_slice(&[2; 16], GuestAddress(second.gpa(300)))
+        .unwrap();
+    mem.finish().unwrap();
+    let got = s.sim.read(&second, 0, 4096).unwrap();
+    assert_eq!(&got[100..116], &[1; 16]);
+    assert_eq!(&got[300..316], &[2; 16]);
+    assert_eq!(
+        &got[116..300],
+        &[0x77; 184][..],
+        "bytes between the writes are unchanged"
+    );
+    assert_eq!(got[0], 0x77);
+    assert_no_live_mappings(&s);
+}
+
+/// With `Overwrite` there is no probe: a read-only grant the device wrote is reported by
+/// `finish`, naming the ref and Xen's status, and the guest's bytes are untouched.
+#[test]
+fn overwrite_mode_reports_a_read_only_grant_at_finish() {
+    let s = setup();
+    let ro = s.sim.grant(1, true).unwrap();
+    s.sim.write(&ro, 0, &[5; 32]).unwrap();
+    let mem = RequestMemory::with_strategy(&s.table, Strategy::GrantCopy)
+        .writable_buffers(WritableBuffers::Overwrite);
+    mem.write_slice(&[6; 32], GuestAddress(ro.gpa(0))).unwrap();
+    match mem.finish() {
+        Err(RequestError::CopyBack {
+            failed,
+            gref,
+            status,
+        }) => assert_eq!(
+            (failed, gref, status),
+            (1, ro.first_ref, xen_vhost_mem::device::GNTST_GENERAL_ERROR)
+        ),
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(s.sim.read(&ro, 0, 32).unwrap(), vec![5; 32]);
+    s.sim.end_access(&ro).unwrap();
+    assert_no_live_mappings(&s);
 }

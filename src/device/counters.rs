@@ -9,6 +9,7 @@ pub struct Counters {
     mmaps: AtomicU64,
     munmaps: AtomicU64,
     grant_copies: AtomicU64,
+    copy_segments: AtomicU64,
     pages_mapped: AtomicU64,
     errors: AtomicU64,
     live_mappings: AtomicI64,
@@ -25,6 +26,8 @@ pub struct CounterSnapshot {
     pub munmaps: u64,
     /// Grant-copy ioctls (also counted in `ioctls`).
     pub grant_copies: u64,
+    /// Segments in those ioctls (each costs the hypervisor a page lookup and a copy).
+    pub copy_segments: u64,
     /// Xen pages mapped by successful mmaps.
     pub pages_mapped: u64,
     /// Failed calls.
@@ -46,6 +49,7 @@ impl CounterSnapshot {
             mmaps: self.mmaps - earlier.mmaps,
             munmaps: self.munmaps - earlier.munmaps,
             grant_copies: self.grant_copies - earlier.grant_copies,
+            copy_segments: self.copy_segments - earlier.copy_segments,
             pages_mapped: self.pages_mapped - earlier.pages_mapped,
             errors: self.errors - earlier.errors,
             live_mappings: self.live_mappings - earlier.live_mappings,
@@ -61,6 +65,7 @@ impl Counters {
             mmaps: self.mmaps.load(Relaxed),
             munmaps: self.munmaps.load(Relaxed),
             grant_copies: self.grant_copies.load(Relaxed),
+            copy_segments: self.copy_segments.load(Relaxed),
             pages_mapped: self.pages_mapped.load(Relaxed),
             errors: self.errors.load(Relaxed),
             live_mappings: self.live_mappings.load(Relaxed),
@@ -81,9 +86,10 @@ impl Counters {
     pub(crate) fn add_munmap(&self) {
         self.munmaps.fetch_add(1, Relaxed);
     }
-    pub(crate) fn add_grant_copy(&self) {
+    pub(crate) fn add_grant_copy(&self, segments: usize) {
         self.ioctls.fetch_add(1, Relaxed);
         self.grant_copies.fetch_add(1, Relaxed);
+        self.copy_segments.fetch_add(segments as u64, Relaxed);
     }
     pub(crate) fn add_error(&self) {
         self.errors.fetch_add(1, Relaxed);

@@ -269,7 +269,7 @@ impl XenDev {
     /// # Safety
     /// As for [`XenDevice::grant_copy`].
     pub unsafe fn grant_copy(&self, segments: &mut [CopySegment]) -> Result<(), DeviceError> {
-        self.counters.add_grant_copy();
+        self.counters.add_grant_copy(segments.len());
         // SAFETY: forwarded contract.
         self.count(unsafe { self.dev.grant_copy(segments) })
     }

@@ -5,7 +5,7 @@ use std::ptr::NonNull;
 use vm_memory::{GuestMemoryError, Permissions, VolatileSlice};
 
 use super::pages::{Bounce, BouncePage, KeyMap, KeySet, LiveMap, PageKey, PageSlot, Span, PAGE};
-use super::{RequestError, RequestMemory, ScopeState, MAX_SCOPE_PAGES};
+use super::{RequestError, RequestMemory, ScopeState, WritableBuffers, MAX_SCOPE_PAGES};
 use crate::device::{
     CopyDirection, CopySegment, GrantRef, Protection, XenDev, GNTST_BAD_GNTREF, GNTST_OKAY,
 };
@@ -149,6 +149,7 @@ impl ScopeState {
         let mut fresh: KeyMap<u16> =
             KeyMap::with_capacity_and_hasher(pieces.len(), Default::default());
         let mut probes: Vec<usize> = Vec::new();
+        let overwrite = self.writable == WritableBuffers::Overwrite;
         for (i, p) in pieces.iter().enumerate() {
             let Some(b) = self.bounce(p.key) else {
                 continue;
@@ -156,15 +157,32 @@ impl ScopeState {
             let have = planned.get(&p.key).map_or(b.valid, |(s, _)| *s);
             let need = have.hull(p.span);
             for part in need.minus(have) {
-                if !part.is_empty() {
-                    let local = in_page(b.buf, part);
-                    segs.push(seg(p.key, part, local, CopyDirection::FromGuest));
-                    owners.push(i);
-                    fresh.entry(p.key).or_insert(part.lo);
+                // With `Overwrite`, bytes the device asked to write start zeroed (never a
+                // previous request's bytes); everything else is copied in.
+                let zeroed = if overwrite && p.write {
+                    part.intersect(p.span)
+                } else {
+                    Span::default()
+                };
+                if !zeroed.is_empty() {
+                    // SAFETY: `zeroed` lies in the page's bounce memory, outside `valid`, so no
+                    // slice covers it.
+                    unsafe {
+                        std::ptr::write_bytes(in_page(b.buf, zeroed), 0, zeroed.len());
+                    }
+                }
+                for copy in part.minus(zeroed) {
+                    if !copy.is_empty() {
+                        let local = in_page(b.buf, copy);
+                        segs.push(seg(p.key, copy, local, CopyDirection::FromGuest));
+                        owners.push(i);
+                        fresh.entry(p.key).or_insert(copy.lo);
+                    }
                 }
             }
             let first_plan = planned.insert(p.key, (need, b.buf)).is_none();
             if p.write
+                && !overwrite
                 && b.writable.is_none()
                 && (first_plan || !probes.iter().any(|&j| pieces[j].key == p.key))
             {

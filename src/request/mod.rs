@@ -83,9 +83,26 @@ impl Strategy {
     }
 }
 
+/// What the device may assume about buffers it writes (device-writable descriptors).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum WritableBuffers {
+    /// Bytes are copied in from the guest before the device sees them, so bytes the device
+    /// does not write go back unchanged; a read-only grant is refused at the access
+    /// ([`RequestError::ReadOnlyGrant`]), found by a one-byte write-back in the same call.
+    #[default]
+    CopyIn,
+    /// The device overwrites every byte it asks to write (virtio lets a driver rely only on
+    /// the bytes the used length counts): those bytes start zeroed, are not copied in and
+    /// not probed. Three grant-copy segments for a block request instead of seven. A
+    /// read-only grant is then reported by [`RequestMemory::finish`]
+    /// ([`RequestError::CopyBack`]) instead of at the access.
+    Overwrite,
+}
+
 #[derive(Debug, Default)]
 struct ScopeState {
     dev: Option<XenDev>,
+    writable: WritableBuffers,
     pages: KeyMap<PageSlot>,
     bounce_pages: Vec<BouncePage>,
     maps: Vec<LiveMap>,
@@ -112,6 +129,13 @@ impl<'t> RequestMemory<'t> {
             strategy,
             state: RefCell::new(ScopeState::default()),
         }
+    }
+
+    /// Sets what the device may assume about buffers it writes (default
+    /// [`WritableBuffers::CopyIn`]).
+    pub fn writable_buffers(self, w: WritableBuffers) -> Self {
+        self.state.borrow_mut().writable = w;
+        self
     }
 
     /// The table this scope reads through.
@@ -145,7 +169,7 @@ impl<'t> RequestMemory<'t> {
         let mut segs: Vec<CopySegment> = Vec::new();
         for (&(domid, gref), slot) in &st.pages {
             if let Some(b) = slot.bounce {
-                if !b.dirty.is_empty() && b.writable == Some(true) {
+                if !b.dirty.is_empty() && b.writable != Some(false) {
                     segs.push(CopySegment {
                         grant: crate::device::GrantRef { domid, gref },
                         offset: b.dirty.lo,

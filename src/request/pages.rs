@@ -77,6 +77,9 @@ impl Span {
     pub fn is_empty(self) -> bool {
         self.lo >= self.hi
     }
+    pub fn len(self) -> usize {
+        usize::from(self.hi.saturating_sub(self.lo))
+    }
     /// Smallest span covering both.
     pub fn hull(self, other: Span) -> Span {
         if self.is_empty() {
@@ -88,6 +91,13 @@ impl Span {
         Span {
             lo: self.lo.min(other.lo),
             hi: self.hi.max(other.hi),
+        }
+    }
+    /// The bytes in both.
+    pub fn intersect(self, other: Span) -> Span {
+        Span {
+            lo: self.lo.max(other.lo),
+            hi: self.hi.min(other.hi),
         }
     }
     /// The parts of `self` not covered by `have` (at most two).
@@ -230,5 +240,7 @@ mod tests {
             [Span::new(0, 10), Span::new(20, 40)]
         );
         assert!(Span::new(12, 18).minus(a).iter().all(|s| s.is_empty()));
+        assert_eq!(a.intersect(Span::new(15, 40)), Span::new(15, 20));
+        assert!(a.intersect(Span::new(30, 40)).is_empty());
     }
 }
