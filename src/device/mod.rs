@@ -211,6 +211,11 @@ impl XenDev {
         }
     }
 
+    /// True when both handles go to the same device.
+    pub fn same_device(&self, other: &XenDev) -> bool {
+        Arc::ptr_eq(&self.counters, &other.counters)
+    }
+
     /// The counters of calls made through this handle and its clones.
     pub fn counters(&self) -> &Counters {
         &self.counters

@@ -112,17 +112,17 @@ impl ScopeState {
 
     /// The device of the first on-demand region touched (all regions share one).
     pub(super) fn device(&mut self, region: &XenRegion) -> Result<XenDev, RequestError> {
-        if let Some(d) = &self.dev {
-            return Ok(d.clone());
+        let gpa = region.descriptor().guest_phys_addr;
+        let d = region.device().ok_or(RequestError::NoDevice { gpa })?;
+        match &self.dev {
+            Some(cached) if cached.same_device(d) => Ok(cached.clone()),
+            // One scope releases everything through one device.
+            Some(_) => Err(RequestError::NoDevice { gpa }),
+            None => {
+                self.dev = Some(d.clone());
+                Ok(d.clone())
+            }
         }
-        let d = region
-            .device()
-            .cloned()
-            .ok_or(RequestError::RefOutOfRange {
-                gpa: region.descriptor().guest_phys_addr,
-            })?;
-        self.dev = Some(d.clone());
-        Ok(d)
     }
 
     /// Makes every piece's bytes valid in a bounce buffer with one grant-copy ioctl; probes
@@ -389,8 +389,11 @@ impl ScopeState {
         prot: Protection,
         e: crate::device::DeviceError,
     ) -> RequestError {
+        // gntdev refuses a writable map of a read-only grant with EINVAL; other errnos
+        // (ENOMEM, limits) say nothing about the grant.
         let is_mapped_ro = self.pages.get(&p.key).is_some_and(|s| s.ro.is_some());
         if prot == Protection::ReadWrite
+            && e.errno() == Some(libc::EINVAL)
             && (is_mapped_ro || self.map_pages(dev, &[p.key], Protection::ReadOnly).is_ok())
         {
             return read_only(p);

@@ -63,6 +63,12 @@ pub enum RequestError {
         /// The address accessed.
         gpa: u64,
     },
+    /// The on-demand region has no Xen device, or not the one this scope already uses.
+    #[error("on-demand region at gpa {gpa:#x} has no device this scope can use")]
+    NoDevice {
+        /// The region's gpa.
+        gpa: u64,
+    },
     /// A whole device call failed.
     #[error(transparent)]
     Device(#[from] DeviceError),

@@ -204,9 +204,10 @@ impl<'t> RequestMemory<'t> {
         if let Some(dev) = st.dev.as_ref() {
             for m in st.maps.drain(..) {
                 // SAFETY: `m` is a whole mapping this scope made; no slice into it is alive.
-                let r = unsafe { dev.grant_munmap(m.base, m.pages) }
-                    .and_then(|()| dev.grant_unmap_refs(m.index, m.pages));
-                if let (Err(e), None) = (r, &first_err) {
+                let unmapped = unsafe { dev.grant_munmap(m.base, m.pages) };
+                // Unregister the map even if munmap failed, as `HostMapping` does.
+                let unregistered = dev.grant_unmap_refs(m.index, m.pages);
+                if let (Err(e), None) = (unmapped.and(unregistered), &first_err) {
                     first_err = Some(RequestError::Device(e));
                 }
             }

@@ -92,6 +92,7 @@ fn main() {
     foreign::run_all(&mut report);
     if !no_bench {
         bench::run_all(&mut report);
+        bench::device_share(&mut report);
         bench::grant_copy_cost(&mut report);
     }
     eprintln!(
