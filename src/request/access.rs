@@ -2,10 +2,10 @@
 
 use std::ptr::NonNull;
 
-use vm_memory::{GuestMemoryError, Permissions, VolatileSlice};
+use vm_memory::{Permissions, VolatileSlice};
 
 use super::pages::{Bounce, BouncePage, KeyMap, KeySet, LiveMap, PageKey, PageSlot, Span, PAGE};
-use super::{RequestError, RequestMemory, ScopeState, WritableBuffers, MAX_SCOPE_PAGES};
+use super::{RequestError, RequestMemory, ScopeState, SliceBuf, WritableBuffers, MAX_SCOPE_PAGES};
 use crate::device::{
     CopyDirection, CopySegment, GrantRef, Protection, XenDev, GNTST_BAD_GNTREF, GNTST_OKAY,
 };
@@ -59,13 +59,32 @@ impl RequestMemory<'_> {
         gpa: u64,
         len: usize,
         access: Permissions,
-        out: &mut Vec<Result<VolatileSlice<'a>, GuestMemoryError>>,
+        out: &mut SliceBuf<'a>,
     ) -> Result<(), RequestError> {
         let write = access.has_write();
         let mut st = self.state.borrow_mut();
         st.check_room(gpa, len, 0)?;
-        let mut ps = Vec::new();
-        pieces(domid, gpa, len, write, &mut ps)?;
+        // The piece list is reused from call to call: most accesses allocate nothing.
+        let mut ps = std::mem::take(&mut st.piece_buf);
+        ps.clear();
+        let r = self.serve(&mut st, region, domid, gpa, len, write, &mut ps, out);
+        st.piece_buf = ps;
+        r
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn serve<'a>(
+        &'a self,
+        st: &mut ScopeState,
+        region: &XenRegion,
+        domid: u16,
+        gpa: u64,
+        len: usize,
+        write: bool,
+        ps: &mut Vec<Piece>,
+        out: &mut SliceBuf<'a>,
+    ) -> Result<(), RequestError> {
+        pieces(domid, gpa, len, write, ps)?;
         // Prefetched pages are served without a device call or any bookkeeping.
         if !ps.iter().all(|p| st.ready(p)) {
             let dev = st.device(region)?;
@@ -84,7 +103,7 @@ impl RequestMemory<'_> {
             }
             r?;
         }
-        st.slices_for(&ps, out)
+        st.slices_for(ps, out)
     }
 }
 
@@ -423,7 +442,7 @@ impl ScopeState {
     fn slices_for<'a>(
         &mut self,
         pieces: &[Piece],
-        out: &mut Vec<Result<VolatileSlice<'a>, GuestMemoryError>>,
+        out: &mut SliceBuf<'a>,
     ) -> Result<(), RequestError> {
         let mut run: Option<(NonNull<u8>, usize, Option<usize>)> = None; // (start, len, map)
         for p in pieces {

@@ -44,6 +44,7 @@ impl RequestMemory<'_> {
         let mut copy: Vec<Piece> = Vec::new();
         let mut map: Vec<Piece> = Vec::new();
         let mut dev = None;
+        let mut ps = Vec::new();
         let mut st = self.state.borrow_mut();
         for &(addr, len, access) in buffers {
             let Some(region) = self.table.find_region(addr) else {
@@ -60,7 +61,7 @@ impl RequestMemory<'_> {
             if st.check_room(addr.0, n, copy.len() + map.len()).is_err() {
                 continue;
             }
-            let mut ps = Vec::new();
+            ps.clear();
             if pieces(domid, addr.0, n, access.has_write(), &mut ps).is_err() {
                 continue;
             }
@@ -68,7 +69,7 @@ impl RequestMemory<'_> {
                 dev = st.device(region).ok();
             }
             let copies = self.strategy.copies(len);
-            for p in ps {
+            for &p in &ps {
                 let slot = st.pages.get(&p.key);
                 let by_copy = match slot {
                     Some(s) if s.bounce.is_some() => true,

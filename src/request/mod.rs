@@ -105,6 +105,8 @@ struct ScopeState {
     writable: WritableBuffers,
     pages: KeyMap<PageSlot>,
     bounce_pages: Vec<BouncePage>,
+    /// Scratch list of pieces, reused by every access of the scope.
+    piece_buf: Vec<access::Piece>,
     maps: Vec<LiveMap>,
 }
 
@@ -218,13 +220,8 @@ impl<'t> RequestMemory<'t> {
     }
 
     /// Resolves `[addr, addr + count)` into slices, fetching on-demand pages as needed.
-    fn slices(
-        &self,
-        addr: GuestAddress,
-        count: usize,
-        access: Permissions,
-    ) -> Vec<Result<VolatileSlice<'_>, GuestMemoryError>> {
-        let mut out = Vec::new();
+    fn slices(&self, addr: GuestAddress, count: usize, access: Permissions) -> SliceBuf<'_> {
+        let mut out = SliceBuf::Empty;
         let mut cur = addr.0;
         let mut left = count as u64;
         while left > 0 {
@@ -270,13 +267,46 @@ impl Drop for RequestMemory<'_> {
     }
 }
 
-/// The slices of one `get_slices` call.
-pub struct RequestSlices<'a>(std::vec::IntoIter<Result<VolatileSlice<'a>, GuestMemoryError>>);
+type SliceResult<'a> = Result<VolatileSlice<'a>, GuestMemoryError>;
+
+/// The slices of one `get_slices` call; most calls have one, which needs no allocation.
+pub struct RequestSlices<'a>(SliceBuf<'a>);
+
+/// Slices collected for one access.
+pub(crate) enum SliceBuf<'a> {
+    /// None (yet).
+    Empty,
+    /// Exactly one.
+    One(SliceResult<'a>),
+    /// More.
+    Many(std::collections::VecDeque<SliceResult<'a>>),
+}
+
+impl<'a> SliceBuf<'a> {
+    pub(crate) fn push(&mut self, s: SliceResult<'a>) {
+        *self = match std::mem::replace(self, SliceBuf::Empty) {
+            SliceBuf::Empty => SliceBuf::One(s),
+            SliceBuf::One(first) => SliceBuf::Many([first, s].into()),
+            SliceBuf::Many(mut v) => {
+                v.push_back(s);
+                SliceBuf::Many(v)
+            }
+        }
+    }
+}
 
 impl<'a> Iterator for RequestSlices<'a> {
-    type Item = Result<VolatileSlice<'a>, GuestMemoryError>;
+    type Item = SliceResult<'a>;
     fn next(&mut self) -> Option<Self::Item> {
-        self.0.next()
+        match std::mem::replace(&mut self.0, SliceBuf::Empty) {
+            SliceBuf::Empty => None,
+            SliceBuf::One(s) => Some(s),
+            SliceBuf::Many(mut v) => {
+                let s = v.pop_front();
+                self.0 = SliceBuf::Many(v);
+                s
+            }
+        }
     }
 }
 
@@ -300,6 +330,6 @@ impl GuestMemory for RequestMemory<'_> {
         count: usize,
         access: Permissions,
     ) -> vm_memory::guest_memory::Result<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
-        Ok(RequestSlices(self.slices(addr, count, access).into_iter()))
+        Ok(RequestSlices(self.slices(addr, count, access)))
     }
 }
