@@ -382,3 +382,53 @@ pub fn grant_copy_cost(report: &mut Report) {
         Ok(format!("{}; cleanup: {fin}", out.join(", ")))
     });
 }
+
+/// Grant copy against mapping for one on-demand buffer the device writes whole, by size: where
+/// mapping starts to win is `DEFAULT_MAP_THRESHOLD` (the Auto strategy's switch).
+pub fn buffer_sweep(report: &mut Report) {
+    use vm_memory::{Bytes, GuestAddress, Permissions};
+    use xen_vhost_mem::{RequestMemory, Strategy};
+    report.case("bench/buffer-sweep", || {
+        let dev = XenDev::new(Arc::new(
+            RealXen::open().map_err(|e| format!("RealXen::open: {e}"))?,
+        ));
+        let guest = RealGuest::new()?;
+        let r = (|| {
+            let buf = guest.grant(64, false)?;
+            let table = build_table(&dev, on_demand_around(0, 0))?;
+            let mut out = Vec::new();
+            for kib in [4usize, 16, 64, 128, 256] {
+                let data = vec![0x3cu8; kib * 1024];
+                let mut ns = [0f64; 2];
+                for (i, strategy) in [Strategy::GrantCopy, Strategy::Map].into_iter().enumerate() {
+                    let mut best = f64::INFINITY;
+                    for _ in 0..3 {
+                        let rounds = 8;
+                        let t = Instant::now();
+                        for _ in 0..rounds {
+                            let mem = RequestMemory::with_strategy(&table, strategy);
+                            let at = GuestAddress(buf.gpa(0));
+                            mem.prefetch(&[(at, data.len(), Permissions::Write)])
+                                .map_err(|e| e.to_string())?;
+                            mem.write_slice(&data, at).map_err(|e| e.to_string())?;
+                            mem.finish().map_err(|e| e.to_string())?;
+                        }
+                        best = best.min(t.elapsed().as_nanos() as f64 / rounds as f64);
+                    }
+                    ns[i] = best;
+                }
+                println!(
+                    "XVM-JSON {{\"bench\":\"buffer\",\"kib\":{kib},\"grant_copy_ns\":{:.0},\"map_ns\":{:.0}}}",
+                    ns[0], ns[1]
+                );
+                out.push(format!("{kib} KiB: copy {:.0} us, map {:.0} us", ns[0] / 1e3, ns[1] / 1e3));
+            }
+            if dev.counters().live_mappings() != 0 {
+                return Err("mappings left".into());
+            }
+            Ok(out.join("; "))
+        })();
+        let fin = guest.release_all()?;
+        r.map(|s| format!("{s}; cleanup: {fin}"))
+    });
+}

@@ -93,6 +93,7 @@ fn main() {
     if !no_bench {
         bench::run_all(&mut report);
         bench::device_share(&mut report);
+        bench::buffer_sweep(&mut report);
         bench::grant_copy_cost(&mut report);
     }
     eprintln!(
