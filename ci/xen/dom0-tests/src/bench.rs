@@ -394,10 +394,10 @@ pub fn buffer_sweep(report: &mut Report) {
         ));
         let guest = RealGuest::new()?;
         let r = (|| {
-            let buf = guest.grant(64, false)?;
+            let buf = guest.grant(256, false)?;
             let table = build_table(&dev, on_demand_around(0, 0))?;
             let mut out = Vec::new();
-            for kib in [4usize, 16, 64, 128, 256] {
+            for kib in [4usize, 16, 64, 256, 512, 1024] {
                 let data = vec![0x3cu8; kib * 1024];
                 let mut ns = [0f64; 2];
                 for (i, strategy) in [Strategy::GrantCopy, Strategy::Map].into_iter().enumerate() {
