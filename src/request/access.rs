@@ -4,8 +4,10 @@ use std::ptr::NonNull;
 
 use vm_memory::{Permissions, VolatileSlice};
 
-use super::pages::{Bounce, BouncePage, KeyMap, KeySet, LiveMap, PageKey, PageSlot, Span, PAGE};
-use super::{RequestError, RequestMemory, ScopeState, SliceBuf, WritableBuffers, MAX_SCOPE_PAGES};
+use super::pages::{Bounce, BouncePage, KeySet, LiveMap, PageKey, PageSlot, Span, PAGE};
+use super::{
+    RequestError, RequestMemory, ScopeState, Scratch, SliceBuf, WritableBuffers, MAX_SCOPE_PAGES,
+};
 use crate::device::{
     CopyDirection, CopySegment, GrantRef, Protection, XenDev, GNTST_BAD_GNTREF, GNTST_OKAY,
 };
@@ -159,21 +161,34 @@ impl ScopeState {
             return Ok(());
         }
         self.alloc_bounces(pieces)?;
-        // Plan: per page, the bytes to copy in (segments) and the new valid span; probes last.
-        let mut segs: Vec<CopySegment> = Vec::new();
-        let mut owners: Vec<usize> = Vec::new(); // piece index of each segment
-        let mut planned: KeyMap<(Span, NonNull<u8>)> =
-            KeyMap::with_capacity_and_hasher(pieces.len(), Default::default());
-        // Per page, the first byte this call copies in: a fresh value the probe can write back.
-        let mut fresh: KeyMap<u16> =
-            KeyMap::with_capacity_and_hasher(pieces.len(), Default::default());
-        let mut probes: Vec<usize> = Vec::new();
+        // Scratch lists live in the scope and keep their capacity from call to call.
+        let mut t = std::mem::take(&mut self.tmp);
+        let r = self.copy_in(dev, pieces, strict, &mut t);
+        t.clear();
+        self.tmp = t;
+        r
+    }
+
+    fn copy_in(
+        &mut self,
+        dev: &XenDev,
+        pieces: &[Piece],
+        strict: bool,
+        t: &mut Scratch,
+    ) -> Result<(), RequestError> {
         let overwrite = self.writable == WritableBuffers::Overwrite;
+        // Plan: per page, the bytes to copy in (segments) and the new valid span; probes last.
         for (i, p) in pieces.iter().enumerate() {
-            let Some(b) = self.bounce(p.key) else {
+            let Some(b) = self.bounce_mut(p.key) else {
                 continue;
             };
-            let have = planned.get(&p.key).map_or(b.valid, |(s, _)| *s);
+            let have = match b.pending {
+                Some(s) => s,
+                None => {
+                    t.touched.push(p.key);
+                    b.valid
+                }
+            };
             let need = have.hull(p.span);
             for part in need.minus(have) {
                 // With `Overwrite`, bytes the device asked to write start zeroed (never a
@@ -186,82 +201,93 @@ impl ScopeState {
                 if !zeroed.is_empty() {
                     // SAFETY: `zeroed` lies in the page's bounce memory, outside `valid`, so no
                     // slice covers it.
-                    unsafe {
-                        std::ptr::write_bytes(in_page(b.buf, zeroed), 0, zeroed.len());
-                    }
+                    unsafe { std::ptr::write_bytes(in_page(b.buf, zeroed), 0, zeroed.len()) };
                 }
                 for copy in part.minus(zeroed) {
                     if !copy.is_empty() {
-                        let local = in_page(b.buf, copy);
-                        segs.push(seg(p.key, copy, local, CopyDirection::FromGuest));
-                        owners.push(i);
-                        fresh.entry(p.key).or_insert(copy.lo);
+                        t.segs.push(seg(
+                            p.key,
+                            copy,
+                            in_page(b.buf, copy),
+                            CopyDirection::FromGuest,
+                        ));
+                        t.owners.push(i);
+                        b.fresh.get_or_insert(copy.lo);
                     }
                 }
             }
-            let first_plan = planned.insert(p.key, (need, b.buf)).is_none();
-            if p.write
-                && !overwrite
-                && b.writable.is_none()
-                && (first_plan || !probes.iter().any(|&j| pieces[j].key == p.key))
-            {
-                probes.push(i);
+            b.pending = Some(need);
+            if p.write && !overwrite && b.writable.is_none() && !b.probing {
+                b.probing = true;
+                t.probes.push(i);
             }
         }
         // Probe writability by writing back one byte just read, in the same call: the same
         // value, but Xen checks write permission. Pages with nothing new to copy in read their
-        // byte into `scratch` first, so no stale bounce byte ever reaches the guest.
-        let mut scratch = vec![0u8; probes.len()];
-        for (n, &i) in probes.iter().enumerate() {
+        // byte into `bytes` first, so no stale bounce byte ever reaches the guest.
+        t.bytes.resize(t.probes.len(), 0);
+        for n in 0..t.probes.len() {
+            let i = t.probes[n];
             let key = pieces[i].key;
-            let Some(&(span, buf)) = planned.get(&key) else {
-                continue;
-            };
-            match fresh.get(&key) {
-                Some(&lo) => {
+            let Some(b) = self.bounce(key) else { continue };
+            match (b.fresh, b.pending) {
+                (Some(lo), _) => {
                     let byte = Span { lo, hi: lo + 1 };
-                    segs.push(seg(key, byte, in_page(buf, byte), CopyDirection::ToGuest));
+                    t.segs
+                        .push(seg(key, byte, in_page(b.buf, byte), CopyDirection::ToGuest));
                 }
-                None => {
+                (None, Some(span)) => {
                     let byte = Span {
                         lo: span.lo,
                         hi: span.lo + 1,
                     };
-                    let local: *mut u8 = &mut scratch[n];
-                    segs.push(seg(key, byte, local, CopyDirection::FromGuest));
-                    owners.push(i);
-                    segs.push(seg(key, byte, local, CopyDirection::ToGuest));
+                    // In bounds: `bytes` has one byte per probe, and is not resized again
+                    // before the call.
+                    let local = t.bytes.as_mut_ptr().wrapping_add(n);
+                    t.segs.push(seg(key, byte, local, CopyDirection::FromGuest));
+                    t.owners.push(i);
+                    t.segs.push(seg(key, byte, local, CopyDirection::ToGuest));
                 }
+                (None, None) => continue,
             }
-            owners.push(i);
+            t.owners.push(i);
         }
-        if !segs.is_empty() {
+        if !t.segs.is_empty() {
             // SAFETY: every local range lies in bounce memory this scope owns and that no slice
             // covers yet (copy-ins go to bytes outside `valid`; probes only read), or in
-            // `scratch`, alive until after the call.
-            unsafe { dev.grant_copy(&mut segs) }?;
+            // `t.bytes`, alive and unmoved until after the call.
+            unsafe { dev.grant_copy(&mut t.segs) }?;
         }
         // Commit: a page whose copy-in failed keeps its old valid span (or is dropped).
         let mut first_err = None;
-        for (s, &i) in segs.iter().zip(&owners) {
+        for (s, &i) in t.segs.iter().zip(&t.owners) {
             let p = &pieces[i];
+            let Some(b) = self.bounce_mut(p.key) else {
+                continue;
+            };
             if s.direction == CopyDirection::ToGuest {
                 // The probe: the page was readable, so a refused write means a read-only grant
                 // (Xen 4.17 says GNTST_general_error here, not GNTST_permission_denied).
-                if let Some(b) = self.bounce_mut(p.key) {
-                    b.writable = Some(s.status == GNTST_OKAY);
-                }
+                b.writable = Some(s.status == GNTST_OKAY);
             } else if s.status != GNTST_OKAY {
-                planned.remove(&p.key);
-                if self.bounce(p.key).is_some_and(|b| b.valid.is_empty()) {
-                    self.pages.remove(&p.key);
-                }
+                b.failed = true;
                 first_err.get_or_insert_with(|| copy_error(p, s.status));
             }
         }
-        for (key, (span, _)) in planned {
-            if let Some(b) = self.bounce_mut(key) {
-                b.valid = span;
+        for key in &t.touched {
+            let Some(b) = self.bounce_mut(*key) else {
+                continue;
+            };
+            let failed = b.failed;
+            if !failed {
+                b.valid = b.pending.unwrap_or(b.valid);
+            }
+            b.pending = None;
+            b.fresh = None;
+            b.probing = false;
+            b.failed = false;
+            if failed && b.valid.is_empty() {
+                self.pages.remove(key);
             }
         }
         if !strict {
@@ -280,26 +306,17 @@ impl ScopeState {
 
     /// Gives every page of `pieces` without a bounce buffer one.
     fn alloc_bounces(&mut self, pieces: &[Piece]) -> Result<(), RequestError> {
-        let mut new: Vec<PageKey> = Vec::with_capacity(pieces.len());
-        let mut seen = KeySet::with_capacity_and_hasher(pieces.len(), Default::default());
         for p in pieces {
-            if !self.pages.contains_key(&p.key) && seen.insert(p.key) {
-                new.push(p.key);
+            if self.pages.contains_key(&p.key) {
+                continue;
             }
-        }
-        self.pages.reserve(new.len());
-        self.bounce_pages.reserve(new.len());
-        for key in &new {
-            let page = BouncePage::take().ok_or(RequestError::OutOfMemory { pages: new.len() })?;
+            let page = BouncePage::take().ok_or(RequestError::OutOfMemory {
+                pages: pieces.len(),
+            })?;
             self.pages.insert(
-                *key,
+                p.key,
                 PageSlot {
-                    bounce: Some(Bounce {
-                        buf: page.ptr(),
-                        valid: Span::default(),
-                        dirty: Span::default(),
-                        writable: None,
-                    }),
+                    bounce: Some(Bounce::new(page.ptr())),
                     ..PageSlot::default()
                 },
             );

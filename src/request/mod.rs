@@ -101,6 +101,30 @@ pub enum WritableBuffers {
     Overwrite,
 }
 
+/// Lists a fetch fills and empties; kept in the scope so their capacity is reused.
+#[derive(Debug, Default)]
+struct Scratch {
+    segs: Vec<CopySegment>,
+    /// Piece index of each segment.
+    owners: Vec<usize>,
+    /// Pieces whose page gets a writability probe.
+    probes: Vec<usize>,
+    /// Pages with transient fetch state to commit.
+    touched: Vec<pages::PageKey>,
+    /// One byte per probe that reads its byte first.
+    bytes: Vec<u8>,
+}
+
+impl Scratch {
+    fn clear(&mut self) {
+        self.segs.clear();
+        self.owners.clear();
+        self.probes.clear();
+        self.touched.clear();
+        self.bytes.clear();
+    }
+}
+
 #[derive(Debug, Default)]
 struct ScopeState {
     dev: Option<XenDev>,
@@ -110,6 +134,7 @@ struct ScopeState {
     /// Scratch list of pieces, reused by every access of the scope.
     piece_buf: Vec<access::Piece>,
     maps: Vec<LiveMap>,
+    tmp: Scratch,
 }
 
 /// Guest memory for the life of one request or batch. See the module docs.
@@ -131,7 +156,7 @@ impl<'t> RequestMemory<'t> {
         RequestMemory {
             table,
             strategy,
-            state: RefCell::new(ScopeState::default()),
+            state: RefCell::new(ScopeState::fresh()),
         }
     }
 
@@ -170,7 +195,8 @@ impl<'t> RequestMemory<'t> {
     fn release(&mut self) -> Result<(), RequestError> {
         let st = self.state.get_mut();
         let mut first_err = None;
-        let mut segs: Vec<CopySegment> = Vec::new();
+        let mut segs = std::mem::take(&mut st.tmp.segs);
+        segs.clear();
         for (&(domid, gref), slot) in &st.pages {
             if let Some(b) = slot.bounce {
                 if !b.dirty.is_empty() && b.writable != Some(false) {
@@ -191,12 +217,11 @@ impl<'t> RequestMemory<'t> {
             // no slice into it can be alive (we hold `&mut self`).
             match unsafe { dev.grant_copy(&mut segs) } {
                 Ok(()) => {
-                    let failed: Vec<&CopySegment> =
-                        segs.iter().filter(|s| s.status != GNTST_OKAY).collect();
-                    if let Some(f) = failed.first() {
-                        dev.counters().add_errors(failed.len() as u64);
+                    let failed = segs.iter().filter(|s| s.status != GNTST_OKAY).count();
+                    if let Some(f) = segs.iter().find(|s| s.status != GNTST_OKAY) {
+                        dev.counters().add_errors(failed as u64);
                         first_err = Some(RequestError::CopyBack {
-                            failed: failed.len(),
+                            failed,
                             gref: f.grant.gref,
                             status: f.status,
                         });
@@ -216,6 +241,8 @@ impl<'t> RequestMemory<'t> {
                 }
             }
         }
+        segs.clear();
+        st.tmp.segs = segs;
         st.pages.clear();
         st.bounce_pages.clear();
         first_err.map_or(Ok(()), Err)
@@ -266,6 +293,43 @@ impl Drop for RequestMemory<'_> {
     fn drop(&mut self) {
         // Errors here were counted by the device; `finish` is the way to see them.
         let _ = self.release();
+        ScopeState::recycle(std::mem::take(self.state.get_mut()));
+    }
+}
+
+thread_local! {
+    /// Emptied scope states, whose maps and lists keep their capacity for the next scope:
+    /// a daemon opens one scope per request or batch, and allocating them afresh each time
+    /// was a large part of a request's own cost.
+    static STATES: RefCell<Vec<ScopeState>> = const { RefCell::new(Vec::new()) };
+}
+
+impl ScopeState {
+    /// An empty state, reused if this thread has one.
+    fn fresh() -> Self {
+        STATES
+            .try_with(|s| s.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default()
+    }
+
+    /// Empties `st` (released already) and keeps it for the next scope on this thread.
+    fn recycle(mut st: ScopeState) {
+        st.dev = None;
+        st.writable = WritableBuffers::default();
+        st.pages.clear();
+        st.bounce_pages.clear();
+        st.piece_buf.clear();
+        st.maps.clear();
+        st.tmp.clear();
+        let _ = STATES.try_with(|s| {
+            let mut s = s.borrow_mut();
+            // Keep a few ordinary ones; a scope that grew huge gives its memory back.
+            if s.len() < 4 && st.pages.capacity() <= 4096 {
+                s.push(st);
+            }
+        });
     }
 }
 

@@ -129,6 +129,30 @@ pub(crate) struct Bounce {
     pub dirty: Span,
     /// Whether the grant accepts writes: unknown until probed.
     pub writable: Option<bool>,
+    /// During one fetch: the valid span once the planned copy-ins land.
+    pub pending: Option<Span>,
+    /// During one fetch: the first byte this call copies in (fresh for the probe).
+    pub fresh: Option<u16>,
+    /// During one fetch: a writability probe is planned.
+    pub probing: bool,
+    /// During one fetch: a copy-in failed.
+    pub failed: bool,
+}
+
+impl Bounce {
+    /// A bounce page at `buf` with nothing valid yet.
+    pub fn new(buf: NonNull<u8>) -> Self {
+        Bounce {
+            buf,
+            valid: Span::default(),
+            dirty: Span::default(),
+            writable: None,
+            pending: None,
+            fresh: None,
+            probing: false,
+            failed: false,
+        }
+    }
 }
 
 /// What a scope holds of one grant page.
