@@ -79,6 +79,9 @@ fn real_block_guest(
 /// guest's view.
 type BlockGuest = (RegionTable, u64, Vec<BlockBuffers>, Vec<(GuestBuf, usize)>);
 
+/// Rounds per row; the best one counts.
+const ROUNDS: usize = 5;
+
 struct Row {
     label: &'static str,
     batch: usize,
@@ -158,7 +161,7 @@ impl XenDevice for Timed {
     }
 }
 
-/// One row: best of three rounds (the host under QEMU/TCG is noisy; the vm-memory peer is
+/// One row: best of five rounds (the host under QEMU/TCG is noisy; the vm-memory peer is
 /// measured the same way). With `timed`, every device call is clocked too — which adds a
 /// clock read around each call, so timed rows are reported apart from the main table.
 fn measure(
@@ -193,10 +196,12 @@ fn measure(
         let mut n = 0;
         let mut best = f64::INFINITY;
         let mut total_ns = 0.0;
-        for _ in 0..3 {
+        for _ in 0..ROUNDS {
             let t = Instant::now();
             let mut k = 0;
-            while k < size.min / 3 || (k < size.max / 3 && t.elapsed() < size.budget / 3) {
+            while k < size.min / ROUNDS
+                || (k < size.max / ROUNDS && t.elapsed() < size.budget / ROUNDS as u32)
+            {
                 w.run_batch(mode, batch).map_err(|e| format!("run: {e}"))?;
                 k += batch;
             }
@@ -245,14 +250,14 @@ fn measure(
 
 pub fn run_all(report: &mut Report) {
     let slow = Size {
-        min: 192,
-        max: 384,
-        budget: Duration::from_millis(600),
+        min: 320,
+        max: 640,
+        budget: Duration::from_millis(1000),
     };
     let fast = Size {
-        min: 512,
+        min: 640,
         max: 50_000,
-        budget: Duration::from_millis(1200),
+        budget: Duration::from_millis(1500),
     };
     let mut rows: Vec<Row> = Vec::new();
     for batch in [1, 8, DRAIN_BATCH] {

@@ -51,7 +51,7 @@ const F_WRITE: u16 = 2;
 /// Pre-granted requests, published round-robin (as many as the biggest batch).
 const REQUESTS: usize = 64;
 /// Requests measured per bench row (a multiple of every batch).
-const MEASURED: usize = 384;
+const MEASURED: usize = 640;
 const BATCHES: [usize; 3] = [1, 8, 64];
 const IOCTL_GNTDEV_MAP_GRANT_REF: c_ulong = 0x184700;
 
@@ -593,12 +593,12 @@ fn run(rep: &mut Report) -> Res<()> {
     for &batch in &BATCHES {
         let mut wl = BlockWorkload::new(&mem, ring_gpa, &reqs)?;
         wl.run_batch(batch)?; // warm-up
-        // Best of three rounds: the host under QEMU/TCG is noisy, and ours are measured the
-        // same way.
+                              // Best of five rounds: the host under QEMU/TCG is noisy, and ours are measured the
+                              // same way.
         let c0 = Counts::now();
-        let per_round = (MEASURED / 3 / batch).max(1);
+        let per_round = (MEASURED / 5 / batch).max(1);
         let mut best = f64::INFINITY;
-        for _ in 0..3 {
+        for _ in 0..5 {
             let t0 = Instant::now();
             for _ in 0..per_round {
                 wl.run_batch(batch)?;
@@ -606,7 +606,7 @@ fn run(rep: &mut Report) -> Res<()> {
             best = best.min(t0.elapsed().as_secs_f64() / (per_round * batch) as f64);
         }
         let c = c0.since();
-        let n = 3 * per_round * batch;
+        let n = 5 * per_round * batch;
         let secs = best * n as f64;
         let spr = c.total() as f64 / n as f64;
         println!(
