@@ -233,8 +233,12 @@ impl ScopeState {
             match (b.fresh, b.pending) {
                 (Some(lo), _) => {
                     let byte = Span { lo, hi: lo + 1 };
-                    t.segs
-                        .push(seg(key, byte, in_page(b.buf, byte), CopyDirection::ToGuest));
+                    let local = in_page(b.buf, byte);
+                    // The copy-in before it fills this byte; should it fail while the write
+                    // succeeds, the guest gets a zero, never a byte of an earlier request.
+                    // SAFETY: the byte is in this page's bounce memory, outside `valid`.
+                    unsafe { local.write(0) };
+                    t.segs.push(seg(key, byte, local, CopyDirection::ToGuest));
                 }
                 (None, Some(span)) => {
                     let byte = Span {
@@ -256,7 +260,16 @@ impl ScopeState {
             // SAFETY: every local range lies in bounce memory this scope owns and that no slice
             // covers yet (copy-ins go to bytes outside `valid`; probes only read), or in
             // `t.bytes`, alive and unmoved until after the call.
-            unsafe { dev.grant_copy(&mut t.segs) }?;
+            if let Err(e) = unsafe { dev.grant_copy(&mut t.segs) } {
+                // Nothing landed: every touched page keeps its old valid span.
+                for key in &t.touched {
+                    if let Some(b) = self.bounce_mut(*key) {
+                        b.failed = true;
+                    }
+                }
+                self.commit(&t.touched);
+                return Err(e.into());
+            }
         }
         // Commit: a page whose copy-in failed keeps its old valid span (or is dropped).
         let mut first_err = None;
@@ -274,7 +287,25 @@ impl ScopeState {
                 first_err.get_or_insert_with(|| copy_error(p, s.status));
             }
         }
-        for key in &t.touched {
+        self.commit(&t.touched);
+        if !strict {
+            return Ok(());
+        }
+        if let Some(e) = first_err {
+            return Err(e);
+        }
+        for p in pieces.iter().filter(|p| p.write) {
+            if self.bounce(p.key).and_then(|b| b.writable) == Some(false) {
+                return Err(read_only(p));
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends a fetch: pages whose copy-in landed take their planned valid span, the others
+    /// keep theirs (and are dropped if nothing of them is valid); transient state is reset.
+    fn commit(&mut self, touched: &[PageKey]) {
+        for key in touched {
             let Some(b) = self.bounce_mut(*key) else {
                 continue;
             };
@@ -290,18 +321,6 @@ impl ScopeState {
                 self.pages.remove(key);
             }
         }
-        if !strict {
-            return Ok(());
-        }
-        if let Some(e) = first_err {
-            return Err(e);
-        }
-        for p in pieces.iter().filter(|p| p.write) {
-            if self.bounce(p.key).and_then(|b| b.writable) == Some(false) {
-                return Err(read_only(p));
-            }
-        }
-        Ok(())
     }
 
     /// Gives every page of `pieces` without a bounce buffer one.
