@@ -118,6 +118,8 @@ pub struct EmulatedXen {
     base: NonNull<u8>,
     capacity: usize,
     state: Mutex<State>,
+    /// Grant-copy ioctls still to fail as a whole (error-path tests).
+    failing_copies: std::sync::atomic::AtomicU32,
 }
 
 // SAFETY: `base` points to a shared mapping owned by this value for its whole life; all
@@ -168,6 +170,7 @@ impl EmulatedXen {
                 next_index: 0,
                 ..State::default()
             }),
+            failing_copies: Default::default(),
         })
     }
 
@@ -287,6 +290,13 @@ impl EmulatedXen {
         // SAFETY: the range is inside the allocated part of our mapping (checked above).
         unsafe { std::ptr::copy(self.page_ptr(page).add(offset), v.as_mut_ptr(), len) };
         Ok(v)
+    }
+
+    /// Makes the next `n` grant-copy ioctls fail as a whole with `EIO`, copying nothing (as a
+    /// kernel refusing the call would), to test the callers' error paths.
+    pub fn fail_grant_copies(&self, n: u32) {
+        self.failing_copies
+            .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Host mappings (grant mmaps and privcmd reservations) currently alive.
@@ -498,6 +508,12 @@ impl XenDevice for EmulatedXen {
     }
 
     unsafe fn grant_copy(&self, segments: &mut [CopySegment]) -> Result<(), DeviceError> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let failing = self.failing_copies.load(Relaxed);
+        if failing > 0 {
+            self.failing_copies.store(failing - 1, Relaxed);
+            return Err(DeviceError::sys("IOCTL_GNTDEV_GRANT_COPY", libc::EIO));
+        }
         let st = self.state();
         for seg in segments.iter_mut() {
             seg.status = match st.grants.get(&(seg.grant.domid, seg.grant.gref)) {
