@@ -576,3 +576,77 @@ fn a_failed_grant_copy_ioctl_leaves_no_half_fetched_page() {
         assert_no_live_mappings(&s);
     }
 }
+
+/// A scope filled to its page limit by one prefetch still serves every page it holds (only new
+/// pages are refused), and a page whose fetch keeps failing reuses one bounce page.
+#[test]
+fn a_full_scope_serves_what_it_holds_and_failed_pages_do_not_pile_up() {
+    use xen_vhost_mem::request::MAX_SCOPE_PAGES;
+    let sim = GuestSim::new(1, MAX_SCOPE_PAGES + 64).unwrap();
+    let big = sim.grant(MAX_SCOPE_PAGES, false).unwrap();
+    let extra = sim.grant(1, false).unwrap();
+    sim.write(&big, (MAX_SCOPE_PAGES - 1) * 4096, b"last page")
+        .unwrap();
+    let od = sim.on_demand_region(big.first_ref, 1 << 20);
+    let table =
+        RegionTable::from_regions(vec![XenRegion::new(od, None, Some(&sim.dev)).unwrap()]).unwrap();
+    let mem = RequestMemory::with_strategy(&table, Strategy::GrantCopy);
+    mem.prefetch(&[(
+        GuestAddress(big.gpa(0)),
+        MAX_SCOPE_PAGES * 4096,
+        Permissions::Read,
+    )])
+    .unwrap();
+    assert_eq!(mem.held_pages(), MAX_SCOPE_PAGES);
+    let mut got = [0u8; 9];
+    mem.read_slice(
+        &mut got,
+        GuestAddress(big.gpa((MAX_SCOPE_PAGES - 1) * 4096)),
+    )
+    .unwrap();
+    assert_eq!(&got, b"last page");
+    let e = mem
+        .read_slice(&mut got, GuestAddress(extra.gpa(0)))
+        .unwrap_err();
+    assert!(
+        matches!(request_error(&e), RequestError::ScopeFull { pages, .. } if *pages == MAX_SCOPE_PAGES + 1)
+    );
+    mem.finish().unwrap();
+
+    // The same ungranted ref, touched again and again in one scope: one bounce page.
+    let mem = RequestMemory::with_strategy(&table, Strategy::GrantCopy);
+    let never = xen_vhost_mem::xen_page::grant_addr(extra.first_ref + 10, 0);
+    for _ in 0..100 {
+        assert!(mem.read_slice(&mut got, GuestAddress(never)).is_err());
+    }
+    assert_eq!(mem.held_pages(), 1);
+    mem.finish().unwrap();
+    assert_eq!(sim.emu.live_mappings(), 0);
+}
+
+/// One prefetch never both bounces and maps a page: a page in a short (copied) and a long
+/// (mapped) buffer keeps the first decision.
+#[test]
+fn prefetch_bounces_or_maps_a_page_never_both() {
+    let s = setup();
+    let buf = s.sim.grant(3, false).unwrap();
+    s.sim.write(&buf, 0, b"abc").unwrap();
+    let mem = RequestMemory::with_strategy(
+        &s.table,
+        Strategy::Auto {
+            map_threshold: 8192,
+        },
+    );
+    mem.prefetch(&[
+        (GuestAddress(buf.gpa(0)), 16, Permissions::Read),
+        (GuestAddress(buf.gpa(0)), 3 * 4096, Permissions::Read),
+    ])
+    .unwrap();
+    // Page 0 bounced, pages 1 and 2 mapped in one map.
+    assert_eq!((mem.held_pages(), mem.live_mappings()), (3, 1));
+    let mut got = [0u8; 3];
+    mem.read_slice(&mut got, GuestAddress(buf.gpa(0))).unwrap();
+    assert_eq!(&got, b"abc");
+    mem.finish().unwrap();
+    assert_no_live_mappings(&s);
+}

@@ -9,7 +9,8 @@ use super::{
     RequestError, RequestMemory, ScopeState, Scratch, SliceBuf, WritableBuffers, MAX_SCOPE_PAGES,
 };
 use crate::device::{
-    CopyDirection, CopySegment, GrantRef, Protection, XenDev, GNTST_BAD_GNTREF, GNTST_OKAY,
+    CopyDirection, CopySegment, GrantRef, Protection, XenDev, GNTST_BAD_GNTREF,
+    GNTST_GENERAL_ERROR, GNTST_OKAY, GNTST_PERMISSION_DENIED,
 };
 use crate::region::XenRegion;
 use crate::xen_page::{frame_of, page_offset, pages_spanned};
@@ -65,7 +66,15 @@ impl RequestMemory<'_> {
     ) -> Result<(), RequestError> {
         let write = access.has_write();
         let mut st = self.state.borrow_mut();
-        st.check_room(gpa, len, 0)?;
+        // An access that alone exceeds the limit is refused before its pieces are listed.
+        if pages_spanned(page_offset(gpa), len as u64) > MAX_SCOPE_PAGES as u64 {
+            return Err(RequestError::ScopeFull {
+                gpa,
+                len,
+                pages: pages_spanned(page_offset(gpa), len as u64) as usize,
+                max: MAX_SCOPE_PAGES,
+            });
+        }
         // The piece list is reused from call to call: most accesses allocate nothing.
         let mut ps = std::mem::take(&mut st.piece_buf);
         ps.clear();
@@ -89,6 +98,16 @@ impl RequestMemory<'_> {
         pieces(domid, gpa, len, write, ps)?;
         // Prefetched pages are served without a device call or any bookkeeping.
         if !ps.iter().all(|p| st.ready(p)) {
+            // Only pages new to the scope count against its limit.
+            let new = ps.iter().filter(|p| !st.pages.contains_key(&p.key)).count();
+            if st.pages.len() + new > MAX_SCOPE_PAGES {
+                return Err(RequestError::ScopeFull {
+                    gpa,
+                    len,
+                    pages: st.pages.len() + new,
+                    max: MAX_SCOPE_PAGES,
+                });
+            }
             let dev = st.device(region)?;
             let copy_new = self.strategy.copies(len);
             let (copy, map): (Vec<Piece>, Vec<Piece>) =
@@ -261,7 +280,9 @@ impl ScopeState {
             // covers yet (copy-ins go to bytes outside `valid`; probes only read), or in
             // `t.bytes`, alive and unmoved until after the call.
             if let Err(e) = unsafe { dev.grant_copy(&mut t.segs) } {
-                // Nothing landed: every touched page keeps its old valid span.
+                // The call failed as a whole: no page counts as fetched. (Real gntdev copies in
+                // batches of 16 segments, so some bytes may have landed, but only outside
+                // `valid`, where nothing reads them.)
                 for key in &t.touched {
                     if let Some(b) = self.bounce_mut(*key) {
                         b.failed = true;
@@ -279,9 +300,15 @@ impl ScopeState {
                 continue;
             };
             if s.direction == CopyDirection::ToGuest {
-                // The probe: the page was readable, so a refused write means a read-only grant
-                // (Xen 4.17 says GNTST_general_error here, not GNTST_permission_denied).
-                b.writable = Some(s.status == GNTST_OKAY);
+                // The probe. The page was readable (its copy-in, earlier in the call, did not
+                // fail), so a refused write means a read-only grant: Xen 4.17 answers
+                // GNTST_general_error here, not GNTST_permission_denied. Anything else tells
+                // nothing; the page stays unprobed.
+                b.writable = match s.status {
+                    GNTST_OKAY => Some(true),
+                    GNTST_GENERAL_ERROR | GNTST_PERMISSION_DENIED if !b.failed => Some(false),
+                    _ => b.writable,
+                };
             } else if s.status != GNTST_OKAY {
                 b.failed = true;
                 first_err.get_or_insert_with(|| copy_error(p, s.status));
@@ -303,7 +330,7 @@ impl ScopeState {
     }
 
     /// Ends a fetch: pages whose copy-in landed take their planned valid span, the others
-    /// keep theirs (and are dropped if nothing of them is valid); transient state is reset.
+    /// keep theirs (their bounce page stays for the next try); transient state is reset.
     fn commit(&mut self, touched: &[PageKey]) {
         for key in touched {
             let Some(b) = self.bounce_mut(*key) else {
@@ -317,9 +344,6 @@ impl ScopeState {
             b.fresh = None;
             b.probing = false;
             b.failed = false;
-            if failed && b.valid.is_empty() {
-                self.pages.remove(key);
-            }
         }
     }
 
@@ -466,7 +490,14 @@ impl ScopeState {
         match self.pages.get(&p.key) {
             Some(PageSlot {
                 bounce: Some(b), ..
-            }) => b.valid.hull(p.span) == b.valid && (!p.write || b.writable == Some(true)),
+            }) => {
+                let may_write = match b.writable {
+                    Some(w) => w,
+                    // Never probed: only `Overwrite` writes without a probe.
+                    None => self.writable == WritableBuffers::Overwrite,
+                };
+                b.valid.hull(p.span) == b.valid && (!p.write || may_write)
+            }
             Some(s) if p.write => s.rw.is_some(),
             Some(s) => s.is_mapped(),
             None => false,
@@ -483,23 +514,23 @@ impl ScopeState {
         let mut run: Option<(NonNull<u8>, usize, Option<usize>)> = None; // (start, len, map)
         for p in pieces {
             let slot = self.pages.get_mut(&p.key);
-            let (page, map) = match slot {
+            let (page, bounced) = match slot {
                 Some(PageSlot {
                     bounce: Some(b), ..
                 }) => {
                     if p.write {
                         b.dirty = b.dirty.hull(p.span);
                     }
-                    (Some(b.buf), None)
+                    (Some(b.buf), true)
                 }
-                Some(s) if p.write => (s.rw, None),
-                Some(s) => (s.rw.or(s.ro), None),
-                None => (None, None),
+                Some(s) if p.write => (s.rw, false),
+                Some(s) => (s.rw.or(s.ro), false),
+                None => (None, false),
             };
             // A fetch that succeeded left every piece served; anything else is our bug, which
             // must become an error, not a short read.
             let page = page.ok_or(RequestError::NotFetched { gpa: p.gpa })?;
-            let map = map.or_else(|| self.map_of(page));
+            let map = if bounced { None } else { self.map_of(page) };
             let ptr = in_page(page, p.span);
             let len = usize::from(p.span.hi - p.span.lo);
             match &mut run {

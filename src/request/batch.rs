@@ -8,7 +8,7 @@ use virtio_queue::DescriptorChain;
 use vm_memory::{GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryRegion, Permissions};
 
 use super::access::{pieces, Piece};
-use super::pages::KeySet;
+use super::pages::{KeyMap, KeySet};
 use super::{RequestError, RequestMemory};
 
 impl RequestMemory<'_> {
@@ -45,6 +45,7 @@ impl RequestMemory<'_> {
         let mut map: Vec<Piece> = Vec::new();
         let mut dev = None;
         let mut ps = Vec::new();
+        let mut decided: KeyMap<bool> = KeyMap::default();
         let mut st = self.state.borrow_mut();
         for &(addr, len, access) in buffers {
             let Some(region) = self.table.find_region(addr) else {
@@ -65,16 +66,18 @@ impl RequestMemory<'_> {
             if pieces(domid, addr.0, n, access.has_write(), &mut ps).is_err() {
                 continue;
             }
-            if dev.is_none() {
-                dev = st.device(region).ok();
+            // Every region must go through the scope's one device; skip any other.
+            match st.device(region) {
+                Ok(d) => dev = Some(d),
+                Err(_) => continue,
             }
             let copies = self.strategy.copies(len);
             for &p in &ps {
-                let slot = st.pages.get(&p.key);
-                let by_copy = match slot {
+                // The first decision for a page holds: it is bounced or mapped, never both.
+                let by_copy = match st.pages.get(&p.key) {
                     Some(s) if s.bounce.is_some() => true,
                     Some(s) if s.is_mapped() => false,
-                    _ => copies,
+                    _ => *decided.entry(p.key).or_insert(copies),
                 };
                 if by_copy {
                     copy.push(p);

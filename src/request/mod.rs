@@ -181,6 +181,13 @@ impl<'t> RequestMemory<'t> {
             .unwrap_or_default()
     }
 
+    /// On-demand pages this scope holds right now (bounce pages plus mapped pages); at most
+    /// [`MAX_SCOPE_PAGES`] (plus one bounce page per page whose fetch failed, reused on retry).
+    pub fn held_pages(&self) -> usize {
+        let st = self.state.borrow();
+        st.bounce_pages.len() + st.maps.iter().map(|m| m.pages).sum::<usize>()
+    }
+
     /// Mappings this scope holds right now.
     pub fn live_mappings(&self) -> usize {
         self.state.borrow().maps.len()
@@ -218,7 +225,12 @@ impl<'t> RequestMemory<'t> {
             match unsafe { dev.grant_copy(&mut segs) } {
                 Ok(()) => {
                     let failed = segs.iter().filter(|s| s.status != GNTST_OKAY).count();
-                    if let Some(f) = segs.iter().find(|s| s.status != GNTST_OKAY) {
+                    // Name the lowest failing ref, so the error does not depend on map order.
+                    let first = segs
+                        .iter()
+                        .filter(|s| s.status != GNTST_OKAY)
+                        .min_by_key(|s| (s.grant.domid, s.grant.gref));
+                    if let Some(f) = first {
                         dev.counters().add_errors(failed as u64);
                         first_err = Some(RequestError::CopyBack {
                             failed,
