@@ -100,7 +100,7 @@ impl XenRegion {
         self.dev.as_ref()
     }
 
-    /// `Some((domid))` when this region is an on-demand grant region.
+    /// The domid, when this region is an on-demand grant region.
     pub fn on_demand_domid(&self) -> Option<u16> {
         match self.desc.kind {
             RegionKind::Grant {
