@@ -94,14 +94,6 @@ pub enum DeviceError {
         /// The errno.
         source: std::io::Error,
     },
-    /// An argument the caller built is out of range for the kernel interface.
-    #[error("{call}: {what}")]
-    BadArgument {
-        /// Which call.
-        call: &'static str,
-        /// What was wrong.
-        what: String,
-    },
 }
 
 impl DeviceError {
@@ -111,7 +103,6 @@ impl DeviceError {
             DeviceError::Syscall { source, .. } | DeviceError::Open { source, .. } => {
                 source.raw_os_error()
             }
-            DeviceError::BadArgument { .. } => None,
         }
     }
 
