@@ -650,3 +650,37 @@ fn prefetch_bounces_or_maps_a_page_never_both() {
     mem.finish().unwrap();
     assert_no_live_mappings(&s);
 }
+
+/// A big mapped buffer with one ungranted page at its end: gntdev refuses the whole map, and
+/// halving finds the bad page in a few calls (not one map per page) while the good pages stay
+/// mapped and served.
+#[test]
+fn a_bad_page_in_a_big_mapped_buffer_is_found_by_halving() {
+    let s = setup();
+    let buf = s.sim.grant(63, false).unwrap();
+    s.sim.write(&buf, 62 * 4096, b"page 62").unwrap();
+    let mem = RequestMemory::with_strategy(&s.table, Strategy::Map);
+    let before = s.sim.dev.counters().snapshot();
+    let mut all = vec![0u8; 64 * 4096];
+    let e = mem
+        .read_slice(&mut all, GuestAddress(buf.gpa(0)))
+        .unwrap_err();
+    match request_error(&e) {
+        RequestError::GrantMap { gpa, gref, .. } => {
+            assert_eq!((*gpa, *gref), (buf.gpa(63 * 4096), buf.first_ref + 63))
+        }
+        other => panic!("{other:?}"),
+    }
+    let d = s.sim.dev.counters().snapshot().since(&before);
+    // One map of 64, then a map of each left half and one of each right half: 13 mmaps.
+    assert_eq!(d.mmaps, 13, "{d:?}");
+    // The 63 good pages are mapped and served without another call.
+    let before = s.sim.dev.counters().snapshot();
+    let mut got = [0u8; 7];
+    mem.read_slice(&mut got, GuestAddress(buf.gpa(62 * 4096)))
+        .unwrap();
+    assert_eq!(&got, b"page 62");
+    assert_eq!(s.sim.dev.counters().snapshot().since(&before).syscalls(), 0);
+    mem.finish().unwrap();
+    assert_no_live_mappings(&s);
+}

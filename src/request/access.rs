@@ -78,53 +78,52 @@ impl RequestMemory<'_> {
         // The piece list is reused from call to call: most accesses allocate nothing.
         let mut ps = std::mem::take(&mut st.piece_buf);
         ps.clear();
-        let r = self.serve(&mut st, region, domid, gpa, len, write, &mut ps, out);
+        let r = pieces(domid, gpa, len, write, &mut ps)
+            .and_then(|()| self.fetch(&mut st, region, len, &ps))
+            .and_then(|()| st.slices_for(&ps, out));
         st.piece_buf = ps;
         r
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn serve<'a>(
-        &'a self,
+    /// Fetches what `ps` (one access of `len` bytes) needs and the scope does not hold yet.
+    fn fetch(
+        &self,
         st: &mut ScopeState,
         region: &XenRegion,
-        domid: u16,
-        gpa: u64,
         len: usize,
-        write: bool,
-        ps: &mut Vec<Piece>,
-        out: &mut SliceBuf<'a>,
+        ps: &[Piece],
     ) -> Result<(), RequestError> {
-        pieces(domid, gpa, len, write, ps)?;
         // Prefetched pages are served without a device call or any bookkeeping.
-        if !ps.iter().all(|p| st.ready(p)) {
-            // Only pages new to the scope count against its limit.
-            let new = ps.iter().filter(|p| !st.pages.contains_key(&p.key)).count();
-            if st.pages.len() + new > MAX_SCOPE_PAGES {
-                return Err(RequestError::ScopeFull {
-                    gpa,
-                    len,
-                    pages: st.pages.len() + new,
-                    max: MAX_SCOPE_PAGES,
-                });
-            }
-            let dev = st.device(region)?;
-            let copy_new = self.strategy.copies(len);
-            let (copy, map): (Vec<Piece>, Vec<Piece>) =
-                ps.iter().partition(|p| match st.pages.get(&p.key) {
-                    Some(s) if s.bounce.is_some() => true,
-                    Some(s) if s.is_mapped() => false,
-                    _ => copy_new,
-                });
-            let r = st
-                .fetch_by_copy(&dev, &copy, true)
-                .and_then(|()| st.fetch_by_map(&dev, &map, write, true));
-            if r.is_err() {
-                dev.counters().add_errors(1);
-            }
-            r?;
+        if ps.iter().all(|p| st.ready(p)) {
+            return Ok(());
         }
-        st.slices_for(ps, out)
+        // Only pages new to the scope count against its limit.
+        let new = ps.iter().filter(|p| !st.pages.contains_key(&p.key)).count();
+        if st.pages.len() + new > MAX_SCOPE_PAGES {
+            let gpa = ps.first().map_or(0, |p| p.gpa);
+            return Err(RequestError::ScopeFull {
+                gpa,
+                len,
+                pages: st.pages.len() + new,
+                max: MAX_SCOPE_PAGES,
+            });
+        }
+        let dev = st.device(region)?;
+        let copy_new = self.strategy.copies(len);
+        let (copy, map): (Vec<Piece>, Vec<Piece>) =
+            ps.iter().partition(|p| match st.pages.get(&p.key) {
+                Some(s) if s.bounce.is_some() => true,
+                Some(s) if s.is_mapped() => false,
+                _ => copy_new,
+            });
+        let write = ps.first().is_some_and(|p| p.write);
+        let r = st
+            .fetch_by_copy(&dev, &copy, true)
+            .and_then(|()| st.fetch_by_map(&dev, &map, write, true));
+        if r.is_err() {
+            dev.counters().add_errors(1);
+        }
+        r
     }
 }
 
@@ -407,19 +406,37 @@ impl ScopeState {
         if need.is_empty() {
             return Ok(());
         }
+        if strict {
+            self.map_or_blame(dev, &need, prot)
+        } else {
+            let keys: Vec<PageKey> = need.iter().map(|p| p.key).collect();
+            // Prefetch is best effort: a failure is found again, and named, at the touch.
+            let _ = self.map_pages(dev, &keys, prot);
+            Ok(())
+        }
+    }
+
+    /// Maps `need` in one map; if gntdev refuses (one bad page fails the whole map), halves
+    /// the range until the first bad page is found and named, keeping what mapped: a few
+    /// calls per bad page instead of one map per page.
+    fn map_or_blame(
+        &mut self,
+        dev: &XenDev,
+        need: &[&Piece],
+        prot: Protection,
+    ) -> Result<(), RequestError> {
         let keys: Vec<PageKey> = need.iter().map(|p| p.key).collect();
         match self.map_pages(dev, &keys, prot) {
             Ok(()) => Ok(()),
-            Err(_) if !strict => Ok(()),
-            Err(e) if keys.len() == 1 => Err(self.blame(dev, need[0], prot, e)),
-            Err(_) => {
-                for p in need {
-                    if let Err(e) = self.map_pages(dev, &[p.key], prot) {
-                        return Err(self.blame(dev, p, prot, e));
-                    }
+            Err(e) => match need {
+                [] => Ok(()),
+                [p] => Err(self.blame(dev, p, prot, e)),
+                _ => {
+                    let (left, right) = need.split_at(need.len() / 2);
+                    self.map_or_blame(dev, left, prot)?;
+                    self.map_or_blame(dev, right, prot)
                 }
-                Ok(())
-            }
+            },
         }
     }
 
