@@ -765,3 +765,36 @@ fn hand_built_descriptors_are_checked_again() {
     }
     g.assert_nothing_live();
 }
+
+/// Hot plug by swap, as a daemon does on ADD_MEM_REG / REM_MEM_REG: the table lives in vm-memory's
+/// `GuestMemoryAtomic`; a reader holding the old snapshot keeps reading its regions while the
+/// new table is swapped in, and a removed region's mapping goes away when the last snapshot
+/// holding it is dropped.
+#[test]
+fn hot_add_and_remove_by_swapping_tables() {
+    use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+    let g = Guest::new(8);
+    let page = g.frames(0x200, 2);
+    g.emu.write_page(page, 0, b"foreign").unwrap();
+    let mem = GuestMemoryAtomic::new(table(vec![anon_region(0x10_0000, 0x1000, 0)]));
+    // ADD_MEM_REG: build the new table from the current one, swap it in.
+    let added = Arc::new(foreign_region(&g, 0x20_0000, 0x2000));
+    let next = mem.memory().insert(added).unwrap();
+    mem.lock().unwrap().replace(next);
+    let snapshot = mem.memory();
+    assert_eq!(read(&snapshot, 0x20_0000, 7), b"foreign");
+    // REM_MEM_REG: the reader's snapshot still has the region and its mapping.
+    let (without, removed) = mem.memory().remove(0x20_0000, 0x2000).unwrap();
+    mem.lock().unwrap().replace(without);
+    drop(removed);
+    assert!(mem.memory().find_region(GuestAddress(0x20_0000)).is_none());
+    assert_eq!(read(&snapshot, 0x20_0000, 7), b"foreign");
+    assert_eq!(g.emu.live_mappings(), 1);
+    drop(snapshot);
+    assert_eq!(
+        g.emu.live_mappings(),
+        0,
+        "the last holder released the mapping"
+    );
+    g.assert_nothing_live();
+}
