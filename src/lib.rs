@@ -4,6 +4,33 @@
 //! emulated) → [`backend`] (mapping per region kind) → [`region`] / [`table`] (the guest memory
 //! map, a vm-memory `GuestMemoryBackend`) → [`request`] (request-scoped memory for on-demand
 //! grants, a vm-memory `GuestMemory`).
+//!
+//! ```
+//! use vm_memory::{Bytes, GuestAddress};
+//! use xen_vhost_mem::guest_sim::GuestSim;
+//! use xen_vhost_mem::{RegionTable, RequestMemory, XenRegion};
+//!
+//! // A guest on the emulated device grants a page and fills it.
+//! let guest = GuestSim::new(1, 64)?;
+//! let buf = guest.grant(1, false)?;
+//! guest.write(&buf, 0, b"hello")?;
+//! // The frontend sent an on-demand grant region covering it.
+//! let region = guest.on_demand_region(buf.first_ref, 16);
+//! let table = RegionTable::from_regions(vec![XenRegion::new(region, None, Some(&guest.dev))?])?;
+//! // One request: read, write, finish (copied back, nothing mapped), then add_used.
+//! let mem = RequestMemory::new(&table);
+//! let mut got = [0u8; 5];
+//! mem.read_slice(&mut got, GuestAddress(buf.gpa(0)))?;
+//! assert_eq!(&got, b"hello");
+//! mem.write_slice(b"world", GuestAddress(buf.gpa(0)))?;
+//! mem.finish()?;
+//! assert_eq!(guest.read(&buf, 0, 5)?, b"world");
+//! assert_eq!(guest.dev.counters().live_mappings(), 0);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
+//!
+//! Support: [`guest_sim`] plays a Xen guest over the emulated device (tests, benchmarks, the
+//! demo); [`block_workload`] is the block-like virtio workload the benchmarks run.
 
 pub mod backend;
 pub mod block_workload;
@@ -17,7 +44,7 @@ pub mod xen_flags;
 pub mod xen_page;
 
 pub use descriptor::{DescriptorError, GrantMapping, RegionDescriptor, RegionKind, WireRegion};
-pub use device::{emulated::EmulatedXen, XenDev, XenDevice};
+pub use device::{emulated::EmulatedXen, real::RealXen, XenDev, XenDevice};
 pub use region::XenRegion;
 pub use request::{RequestError, RequestMemory, Strategy, WritableBuffers};
 pub use table::RegionTable;
