@@ -291,7 +291,7 @@ impl ScopeState {
                 return Err(e.into());
             }
         }
-        // Commit: a page whose copy-in failed keeps its old valid span (or is dropped).
+        // Statuses: a failed copy-in marks its page (which then keeps its old valid span).
         let mut first_err = None;
         for (s, &i) in t.segs.iter().zip(&t.owners) {
             let p = &pieces[i];
@@ -376,7 +376,7 @@ impl ScopeState {
     }
 
     /// Maps the pages of `pieces` that lack a mapping good for the access, all in one
-    /// MAP_GRANT_REF + one mmap. If that fails, `strict` maps page by page to name the page at
+    /// MAP_GRANT_REF + one mmap. If that fails, `strict` narrows it down to name the page at
     /// fault (and tells a read-only grant from an ungranted ref); prefetch just leaves them.
     pub(super) fn fetch_by_map(
         &mut self,
