@@ -15,7 +15,7 @@ use xen_vhost_mem::device::{
 use xen_vhost_mem::xen_page::grant_addr;
 use xen_vhost_mem::{
     GrantMapping, RegionDescriptor, RegionKind, RegionTable, RequestError, RequestMemory, Strategy,
-    XenDev, XenRegion,
+    WritableBuffers, XenDev, XenRegion,
 };
 
 use crate::guest::{GuestBuf, RealGuest, DOMID};
@@ -729,7 +729,80 @@ fn multi_page(strategy: Strategy) -> CaseResult {
     })
 }
 
+/// A hostile guest on the real drivers: random addresses and lengths over granted pages (some
+/// read-only), ungranted refs, the ring and anywhere at all, with every strategy and both
+/// `WritableBuffers` modes. Every access gives data or an error value; after every request
+/// only the table's own mappings live. A fixed-seed xorshift makes it reproducible.
+fn hostile_guest() -> CaseResult {
+    with_setup(|s| {
+        let mut granted = Vec::new();
+        for i in 0..12u8 {
+            let b = s.guest.grant(1 + usize::from(i % 3), i % 4 == 0)?;
+            s.guest.write(&b, 0, &[i; 16])?;
+            granted.push(b);
+        }
+        let first = granted.first().map_or(0, |b| b.first_ref);
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut rng = move |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n.max(1)
+        };
+        let strategies = [
+            Strategy::GrantCopy,
+            Strategy::Map,
+            Strategy::Auto {
+                map_threshold: 8192,
+            },
+        ];
+        let (mut served, mut refused) = (0u32, 0u32);
+        for round in 0..120 {
+            let writable = if round % 2 == 0 {
+                WritableBuffers::CopyIn
+            } else {
+                WritableBuffers::Overwrite
+            };
+            let mem = RequestMemory::with_strategy(&s.table, strategies[round % 3])
+                .writable_buffers(writable);
+            for _ in 0..1 + rng(4) {
+                let addr = match rng(4) {
+                    0 | 1 => grant_addr(first + rng(40) as u32, rng(4096)),
+                    2 => s.ring_gpa().0 + rng(0x2000),
+                    _ => rng(u64::MAX),
+                };
+                let len = match rng(3) {
+                    0 => rng(32) as usize,
+                    1 => rng(3 * 4096) as usize,
+                    _ => rng(1 << 20) as usize,
+                };
+                let mut buf = vec![0u8; len.min(3 * 4096)];
+                let r = if rng(2) == 0 {
+                    mem.read_slice(&mut buf, GuestAddress(addr))
+                } else {
+                    mem.write_slice(&buf, GuestAddress(addr))
+                };
+                match r {
+                    Ok(()) => served += 1,
+                    Err(_) => refused += 1,
+                }
+            }
+            let _ = mem.finish();
+            s.check_no_request_mappings()
+                .map_err(|e| format!("round {round}: {e}"))?;
+        }
+        ensure(served > 20 && refused > 20, || {
+            format!("too one-sided: {served} served, {refused} refused")
+        })?;
+        Ok(format!(
+            "120 requests of random accesses: {served} served, {refused} refused with errors, \
+             no panic, nothing left mapped"
+        ))
+    })
+}
+
 pub fn run_all(r: &mut Report) {
+    r.case("hostile-guest", hostile_guest);
     r.case("grant-in-advance-mid-page", in_advance_mid_page);
     for (label, strategy) in STRATEGIES {
         r.case(&format!("round-trip/{label}"), || round_trip(strategy));
