@@ -9,7 +9,7 @@ use std::io::Write;
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vm_memory::{Address, Bytes, GuestAddress};
 use xen_vhost_mem::descriptor::{RegionDescriptor, RegionKind};
-use xen_vhost_mem::guest_sim::GuestSim;
+use xen_vhost_mem::guest_sim::{Guest as _, GuestSim};
 use xen_vhost_mem::{RegionTable, RequestMemory, XenRegion};
 
 const QSIZE: u16 = 16;

@@ -287,6 +287,7 @@ pub fn emulated_block_guest(
     requests: usize,
     premapped: bool,
 ) -> Result<(RegionTable, u64, Vec<BlockBuffers>), Box<dyn std::error::Error>> {
+    use crate::guest_sim::Guest as _;
     use crate::region::XenRegion;
     let ring_pages = BlockWorkload::ring_bytes(QUEUE_SIZE).div_ceil(4096) as usize;
     let ring = sim.grant(ring_pages, false)?;

@@ -16,8 +16,9 @@ const PAGE: usize = XEN_PAGE_SIZE as usize;
 /// Pages a guest granted, as one buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GuestBuffer {
-    /// First emulated page backing the buffer.
-    pub first_page: usize,
+    /// Where the guest keeps the buffer: the emulation's first page, or a gntalloc grant's
+    /// slot in [`crate::gntalloc_guest::GntallocGuest`].
+    pub backing: usize,
     /// First grant ref; page `i` is ref `first_ref + i`.
     pub first_ref: u32,
     /// Number of pages.
@@ -31,6 +32,82 @@ impl GuestBuffer {
             self.first_ref + (offset / PAGE) as u32,
             (offset % PAGE) as u64,
         )
+    }
+}
+
+/// A guest the tests and demos play: it grants buffers and reads and writes its own view of
+/// them. [`GuestSim`] plays it on the emulated device; on real Xen,
+/// [`crate::gntalloc_guest::GntallocGuest`] has dom0 grant its own pages to itself.
+pub trait Guest {
+    /// What can go wrong on the guest's side.
+    type Error: std::error::Error + Send + Sync + 'static;
+
+    /// The granting domain.
+    fn domid(&self) -> u16;
+
+    /// The device the backend reaches this guest through.
+    fn device(&self) -> &XenDev;
+
+    /// Grants `pages` pages on consecutive refs (read-only when `readonly`).
+    fn grant(&self, pages: usize, readonly: bool) -> Result<GuestBuffer, Self::Error>;
+
+    /// Writes `data` at byte `offset` of `buf`, in the guest's own view.
+    fn write(&self, buf: &GuestBuffer, offset: usize, data: &[u8]) -> Result<(), Self::Error>;
+
+    /// Reads `len` bytes at `offset` of `buf`, in the guest's own view.
+    fn read(&self, buf: &GuestBuffer, offset: usize, len: usize) -> Result<Vec<u8>, Self::Error>;
+
+    /// A GRANT region mapped in advance covering `[gpa, gpa + size)` (e.g. a vring).
+    fn in_advance_region(&self, gpa: u64, size: u64, userspace_addr: u64) -> RegionDescriptor {
+        RegionDescriptor {
+            guest_phys_addr: gpa,
+            size,
+            userspace_addr,
+            mmap_offset: 0,
+            kind: RegionKind::Grant {
+                domid: self.domid(),
+                mapping: GrantMapping::InAdvance,
+            },
+        }
+    }
+
+    /// An on-demand GRANT region covering grant refs `first_ref..first_ref + pages` (what
+    /// xen-vhost-frontend sends for everything but the rings).
+    fn on_demand_region(&self, first_ref: u32, pages: u64) -> RegionDescriptor {
+        RegionDescriptor {
+            guest_phys_addr: GRANT_ADDR_BIT | (u64::from(first_ref) << 12),
+            size: pages * XEN_PAGE_SIZE,
+            userspace_addr: 0,
+            mmap_offset: 0,
+            kind: RegionKind::Grant {
+                domid: self.domid(),
+                mapping: GrantMapping::OnDemand,
+            },
+        }
+    }
+}
+
+impl Guest for GuestSim {
+    type Error = EmulationError;
+    fn domid(&self) -> u16 {
+        self.domid
+    }
+    fn device(&self) -> &XenDev {
+        &self.dev
+    }
+    fn grant(&self, pages: usize, readonly: bool) -> Result<GuestBuffer, EmulationError> {
+        GuestSim::grant(self, pages, readonly)
+    }
+    fn write(&self, buf: &GuestBuffer, offset: usize, data: &[u8]) -> Result<(), EmulationError> {
+        GuestSim::write(self, buf, offset, data)
+    }
+    fn read(
+        &self,
+        buf: &GuestBuffer,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<u8>, EmulationError> {
+        GuestSim::read(self, buf, offset, len)
     }
 }
 
@@ -55,12 +132,10 @@ impl GuestSim {
 
     /// Allocates and grants `pages` pages on consecutive refs.
     pub fn grant(&self, pages: usize, readonly: bool) -> Result<GuestBuffer, EmulationError> {
-        let first_page = self.emu.alloc_pages(pages)?;
-        let first_ref = self
-            .emu
-            .grant_pages(self.domid, first_page, pages, readonly)?;
+        let backing = self.emu.alloc_pages(pages)?;
+        let first_ref = self.emu.grant_pages(self.domid, backing, pages, readonly)?;
         Ok(GuestBuffer {
-            first_page,
+            backing,
             first_ref,
             pages,
         })
@@ -74,7 +149,7 @@ impl GuestSim {
         data: &[u8],
     ) -> Result<(), EmulationError> {
         self.check(buf, offset, data.len())?;
-        self.emu.write_page(buf.first_page, offset, data)
+        self.emu.write_page(buf.backing, offset, data)
     }
 
     /// Reads `len` bytes at `offset` of `buf` (the guest reading what the device wrote).
@@ -85,7 +160,7 @@ impl GuestSim {
         len: usize,
     ) -> Result<Vec<u8>, EmulationError> {
         self.check(buf, offset, len)?;
-        self.emu.read_page(buf.first_page, offset, len)
+        self.emu.read_page(buf.backing, offset, len)
     }
 
     /// Ends foreign access to every page of `buf`, as the guest does when a request
@@ -94,40 +169,11 @@ impl GuestSim {
         (0..buf.pages).try_for_each(|i| self.emu.end_access(self.domid, buf.first_ref + i as u32))
     }
 
-    /// A GRANT region mapped in advance covering `[gpa, gpa + size)` (e.g. a vring).
-    pub fn in_advance_region(&self, gpa: u64, size: u64, userspace_addr: u64) -> RegionDescriptor {
-        RegionDescriptor {
-            guest_phys_addr: gpa,
-            size,
-            userspace_addr,
-            mmap_offset: 0,
-            kind: RegionKind::Grant {
-                domid: self.domid,
-                mapping: GrantMapping::InAdvance,
-            },
-        }
-    }
-
-    /// An on-demand GRANT region covering every grant address from `first_ref` up to ref
-    /// `first_ref + pages` (what xen-vhost-frontend sends for everything but the rings).
-    pub fn on_demand_region(&self, first_ref: u32, pages: u64) -> RegionDescriptor {
-        RegionDescriptor {
-            guest_phys_addr: GRANT_ADDR_BIT | (u64::from(first_ref) << 12),
-            size: pages * XEN_PAGE_SIZE,
-            userspace_addr: 0,
-            mmap_offset: 0,
-            kind: RegionKind::Grant {
-                domid: self.domid,
-                mapping: GrantMapping::OnDemand,
-            },
-        }
-    }
-
     fn check(&self, buf: &GuestBuffer, offset: usize, len: usize) -> Result<(), EmulationError> {
         match offset.checked_add(len) {
             Some(end) if end <= buf.pages * PAGE => Ok(()),
             _ => Err(EmulationError::BadPage {
-                page: buf.first_page,
+                page: buf.backing,
                 offset,
                 len,
             }),

@@ -7,7 +7,7 @@
 //!
 //! ```
 //! use vm_memory::{Bytes, GuestAddress};
-//! use xen_vhost_mem::guest_sim::GuestSim;
+//! use xen_vhost_mem::guest_sim::{Guest as _, GuestSim};
 //! use xen_vhost_mem::{RegionTable, RequestMemory, XenRegion};
 //!
 //! // A guest on the emulated device grants a page and fills it.
