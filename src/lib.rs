@@ -36,6 +36,7 @@ pub mod backend;
 pub mod block_workload;
 pub mod descriptor;
 pub mod device;
+pub mod gntalloc_guest;
 pub mod guest_sim;
 pub mod region;
 pub mod request;

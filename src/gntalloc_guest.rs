@@ -1,0 +1,237 @@
+//! A guest played by dom0 itself on real Xen: dom0 grants its own pages to itself (domid 0)
+//! through `/dev/xen/gntalloc`, and the backend maps or grant-copies them like any guest's
+//! grants. For demos and tests in a dom0 with no domU. A buffer needs consecutive refs, as a
+//! Linux guest's does; gntalloc hands out a consecutive set, but freed refs come back in
+//! reverse order, so page `i` of the gntalloc mapping is found by its ref.
+
+use std::cell::RefCell;
+use std::os::fd::AsRawFd;
+use std::ptr::NonNull;
+
+use xen_sys::Gntalloc;
+
+use crate::device::XenDev;
+use crate::guest_sim::{Guest, GuestBuffer};
+use crate::xen_page::XEN_PAGE_SIZE;
+
+const PAGE: usize = XEN_PAGE_SIZE as usize;
+
+/// What can go wrong on the gntalloc guest's side.
+#[derive(Debug, thiserror::Error)]
+pub enum GntallocGuestError {
+    /// A gntalloc call failed.
+    #[error("{call}: {source}")]
+    Gntalloc {
+        /// Which call.
+        call: &'static str,
+        /// The errno.
+        source: std::io::Error,
+    },
+    /// gntalloc handed out refs that are not a consecutive set.
+    #[error("gntalloc gave refs {refs:?}, not a consecutive set")]
+    NotConsecutive {
+        /// The refs.
+        refs: Vec<u32>,
+    },
+    /// A byte range outside the buffer.
+    #[error("offset {offset} len {len} is outside a {pages}-page buffer")]
+    OutOfRange {
+        /// Offset.
+        offset: usize,
+        /// Length.
+        len: usize,
+        /// Buffer pages.
+        pages: usize,
+    },
+    /// A buffer this guest did not grant.
+    #[error("no grant in slot {slot}")]
+    NoSuchGrant {
+        /// The buffer's slot.
+        slot: usize,
+    },
+}
+
+#[derive(Debug)]
+struct Grant {
+    index: u64,
+    pages: usize,
+    /// dom0's own view of the granted pages (the gntalloc mapping).
+    view: NonNull<u8>,
+    /// For ref `first_ref + k`, the page of `view` that holds it.
+    page_of: Vec<usize>,
+}
+
+/// dom0 playing a guest of itself. Grants are ended (munmap + DEALLOC) when it is dropped.
+#[derive(Debug)]
+pub struct GntallocGuest {
+    gntalloc: Gntalloc,
+    dev: XenDev,
+    grants: RefCell<Vec<Grant>>,
+}
+
+impl GntallocGuest {
+    /// Opens `/dev/xen/gntalloc`; `dev` is the backend's device (usually on `RealXen`).
+    pub fn new(dev: XenDev) -> Result<Self, GntallocGuestError> {
+        let gntalloc = Gntalloc::open().map_err(|source| GntallocGuestError::Gntalloc {
+            call: "open /dev/xen/gntalloc",
+            source,
+        })?;
+        Ok(GntallocGuest {
+            gntalloc,
+            dev,
+            grants: RefCell::new(Vec::new()),
+        })
+    }
+
+    /// Runs `f(view_ptr, buffer_offset, len)` for each page-sized piece of
+    /// `[offset, offset + len)` of `buf`, in order.
+    fn each_piece(
+        &self,
+        buf: &GuestBuffer,
+        offset: usize,
+        len: usize,
+        mut f: impl FnMut(*mut u8, usize, usize),
+    ) -> Result<(), GntallocGuestError> {
+        let grants = self.grants.borrow();
+        let g = grants
+            .get(buf.backing)
+            .ok_or(GntallocGuestError::NoSuchGrant { slot: buf.backing })?;
+        match offset.checked_add(len) {
+            Some(end) if end <= g.pages * PAGE => {}
+            _ => {
+                return Err(GntallocGuestError::OutOfRange {
+                    offset,
+                    len,
+                    pages: g.pages,
+                })
+            }
+        }
+        let (mut at, mut done) = (offset, 0);
+        while done < len {
+            let n = (PAGE - at % PAGE).min(len - done);
+            let page = g.page_of.get(at / PAGE).copied().unwrap_or(0);
+            // In bounds: `page < pages` and `at % PAGE + n <= PAGE`.
+            f(
+                g.view.as_ptr().wrapping_add(page * PAGE + at % PAGE),
+                done,
+                n,
+            );
+            at += n;
+            done += n;
+        }
+        Ok(())
+    }
+}
+
+impl Guest for GntallocGuest {
+    type Error = GntallocGuestError;
+
+    fn domid(&self) -> u16 {
+        0
+    }
+
+    fn device(&self) -> &XenDev {
+        &self.dev
+    }
+
+    fn grant(&self, pages: usize, readonly: bool) -> Result<GuestBuffer, GntallocGuestError> {
+        let count = u32::try_from(pages).map_err(|_| GntallocGuestError::OutOfRange {
+            offset: 0,
+            len: pages * PAGE,
+            pages,
+        })?;
+        let (index, refs) = self
+            .gntalloc
+            .alloc_gref(0, count, !readonly)
+            .map_err(|source| GntallocGuestError::Gntalloc {
+                call: "IOCTL_GNTALLOC_ALLOC_GREF",
+                source,
+            })?;
+        let dealloc = || {
+            let _ = self.gntalloc.dealloc_gref(index, count);
+        };
+        let first = refs.iter().copied().min().unwrap_or_default();
+        let mut page_of = vec![usize::MAX; pages];
+        for (page, r) in refs.iter().enumerate() {
+            match page_of.get_mut((r - first) as usize) {
+                Some(slot) if *slot == usize::MAX => *slot = page,
+                _ => {
+                    dealloc();
+                    return Err(GntallocGuestError::NotConsecutive { refs });
+                }
+            }
+        }
+        let off = libc::off_t::try_from(index).unwrap_or(libc::off_t::MAX);
+        // SAFETY: a fresh shared mapping of our own granted pages at a kernel-chosen address;
+        // checked for MAP_FAILED below.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                pages * PAGE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                self.gntalloc.as_raw_fd(),
+                off,
+            )
+        };
+        let Some(view) = NonNull::new(p.cast::<u8>()).filter(|_| p != libc::MAP_FAILED) else {
+            let source = std::io::Error::last_os_error();
+            dealloc();
+            return Err(GntallocGuestError::Gntalloc {
+                call: "mmap(gntalloc)",
+                source,
+            });
+        };
+        let mut grants = self.grants.borrow_mut();
+        grants.push(Grant {
+            index,
+            pages,
+            view,
+            page_of,
+        });
+        Ok(GuestBuffer {
+            backing: grants.len() - 1,
+            first_ref: first,
+            pages,
+        })
+    }
+
+    fn write(
+        &self,
+        buf: &GuestBuffer,
+        offset: usize,
+        data: &[u8],
+    ) -> Result<(), GntallocGuestError> {
+        self.each_piece(buf, offset, data.len(), |p, at, n| {
+            // SAFETY: `p..p+n` is inside our gntalloc mapping and `at..at+n` inside `data`
+            // (both checked by `each_piece`).
+            unsafe { std::ptr::copy(data.as_ptr().add(at), p, n) }
+        })
+    }
+
+    fn read(
+        &self,
+        buf: &GuestBuffer,
+        offset: usize,
+        len: usize,
+    ) -> Result<Vec<u8>, GntallocGuestError> {
+        let mut v = vec![0u8; len];
+        let out = v.as_mut_ptr();
+        self.each_piece(buf, offset, len, |p, at, n| {
+            // SAFETY: `p..p+n` is inside our gntalloc mapping and `at..at+n` inside `v`
+            // (both checked by `each_piece`).
+            unsafe { std::ptr::copy(p, out.add(at), n) }
+        })?;
+        Ok(v)
+    }
+}
+
+impl Drop for GntallocGuest {
+    fn drop(&mut self) {
+        for g in self.grants.get_mut().drain(..) {
+            // SAFETY: our own gntalloc mapping of `pages` pages, unmapped once, here.
+            unsafe { libc::munmap(g.view.as_ptr().cast(), g.pages * PAGE) };
+            let _ = self.gntalloc.dealloc_gref(g.index, g.pages as u32);
+        }
+    }
+}
