@@ -30,7 +30,8 @@
 //! ```
 //!
 //! Support: [`guest_sim`] plays a Xen guest over the emulated device (tests, benchmarks, the
-//! demo); [`block_workload`] is the block-like virtio workload the benchmarks run.
+//! demo), [`gntalloc_guest`] has dom0 play one on real Xen; [`block_workload`] is the
+//! block-like virtio workload the benchmarks run.
 
 pub mod backend;
 pub mod block_workload;
