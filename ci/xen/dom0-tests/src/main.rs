@@ -2,7 +2,8 @@
 //!
 //! dom0 plays the guest: it grants its own pages to itself through gntalloc ([`guest`]), and
 //! the library maps or copies them through the real gntdev (and its own frames through
-//! privcmd, [`foreign`]). Each case prints `XVM-TEST xen-dom0-tests/<case> PASS|FAIL <detail>`;
+//! privcmd, [`foreign`]); when `ci/xen/init` created a domU, [`domu`] runs the library against
+//! that other domain's grants and frames. Each case prints `XVM-TEST xen-dom0-tests/<case> PASS|FAIL <detail>`;
 //! the benchmark ([`bench`]) prints one `XVM-JSON {...}` line per row. A failing or panicking
 //! case is a FAIL line, never the end of the run. Exit status 1 if any case failed.
 //!
@@ -10,6 +11,7 @@
 
 mod bench;
 mod cases;
+mod domu;
 mod foreign;
 mod guest;
 
@@ -90,6 +92,7 @@ fn main() {
     let t = Instant::now();
     cases::run_all(&mut report);
     foreign::run_all(&mut report);
+    domu::run_all(&mut report);
     if !no_bench {
         bench::run_all(&mut report);
         bench::device_share(&mut report);
