@@ -34,17 +34,22 @@ fn main() -> Result<(), Box<dyn Error>> {
             // FOREIGN needs a guest domain's frames; ci/xen's dom0 tests map dom0's own.
             return Err(format!("--xen runs --mode grant, not {mode}").into());
         }
-        let guest = GntallocGuest::new(XenDev::new(Arc::new(RealXen::open()?)))?;
+        let dev = XenDev::new(Arc::new(RealXen::open()?));
         println!("real Xen: dom0 grants its own pages to itself (domid 0)");
-        return run(&guest, mode, None);
+        return run(&GntallocGuest::new()?, &dev, mode, None);
     }
     let sim = GuestSim::new(DOMID, 1024)?;
-    run(&sim, mode, Some(&sim))
+    run(&sim, &sim.dev, mode, Some(&sim))
 }
 
-/// One block request in `mode`; `sim` is the emulated guest (for its frames and UNIX memory).
-fn run<G: Guest>(guest: &G, mode: &str, sim: Option<&GuestSim>) -> Result<(), Box<dyn Error>> {
-    let dev = guest.device();
+/// One block request in `mode` from `guest`, served through `dev`; `sim` is the emulated guest
+/// (for its frames and UNIX memory).
+fn run<G: Guest>(
+    guest: &G,
+    dev: &XenDev,
+    mode: &str,
+    sim: Option<&GuestSim>,
+) -> Result<(), Box<dyn Error>> {
     // The ring lives in a region mapped in advance; buffers per mode.
     let ring = guest.grant(2, false)?;
     let ring_gpa = ring.gpa(0);

@@ -10,7 +10,6 @@ use std::ptr::NonNull;
 
 use xen_sys::Gntalloc;
 
-use crate::device::XenDev;
 use crate::guest_sim::{Guest, GuestBuffer};
 use crate::xen_page::XEN_PAGE_SIZE;
 
@@ -43,8 +42,8 @@ pub enum GntallocGuestError {
         /// Buffer pages.
         pages: usize,
     },
-    /// A buffer this guest did not grant.
-    #[error("no grant in slot {slot}")]
+    /// A buffer this guest did not grant, or whose grant has ended.
+    #[error("no live grant in slot {slot}")]
     NoSuchGrant {
         /// The buffer's slot.
         slot: usize,
@@ -54,6 +53,8 @@ pub enum GntallocGuestError {
 #[derive(Debug)]
 struct Grant {
     index: u64,
+    /// The refs, in the order of the pages of `view`.
+    refs: Vec<u32>,
     pages: usize,
     /// dom0's own view of the granted pages (the gntalloc mapping).
     view: NonNull<u8>,
@@ -61,26 +62,59 @@ struct Grant {
     page_of: Vec<usize>,
 }
 
-/// dom0 playing a guest of itself. Grants are ended (munmap + DEALLOC) when it is dropped.
+/// dom0 playing a guest of itself. Grants are ended (munmap + DEALLOC) by
+/// [`GntallocGuest::end_all`] or when it is dropped.
 #[derive(Debug)]
 pub struct GntallocGuest {
     gntalloc: Gntalloc,
-    dev: XenDev,
-    grants: RefCell<Vec<Grant>>,
+    /// One slot per grant made; `None` once ended, so a stale buffer is refused.
+    grants: RefCell<Vec<Option<Grant>>>,
 }
 
 impl GntallocGuest {
-    /// Opens `/dev/xen/gntalloc`; `dev` is the backend's device (usually on `RealXen`).
-    pub fn new(dev: XenDev) -> Result<Self, GntallocGuestError> {
+    /// Opens `/dev/xen/gntalloc`.
+    pub fn new() -> Result<Self, GntallocGuestError> {
         let gntalloc = Gntalloc::open().map_err(|source| GntallocGuestError::Gntalloc {
             call: "open /dev/xen/gntalloc",
             source,
         })?;
         Ok(GntallocGuest {
             gntalloc,
-            dev,
             grants: RefCell::new(Vec::new()),
         })
+    }
+
+    /// Ends every grant: unmaps the guest's views and deallocates one page at a time, highest
+    /// ref first. Linux pushes freed refs on the head of its free list, so the next grants get
+    /// them back in ascending order, as on a fresh boot. Returns the refs ended and the
+    /// failures, if any (a DEALLOC succeeds even while a grantee still maps the page: Linux
+    /// defers the end; checking that is the caller's business).
+    pub fn end_all(&self) -> (Vec<u32>, Vec<GntallocGuestError>) {
+        let mut problems = Vec::new();
+        let mut pages = Vec::new();
+        for g in self.grants.borrow_mut().iter_mut().filter_map(Option::take) {
+            // SAFETY: the view mapping made in `grant`, of exactly this size; its slot is
+            // emptied, so no buffer reaches it any more.
+            if unsafe { libc::munmap(g.view.as_ptr().cast(), g.pages * PAGE) } != 0 {
+                problems.push(GntallocGuestError::Gntalloc {
+                    call: "munmap(gntalloc)",
+                    source: std::io::Error::last_os_error(),
+                });
+            }
+            for (i, &r) in g.refs.iter().enumerate() {
+                pages.push((r, g.index + (i * PAGE) as u64));
+            }
+        }
+        pages.sort_unstable_by_key(|&(r, _)| std::cmp::Reverse(r));
+        for &(_, index) in &pages {
+            if let Err(source) = self.gntalloc.dealloc_gref(index, 1) {
+                problems.push(GntallocGuestError::Gntalloc {
+                    call: "IOCTL_GNTALLOC_DEALLOC_GREF",
+                    source,
+                });
+            }
+        }
+        (pages.into_iter().map(|(r, _)| r).collect(), problems)
     }
 
     /// Runs `f(view_ptr, buffer_offset, len)` for each page-sized piece of
@@ -95,6 +129,7 @@ impl GntallocGuest {
         let grants = self.grants.borrow();
         let g = grants
             .get(buf.backing)
+            .and_then(Option::as_ref)
             .ok_or(GntallocGuestError::NoSuchGrant { slot: buf.backing })?;
         match offset.checked_add(len) {
             Some(end) if end <= g.pages * PAGE => {}
@@ -128,10 +163,6 @@ impl Guest for GntallocGuest {
 
     fn domid(&self) -> u16 {
         0
-    }
-
-    fn device(&self) -> &XenDev {
-        &self.dev
     }
 
     fn grant(&self, pages: usize, readonly: bool) -> Result<GuestBuffer, GntallocGuestError> {
@@ -183,12 +214,13 @@ impl Guest for GntallocGuest {
             });
         };
         let mut grants = self.grants.borrow_mut();
-        grants.push(Grant {
+        grants.push(Some(Grant {
             index,
+            refs,
             pages,
             view,
             page_of,
-        });
+        }));
         Ok(GuestBuffer {
             backing: grants.len() - 1,
             first_ref: first,
@@ -228,10 +260,7 @@ impl Guest for GntallocGuest {
 
 impl Drop for GntallocGuest {
     fn drop(&mut self) {
-        for g in self.grants.get_mut().drain(..) {
-            // SAFETY: our own gntalloc mapping of `pages` pages, unmapped once, here.
-            unsafe { libc::munmap(g.view.as_ptr().cast(), g.pages * PAGE) };
-            let _ = self.gntalloc.dealloc_gref(g.index, g.pages as u32);
-        }
+        // Failures here have no one to go to; `end_all` reports them.
+        let _ = self.end_all();
     }
 }

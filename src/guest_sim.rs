@@ -45,9 +45,6 @@ pub trait Guest {
     /// The granting domain.
     fn domid(&self) -> u16;
 
-    /// The device the backend reaches this guest through.
-    fn device(&self) -> &XenDev;
-
     /// Grants `pages` pages on consecutive refs (read-only when `readonly`).
     fn grant(&self, pages: usize, readonly: bool) -> Result<GuestBuffer, Self::Error>;
 
@@ -91,9 +88,6 @@ impl Guest for GuestSim {
     type Error = EmulationError;
     fn domid(&self) -> u16 {
         self.domid
-    }
-    fn device(&self) -> &XenDev {
-        &self.dev
     }
     fn grant(&self, pages: usize, readonly: bool) -> Result<GuestBuffer, EmulationError> {
         GuestSim::grant(self, pages, readonly)

@@ -13,52 +13,26 @@
 //!   the re-map check above is the one that sees a held mapping (proved by the
 //!   `dealloc-check-detects-held-mapping` case).
 
-use std::cell::RefCell;
 use std::os::fd::AsRawFd;
-use std::ptr::NonNull;
 
-use xen_sys::{Gntalloc, Gntdev};
-use xen_vhost_mem::xen_page::grant_addr;
+use xen_sys::Gntdev;
+use xen_vhost_mem::gntalloc_guest::GntallocGuest;
+use xen_vhost_mem::guest_sim::{Guest, GuestBuffer};
 
 const PAGE: usize = 4096;
 /// The domain the pages are granted to, and the domain the backend maps them from: dom0.
 pub const DOMID: u16 = 0;
 
 /// A buffer the guest granted: `pages` pages on consecutive refs from `first_ref`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct GuestBuf {
-    id: usize,
-    /// First grant ref; page `i` is ref `first_ref + i`.
-    pub first_ref: u32,
-    /// Number of pages.
-    pub pages: usize,
-}
+pub type GuestBuf = GuestBuffer;
 
-impl GuestBuf {
-    /// The grant address of byte `offset` of the buffer (`1 << 63 | ref << 12 | offset`).
-    pub fn gpa(&self, offset: usize) -> u64 {
-        grant_addr(
-            self.first_ref + (offset / PAGE) as u32,
-            (offset % PAGE) as u64,
-        )
-    }
-}
-
-#[derive(Debug)]
-struct Grant {
-    index: u64,
-    refs: Vec<u32>,
-    /// gntalloc's mapping of the pages (the guest's view); `None` once released.
-    view: Option<NonNull<u8>>,
-}
-
-/// dom0 as a guest that grants its own pages to itself.
+/// dom0 as a guest that grants its own pages to itself: the library's [`GntallocGuest`], plus
+/// the end-of-test checks.
 #[derive(Debug)]
 pub struct RealGuest {
-    gntalloc: Gntalloc,
+    inner: GntallocGuest,
     /// A gntdev handle of our own (not the backend's), for the end-of-test re-map checks.
     checker: Gntdev,
-    grants: RefCell<Vec<Grant>>,
     kmsg: Option<Kmsg>,
 }
 
@@ -91,12 +65,11 @@ pub fn errno_text(e: &std::io::Error) -> String {
 impl RealGuest {
     /// Opens gntalloc (the guest side), a gntdev for checks, and the kernel log.
     pub fn new() -> Result<Self, String> {
-        let gntalloc = Gntalloc::open().map_err(|e| format!("open gntalloc: {e}"))?;
+        let inner = GntallocGuest::new().map_err(|e| e.to_string())?;
         let checker = Gntdev::open().map_err(|e| format!("open gntdev: {e}"))?;
         Ok(RealGuest {
-            gntalloc,
+            inner,
             checker,
-            grants: RefCell::new(Vec::new()),
             kmsg: Kmsg::open(),
         })
     }
@@ -105,97 +78,23 @@ impl RealGuest {
     /// consecutive refs (a Linux guest's buffer uses consecutive refs), and maps the guest's
     /// view of them.
     pub fn grant(&self, pages: usize, readonly: bool) -> Result<GuestBuf, String> {
-        let count = u32::try_from(pages).map_err(|_| format!("{pages} pages"))?;
-        let (index, refs) = self
-            .gntalloc
-            .alloc_gref(DOMID, count, !readonly)
-            .map_err(|e| format!("IOCTL_GNTALLOC_ALLOC_GREF({pages}): {}", errno_text(&e)))?;
-        // Record it at once so that every path below releases it.
-        let id = {
-            let mut g = self.grants.borrow_mut();
-            g.push(Grant {
-                index,
-                refs: refs.clone(),
-                view: None,
-            });
-            g.len() - 1
-        };
-        let first_ref = *refs.first().ok_or("ALLOC_GREF returned no refs")?;
-        if refs
-            .iter()
-            .enumerate()
-            .any(|(i, &r)| u64::from(r) != u64::from(first_ref) + i as u64)
-        {
-            return Err(format!("gntalloc refs not consecutive: {refs:?}"));
-        }
-        let off = libc::off_t::try_from(index).map_err(|_| format!("index {index:#x}"))?;
-        // SAFETY: a fresh shared mapping of the gntalloc fd at the index the kernel returned
-        // for exactly `pages` pages; the result is checked for MAP_FAILED.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                pages * PAGE,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                self.gntalloc.as_raw_fd(),
-                off,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            let e = std::io::Error::last_os_error();
-            return Err(format!(
-                "mmap gntalloc index {index:#x}: {}",
-                errno_text(&e)
-            ));
-        }
-        let view = NonNull::new(p.cast::<u8>()).ok_or("mmap returned NULL")?;
-        if let Some(g) = self.grants.borrow_mut().get_mut(id) {
-            g.view = Some(view);
-        }
-        Ok(GuestBuf {
-            id,
-            first_ref,
-            pages,
-        })
-    }
-
-    fn view(&self, buf: &GuestBuf, offset: usize, len: usize) -> Result<*mut u8, String> {
-        match offset.checked_add(len) {
-            Some(end) if end <= buf.pages * PAGE => {}
-            _ => {
-                return Err(format!(
-                    "{len} bytes at {offset:#x} outside a {}-page buffer",
-                    buf.pages
-                ))
-            }
-        }
-        let g = self.grants.borrow();
-        let view = g
-            .get(buf.id)
-            .and_then(|g| g.view)
-            .ok_or_else(|| format!("buffer at ref {} already released", buf.first_ref))?;
-        // SAFETY: `offset + len <= pages * 4096`, inside the view mapping (checked above).
-        Ok(unsafe { view.as_ptr().add(offset) })
+        self.inner
+            .grant(pages, readonly)
+            .map_err(|e| format!("grant {pages} page(s): {e}"))
     }
 
     /// The guest writes `data` at `offset` of `buf`.
     pub fn write(&self, buf: &GuestBuf, offset: usize, data: &[u8]) -> Result<(), String> {
-        let p = self.view(buf, offset, data.len())?;
-        for (i, &b) in data.iter().enumerate() {
-            // SAFETY: `p..p + data.len()` lies in the live view (checked by `view`); the page
-            // is shared with the backend, so every access is volatile.
-            unsafe { p.add(i).write_volatile(b) };
-        }
-        Ok(())
+        self.inner
+            .write(buf, offset, data)
+            .map_err(|e| format!("guest write at ref {}: {e}", buf.first_ref))
     }
 
     /// The guest reads `len` bytes at `offset` of `buf`.
     pub fn read(&self, buf: &GuestBuf, offset: usize, len: usize) -> Result<Vec<u8>, String> {
-        let p = self.view(buf, offset, len)?;
-        // SAFETY: `p..p + len` lies in the live view (checked by `view`); volatile as above.
-        Ok((0..len)
-            .map(|i| unsafe { p.add(i).read_volatile() })
-            .collect())
+        self.inner
+            .read(buf, offset, len)
+            .map_err(|e| format!("guest read at ref {}: {e}", buf.first_ref))
     }
 
     /// Whether a fresh gntdev map of `gref` (domid 0) can be mmapped, i.e. the grant is still
@@ -239,34 +138,8 @@ impl RealGuest {
     /// Ends every grant of this guest and checks that nothing still mapped them (see the
     /// module docs). Ok with a summary, or Err naming every problem.
     pub fn release_all(&self) -> Result<String, String> {
-        let grants: Vec<Grant> = self.grants.borrow_mut().drain(..).collect();
-        let mut problems = Vec::new();
-        let mut refs = Vec::new();
-        for g in &grants {
-            if let Some(v) = g.view {
-                // SAFETY: the view mapping made in `grant`, of exactly this size; buffers
-                // referring to it are rejected from now on (the grant is drained).
-                if unsafe { libc::munmap(v.as_ptr().cast(), g.refs.len() * PAGE) } != 0 {
-                    problems.push(format!("munmap view index {:#x}", g.index));
-                }
-            }
-            for (i, &r) in g.refs.iter().enumerate() {
-                refs.push((r, g.index + (i * PAGE) as u64));
-            }
-        }
-        // One page at a time, highest ref first: Linux pushes freed refs on the head of its
-        // free list, so the next allocations get them back in ascending order (consecutive
-        // refs for multi-page buffers, as on a fresh boot).
-        refs.sort_unstable_by_key(|r| std::cmp::Reverse(r.0));
-        for &(r, index) in &refs {
-            if let Err(e) = self.gntalloc.dealloc_gref(index, 1) {
-                problems.push(format!(
-                    "DEALLOC_GREF ref {r} index {index:#x}: {}",
-                    errno_text(&e)
-                ));
-            }
-        }
-        let refs: Vec<u32> = refs.into_iter().map(|(r, _)| r).collect();
+        let (refs, failures) = self.inner.end_all();
+        let mut problems: Vec<String> = failures.iter().map(ToString::to_string).collect();
         let mut still = Vec::new();
         for &r in &refs {
             match self.ref_is_mappable(r) {
@@ -291,8 +164,7 @@ impl RealGuest {
         }
         if problems.is_empty() {
             Ok(format!(
-                "{} grants ({} pages) DEALLOC ok and no longer mappable, {}{}",
-                grants.len(),
+                "{} pages DEALLOC ok and no longer mappable, {}{}",
                 refs.len(),
                 if self.kmsg.is_some() {
                     "kernel log clean"
@@ -321,20 +193,6 @@ impl RealGuest {
                     .collect()
             })
             .unwrap_or_default()
-    }
-}
-
-impl Drop for RealGuest {
-    fn drop(&mut self) {
-        // Best effort for grants a failed test left behind.
-        for g in self.grants.get_mut().drain(..) {
-            if let Some(v) = g.view {
-                // SAFETY: the view mapping made in `grant`, of exactly this size; no buffer
-                // can reach it once the guest is gone.
-                unsafe { libc::munmap(v.as_ptr().cast(), g.refs.len() * PAGE) };
-            }
-            let _ = self.gntalloc.dealloc_gref(g.index, g.refs.len() as u32);
-        }
     }
 }
 
