@@ -3,7 +3,7 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use xen_vhost_mem::block_workload::{
-    emulated_block_guest, BlockWorkload, Mode, DRAIN_BATCH, QUEUE_SIZE,
+    emulated_block_guest, BenchRow, BlockWorkload, DRAIN_BATCH, QUEUE_SIZE,
 };
 use xen_vhost_mem::guest_sim::GuestSim;
 
@@ -11,12 +11,12 @@ fn block(c: &mut Criterion) {
     let mut g = c.benchmark_group("block");
     for batch in [1usize, 8, DRAIN_BATCH] {
         g.throughput(Throughput::Elements(batch as u64));
-        let cases = Mode::ALL.iter().map(|m| (m.label(), *m, false)).chain([(
-            "premapped",
-            Mode::Batched,
-            true,
-        )]);
-        for (label, mode, premapped) in cases {
+        for BenchRow {
+            label,
+            mode,
+            premapped,
+        } in BenchRow::all()
+        {
             let sim = GuestSim::new(1, 8192).expect("emulated guest");
             let (table, ring, bufs) =
                 emulated_block_guest(&sim, DRAIN_BATCH, premapped).expect("guest setup");

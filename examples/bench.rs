@@ -8,7 +8,7 @@ use std::time::Instant;
 
 use vm_memory::{Bytes, GuestAddress, Permissions};
 use xen_vhost_mem::block_workload::{
-    emulated_block_guest, BlockWorkload, Mode, DRAIN_BATCH, QUEUE_SIZE,
+    emulated_block_guest, BenchRow, BlockWorkload, DRAIN_BATCH, QUEUE_SIZE,
 };
 use xen_vhost_mem::guest_sim::{Guest as _, GuestSim};
 use xen_vhost_mem::{RegionTable, RequestMemory, Strategy, XenRegion};
@@ -21,13 +21,13 @@ struct Row {
 }
 
 fn measure(
-    mode: Mode,
-    premapped: bool,
+    row: BenchRow,
     batch: usize,
     requests: usize,
 ) -> Result<Row, Box<dyn std::error::Error>> {
+    let mode = row.mode;
     let sim = GuestSim::new(1, 8192)?;
-    let (table, ring, bufs) = emulated_block_guest(&sim, DRAIN_BATCH, premapped)?;
+    let (table, ring, bufs) = emulated_block_guest(&sim, DRAIN_BATCH, row.premapped)?;
     let mut w = BlockWorkload::new(&table, ring, QUEUE_SIZE, &bufs)?;
     for _ in 0..(64 / batch).max(2) {
         w.run_batch(mode, batch)?; // warm up
@@ -49,7 +49,7 @@ fn measure(
     if d.errors != 0 || sim.dev.counters().live_mappings() != own {
         return Err(format!(
             "{}: {} errors, {} live mappings",
-            mode.label(),
+            row.label,
             d.errors,
             sim.dev.counters().live_mappings()
         )
@@ -57,7 +57,7 @@ fn measure(
     }
     let n = (rounds * batch) as f64;
     Ok(Row {
-        strategy: if premapped { "premapped" } else { mode.label() },
+        strategy: row.label,
         batch,
         syscalls_per_request: d.syscalls() as f64 / n,
         ns_per_request: ns / n,
@@ -133,14 +133,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let mut rows = Vec::new();
     for &batch in &batches {
-        let plan = Mode::ALL
-            .iter()
-            .map(|&m| (m, false))
-            .chain([(Mode::Batched, true)]);
-        for (mode, premapped) in plan {
-            let label = if premapped { "premapped" } else { mode.label() };
-            if only.is_none_or(|o| o == label) {
-                rows.push(measure(mode, premapped, batch, requests)?);
+        for row in BenchRow::all() {
+            if only.is_none_or(|o| o == row.label) {
+                rows.push(measure(row, batch, requests)?);
             }
         }
     }

@@ -60,6 +60,36 @@ impl Mode {
     }
 }
 
+/// One benchmark row: a label, the mode, and whether the buffers are mapped in advance.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BenchRow {
+    /// `Mode::label`, or "premapped" for the ceiling.
+    pub label: &'static str,
+    /// How the device reaches on-demand buffers.
+    pub mode: Mode,
+    /// Buffers in a region mapped in advance: zero syscalls per request, the ceiling.
+    pub premapped: bool,
+}
+
+impl BenchRow {
+    /// Every mode on on-demand buffers, then the premapped ceiling: the rows every benchmark
+    /// of the block workload reports.
+    pub fn all() -> impl Iterator<Item = BenchRow> {
+        Mode::ALL
+            .iter()
+            .map(|&mode| BenchRow {
+                label: mode.label(),
+                mode,
+                premapped: false,
+            })
+            .chain([BenchRow {
+                label: "premapped",
+                mode: Mode::Batched,
+                premapped: true,
+            }])
+    }
+}
+
 /// Guest addresses of one request's three buffers.
 #[derive(Clone, Copy, Debug)]
 pub struct BlockBuffers {

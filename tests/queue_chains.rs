@@ -183,19 +183,7 @@ fn foreign_setup() -> Setup {
     let buf_gpa = 0x10_0000;
     let first_page = g.frames(0x100, 4);
     let buffers = foreign_region(&g, buf_gpa, BUF_SIZE);
-    let table = RegionTable::from_regions(vec![ring, buffers]).unwrap();
-    Setup {
-        buf_view: View::Emu {
-            emu: g.emu.clone(),
-            base: buf_gpa,
-            first_page,
-        },
-        guest: Some(g),
-        table,
-        ring_gpa,
-        ring_view,
-        buf_gpa,
-    }
+    emu_setup(g, (ring, ring_gpa, ring_view), buffers, buf_gpa, first_page)
 }
 
 /// (c) the ring and the buffers in two GRANT-in-advance regions.
@@ -205,6 +193,18 @@ fn grant_setup() -> Setup {
     let (first_page, r) = g.grant(4, false);
     let buf_gpa = grant_addr(r, 0);
     let buffers = grant_region(&g, buf_gpa, BUF_SIZE, 0x7f00_0020_0000);
+    emu_setup(g, (ring, ring_gpa, ring_view), buffers, buf_gpa, first_page)
+}
+
+/// A setup over the emulation: the ring from `grant_ring`, the buffers at `buf_gpa`, seen by
+/// the guest from emulated page `first_page` on.
+fn emu_setup(
+    g: Guest,
+    (ring, ring_gpa, ring_view): (XenRegion, u64, View),
+    buffers: XenRegion,
+    buf_gpa: u64,
+    first_page: usize,
+) -> Setup {
     let table = RegionTable::from_regions(vec![ring, buffers]).unwrap();
     Setup {
         buf_view: View::Emu {

@@ -11,7 +11,7 @@ use xen_vhost_mem::device::real::RealXen;
 use xen_vhost_mem::device::{CopySegment, DeviceError, GrantRef, Protection, XenDevice};
 
 use xen_vhost_mem::block_workload::{
-    BlockBuffers, BlockWorkload, Mode, DRAIN_BATCH, HEADER_LEN, QUEUE_SIZE,
+    BenchRow, BlockBuffers, BlockWorkload, Mode, DRAIN_BATCH, HEADER_LEN, QUEUE_SIZE,
 };
 use xen_vhost_mem::{GrantMapping, RegionTable, XenDev};
 
@@ -165,8 +165,7 @@ impl XenDevice for Timed {
 /// measured the same way). With `timed`, every device call is clocked too — which adds a
 /// clock read around each call, so timed rows are reported apart from the main table.
 fn measure(
-    mode: Mode,
-    premapped: bool,
+    bench_row: BenchRow,
     batch: usize,
     size: Size,
     clock_calls: bool,
@@ -182,7 +181,11 @@ fn measure(
         XenDev::new(Arc::new(real()?))
     };
     let guest = RealGuest::new()?;
-    let label = if premapped { "premapped" } else { mode.label() };
+    let BenchRow {
+        label,
+        mode,
+        premapped,
+    } = bench_row;
     let r = (|| {
         let (table, ring, bufs, data) = real_block_guest(&dev, &guest, DRAIN_BATCH, premapped)?;
         let mut w = BlockWorkload::new(&table, ring, QUEUE_SIZE, &bufs)
@@ -261,12 +264,12 @@ pub fn run_all(report: &mut Report) {
     };
     let mut rows: Vec<Row> = Vec::new();
     for batch in [1, 8, DRAIN_BATCH] {
-        let plan = Mode::ALL
-            .iter()
-            .map(|&m| (m, false))
-            .chain([(Mode::Batched, true)]);
-        for (mode, premapped) in plan {
-            let label = if premapped { "premapped" } else { mode.label() };
+        for bench_row in BenchRow::all() {
+            let BenchRow {
+                label,
+                mode,
+                premapped,
+            } = bench_row;
             let name = format!("bench/{label}/batch-{batch}");
             if !report.wants(&name) {
                 continue;
@@ -278,7 +281,7 @@ pub fn run_all(report: &mut Report) {
             };
             let mut out = None;
             report.case(&name, || {
-                let (row, fin) = measure(mode, premapped, batch, size, false)?;
+                let (row, fin) = measure(bench_row, batch, size, false)?;
                 let d = format!(
                     "{} requests, {:.3} syscalls/request, {:.0} ns/request; cleanup: {fin}",
                     row.requests, row.syscalls_per_request, row.ns_per_request
@@ -327,10 +330,12 @@ pub fn device_share(report: &mut Report) {
         budget: Duration::from_millis(900),
     };
     for batch in [1, 8, DRAIN_BATCH] {
-        for mode in [Mode::GrantCopy, Mode::Overwrite] {
-            let name = format!("bench/device-share/{}/batch-{batch}", mode.label());
+        let grant_copies = BenchRow::all()
+            .filter(|r| matches!(r.mode, Mode::GrantCopy | Mode::Overwrite) && !r.premapped);
+        for bench_row in grant_copies {
+            let name = format!("bench/device-share/{}/batch-{batch}", bench_row.label);
             report.case(&name, || {
-                let (row, fin) = measure(mode, false, batch, size, true)?;
+                let (row, fin) = measure(bench_row, batch, size, true)?;
                 println!(
                     "XVM-JSON {{\"bench\":\"device-share\",\"strategy\":\"{}\",\"batch\":{},\"ns_per_request\":{:.0},\"device_ns_per_request\":{:.0}}}",
                     row.label, batch, row.ns_per_request, row.device_ns_per_request
