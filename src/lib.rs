@@ -34,14 +34,18 @@
 //! block-like virtio workload the benchmarks run.
 
 pub mod backend;
+pub mod daemon;
 pub mod block_workload;
 pub mod descriptor;
+pub mod devices;
 pub mod device;
 pub mod gntalloc_guest;
 pub mod guest_sim;
 pub mod region;
 pub mod request;
 pub mod table;
+#[cfg(feature = "test-utils")]
+pub mod testing;
 pub mod xen_flags;
 pub mod xen_page;
 

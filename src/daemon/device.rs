@@ -1,0 +1,83 @@
+//! The device a daemon serves: what a vhost-device daemon implements, reduced to what the
+//! protocol and the queue workers need.
+//!
+//! Porting from vhost-user-backend's `VhostUserBackend`: `num_queues`, `max_queue_size`,
+//! `features`, `protocol_features`, `get_config` and `set_config` keep their meaning;
+//! `handle_event` (which pops chains itself over `GuestMemoryMmap`) becomes
+//! [`VhostUserDevice::serve`], which receives the chains the worker popped and the
+//! request-scoped memory to read and write them through.
+
+use virtio_queue::DescriptorChain;
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+
+use crate::request::{RequestMemory, WritableBuffers};
+
+/// `VIRTIO_F_VERSION_1`.
+pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
+/// `VIRTIO_RING_F_INDIRECT_DESC`.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
+/// `VIRTIO_RING_F_EVENT_IDX`.
+pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
+/// `VHOST_USER_F_PROTOCOL_FEATURES`.
+pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
+
+/// A chain as the device sees it: popped through the batch's request-scoped memory, so its
+/// descriptors (indirect tables in on-demand grant memory included) and buffers are reached
+/// through the same scope.
+pub type Chain<'s, 't> = DescriptorChain<&'s RequestMemory<'t>>;
+
+/// A virtio device served over vhost-user. Shared by the queue workers (one thread per
+/// queue), hence `Sync`; per-queue state belongs behind the queue index.
+pub trait VhostUserDevice: Send + Sync + 'static {
+    /// Number of queues.
+    fn num_queues(&self) -> usize;
+
+    /// Largest queue size the device accepts (`SET_VRING_NUM` above it is refused).
+    fn max_queue_size(&self) -> u16;
+
+    /// Virtio feature bits offered, device-specific and transport ones
+    /// (`VIRTIO_F_VERSION_1`, `VIRTIO_RING_F_*`). The daemon adds
+    /// `VHOST_USER_F_PROTOCOL_FEATURES`.
+    fn features(&self) -> u64;
+
+    /// Protocol features beyond those the daemon always offers (`REPLY_ACK`, `MQ`,
+    /// `CONFIGURE_MEM_SLOTS`, `CONFIG`, `RESET_DEVICE`, and `XEN_MMAP` in the `xen` build).
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::empty()
+    }
+
+    /// The features the frontend acked.
+    fn acked_features(&self, _features: u64) {}
+
+    /// The device's config space (`GET_CONFIG` reads a window of it).
+    fn config(&self) -> Vec<u8> {
+        Vec::new()
+    }
+
+    /// `SET_CONFIG`; refused unless the device has writable config fields.
+    fn set_config(&self, _offset: u32, _data: &[u8]) -> std::io::Result<()> {
+        Err(std::io::Error::from(std::io::ErrorKind::Unsupported))
+    }
+
+    /// Whether the device overwrites every byte of the device-writable buffers it asks to
+    /// write ([`WritableBuffers::Overwrite`] saves copying them in from the guest).
+    fn writable_buffers(&self) -> WritableBuffers {
+        WritableBuffers::CopyIn
+    }
+
+    /// Serves one batch of chains popped from queue `queue`, all through `mem`. Sets
+    /// `used[i]` to the bytes written into `chains[i]` (the used length). A chain whose
+    /// memory fails is completed with the device's error status where it has one, or with
+    /// used length 0; one bad chain must not stop the others. Nothing here may panic on
+    /// guest input.
+    fn serve(
+        &self,
+        queue: usize,
+        mem: &RequestMemory<'_>,
+        chains: &mut [Chain<'_, '_>],
+        used: &mut [u32],
+    );
+
+    /// The queue stopped (`GET_VRING_BASE`, reset or disconnect).
+    fn queue_stopped(&self, _queue: usize) {}
+}

@@ -1,0 +1,584 @@
+//! The vhost-user message handler: vhost parses and dispatches, this turns each message into
+//! changes of the region table, the vrings and the queue workers.
+//!
+//! Region messages become [`WireRegion`]s, are validated into descriptors and mapped into a new
+//! [`RegionTable`], which is swapped into a `GuestMemoryAtomic`: a worker's in-flight batch
+//! holds the old table until its scope ends. Ring addresses are frontend virtual addresses,
+//! translated through the table and accepted only inside regions mapped in advance, so no
+//! worker ever touches a made-up pointer or an on-demand page through the plain table.
+
+use std::fs::File;
+use std::sync::Arc;
+
+use vhost::vhost_user::message::{
+    VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
+    VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags,
+    VhostUserVringState,
+};
+use vhost::vhost_user::{Backend, GpuBackend, VhostUserBackendReqHandlerMut};
+use vhost::VhostUserMemoryRegionBase;
+use vhost_user_backend::{VringRwLock, VringT};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
+use vm_memory::{GuestMemoryRegion, GuestUsize};
+
+use super::device::{VhostUserDevice, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_RING_F_EVENT_IDX};
+use super::error::DaemonError;
+use super::worker::{DaemonStats, QueueWorker};
+use crate::descriptor::{RegionDescriptor, WireRegion};
+use crate::device::XenDev;
+use crate::region::XenRegion;
+use crate::table::RegionTable;
+
+/// Memory slots offered in `GET_MAX_MEM_SLOTS` (QEMU's and vhost-user-backend's limit).
+pub const MAX_MEM_SLOTS: usize = 509;
+
+/// The guest memory the vrings and workers share.
+pub(crate) type Memory = GuestMemoryAtomic<RegionTable>;
+/// One vring, vhost-user-backend's type over our memory.
+pub(crate) type Vring = VringRwLock<Memory>;
+
+type VhostResult<T> = vhost::vhost_user::Result<T>;
+
+/// What the connection loop needs to know about the message being handled, to answer the
+/// frontend when vhost refuses a message without replying.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct MessageTrace {
+    /// One of our ack-style methods ran for this message (vhost acks its result itself).
+    pub(crate) handled: bool,
+}
+
+/// Per-connection protocol state.
+pub(crate) struct Handler<D: VhostUserDevice> {
+    device: Arc<D>,
+    xen: Option<XenDev>,
+    mem: Memory,
+    vrings: Vec<Vring>,
+    workers: Vec<Option<QueueWorker>>,
+    stats: Arc<DaemonStats>,
+    acked_features: u64,
+    acked_protocol_features: u64,
+    features_queried: bool,
+    pub(crate) trace: MessageTrace,
+}
+
+impl<D: VhostUserDevice> std::fmt::Debug for Handler<D> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handler")
+            .field("queues", &self.vrings.len())
+            .field("acked_features", &self.acked_features)
+            .field("acked_protocol_features", &self.acked_protocol_features)
+            .finish()
+    }
+}
+
+impl<D: VhostUserDevice> Handler<D> {
+    pub(crate) fn new(
+        device: Arc<D>,
+        xen: Option<XenDev>,
+        stats: Arc<DaemonStats>,
+    ) -> Result<Self, DaemonError> {
+        let mem = GuestMemoryAtomic::new(RegionTable::new());
+        let max = device.max_queue_size();
+        let vrings = (0..device.num_queues())
+            .map(|_| {
+                Vring::new(mem.clone(), max).map_err(|e| DaemonError::RingAlignment {
+                    queue: 0,
+                    desc: 0,
+                    avail: 0,
+                    used: 0,
+                    reason: e.to_string(),
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let workers = vrings.iter().map(|_| None).collect();
+        Ok(Handler {
+            device,
+            xen,
+            mem,
+            vrings,
+            workers,
+            stats,
+            acked_features: 0,
+            acked_protocol_features: 0,
+            features_queried: false,
+            trace: MessageTrace::default(),
+        })
+    }
+
+    /// Whether vhost answers `NEED_REPLY` messages with a REPLY_ACK (its own rule: the
+    /// features it saw us offer include PROTOCOL_FEATURES and REPLY_ACK was acked).
+    pub(crate) fn reply_ack_enabled(&self) -> bool {
+        self.features_queried
+            && self.acked_protocol_features & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
+    }
+
+    /// Whether the frontend acked `XEN_MMAP`.
+    #[cfg_attr(not(feature = "xen"), allow(dead_code))]
+    pub(crate) fn xen_mmap_acked(&self) -> bool {
+        self.acked_protocol_features & VhostUserProtocolFeatures::XEN_MMAP.bits() != 0
+    }
+
+    /// The region table in use now.
+    pub(crate) fn table(&self) -> Arc<RegionTable> {
+        self.mem.memory().into_inner()
+    }
+
+    /// Stops every worker, resets the rings and drops the memory table (its mappings go
+    /// when the last in-flight batch holding it ends; all workers are joined, so now).
+    pub(crate) fn shutdown(&mut self) {
+        self.stop_workers();
+        for v in &self.vrings {
+            v.get_mut().get_queue_mut().reset();
+            v.set_enabled(false);
+            v.set_kick(None);
+            v.set_call(None);
+            v.set_err(None);
+        }
+        if let Ok(guard) = self.mem.lock() {
+            guard.replace(RegionTable::new());
+        }
+    }
+
+    fn stop_workers(&mut self) {
+        for (i, w) in self.workers.iter_mut().enumerate() {
+            if let Some(w) = w.take() {
+                w.stop();
+                self.device.queue_stopped(i);
+            }
+        }
+    }
+
+    fn vring(&self, index: u32) -> Result<&Vring, DaemonError> {
+        self.vrings
+            .get(index as usize)
+            .ok_or(DaemonError::QueueIndex {
+                index,
+                queues: self.vrings.len(),
+            })
+    }
+
+    fn offered_features(&self) -> u64 {
+        self.device.features() | VHOST_USER_F_PROTOCOL_FEATURES
+    }
+
+    fn offered_protocol_features(&self) -> VhostUserProtocolFeatures {
+        let base = VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::RESET_DEVICE
+            | VhostUserProtocolFeatures::REPLY_ACK;
+        #[cfg(feature = "xen")]
+        let base = base | VhostUserProtocolFeatures::XEN_MMAP;
+        base | self.device.protocol_features()
+    }
+
+    /// Maps one wire region.
+    fn build_region(
+        &self,
+        index: usize,
+        wire: &WireRegion,
+        file: &File,
+    ) -> Result<XenRegion, DaemonError> {
+        let desc = RegionDescriptor::from_wire(wire)
+            .map_err(|source| DaemonError::Descriptor { index, source })?;
+        XenRegion::new(desc, Some(file), self.xen.as_ref()).map_err(|source| {
+            DaemonError::Region {
+                index,
+                gpa: desc.guest_phys_addr,
+                source,
+            }
+        })
+    }
+
+    fn swap_table(&self, table: RegionTable) -> Result<(), DaemonError> {
+        if table.num_regions() > MAX_MEM_SLOTS {
+            return Err(DaemonError::TooManyRegions {
+                count: table.num_regions(),
+                max: MAX_MEM_SLOTS,
+            });
+        }
+        let guard = self.mem.lock().map_err(|_| DaemonError::Poisoned("memory"))?;
+        guard.replace(table);
+        Ok(())
+    }
+
+    /// Translates one ring address and checks that `len` bytes from it lie in one region
+    /// mapped in advance.
+    fn ring_gpa(
+        table: &RegionTable,
+        queue: u32,
+        ring: &'static str,
+        uaddr: u64,
+        len: u64,
+    ) -> Result<u64, DaemonError> {
+        let gpa = table
+            .uaddr_to_gpa(uaddr)
+            .ok_or(DaemonError::RingAddress { queue, ring, uaddr })?;
+        let not_mapped = DaemonError::RingNotMapped {
+            queue,
+            ring,
+            gpa: gpa.0,
+            len,
+        };
+        let Some(region) = table.find_region(gpa) else {
+            return Err(not_mapped);
+        };
+        let room: GuestUsize = region.last_addr().0 - gpa.0 + 1;
+        if region.host_mapping().is_none() || len > room {
+            return Err(not_mapped);
+        }
+        Ok(gpa.0)
+    }
+
+    fn start_worker(&mut self, index: usize) -> Result<(), DaemonError> {
+        if let Some(w) = self.workers.get_mut(index).and_then(Option::take) {
+            w.stop();
+        }
+        let Some(vring) = self.vrings.get(index) else {
+            return Ok(());
+        };
+        let worker = QueueWorker::start(
+            index,
+            vring.clone(),
+            self.mem.clone(),
+            self.device.clone(),
+            self.stats.clone(),
+        )
+        .map_err(|source| DaemonError::Worker {
+            queue: index,
+            source,
+        })?;
+        if let Some(slot) = self.workers.get_mut(index) {
+            *slot = Some(worker);
+        }
+        Ok(())
+    }
+
+    fn handled(&mut self) {
+        self.trace.handled = true;
+    }
+}
+
+impl<D: VhostUserDevice> Drop for Handler<D> {
+    fn drop(&mut self) {
+        self.stop_workers();
+    }
+}
+
+impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
+    fn set_owner(&mut self) -> VhostResult<()> {
+        self.handled();
+        Ok(())
+    }
+
+    fn reset_owner(&mut self) -> VhostResult<()> {
+        self.handled();
+        self.stop_workers();
+        for v in &self.vrings {
+            v.get_mut().get_queue_mut().reset();
+            v.set_enabled(false);
+        }
+        self.acked_features = 0;
+        Ok(())
+    }
+
+    fn reset_device(&mut self) -> VhostResult<()> {
+        self.reset_owner()?;
+        self.acked_protocol_features = 0;
+        Ok(())
+    }
+
+    fn get_features(&mut self) -> VhostResult<u64> {
+        self.features_queried = true;
+        Ok(self.offered_features())
+    }
+
+    fn set_features(&mut self, features: u64) -> VhostResult<()> {
+        self.handled();
+        let offered = self.offered_features();
+        if features & !offered != 0 {
+            return Err(DaemonError::Features {
+                acked: features,
+                offered,
+            }
+            .into());
+        }
+        self.acked_features = features;
+        // Without PROTOCOL_FEATURES, rings are enabled as soon as they are started.
+        let enable_all = features & VHOST_USER_F_PROTOCOL_FEATURES == 0;
+        let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
+        for v in &self.vrings {
+            v.set_queue_event_idx(event_idx);
+            if enable_all {
+                v.set_enabled(true);
+            }
+        }
+        for w in self.workers.iter().flatten() {
+            w.wake();
+        }
+        self.device.acked_features(features);
+        Ok(())
+    }
+
+    fn set_mem_table(
+        &mut self,
+        ctx: &[VhostUserMemoryRegion],
+        files: Vec<File>,
+        _postcopy_listening: Option<bool>,
+    ) -> VhostResult<Option<Vec<VhostUserMemoryRegionBase>>> {
+        self.handled();
+        if ctx.len() > MAX_MEM_SLOTS {
+            return Err(DaemonError::TooManyRegions {
+                count: ctx.len(),
+                max: MAX_MEM_SLOTS,
+            }
+            .into());
+        }
+        let mut table = RegionTable::new();
+        for (index, (r, file)) in ctx.iter().zip(&files).enumerate() {
+            let region = self.build_region(index, &WireRegion::from(r), file)?;
+            table = table.insert(Arc::new(region)).map_err(DaemonError::from)?;
+        }
+        self.swap_table(table)?;
+        Ok(None)
+    }
+
+    fn set_vring_num(&mut self, index: u32, num: u32) -> VhostResult<()> {
+        self.handled();
+        let max = self.device.max_queue_size();
+        let vring = self.vring(index)?;
+        if num == 0 || num > u32::from(max) || !num.is_power_of_two() {
+            return Err(DaemonError::QueueSize {
+                queue: index,
+                num,
+                max,
+            }
+            .into());
+        }
+        vring.set_queue_size(num as u16);
+        Ok(())
+    }
+
+    fn set_vring_addr(
+        &mut self,
+        index: u32,
+        _flags: VhostUserVringAddrFlags,
+        descriptor: u64,
+        used: u64,
+        available: u64,
+        _log: u64,
+    ) -> VhostResult<()> {
+        self.handled();
+        let vring = self.vring(index)?;
+        let size = u64::from(vring.get_ref().get_queue().size());
+        let table = self.table();
+        let desc = Self::ring_gpa(&table, index, "descriptor table", descriptor, 16 * size)?;
+        let avail = Self::ring_gpa(&table, index, "avail ring", available, 6 + 2 * size)?;
+        let used_gpa = Self::ring_gpa(&table, index, "used ring", used, 6 + 8 * size)?;
+        vring
+            .set_queue_info(desc, avail, used_gpa)
+            .map_err(|e| DaemonError::RingAlignment {
+                queue: index,
+                desc,
+                avail,
+                used: used_gpa,
+                reason: e.to_string(),
+            })?;
+        // After a driver restart the used index starts where the guest's ring says.
+        if let Ok(idx) = vring.queue_used_idx() {
+            vring.set_queue_next_used(idx);
+        }
+        Ok(())
+    }
+
+    fn set_vring_base(&mut self, index: u32, base: u32) -> VhostResult<()> {
+        self.handled();
+        let vring = self.vring(index)?;
+        let base = u16::try_from(base).map_err(|_| DaemonError::QueueBase { queue: index, base })?;
+        vring.set_queue_next_avail(base);
+        Ok(())
+    }
+
+    fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
+        let vring = self.vring(index)?.clone();
+        if let Some(w) = self.workers.get_mut(index as usize).and_then(Option::take) {
+            w.stop();
+        }
+        self.device.queue_stopped(index as usize);
+        vring.set_queue_ready(false);
+        let next_avail = vring.queue_next_avail();
+        vring.set_kick(None);
+        vring.set_call(None);
+        Ok(VhostUserVringState::new(index, u32::from(next_avail)))
+    }
+
+    fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        self.handled();
+        let vring = self.vring(u32::from(index))?.clone();
+        if let Some(w) = self.workers.get_mut(usize::from(index)).and_then(Option::take) {
+            w.stop();
+        }
+        let Some(fd) = fd else {
+            return Err(DaemonError::Unsupported("a vring without a kick fd (polling)").into());
+        };
+        vring.set_kick(Some(fd));
+        vring.set_queue_ready(true);
+        self.start_worker(usize::from(index))?;
+        Ok(())
+    }
+
+    fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        self.handled();
+        self.vring(u32::from(index))?.set_call(fd);
+        Ok(())
+    }
+
+    fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
+        self.handled();
+        self.vring(u32::from(index))?.set_err(fd);
+        Ok(())
+    }
+
+    fn get_protocol_features(&mut self) -> VhostResult<VhostUserProtocolFeatures> {
+        Ok(self.offered_protocol_features())
+    }
+
+    fn set_protocol_features(&mut self, features: u64) -> VhostResult<()> {
+        self.handled();
+        self.acked_protocol_features = features;
+        let offered = self.offered_protocol_features().bits();
+        if features & !offered != 0 {
+            return Err(DaemonError::Features {
+                acked: features,
+                offered,
+            }
+            .into());
+        }
+        Ok(())
+    }
+
+    fn get_queue_num(&mut self) -> VhostResult<u64> {
+        Ok(self.vrings.len() as u64)
+    }
+
+    fn set_vring_enable(&mut self, index: u32, enable: bool) -> VhostResult<()> {
+        self.handled();
+        self.vring(index)?.set_enabled(enable);
+        if let Some(Some(w)) = self.workers.get(index as usize) {
+            w.wake();
+        }
+        Ok(())
+    }
+
+    fn get_config(
+        &mut self,
+        offset: u32,
+        size: u32,
+        _flags: VhostUserConfigFlags,
+    ) -> VhostResult<Vec<u8>> {
+        let config = self.device.config();
+        let range = DaemonError::ConfigRange {
+            offset,
+            size,
+            len: config.len(),
+        };
+        let start = offset as usize;
+        let end = start.checked_add(size as usize).ok_or_else(|| {
+            DaemonError::ConfigRange {
+                offset,
+                size,
+                len: config.len(),
+            }
+        })?;
+        Ok(config.get(start..end).ok_or(range)?.to_vec())
+    }
+
+    fn set_config(
+        &mut self,
+        offset: u32,
+        buf: &[u8],
+        _flags: VhostUserConfigFlags,
+    ) -> VhostResult<()> {
+        self.handled();
+        self.device
+            .set_config(offset, buf)
+            .map_err(|source| DaemonError::SetConfig { offset, source })?;
+        Ok(())
+    }
+
+    fn set_backend_req_fd(&mut self, _backend: Backend) {
+        self.handled();
+    }
+
+    fn set_gpu_socket(&mut self, _gpu_backend: GpuBackend) -> VhostResult<()> {
+        self.handled();
+        Err(DaemonError::Unsupported("GPU_SET_SOCKET").into())
+    }
+
+    fn get_shared_object(&mut self, _uuid: VhostUserSharedMsg) -> VhostResult<File> {
+        Err(DaemonError::Unsupported("GET_SHARED_OBJECT").into())
+    }
+
+    fn get_inflight_fd(
+        &mut self,
+        _inflight: &VhostUserInflight,
+    ) -> VhostResult<(VhostUserInflight, File)> {
+        Err(DaemonError::Unsupported("GET_INFLIGHT_FD").into())
+    }
+
+    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VhostResult<()> {
+        self.handled();
+        Err(DaemonError::Unsupported("SET_INFLIGHT_FD").into())
+    }
+
+    fn get_max_mem_slots(&mut self) -> VhostResult<u64> {
+        Ok(MAX_MEM_SLOTS as u64)
+    }
+
+    fn add_mem_region(
+        &mut self,
+        region: &VhostUserSingleMemoryRegion,
+        fd: File,
+        _postcopy_listening: Option<bool>,
+    ) -> VhostResult<Option<VhostUserMemoryRegionBase>> {
+        self.handled();
+        let table = self.table();
+        let new = self.build_region(0, &WireRegion::from(region), &fd)?;
+        let table = table.insert(Arc::new(new)).map_err(DaemonError::from)?;
+        self.swap_table(table)?;
+        Ok(None)
+    }
+
+    fn remove_mem_region(&mut self, region: &VhostUserSingleMemoryRegion) -> VhostResult<()> {
+        self.handled();
+        let (table, _removed) = self
+            .table()
+            .remove(region.guest_phys_addr, region.memory_size)
+            .map_err(DaemonError::from)?;
+        self.swap_table(table)?;
+        Ok(())
+    }
+
+    fn set_device_state_fd(
+        &mut self,
+        _direction: VhostTransferStateDirection,
+        _phase: VhostTransferStatePhase,
+        _fd: File,
+    ) -> VhostResult<Option<File>> {
+        Err(DaemonError::Unsupported("SET_DEVICE_STATE_FD").into())
+    }
+
+    fn check_device_state(&mut self) -> VhostResult<()> {
+        Err(DaemonError::Unsupported("CHECK_DEVICE_STATE").into())
+    }
+
+    fn get_shmem_config(&mut self) -> VhostResult<VhostUserShMemConfig> {
+        Err(DaemonError::Unsupported("GET_SHMEM_CONFIG").into())
+    }
+
+    fn set_log_base(&mut self, _log: &VhostUserLog, _file: File) -> VhostResult<()> {
+        Err(DaemonError::Unsupported("SET_LOG_BASE").into())
+    }
+}

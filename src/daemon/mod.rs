@@ -1,0 +1,124 @@
+//! The daemon runtime: vhost-user messages in, requests served through request-scoped
+//! memory.
+//!
+//! [`VhostUserDaemon`] serves a [`VhostUserDevice`] on a Unix socket. vhost 0.18 parses and
+//! dispatches the messages; our handler turns region messages into the [`RegionTable`]
+//! (validated per region, each kind mapped the way Xen requires, swapped in atomically) and
+//! vring messages into one worker thread per queue. Workers serve each kick in batches
+//! through one [`RequestMemory`] scope, finished before the used entries are written.
+//!
+//! Build flavours: without the crate's `xen` feature the wire format is the standard one
+//! (32-byte regions, UNIX memory), which is what stock QEMU speaks. With it, vhost parses the
+//! 40-byte `XEN_MMAP` layout and offers `XEN_MMAP`; vhost 0.18's `xen` build then refuses a
+//! frontend that does not ack `XEN_MMAP` (this daemon closes such a connection with an
+//! error), so a stock QEMU needs the build without `xen`. The memory layer chooses per
+//! region at run time in both.
+//!
+//! [`RegionTable`]: crate::RegionTable
+//! [`RequestMemory`]: crate::RequestMemory
+
+mod connection;
+mod device;
+mod error;
+mod handler;
+mod wire;
+mod worker;
+
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::sync::{Arc, Mutex};
+
+pub use connection::ConnectionEnd;
+pub use device::{
+    Chain, VhostUserDevice, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
+};
+pub use error::DaemonError;
+pub use handler::MAX_MEM_SLOTS;
+pub use worker::{DaemonStats, StatsSnapshot, MAX_BATCH};
+
+use crate::device::XenDev;
+use handler::Handler;
+
+/// A vhost-user daemon serving one device, one frontend connection at a time.
+#[derive(Debug)]
+pub struct VhostUserDaemon<D: VhostUserDevice> {
+    device: Arc<D>,
+    xen: Option<XenDev>,
+    stats: Arc<DaemonStats>,
+}
+
+impl<D: VhostUserDevice> VhostUserDaemon<D> {
+    /// A daemon for `device`. Without [`VhostUserDaemon::with_xen`] it maps UNIX regions only
+    /// and refuses Xen regions with `RegionError::NoDevice`.
+    pub fn new(device: Arc<D>) -> Self {
+        VhostUserDaemon {
+            device,
+            xen: None,
+            stats: Arc::default(),
+        }
+    }
+
+    /// Maps FOREIGN and GRANT regions through `xen` (the real drivers, or the emulation in
+    /// tests).
+    pub fn with_xen(mut self, xen: XenDev) -> Self {
+        self.xen = Some(xen);
+        self
+    }
+
+    /// The device.
+    pub fn device(&self) -> &Arc<D> {
+        &self.device
+    }
+
+    /// The Xen device handle, when there is one (its counters count every Xen syscall).
+    pub fn xen(&self) -> Option<&XenDev> {
+        self.xen.as_ref()
+    }
+
+    /// What the workers did so far, over all connections.
+    pub fn stats(&self) -> &Arc<DaemonStats> {
+        &self.stats
+    }
+
+    /// Serves one connected frontend until it closes the socket or the socket breaks. Refused
+    /// messages are answered and the connection goes on. At the end every worker is joined
+    /// and the memory table dropped: nothing stays mapped.
+    pub fn serve_connection(&self, stream: UnixStream) -> Result<ConnectionEnd, DaemonError> {
+        let handler = Arc::new(Mutex::new(Handler::new(
+            self.device.clone(),
+            self.xen.clone(),
+            self.stats.clone(),
+        )?));
+        let end = connection::serve_connection(stream, handler.clone());
+        match handler.lock() {
+            Ok(mut h) => h.shutdown(),
+            Err(_) => return Err(DaemonError::Poisoned("handler")),
+        }
+        self.stats
+            .connections
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if let Some(x) = &self.xen {
+            let live = x.counters().live_mappings();
+            if live != 0 {
+                log::error!("{live} mappings still live after the connection ended");
+            }
+        }
+        log::info!("connection ended: {end:?}");
+        Ok(end)
+    }
+
+    /// Accepts frontends on `listener` one after another and serves each; returns after
+    /// `connections` of them (`None`: never). A frontend's errors never end the loop.
+    pub fn serve(&self, listener: &UnixListener, connections: Option<usize>) -> std::io::Result<()> {
+        let mut served = 0;
+        while connections.is_none_or(|n| served < n) {
+            let (stream, _) = listener.accept()?;
+            log::info!("frontend connected");
+            if let Err(e) = self.serve_connection(stream) {
+                log::error!("connection: {e}");
+            }
+            served += 1;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,284 @@
+//! One worker thread per queue. The unit of work is the kick: drain the avail ring in
+//! bounded batches; pop each batch's chains through one request scope (so descriptor tables
+//! in on-demand grant memory are fetched through it too), prefetch their on-demand pages in
+//! one go, let the device serve them, finish the scope (copy back, unmap), and only then add
+//! the used entries and notify once: a guest ends foreign access to its buffers when it sees
+//! them used, so nothing of the batch may still be mapped by then.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use vhost_user_backend::VringT;
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::device::VhostUserDevice;
+use super::handler::{Memory, Vring};
+use crate::request::RequestMemory;
+
+/// Most chains served in one request scope. Bounds what one scope holds (pages, mappings)
+/// and how long used entries wait; a deeper queue is served in several batches per kick.
+pub const MAX_BATCH: usize = 64;
+
+const KICK: u64 = 0;
+const WAKE: u64 = 1;
+
+/// Counters of what the workers did, shared by all connections of a daemon.
+#[derive(Debug, Default)]
+pub struct DaemonStats {
+    /// Chains served (used entries added).
+    pub requests: AtomicU64,
+    /// Request scopes (batches) served.
+    pub batches: AtomicU64,
+    /// Kicks read from the frontend.
+    pub kicks: AtomicU64,
+    /// Calls signalled to the frontend.
+    pub calls: AtomicU64,
+    /// Request scopes whose `finish` reported an error (copy-back or unmap).
+    pub scope_errors: AtomicU64,
+    /// Connections served to the end.
+    pub connections: AtomicU64,
+}
+
+impl DaemonStats {
+    /// A plain copy of the counters.
+    pub fn snapshot(&self) -> StatsSnapshot {
+        StatsSnapshot {
+            requests: self.requests.load(Ordering::Relaxed),
+            batches: self.batches.load(Ordering::Relaxed),
+            kicks: self.kicks.load(Ordering::Relaxed),
+            calls: self.calls.load(Ordering::Relaxed),
+            scope_errors: self.scope_errors.load(Ordering::Relaxed),
+            connections: self.connections.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// A copy of [`DaemonStats`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StatsSnapshot {
+    /// Chains served.
+    pub requests: u64,
+    /// Batches served.
+    pub batches: u64,
+    /// Kicks read.
+    pub kicks: u64,
+    /// Calls signalled.
+    pub calls: u64,
+    /// Scopes whose finish failed.
+    pub scope_errors: u64,
+    /// Connections ended.
+    pub connections: u64,
+}
+
+/// A running queue worker; stopping it joins the thread after its current batch.
+#[derive(Debug)]
+pub(crate) struct QueueWorker {
+    stop: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl QueueWorker {
+    /// Starts the worker of queue `index`, whose kick fd is already set.
+    pub(crate) fn start<D: VhostUserDevice>(
+        index: usize,
+        vring: Vring,
+        mem: Memory,
+        device: Arc<D>,
+        stats: Arc<DaemonStats>,
+    ) -> std::io::Result<Self> {
+        let stop = Arc::new(AtomicBool::new(false));
+        let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
+        let epoll = Epoll::new()?;
+        epoll.ctl(
+            ControlOperation::Add,
+            wake.as_raw_fd(),
+            EpollEvent::new(EventSet::IN, WAKE),
+        )?;
+        let kick_fd = vring.get_ref().get_kick().as_ref().map(|k| k.as_raw_fd());
+        if let Some(fd) = kick_fd {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, KICK),
+            )?;
+        }
+        let worker = Worker {
+            index,
+            vring,
+            mem,
+            device,
+            stats,
+            stop: stop.clone(),
+            wake: wake.clone(),
+            epoll,
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("vq{index}"))
+            .spawn(move || worker.run())?;
+        Ok(QueueWorker {
+            stop,
+            wake,
+            thread: Some(thread),
+        })
+    }
+
+    /// Makes the worker look at its ring again (enabled, features changed).
+    pub(crate) fn wake(&self) {
+        // A full eventfd counter already means "wake up".
+        let _ = self.wake.write(1);
+    }
+
+    /// Stops the worker after its current batch and waits for it.
+    pub(crate) fn stop(mut self) {
+        self.halt();
+    }
+
+    fn halt(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.wake();
+        if let Some(t) = self.thread.take() {
+            if t.join().is_err() {
+                log::error!("a queue worker panicked");
+            }
+        }
+    }
+}
+
+impl Drop for QueueWorker {
+    fn drop(&mut self) {
+        self.halt();
+    }
+}
+
+struct Worker<D: VhostUserDevice> {
+    index: usize,
+    vring: Vring,
+    mem: Memory,
+    device: Arc<D>,
+    stats: Arc<DaemonStats>,
+    stop: Arc<AtomicBool>,
+    wake: Arc<EventFd>,
+    epoll: Epoll,
+}
+
+impl<D: VhostUserDevice> Worker<D> {
+    fn run(self) {
+        let mut events = [EpollEvent::default(); 2];
+        loop {
+            let n = match self.epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    log::error!("vq{}: epoll: {e}", self.index);
+                    return;
+                }
+            };
+            for ev in events.iter().take(n) {
+                match ev.data() {
+                    KICK => match self.vring.read_kick() {
+                        Ok(_) => {
+                            self.stats.kicks.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                        Err(e) => {
+                            log::error!("vq{}: kick: {e}", self.index);
+                            return;
+                        }
+                    },
+                    _ => {
+                        let _ = self.wake.read();
+                    }
+                }
+            }
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            if self.vring.get_ref().is_enabled() {
+                self.process_queue();
+            }
+        }
+    }
+
+    /// Serves until the ring is empty with notifications re-enabled (the usual
+    /// disable / drain / enable-and-recheck loop, which also honours EVENT_IDX).
+    fn process_queue(&self) {
+        loop {
+            if let Err(e) = self.vring.disable_notification() {
+                log::warn!("vq{}: disable notification: {e}", self.index);
+                return;
+            }
+            while self.serve_batch() == MAX_BATCH {
+                if self.stop.load(Ordering::Acquire) {
+                    return;
+                }
+            }
+            match self.vring.enable_notification() {
+                Ok(true) => continue,
+                Ok(false) => return,
+                Err(e) => {
+                    log::warn!("vq{}: enable notification: {e}", self.index);
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Pops, serves and completes up to [`MAX_BATCH`] chains; returns how many.
+    fn serve_batch(&self) -> usize {
+        let table = self.mem.memory();
+        let scope = RequestMemory::new(&table).writable_buffers(self.device.writable_buffers());
+        let mut chains = Vec::with_capacity(MAX_BATCH);
+        {
+            let mut state = self.vring.get_mut();
+            let queue = state.get_queue_mut();
+            while chains.len() < MAX_BATCH {
+                match queue.pop_descriptor_chain(&scope) {
+                    Some(c) => chains.push(c),
+                    None => break,
+                }
+            }
+        }
+        let n = chains.len();
+        if n == 0 {
+            return 0;
+        }
+        let heads: Vec<u16> = chains.iter().map(|c| c.head_index()).collect();
+        if let Err(e) = scope.prefetch_chains(&chains) {
+            // Best effort: each page that failed reports its error when the device touches it.
+            log::debug!("vq{}: prefetch: {e}", self.index);
+        }
+        let mut used = vec![0u32; n];
+        self.device
+            .serve(self.index, &scope, &mut chains, &mut used);
+        drop(chains);
+        if let Err(e) = scope.finish() {
+            log::warn!("vq{}: ending the request scope: {e}", self.index);
+            self.stats.scope_errors.fetch_add(1, Ordering::Relaxed);
+        }
+        let mut state = self.vring.get_mut();
+        for (&head, &len) in heads.iter().zip(&used) {
+            if let Err(e) = state.add_used(head, len) {
+                log::warn!("vq{}: add_used({head}): {e}", self.index);
+            }
+        }
+        self.stats.requests.fetch_add(n as u64, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        match state.needs_notification() {
+            Ok(true) => match state.signal_used_queue() {
+                Ok(()) => {
+                    self.stats.calls.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(e) => log::warn!("vq{}: call: {e}", self.index),
+            },
+            Ok(false) => {}
+            Err(e) => log::warn!("vq{}: used event: {e}", self.index),
+        }
+        n
+    }
+}

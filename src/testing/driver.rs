@@ -1,0 +1,885 @@
+//! A vhost-user frontend and a virtio driver in one process: what a daemon's test suite, a
+//! demo or a benchmark needs to drive a daemon over a real Unix socket.
+//!
+//! [`VirtioDriver::connect`] plays the VMM (the vhost crate's own `Frontend` negotiates,
+//! sends the memory table and the vrings) and the guest driver (split virtqueues in guest
+//! memory it writes itself, kicks and calls through eventfds). Guest memory is a memfd
+//! ([`GuestMode::Unix`], what QEMU sends) or, in the `xen` build, an emulated Xen guest:
+//! [`GuestMode::Grant`] sends each ring as a GRANT region mapped in advance at its own
+//! mid-page address and everything else from `1 << 63` up as on-demand GRANT regions, as
+//! xen-vhost-frontend does; [`GuestMode::Foreign`] sends the guest's frames as one FOREIGN
+//! region. Buffers the device only reads are granted read-only.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::Path;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::emulated::EmulatedXen;
+use crate::daemon::{
+    VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    VIRTIO_RING_F_INDIRECT_DESC,
+};
+use crate::device::XenDev;
+use crate::xen_page::{grant_addr, GRANT_ADDR_BIT, XEN_PAGE_SIZE};
+
+const PAGE: u64 = XEN_PAGE_SIZE;
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const F_INDIRECT: u16 = 4;
+/// Where each ring piece starts inside its page in GRANT mode (mid-page, as vrings are).
+const RING_PAGE_OFFSET: u64 = 0x840;
+/// Domain id of the emulated guest.
+pub const GUEST_DOMID: u16 = 1;
+/// Frontend virtual address the rings are announced at (any nonzero value; only its
+/// relation to the regions' `userspace_addr` matters).
+const FAKE_VA: u64 = 0x7f00_0000_0000;
+/// Xen flags on the wire.
+const XEN_FOREIGN: u32 = 0x1;
+const XEN_GRANT: u32 = 0x2;
+const XEN_NO_ADVANCE: u32 = 0x8;
+
+/// How the driver's guest memory reaches the daemon.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GuestMode {
+    /// A memfd (UNIX region), as QEMU sends.
+    Unix,
+    /// Emulated Xen: rings GRANT in advance, buffers GRANT on demand (`xen` build).
+    Grant,
+    /// Emulated Xen: all memory as FOREIGN frames (`xen` build).
+    Foreign,
+}
+
+/// Why driving the daemon failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DriverError {
+    /// The vhost-user conversation.
+    #[error("vhost-user: {0}")]
+    Vhost(#[from] vhost::Error),
+    /// A system call (memfd, mmap, eventfd, poll).
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// The emulated Xen guest.
+    #[error("emulated guest: {0}")]
+    Emulation(#[from] super::emulated::EmulationError),
+    /// The daemon did not complete a request in time.
+    #[error("queue {queue}: no completion within {secs} s")]
+    Timeout {
+        /// Queue.
+        queue: usize,
+        /// Seconds waited.
+        secs: u64,
+    },
+    /// The daemon returned something impossible.
+    #[error("queue {queue}: {what}")]
+    Protocol {
+        /// Queue.
+        queue: usize,
+        /// What.
+        what: String,
+    },
+    /// The layout asked for does not fit.
+    #[error("layout: {0}")]
+    Layout(String),
+}
+
+/// How the driver sets itself up.
+#[derive(Clone, Debug)]
+pub struct DriverConfig {
+    /// Guest memory kind.
+    pub mode: GuestMode,
+    /// Queues to set up (at most what the device has).
+    pub queues: usize,
+    /// Queue size (a power of two, at most the device's).
+    pub queue_size: u16,
+    /// Requests in flight per queue.
+    pub depth: usize,
+    /// Largest data buffer of one request, in bytes.
+    pub max_data: usize,
+    /// Put each chain in an indirect descriptor table (in on-demand memory in GRANT mode).
+    pub indirect: bool,
+    /// Negotiate `VIRTIO_RING_F_EVENT_IDX`.
+    pub event_idx: bool,
+}
+
+impl Default for DriverConfig {
+    fn default() -> Self {
+        DriverConfig {
+            mode: GuestMode::Unix,
+            queues: 1,
+            queue_size: 256,
+            depth: 8,
+            max_data: 64 * 1024,
+            indirect: false,
+            event_idx: true,
+        }
+    }
+}
+
+/// One buffer of a chain: guest address, length, whether the device writes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Buf {
+    /// Guest address.
+    pub gpa: u64,
+    /// Bytes.
+    pub len: u32,
+    /// Device-writable.
+    pub write: bool,
+}
+
+/// The guest's memory as the driver sees it.
+#[derive(Debug)]
+enum Memory {
+    /// A memfd mapped here; gpa `base + off` is byte `off`.
+    Unix {
+        file: File,
+        ptr: *mut u8,
+        len: usize,
+        base: u64,
+    },
+    /// Pages of the emulated Xen: spans of guest addresses onto emulation pages.
+    Emulated {
+        emu: Arc<EmulatedXen>,
+        dev: XenDev,
+        /// (first gpa, bytes, first emulation page) of each span; page-aligned gpas.
+        spans: Vec<(u64, u64, usize)>,
+    },
+}
+
+// SAFETY: the raw pointer is a MAP_SHARED mapping owned by this value; accesses go through
+// volatile copies and the mapping lives until drop.
+unsafe impl Send for Memory {}
+
+impl Memory {
+    fn unix(len: usize, base: u64) -> Result<Self, DriverError> {
+        // SAFETY: memfd_create with a valid C string.
+        let fd = unsafe { libc::memfd_create(c"xvm-guest-ram".as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        // SAFETY: fd is a new descriptor we own.
+        let file = unsafe { File::from_raw_fd(fd) };
+        file.set_len(len as u64)?;
+        // SAFETY: mapping a file we own, shared, whole length.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error().into());
+        }
+        Ok(Memory::Unix {
+            file,
+            ptr: ptr.cast(),
+            len,
+            base,
+        })
+    }
+
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), DriverError> {
+        match self {
+            Memory::Unix { ptr, len, base, .. } => {
+                let off = unix_offset(gpa, data.len(), *base, *len)?;
+                // SAFETY: off..off+len is inside the mapping (checked above).
+                unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.add(off), data.len()) };
+                Ok(())
+            }
+            Memory::Emulated { emu, spans, .. } => {
+                let (page, off) = emu_offset(spans, gpa, data.len())?;
+                Ok(emu.write_page(page, off, data)?)
+            }
+        }
+    }
+
+    fn read(&self, gpa: u64, out: &mut [u8]) -> Result<(), DriverError> {
+        match self {
+            Memory::Unix { ptr, len, base, .. } => {
+                let off = unix_offset(gpa, out.len(), *base, *len)?;
+                // SAFETY: off..off+len is inside the mapping (checked above).
+                unsafe { std::ptr::copy_nonoverlapping(ptr.add(off), out.as_mut_ptr(), out.len()) };
+                Ok(())
+            }
+            Memory::Emulated { emu, spans, .. } => {
+                let (page, off) = emu_offset(spans, gpa, out.len())?;
+                out.copy_from_slice(&emu.read_page(page, off, out.len())?);
+                Ok(())
+            }
+        }
+    }
+}
+
+impl Drop for Memory {
+    fn drop(&mut self) {
+        if let Memory::Unix { ptr, len, .. } = self {
+            // SAFETY: the mapping made in `unix`, unmapped once.
+            unsafe { libc::munmap(ptr.cast(), *len) };
+        }
+    }
+}
+
+fn unix_offset(gpa: u64, n: usize, base: u64, len: usize) -> Result<usize, DriverError> {
+    gpa.checked_sub(base)
+        .and_then(|o| usize::try_from(o).ok())
+        .filter(|o| o.checked_add(n).is_some_and(|e| e <= len))
+        .ok_or_else(|| DriverError::Layout(format!("gpa {gpa:#x} (+{n}) outside guest RAM")))
+}
+
+fn emu_offset(spans: &[(u64, u64, usize)], gpa: u64, n: usize) -> Result<(usize, usize), DriverError> {
+    spans
+        .iter()
+        .find(|&&(start, len, _)| gpa >= start && gpa + n as u64 <= start + len)
+        .map(|&(start, _, page)| (page, (gpa - start) as usize))
+        .ok_or_else(|| DriverError::Layout(format!("gpa {gpa:#x} (+{n}) in no span")))
+}
+
+/// A bump allocator over one span of guest addresses.
+#[derive(Debug)]
+struct Pool {
+    next: u64,
+    end: u64,
+}
+
+impl Pool {
+    fn alloc(&mut self, len: u64, align: u64) -> Result<u64, DriverError> {
+        let at = self.next.next_multiple_of(align);
+        if at + len > self.end {
+            return Err(DriverError::Layout(format!("pool exhausted ({len} bytes)")));
+        }
+        self.next = at + len;
+        Ok(at)
+    }
+}
+
+/// A region to announce, with the fd to send.
+#[derive(Debug)]
+struct RegionSpec {
+    gpa: u64,
+    size: u64,
+    uaddr: u64,
+    offset: u64,
+    flags: u32,
+    fd: i32,
+}
+
+/// The driver side of one split virtqueue.
+#[derive(Debug)]
+struct DriverQueue {
+    size: u16,
+    desc: u64,
+    avail: u64,
+    used: u64,
+    avail_idx: u16,
+    used_idx: u16,
+    kick: EventFd,
+    call: EventFd,
+    /// Per slot: header, data (device reads), data (device writes), status, indirect table.
+    slots: Vec<Slot>,
+    free: Vec<usize>,
+}
+
+/// Fixed buffers of one request slot.
+#[derive(Clone, Copy, Debug)]
+pub struct Slot {
+    /// 16 bytes, device-readable (granted read-only).
+    pub header: u64,
+    /// `max_data` bytes the device reads (granted read-only).
+    pub data_out: u64,
+    /// `max_data` bytes the device writes.
+    pub data_in: u64,
+    /// 1 byte the device writes.
+    pub status: u64,
+    /// Room for an indirect table of 4 descriptors (device-readable).
+    pub table: u64,
+}
+
+/// A completed chain: the slot it used and the used length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Completion {
+    /// Slot index.
+    pub slot: usize,
+    /// Bytes the device wrote.
+    pub len: u32,
+}
+
+/// A frontend plus a virtio driver, connected to a daemon.
+pub struct VirtioDriver {
+    frontend: Frontend,
+    mem: Memory,
+    queues: Vec<DriverQueue>,
+    features: u64,
+    config: DriverConfig,
+    _region_fds: Vec<File>,
+}
+
+impl std::fmt::Debug for VirtioDriver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VirtioDriver")
+            .field("mode", &self.config.mode)
+            .field("queues", &self.queues.len())
+            .field("features", &self.features)
+            .finish()
+    }
+}
+
+impl VirtioDriver {
+    /// Connects to the daemon at `path` and sets everything up (features, memory table,
+    /// vrings, enable).
+    pub fn connect(path: &Path, config: DriverConfig) -> Result<Self, DriverError> {
+        let frontend = Frontend::connect(path, config.queues as u64)?;
+        Self::with_frontend(frontend, config)
+    }
+
+    /// Sets up over an already connected frontend.
+    pub fn with_frontend(mut frontend: Frontend, config: DriverConfig) -> Result<Self, DriverError> {
+        let qs = u64::from(config.queue_size);
+        if !config.queue_size.is_power_of_two() || 3 * config.depth > usize::from(config.queue_size) {
+            return Err(DriverError::Layout(format!(
+                "queue size {} must be a power of two holding 3 descriptors per slot for depth {}",
+                config.queue_size, config.depth
+            )));
+        }
+        let data = (config.max_data as u64).next_multiple_of(PAGE);
+        let small_per_slot = 16 + 1 + 64;
+        let slots_total = (config.queues * config.depth) as u64;
+        let ring_bytes = [16 * qs, 6 + 2 * qs, 6 + 8 * qs];
+        let (mem, mut ro, mut rw, rings, regions, fds) = match config.mode {
+            GuestMode::Unix => {
+                let rings_len: u64 = config.queues as u64 * 3 * (16 * qs + PAGE);
+                let len = rings_len + slots_total * (2 * data + 4 * PAGE) + 4 * PAGE;
+                let len = len.next_multiple_of(PAGE);
+                let base = 0x10_0000;
+                let mem = Memory::unix(len as usize, base)?;
+                let (fd, ptr) = match &mem {
+                    Memory::Unix { file, ptr, .. } => (file.as_raw_fd(), *ptr as u64),
+                    Memory::Emulated { .. } => (-1, 0),
+                };
+                let mut pool = Pool {
+                    next: base,
+                    end: base + len,
+                };
+                let mut rings = Vec::new();
+                for _ in 0..config.queues {
+                    let d = pool.alloc(ring_bytes[0], 16)?;
+                    let a = pool.alloc(ring_bytes[1], 2)?;
+                    let u = pool.alloc(ring_bytes[2], 4)?;
+                    rings.push([d, a, u]);
+                }
+                let regions = vec![RegionSpec {
+                    gpa: base,
+                    size: len,
+                    uaddr: ptr,
+                    offset: 0,
+                    flags: 0,
+                    fd,
+                }];
+                let rest = Pool {
+                    next: pool.next,
+                    end: base + len,
+                };
+                // One pool serves both directions in UNIX memory.
+                let split = rest.next + (rest.end - rest.next) / 2;
+                let ro = Pool {
+                    next: rest.next,
+                    end: split,
+                };
+                let rw = Pool {
+                    next: split,
+                    end: rest.end,
+                };
+                (mem, ro, rw, rings, regions, Vec::new())
+            }
+            GuestMode::Grant | GuestMode::Foreign if !cfg!(feature = "xen") => {
+                return Err(DriverError::Layout(
+                    "GRANT and FOREIGN regions need the 40-byte XEN_MMAP layout: build with the `xen` feature".into(),
+                ))
+            }
+            GuestMode::Grant | GuestMode::Foreign => Self::emulated_layout(&config, &ring_bytes, data, small_per_slot)?,
+        };
+        let mut queues = Vec::new();
+        for ring in rings.iter().take(config.queues) {
+            let mut slots = Vec::new();
+            for _ in 0..config.depth {
+                slots.push(Slot {
+                    header: ro.alloc(16, 16)?,
+                    data_out: ro.alloc(data, PAGE)?,
+                    data_in: rw.alloc(data, PAGE)?,
+                    status: rw.alloc(1, 1)?,
+                    table: ro.alloc(64, 16)?,
+                });
+            }
+            queues.push(DriverQueue {
+                size: config.queue_size,
+                desc: ring[0],
+                avail: ring[1],
+                used: ring[2],
+                avail_idx: 0,
+                used_idx: 0,
+                kick: EventFd::new(0)?,
+                call: EventFd::new(0)?,
+                free: (0..config.depth).rev().collect(),
+                slots,
+            });
+        }
+
+        // The VMM's side of the conversation, in QEMU's order.
+        frontend.set_owner()?;
+        let offered = frontend.get_features()?;
+        if offered & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
+            let p = frontend.get_protocol_features()?;
+            let proto = p
+                & (VhostUserProtocolFeatures::MQ
+                    | VhostUserProtocolFeatures::CONFIG
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+                    | VhostUserProtocolFeatures::XEN_MMAP);
+            frontend.set_protocol_features(proto)?;
+            if proto.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+                frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+            }
+        }
+        let mut want = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | (offered & 0xffff_ffff & !(VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC));
+        if config.event_idx {
+            want |= VIRTIO_RING_F_EVENT_IDX;
+        }
+        if config.indirect {
+            want |= VIRTIO_RING_F_INDIRECT_DESC;
+        }
+        let features = offered & want;
+        frontend.set_features(features)?;
+        let infos: Vec<VhostUserMemoryRegionInfo> = regions.iter().map(region_info).collect();
+        frontend.set_mem_table(&infos)?;
+        let mut driver = VirtioDriver {
+            frontend,
+            mem,
+            queues,
+            features,
+            config,
+            _region_fds: fds,
+        };
+        for q in 0..driver.queues.len() {
+            driver.start_queue(q, &rings)?;
+        }
+        Ok(driver)
+    }
+
+    /// GRANT or FOREIGN layout over a fresh emulated Xen guest.
+    #[allow(clippy::type_complexity)]
+    fn emulated_layout(
+        config: &DriverConfig,
+        ring_bytes: &[u64; 3],
+        data: u64,
+        small_per_slot: u64,
+    ) -> Result<(Memory, Pool, Pool, Vec<[u64; 3]>, Vec<RegionSpec>, Vec<File>), DriverError> {
+        let slots = (config.queues * config.depth) as u64;
+        // Page-aligned data buffers; the small buffers of a slot share the page after them.
+        let ro_pages = slots * (data / PAGE + 1) + small_per_slot.div_ceil(PAGE) + 2;
+        let rw_pages = slots * (data / PAGE + 1) + 2;
+        let ring_pages: Vec<u64> = ring_bytes
+            .iter()
+            .map(|&b| (RING_PAGE_OFFSET + b).div_ceil(PAGE))
+            .collect();
+        let all_ring_pages: u64 = ring_pages.iter().sum::<u64>() * config.queues as u64;
+        let total = (ro_pages + rw_pages + all_ring_pages) as usize;
+        let emu = Arc::new(EmulatedXen::new(total + 16)?);
+        let dev = XenDev::new(emu.clone());
+        // Any fd will do: the daemon maps Xen regions through its own device handle.
+        let dummy = File::open("/dev/null")?;
+        let mut spans = Vec::new();
+        let mut regions = Vec::new();
+        let mut rings = Vec::new();
+        let (ro, rw) = if config.mode == GuestMode::Grant {
+            let mut grant = |pages: u64, readonly: bool| -> Result<u64, DriverError> {
+                let page = emu.alloc_pages(pages as usize)?;
+                let gref = emu.grant_pages(GUEST_DOMID, page, pages as usize, readonly)?;
+                let gpa = grant_addr(gref, 0);
+                spans.push((gpa, pages * PAGE, page));
+                Ok(gpa)
+            };
+            for _ in 0..config.queues {
+                let mut ring = [0u64; 3];
+                for (i, &pages) in ring_pages.iter().enumerate() {
+                    ring[i] = grant(pages, false)? + RING_PAGE_OFFSET;
+                }
+                rings.push(ring);
+            }
+            let ro_gpa = grant(ro_pages, true)?;
+            let rw_gpa = grant(rw_pages, false)?;
+            // Rings in advance at their own address and size (+2 bytes past avail and used,
+            // as xen-vhost-frontend sends them); on-demand regions between, from the next
+            // page boundary after each ring.
+            let mut pieces: Vec<(u64, u64)> = rings
+                .iter()
+                .flat_map(|r| {
+                    [
+                        (r[0], ring_bytes[0]),
+                        (r[1], ring_bytes[1] + 2),
+                        (r[2], ring_bytes[2] + 2),
+                    ]
+                })
+                .collect();
+            pieces.sort_unstable();
+            let end = spans.iter().map(|s| s.0 + s.1).max().unwrap_or(GRANT_ADDR_BIT);
+            let mut cursor = GRANT_ADDR_BIT;
+            for (gpa, len) in pieces {
+                if cursor < gpa {
+                    regions.push(on_demand(cursor, gpa - cursor, dummy.as_raw_fd()));
+                }
+                regions.push(RegionSpec {
+                    gpa,
+                    size: len,
+                    uaddr: FAKE_VA + (gpa - GRANT_ADDR_BIT),
+                    offset: 0,
+                    flags: XEN_GRANT,
+                    fd: dummy.as_raw_fd(),
+                });
+                cursor = (gpa + len).next_multiple_of(PAGE);
+            }
+            if cursor < end {
+                regions.push(on_demand(cursor, end - cursor, dummy.as_raw_fd()));
+            }
+            (
+                Pool {
+                    next: ro_gpa,
+                    end: ro_gpa + ro_pages * PAGE,
+                },
+                Pool {
+                    next: rw_gpa,
+                    end: rw_gpa + rw_pages * PAGE,
+                },
+            )
+        } else {
+            let first_gfn = 0x100u64;
+            let page = emu.alloc_pages(total)?;
+            emu.add_frames(GUEST_DOMID, first_gfn, page, total)?;
+            let base = first_gfn * PAGE;
+            spans.push((base, total as u64 * PAGE, page));
+            regions.push(RegionSpec {
+                gpa: base,
+                size: total as u64 * PAGE,
+                uaddr: FAKE_VA,
+                offset: 0,
+                flags: XEN_FOREIGN,
+                fd: dummy.as_raw_fd(),
+            });
+            let mut pool = Pool {
+                next: base,
+                end: base + total as u64 * PAGE,
+            };
+            for _ in 0..config.queues {
+                let d = pool.alloc(ring_bytes[0], 16)?;
+                let a = pool.alloc(ring_bytes[1], 2)?;
+                let u = pool.alloc(ring_bytes[2], 4)?;
+                rings.push([d, a, u]);
+            }
+            let split = pool.next + (pool.end - pool.next) / 2;
+            (
+                Pool {
+                    next: pool.next,
+                    end: split,
+                },
+                Pool {
+                    next: split,
+                    end: pool.end,
+                },
+            )
+        };
+        let mem = Memory::Emulated { emu, dev, spans };
+        Ok((mem, ro, rw, rings, regions, vec![dummy]))
+    }
+
+    fn start_queue(&mut self, q: usize, rings: &[[u64; 3]]) -> Result<(), DriverError> {
+        let uaddr = |gpa: u64| self.uaddr_of(gpa);
+        let ring = rings[q];
+        let cfg = VringConfigData {
+            queue_max_size: self.config.queue_size,
+            queue_size: self.config.queue_size,
+            flags: 0,
+            desc_table_addr: uaddr(ring[0]),
+            used_ring_addr: uaddr(ring[2]),
+            avail_ring_addr: uaddr(ring[1]),
+            log_addr: None,
+        };
+        let queue = &self.queues[q];
+        self.frontend
+            .set_vring_num(q, self.config.queue_size)?;
+        self.frontend.set_vring_addr(q, &cfg)?;
+        self.frontend.set_vring_base(q, 0)?;
+        self.frontend.set_vring_call(q, &queue.call)?;
+        self.frontend.set_vring_kick(q, &queue.kick)?;
+        self.frontend.set_vring_enable(q, true)?;
+        Ok(())
+    }
+
+    /// The frontend virtual address the daemon translates `gpa` from.
+    pub fn uaddr_of(&self, gpa: u64) -> u64 {
+        match (&self.mem, self.config.mode) {
+            (Memory::Unix { ptr, base, .. }, _) => *ptr as u64 + (gpa - base),
+            (_, GuestMode::Grant) => FAKE_VA + (gpa - GRANT_ADDR_BIT),
+            (_, _) => FAKE_VA + (gpa - 0x100 * PAGE),
+        }
+    }
+
+    /// The vhost frontend, to send further messages (hot plug, malformed ones in tests).
+    pub fn frontend(&mut self) -> &mut Frontend {
+        &mut self.frontend
+    }
+
+    /// Features negotiated.
+    pub fn features(&self) -> u64 {
+        self.features
+    }
+
+    /// The emulated Xen device handle the daemon must use (GRANT and FOREIGN modes).
+    pub fn xen_device(&self) -> Option<&XenDev> {
+        match &self.mem {
+            Memory::Emulated { dev, .. } => Some(dev),
+            Memory::Unix { .. } => None,
+        }
+    }
+
+    /// The emulation, to inspect live mappings or revoke grants (GRANT and FOREIGN modes).
+    pub fn emulation(&self) -> Option<&Arc<EmulatedXen>> {
+        match &self.mem {
+            Memory::Emulated { emu, .. } => Some(emu),
+            Memory::Unix { .. } => None,
+        }
+    }
+
+    /// The guest RAM memfd (UNIX mode).
+    pub fn memfd(&self) -> Option<&File> {
+        match &self.mem {
+            Memory::Unix { file, .. } => Some(file),
+            Memory::Emulated { .. } => None,
+        }
+    }
+
+    /// Writes guest memory (the guest filling a buffer).
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), DriverError> {
+        self.mem.write(gpa, data)
+    }
+
+    /// Reads guest memory (the guest reading what the device wrote).
+    pub fn read(&self, gpa: u64, out: &mut [u8]) -> Result<(), DriverError> {
+        self.mem.read(gpa, out)
+    }
+
+    /// A free slot of queue `q`, if any.
+    pub fn take_slot(&mut self, q: usize) -> Option<(usize, Slot)> {
+        let queue = self.queues.get_mut(q)?;
+        let s = queue.free.pop()?;
+        Some((s, queue.slots[s]))
+    }
+
+    /// The buffers of slot `slot` of queue `q`.
+    pub fn slot(&self, q: usize, slot: usize) -> Slot {
+        self.queues[q].slots[slot]
+    }
+
+    /// Publishes `bufs` as one chain using slot `slot`'s descriptors (or its indirect table).
+    /// Call [`VirtioDriver::kick`] after publishing a batch.
+    pub fn publish(&mut self, q: usize, slot: usize, bufs: &[Buf]) -> Result<(), DriverError> {
+        let indirect = self.config.indirect;
+        let queue = self
+            .queues
+            .get(q)
+            .ok_or_else(|| DriverError::Layout(format!("no queue {q}")))?;
+        if bufs.is_empty() || bufs.len() > 3 {
+            return Err(DriverError::Layout(format!("{} buffers per chain", bufs.len())));
+        }
+        let first = (slot * 3) as u16;
+        let desc_at = |i: u16| queue.desc + 16 * u64::from(i);
+        if indirect {
+            let table = queue.slots[slot].table;
+            for (i, b) in bufs.iter().enumerate() {
+                let next = (i + 1 < bufs.len()).then_some(i as u16 + 1);
+                self.mem.write(table + 16 * i as u64, &raw_desc(b.gpa, b.len, b.write, next))?;
+            }
+            let mut d = raw_desc(table, 16 * bufs.len() as u32, false, None);
+            d[12..14].copy_from_slice(&F_INDIRECT.to_le_bytes());
+            self.mem.write(desc_at(first), &d)?;
+        } else {
+            for (i, b) in bufs.iter().enumerate() {
+                let next = (i + 1 < bufs.len()).then_some(first + i as u16 + 1);
+                self.mem
+                    .write(desc_at(first + i as u16), &raw_desc(b.gpa, b.len, b.write, next))?;
+            }
+        }
+        let idx = queue.avail_idx;
+        let ring_slot = queue.avail + 4 + 2 * u64::from(idx % queue.size);
+        self.mem.write(ring_slot, &first.to_le_bytes())?;
+        fence(Ordering::Release);
+        let new = idx.wrapping_add(1);
+        self.mem.write(queue.avail + 2, &new.to_le_bytes())?;
+        self.queues[q].avail_idx = new;
+        Ok(())
+    }
+
+    /// Notifies the device of queue `q`, unless it said it does not need it (used ring
+    /// flag, or `avail_event` with EVENT_IDX). Returns whether it kicked.
+    pub fn kick(&mut self, q: usize, published: u16) -> Result<bool, DriverError> {
+        fence(Ordering::SeqCst);
+        let queue = &self.queues[q];
+        let need = if self.features & VIRTIO_RING_F_EVENT_IDX != 0 {
+            let mut ev = [0u8; 2];
+            self.mem
+                .read(queue.used + 4 + 8 * u64::from(queue.size), &mut ev)?;
+            let event = u16::from_le_bytes(ev);
+            let new = queue.avail_idx;
+            let old = new.wrapping_sub(published);
+            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+        } else {
+            let mut fl = [0u8; 2];
+            self.mem.read(queue.used, &mut fl)?;
+            u16::from_le_bytes(fl) & 1 == 0
+        };
+        if need {
+            queue.kick.write(1)?;
+        }
+        Ok(need)
+    }
+
+    /// Completions of queue `q`, waiting up to `timeout` for at least one. Returns the
+    /// slots to the free list.
+    pub fn wait(&mut self, q: usize, timeout: Duration) -> Result<Vec<Completion>, DriverError> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let done = self.reap(q)?;
+            if !done.is_empty() {
+                return Ok(done);
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(DriverError::Timeout {
+                    queue: q,
+                    secs: timeout.as_secs(),
+                });
+            }
+            // Ask for a call at the next used entry, then re-check before sleeping.
+            if self.features & VIRTIO_RING_F_EVENT_IDX != 0 {
+                let queue = &self.queues[q];
+                let at = queue.avail + 4 + 2 * u64::from(queue.size);
+                self.mem.write(at, &queue.used_idx.to_le_bytes())?;
+                fence(Ordering::SeqCst);
+                let again = self.reap(q)?;
+                if !again.is_empty() {
+                    return Ok(again);
+                }
+            }
+            let queue = &self.queues[q];
+            let mut pfd = libc::pollfd {
+                fd: queue.call.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = left.as_millis().min(i32::MAX as u128) as i32;
+            // SAFETY: one valid pollfd.
+            let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+            if r > 0 {
+                let _ = queue.call.read();
+            }
+        }
+    }
+
+    /// Used entries not seen yet.
+    fn reap(&mut self, q: usize) -> Result<Vec<Completion>, DriverError> {
+        let queue = &self.queues[q];
+        let mut idx = [0u8; 2];
+        self.mem.read(queue.used + 2, &mut idx)?;
+        fence(Ordering::Acquire);
+        let used = u16::from_le_bytes(idx);
+        let mut out = Vec::new();
+        let mut cur = queue.used_idx;
+        while cur != used {
+            let mut e = [0u8; 8];
+            self.mem
+                .read(queue.used + 4 + 8 * u64::from(cur % queue.size), &mut e)?;
+            let id = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
+            let len = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
+            if id % 3 != 0 || (id / 3) as usize >= queue.slots.len() {
+                return Err(DriverError::Protocol {
+                    queue: q,
+                    what: format!("used id {id} is no chain head"),
+                });
+            }
+            out.push(Completion {
+                slot: (id / 3) as usize,
+                len,
+            });
+            cur = cur.wrapping_add(1);
+        }
+        let queue = &mut self.queues[q];
+        queue.used_idx = cur;
+        for c in &out {
+            queue.free.push(c.slot);
+        }
+        Ok(out)
+    }
+
+    /// Reads the device's config space.
+    pub fn config_space(&mut self, len: u32) -> Result<Vec<u8>, DriverError> {
+        let buf = vec![0u8; len as usize];
+        let (_, data) = self.frontend.get_config(
+            0,
+            len,
+            vhost::vhost_user::message::VhostUserConfigFlags::WRITABLE,
+            &buf,
+        )?;
+        Ok(data)
+    }
+}
+
+fn on_demand(gpa: u64, size: u64, fd: i32) -> RegionSpec {
+    RegionSpec {
+        gpa,
+        size,
+        uaddr: 0,
+        offset: 0,
+        flags: XEN_GRANT | XEN_NO_ADVANCE,
+        fd,
+    }
+}
+
+fn region_info(r: &RegionSpec) -> VhostUserMemoryRegionInfo {
+    #[cfg(not(feature = "xen"))]
+    let _ = r.flags;
+    VhostUserMemoryRegionInfo {
+        guest_phys_addr: r.gpa,
+        memory_size: r.size,
+        userspace_addr: r.uaddr,
+        mmap_offset: r.offset,
+        mmap_handle: r.fd,
+        #[cfg(feature = "xen")]
+        xen_mmap_flags: r.flags,
+        #[cfg(feature = "xen")]
+        xen_mmap_data: if r.flags == 0 { 0 } else { u32::from(GUEST_DOMID) },
+    }
+}
+
+fn raw_desc(addr: u64, len: u32, write: bool, next: Option<u16>) -> [u8; 16] {
+    let mut d = [0u8; 16];
+    d[0..8].copy_from_slice(&addr.to_le_bytes());
+    d[8..12].copy_from_slice(&len.to_le_bytes());
+    let mut flags = 0u16;
+    if write {
+        flags |= F_WRITE;
+    }
+    if next.is_some() {
+        flags |= F_NEXT;
+    }
+    d[12..14].copy_from_slice(&flags.to_le_bytes());
+    d[14..16].copy_from_slice(&next.unwrap_or(0).to_le_bytes());
+    d
+}
