@@ -99,3 +99,95 @@ fn unix_blk_write_then_read_two_queues() {
     assert_eq!(st.requests, 1024);
     assert_eq!(st.connections, 1);
 }
+
+#[cfg(feature = "xen")]
+mod xen {
+    use super::*;
+    use xen_vhost_mem::testing::emulated::EmulatedXen;
+    use xen_vhost_mem::XenDev;
+
+    fn run(mode: GuestMode, indirect: bool) {
+        let cfg = DriverConfig {
+            mode,
+            queues: 2,
+            depth: 8,
+            indirect,
+            ..DriverConfig::default()
+        };
+        let emu = Arc::new(EmulatedXen::new(cfg.emulation_pages()).expect("emulation"));
+        let dev = XenDev::new(emu.clone());
+        let dir = tempdir::Dir::new(&format!("{mode:?}-{indirect}"));
+        let image = dir.0.join("disk.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(4 << 20))
+            .expect("image");
+        let path = dir.0.join("blk.sock");
+        let listener = UnixListener::bind(&path).expect("bind");
+        let blk = BlkDevice::open(
+            &image,
+            BlkConfig {
+                num_queues: 2,
+                ..BlkConfig::default()
+            },
+        )
+        .expect("blk");
+        let daemon = Arc::new(VhostUserDaemon::new(Arc::new(blk)).with_xen(dev.clone()));
+        let d = daemon.clone();
+        let t = std::thread::spawn(move || d.serve(&listener, Some(1)).expect("serve"));
+        let mut drv = VirtioDriver::connect(
+            &path,
+            DriverConfig {
+                emulation: Some(emu.clone()),
+                ..cfg
+            },
+        )
+        .expect("connect");
+        let total = 1 << 20;
+        let before = dev.counters().snapshot();
+        let w = pass(&mut drv, 2, true, total, 4096, 3, &mut |_| {}).expect("write");
+        assert_eq!((w.requests, w.bad), (256, 0));
+        let r = pass(&mut drv, 2, false, total, 4096, 3, &mut |_| {}).expect("read");
+        assert_eq!((r.requests, r.bad), (256, 0));
+        let used = dev.counters().snapshot().since(&before);
+        let img = std::fs::read(&image).expect("image");
+        assert!(img[..total as usize]
+            .iter()
+            .enumerate()
+            .all(|(i, &b)| b == pattern_byte(3, i as u64)));
+        drop(drv);
+        t.join().expect("daemon");
+        // Nothing stays mapped once the frontend is gone.
+        assert_eq!(dev.counters().live_mappings(), 0);
+        assert_eq!(emu.live_mappings(), 0);
+        assert_eq!(emu.live_grant_maps(), 0);
+        if mode == GuestMode::Grant {
+            // Batched: one grant copy for the indirect tables, one for the buffers, one
+            // copy-back per batch, never one per request.
+            let batches = daemon.stats().snapshot().batches;
+            let per_batch = if indirect { 3 } else { 2 };
+            assert!(
+                used.syscalls() <= per_batch * batches,
+                "{} syscalls for {batches} batches",
+                used.syscalls()
+            );
+            assert!(used.syscalls() > 0);
+        } else {
+            assert_eq!(used.syscalls(), 0, "FOREIGN is mapped at SET_MEM_TABLE");
+        }
+    }
+
+    #[test]
+    fn grant_blk_write_then_read() {
+        run(GuestMode::Grant, false);
+    }
+
+    #[test]
+    fn grant_blk_indirect_tables_in_on_demand_memory() {
+        run(GuestMode::Grant, true);
+    }
+
+    #[test]
+    fn foreign_blk_write_then_read() {
+        run(GuestMode::Foreign, false);
+    }
+}

@@ -12,13 +12,17 @@ use std::thread::JoinHandle;
 
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
-use vm_memory::GuestAddressSpace;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, Permissions};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::device::VhostUserDevice;
 use super::handler::{Memory, Vring};
 use crate::request::RequestMemory;
+use crate::table::RegionTable;
+
+/// `VRING_DESC_F_INDIRECT`.
+const VRING_DESC_F_INDIRECT: u16 = 4;
 
 /// Most chains served in one request scope. Bounds what one scope holds (pages, mappings)
 /// and how long used entries wait; a deeper queue is served in several batches per kick.
@@ -229,10 +233,63 @@ impl<D: VhostUserDevice> Worker<D> {
         }
     }
 
+    /// Fetches the indirect descriptor tables of the chains about to be popped in one go.
+    /// Linux's grant DMA puts them in on-demand grant memory; popping would otherwise fetch
+    /// each table on its own (one grant copy or map per chain). Best effort: the pop reads
+    /// every descriptor again, so anything skipped here is fetched there.
+    fn prefetch_indirect_tables(&self, table: &RegionTable, scope: &RequestMemory<'_>) {
+        let (avail, desc, size, next) = {
+            let st = self.vring.get_ref();
+            let q = st.get_queue();
+            (q.avail_ring(), q.desc_table(), q.size(), q.next_avail())
+        };
+        if size == 0 {
+            return;
+        }
+        let Some(idx) = avail.checked_add(2).and_then(|a| table.read_obj::<u16>(GuestAddress(a)).ok()) else {
+            return;
+        };
+        let pending = u16::from_le(idx).wrapping_sub(next).min(size).min(MAX_BATCH as u16);
+        let mut tables = Vec::new();
+        for i in 0..pending {
+            let slot = u64::from(next.wrapping_add(i) % size);
+            let Some(head) = avail
+                .checked_add(4 + 2 * slot)
+                .and_then(|a| table.read_obj::<u16>(GuestAddress(a)).ok())
+            else {
+                break;
+            };
+            let head = u16::from_le(head);
+            if head >= size {
+                continue;
+            }
+            let Some(d) = desc
+                .checked_add(16 * u64::from(head))
+                .and_then(|a| table.read_obj::<[u8; 16]>(GuestAddress(a)).ok())
+            else {
+                continue;
+            };
+            let flags = u16::from_le_bytes([d[12], d[13]]);
+            if flags & VRING_DESC_F_INDIRECT != 0 {
+                let addr = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
+                let len = u32::from_le_bytes([d[8], d[9], d[10], d[11]]);
+                tables.push((GuestAddress(addr), len as usize, Permissions::Read));
+            }
+        }
+        if !tables.is_empty() {
+            if let Err(e) = scope.prefetch(&tables) {
+                log::debug!("vq{}: indirect tables: {e}", self.index);
+            }
+        }
+    }
+
     /// Pops, serves and completes up to [`MAX_BATCH`] chains; returns how many.
     fn serve_batch(&self) -> usize {
         let table = self.mem.memory();
         let scope = RequestMemory::new(&table).writable_buffers(self.device.writable_buffers());
+        if table.regions().iter().any(|r| r.on_demand_domid().is_some()) {
+            self.prefetch_indirect_tables(&table, &scope);
+        }
         let mut chains = Vec::with_capacity(MAX_BATCH);
         {
             let mut state = self.vring.get_mut();

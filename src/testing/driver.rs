@@ -27,7 +27,6 @@ use crate::daemon::{
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
-use crate::device::XenDev;
 use crate::xen_page::{grant_addr, GRANT_ADDR_BIT, XEN_PAGE_SIZE};
 
 const PAGE: u64 = XEN_PAGE_SIZE;
@@ -107,6 +106,23 @@ pub struct DriverConfig {
     pub indirect: bool,
     /// Negotiate `VIRTIO_RING_F_EVENT_IDX`.
     pub event_idx: bool,
+    /// The emulated Xen the guest lives in (GRANT and FOREIGN modes); the daemon maps
+    /// through a handle on the same emulation. [`DriverConfig::emulation_pages`] pages suffice.
+    pub emulation: Option<Arc<EmulatedXen>>,
+}
+
+impl DriverConfig {
+    /// Pages the emulation needs for this layout.
+    pub fn emulation_pages(&self) -> usize {
+        let qs = u64::from(self.queue_size);
+        let data = (self.max_data as u64).next_multiple_of(PAGE);
+        let slots = (self.queues * self.depth) as u64;
+        let rings: u64 = [16 * qs, 6 + 2 * qs, 6 + 8 * qs]
+            .iter()
+            .map(|&b| (RING_PAGE_OFFSET + b).div_ceil(PAGE))
+            .sum();
+        (2 * slots * (data / PAGE + 1) + 8 + rings * self.queues as u64) as usize + 16
+    }
 }
 
 impl Default for DriverConfig {
@@ -119,6 +135,7 @@ impl Default for DriverConfig {
             max_data: 64 * 1024,
             indirect: false,
             event_idx: true,
+            emulation: None,
         }
     }
 }
@@ -147,7 +164,6 @@ enum Memory {
     /// Pages of the emulated Xen: spans of guest addresses onto emulation pages.
     Emulated {
         emu: Arc<EmulatedXen>,
-        dev: XenDev,
         /// (first gpa, bytes, first emulation page) of each span; page-aligned gpas.
         spans: Vec<(u64, u64, usize)>,
     },
@@ -493,8 +509,9 @@ impl VirtioDriver {
             .collect();
         let all_ring_pages: u64 = ring_pages.iter().sum::<u64>() * config.queues as u64;
         let total = (ro_pages + rw_pages + all_ring_pages) as usize;
-        let emu = Arc::new(EmulatedXen::new(total + 16)?);
-        let dev = XenDev::new(emu.clone());
+        let emu = config.emulation.clone().ok_or_else(|| {
+            DriverError::Layout("GRANT and FOREIGN modes need DriverConfig::emulation".into())
+        })?;
         // Any fd will do: the daemon maps Xen regions through its own device handle.
         let dummy = File::open("/dev/null")?;
         let mut spans = Vec::new();
@@ -596,7 +613,7 @@ impl VirtioDriver {
                 },
             )
         };
-        let mem = Memory::Emulated { emu, dev, spans };
+        let mem = Memory::Emulated { emu, spans };
         Ok((mem, ro, rw, rings, regions, vec![dummy]))
     }
 
@@ -640,14 +657,6 @@ impl VirtioDriver {
     /// Features negotiated.
     pub fn features(&self) -> u64 {
         self.features
-    }
-
-    /// The emulated Xen device handle the daemon must use (GRANT and FOREIGN modes).
-    pub fn xen_device(&self) -> Option<&XenDev> {
-        match &self.mem {
-            Memory::Emulated { dev, .. } => Some(dev),
-            Memory::Unix { .. } => None,
-        }
     }
 
     /// The emulation, to inspect live mappings or revoke grants (GRANT and FOREIGN modes).
