@@ -103,6 +103,7 @@ fn unix_blk_write_then_read_two_queues() {
 #[cfg(feature = "xen")]
 mod xen {
     use super::*;
+    use xen_vhost_mem::guest_sim::GuestSim;
     use xen_vhost_mem::testing::emulated::EmulatedXen;
     use xen_vhost_mem::XenDev;
 
@@ -134,14 +135,20 @@ mod xen {
         let daemon = Arc::new(VhostUserDaemon::new(Arc::new(blk)).with_xen(dev.clone()));
         let d = daemon.clone();
         let t = std::thread::spawn(move || d.serve(&listener, Some(1)).expect("serve"));
-        let mut drv = VirtioDriver::connect(
-            &path,
-            DriverConfig {
+        let mut drv = if mode == GuestMode::Grant {
+            let guest = GuestSim {
+                emu: emu.clone(),
+                dev: dev.clone(),
+                domid: 1,
+            };
+            VirtioDriver::connect_granting(&path, cfg, Box::new(guest)).expect("connect")
+        } else {
+            let cfg = DriverConfig {
                 emulation: Some(emu.clone()),
                 ..cfg
-            },
-        )
-        .expect("connect");
+            };
+            VirtioDriver::connect(&path, cfg).expect("connect")
+        };
         let total = 1 << 20;
         let before = dev.counters().snapshot();
         let w = pass(&mut drv, 2, true, total, 4096, 3, &mut |_| {}).expect("write");

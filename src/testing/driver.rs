@@ -27,7 +27,8 @@ use crate::daemon::{
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
-use crate::xen_page::{grant_addr, GRANT_ADDR_BIT, XEN_PAGE_SIZE};
+use crate::guest_sim::{Guest, GuestBuffer};
+use crate::xen_page::{GRANT_ADDR_BIT, XEN_PAGE_SIZE};
 
 const PAGE: u64 = XEN_PAGE_SIZE;
 const F_NEXT: u16 = 1;
@@ -68,6 +69,9 @@ pub enum DriverError {
     /// The emulated Xen guest.
     #[error("emulated guest: {0}")]
     Emulation(#[from] super::emulated::EmulationError),
+    /// The guest's grants.
+    #[error("guest: {0}")]
+    Guest(String),
     /// The daemon did not complete a request in time.
     #[error("queue {queue}: no completion within {secs} s")]
     Timeout {
@@ -106,7 +110,7 @@ pub struct DriverConfig {
     pub indirect: bool,
     /// Negotiate `VIRTIO_RING_F_EVENT_IDX`.
     pub event_idx: bool,
-    /// The emulated Xen the guest lives in (GRANT and FOREIGN modes); the daemon maps
+    /// The emulated Xen whose frames the guest offers (FOREIGN mode); the daemon maps
     /// through a handle on the same emulation. [`DriverConfig::emulation_pages`] pages suffice.
     pub emulation: Option<Arc<EmulatedXen>>,
 }
@@ -152,7 +156,6 @@ pub struct Buf {
 }
 
 /// The guest's memory as the driver sees it.
-#[derive(Debug)]
 enum Memory {
     /// A memfd mapped here; gpa `base + off` is byte `off`.
     Unix {
@@ -161,7 +164,14 @@ enum Memory {
         len: usize,
         base: u64,
     },
-    /// Pages of the emulated Xen: spans of guest addresses onto emulation pages.
+    /// Grants of a guest (emulated, or dom0 through gntalloc on real Xen): spans of guest
+    /// addresses onto granted buffers.
+    Granted {
+        guest: Box<dyn GrantingGuest>,
+        /// (first gpa, bytes, the buffer) of each span; page-aligned gpas.
+        spans: Vec<(u64, u64, GuestBuffer)>,
+    },
+    /// Frames of the emulated Xen: spans of guest addresses onto emulation pages.
     Emulated {
         emu: Arc<EmulatedXen>,
         /// (first gpa, bytes, first emulation page) of each span; page-aligned gpas.
@@ -169,9 +179,43 @@ enum Memory {
     },
 }
 
-// SAFETY: the raw pointer is a MAP_SHARED mapping owned by this value; accesses go through
-// volatile copies and the mapping lives until drop.
-unsafe impl Send for Memory {}
+/// A guest that grants pages, as the driver needs it: [`Guest`] without its error type, so
+/// that the emulated guest and dom0's gntalloc guest fit one field.
+pub trait GrantingGuest {
+    /// The granting domain.
+    fn domid(&self) -> u16;
+    /// Grants `pages` pages on consecutive refs.
+    fn grant(&self, pages: usize, readonly: bool) -> Result<GuestBuffer, DriverError>;
+    /// Writes the guest's own view of `buf`.
+    fn write(&self, buf: &GuestBuffer, offset: usize, data: &[u8]) -> Result<(), DriverError>;
+    /// Reads the guest's own view of `buf`.
+    fn read(&self, buf: &GuestBuffer, offset: usize, len: usize) -> Result<Vec<u8>, DriverError>;
+}
+
+impl<G: Guest> GrantingGuest for G {
+    fn domid(&self) -> u16 {
+        Guest::domid(self)
+    }
+    fn grant(&self, pages: usize, readonly: bool) -> Result<GuestBuffer, DriverError> {
+        Guest::grant(self, pages, readonly).map_err(|e| DriverError::Guest(e.to_string()))
+    }
+    fn write(&self, buf: &GuestBuffer, offset: usize, data: &[u8]) -> Result<(), DriverError> {
+        Guest::write(self, buf, offset, data).map_err(|e| DriverError::Guest(e.to_string()))
+    }
+    fn read(&self, buf: &GuestBuffer, offset: usize, len: usize) -> Result<Vec<u8>, DriverError> {
+        Guest::read(self, buf, offset, len).map_err(|e| DriverError::Guest(e.to_string()))
+    }
+}
+
+impl std::fmt::Debug for Memory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Memory::Unix { .. } => "Memory::Unix",
+            Memory::Granted { .. } => "Memory::Granted",
+            Memory::Emulated { .. } => "Memory::Emulated",
+        })
+    }
+}
 
 impl Memory {
     fn unix(len: usize, base: u64) -> Result<Self, DriverError> {
@@ -217,6 +261,10 @@ impl Memory {
                 let (page, off) = emu_offset(spans, gpa, data.len())?;
                 Ok(emu.write_page(page, off, data)?)
             }
+            Memory::Granted { guest, spans } => {
+                let (buf, off) = emu_offset(spans, gpa, data.len())?;
+                guest.write(&buf, off, data)
+            }
         }
     }
 
@@ -231,6 +279,11 @@ impl Memory {
             Memory::Emulated { emu, spans, .. } => {
                 let (page, off) = emu_offset(spans, gpa, out.len())?;
                 out.copy_from_slice(&emu.read_page(page, off, out.len())?);
+                Ok(())
+            }
+            Memory::Granted { guest, spans } => {
+                let (buf, off) = emu_offset(spans, gpa, out.len())?;
+                out.copy_from_slice(&guest.read(&buf, off, out.len())?);
                 Ok(())
             }
         }
@@ -253,7 +306,7 @@ fn unix_offset(gpa: u64, n: usize, base: u64, len: usize) -> Result<usize, Drive
         .ok_or_else(|| DriverError::Layout(format!("gpa {gpa:#x} (+{n}) outside guest RAM")))
 }
 
-fn emu_offset(spans: &[(u64, u64, usize)], gpa: u64, n: usize) -> Result<(usize, usize), DriverError> {
+fn emu_offset<T: Copy>(spans: &[(u64, u64, T)], gpa: u64, n: usize) -> Result<(T, usize), DriverError> {
     spans
         .iter()
         .find(|&&(start, len, _)| gpa >= start && gpa + n as u64 <= start + len)
@@ -287,6 +340,7 @@ struct RegionSpec {
     uaddr: u64,
     offset: u64,
     flags: u32,
+    domid: u16,
     fd: i32,
 }
 
@@ -352,14 +406,29 @@ impl std::fmt::Debug for VirtioDriver {
 
 impl VirtioDriver {
     /// Connects to the daemon at `path` and sets everything up (features, memory table,
-    /// vrings, enable).
+    /// vrings, enable). UNIX and FOREIGN modes.
     pub fn connect(path: &Path, config: DriverConfig) -> Result<Self, DriverError> {
         let frontend = Frontend::connect(path, config.queues as u64)?;
-        Self::with_frontend(frontend, config)
+        Self::with_frontend(frontend, config, None)
+    }
+
+    /// Connects in GRANT mode: `guest` grants the rings and buffers (an emulated guest, or
+    /// dom0's gntalloc guest on real Xen).
+    pub fn connect_granting(
+        path: &Path,
+        config: DriverConfig,
+        guest: Box<dyn GrantingGuest>,
+    ) -> Result<Self, DriverError> {
+        let frontend = Frontend::connect(path, config.queues as u64)?;
+        Self::with_frontend(frontend, config, Some(guest))
     }
 
     /// Sets up over an already connected frontend.
-    pub fn with_frontend(mut frontend: Frontend, config: DriverConfig) -> Result<Self, DriverError> {
+    pub fn with_frontend(
+        mut frontend: Frontend,
+        config: DriverConfig,
+        guest: Option<Box<dyn GrantingGuest>>,
+    ) -> Result<Self, DriverError> {
         let qs = u64::from(config.queue_size);
         if !config.queue_size.is_power_of_two() || 3 * config.depth > usize::from(config.queue_size) {
             return Err(DriverError::Layout(format!(
@@ -380,7 +449,7 @@ impl VirtioDriver {
                 let mem = Memory::unix(len as usize, base)?;
                 let (fd, ptr) = match &mem {
                     Memory::Unix { file, ptr, .. } => (file.as_raw_fd(), *ptr as u64),
-                    Memory::Emulated { .. } => (-1, 0),
+                    _ => (-1, 0),
                 };
                 let mut pool = Pool {
                     next: base,
@@ -399,6 +468,7 @@ impl VirtioDriver {
                     uaddr: ptr,
                     offset: 0,
                     flags: 0,
+                    domid: 0,
                     fd,
                 }];
                 let rest = Pool {
@@ -422,7 +492,7 @@ impl VirtioDriver {
                     "GRANT and FOREIGN regions need the 40-byte XEN_MMAP layout: build with the `xen` feature".into(),
                 ))
             }
-            GuestMode::Grant | GuestMode::Foreign => Self::emulated_layout(&config, &ring_bytes, data, small_per_slot)?,
+            GuestMode::Grant | GuestMode::Foreign => Self::emulated_layout(&config, guest, &ring_bytes, data, small_per_slot)?,
         };
         let mut queues = Vec::new();
         for ring in rings.iter().take(config.queues) {
@@ -495,6 +565,7 @@ impl VirtioDriver {
     #[allow(clippy::type_complexity)]
     fn emulated_layout(
         config: &DriverConfig,
+        guest: Option<Box<dyn GrantingGuest>>,
         ring_bytes: &[u64; 3],
         data: u64,
         small_per_slot: u64,
@@ -509,20 +580,18 @@ impl VirtioDriver {
             .collect();
         let all_ring_pages: u64 = ring_pages.iter().sum::<u64>() * config.queues as u64;
         let total = (ro_pages + rw_pages + all_ring_pages) as usize;
-        let emu = config.emulation.clone().ok_or_else(|| {
-            DriverError::Layout("GRANT and FOREIGN modes need DriverConfig::emulation".into())
-        })?;
         // Any fd will do: the daemon maps Xen regions through its own device handle.
         let dummy = File::open("/dev/null")?;
         let mut spans = Vec::new();
         let mut regions = Vec::new();
         let mut rings = Vec::new();
-        let (ro, rw) = if config.mode == GuestMode::Grant {
+        let mut gspans = Vec::new();
+        let (ro, rw) = if let Some(guest) = &guest {
+            let domid = guest.domid();
             let mut grant = |pages: u64, readonly: bool| -> Result<u64, DriverError> {
-                let page = emu.alloc_pages(pages as usize)?;
-                let gref = emu.grant_pages(GUEST_DOMID, page, pages as usize, readonly)?;
-                let gpa = grant_addr(gref, 0);
-                spans.push((gpa, pages * PAGE, page));
+                let buf = guest.grant(pages as usize, readonly)?;
+                let gpa = buf.gpa(0);
+                gspans.push((gpa, pages * PAGE, buf));
                 Ok(gpa)
             };
             for _ in 0..config.queues {
@@ -548,11 +617,11 @@ impl VirtioDriver {
                 })
                 .collect();
             pieces.sort_unstable();
-            let end = spans.iter().map(|s| s.0 + s.1).max().unwrap_or(GRANT_ADDR_BIT);
+            let end = gspans.iter().map(|s| s.0 + s.1).max().unwrap_or(GRANT_ADDR_BIT);
             let mut cursor = GRANT_ADDR_BIT;
             for (gpa, len) in pieces {
                 if cursor < gpa {
-                    regions.push(on_demand(cursor, gpa - cursor, dummy.as_raw_fd()));
+                    regions.push(on_demand(cursor, gpa - cursor, dummy.as_raw_fd(), domid));
                 }
                 regions.push(RegionSpec {
                     gpa,
@@ -560,12 +629,13 @@ impl VirtioDriver {
                     uaddr: FAKE_VA + (gpa - GRANT_ADDR_BIT),
                     offset: 0,
                     flags: XEN_GRANT,
+                    domid,
                     fd: dummy.as_raw_fd(),
                 });
                 cursor = (gpa + len).next_multiple_of(PAGE);
             }
             if cursor < end {
-                regions.push(on_demand(cursor, end - cursor, dummy.as_raw_fd()));
+                regions.push(on_demand(cursor, end - cursor, dummy.as_raw_fd(), domid));
             }
             (
                 Pool {
@@ -578,6 +648,9 @@ impl VirtioDriver {
                 },
             )
         } else {
+            let emu = config.emulation.clone().ok_or_else(|| {
+                DriverError::Layout("FOREIGN mode needs DriverConfig::emulation".into())
+            })?;
             let first_gfn = 0x100u64;
             let page = emu.alloc_pages(total)?;
             emu.add_frames(GUEST_DOMID, first_gfn, page, total)?;
@@ -589,6 +662,7 @@ impl VirtioDriver {
                 uaddr: FAKE_VA,
                 offset: 0,
                 flags: XEN_FOREIGN,
+                domid: GUEST_DOMID,
                 fd: dummy.as_raw_fd(),
             });
             let mut pool = Pool {
@@ -613,7 +687,14 @@ impl VirtioDriver {
                 },
             )
         };
-        let mem = Memory::Emulated { emu, spans };
+        let mem = match (guest, config.emulation.clone()) {
+            (Some(guest), _) => Memory::Granted {
+                guest,
+                spans: gspans,
+            },
+            (None, Some(emu)) => Memory::Emulated { emu, spans },
+            (None, None) => return Err(DriverError::Layout("no guest memory".into())),
+        };
         Ok((mem, ro, rw, rings, regions, vec![dummy]))
     }
 
@@ -659,19 +740,11 @@ impl VirtioDriver {
         self.features
     }
 
-    /// The emulation, to inspect live mappings or revoke grants (GRANT and FOREIGN modes).
-    pub fn emulation(&self) -> Option<&Arc<EmulatedXen>> {
-        match &self.mem {
-            Memory::Emulated { emu, .. } => Some(emu),
-            Memory::Unix { .. } => None,
-        }
-    }
-
     /// The guest RAM memfd (UNIX mode).
     pub fn memfd(&self) -> Option<&File> {
         match &self.mem {
             Memory::Unix { file, .. } => Some(file),
-            Memory::Emulated { .. } => None,
+            _ => None,
         }
     }
 
@@ -850,13 +923,14 @@ impl VirtioDriver {
     }
 }
 
-fn on_demand(gpa: u64, size: u64, fd: i32) -> RegionSpec {
+fn on_demand(gpa: u64, size: u64, fd: i32, domid: u16) -> RegionSpec {
     RegionSpec {
         gpa,
         size,
         uaddr: 0,
         offset: 0,
         flags: XEN_GRANT | XEN_NO_ADVANCE,
+        domid,
         fd,
     }
 }
@@ -873,7 +947,7 @@ fn region_info(r: &RegionSpec) -> VhostUserMemoryRegionInfo {
         #[cfg(feature = "xen")]
         xen_mmap_flags: r.flags,
         #[cfg(feature = "xen")]
-        xen_mmap_data: if r.flags == 0 { 0 } else { u32::from(GUEST_DOMID) },
+        xen_mmap_data: u32::from(r.domid),
     }
 }
 
