@@ -1,0 +1,74 @@
+//! vhost-user-blk daemon on xen-vhost-mem: a file-backed virtio-blk device.
+//!
+//! ```text
+//! vhost-user-blk --socket-path /tmp/blk.sock --blk-file disk.img [--num-queues 2] [--read-only]
+//! ```
+//! Serves one frontend after another; `--xen` maps FOREIGN and GRANT regions through the
+//! real `/dev/xen` drivers (dom0, root). Logging through `RUST_LOG`.
+
+use std::os::unix::net::UnixListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use clap::Parser;
+use xen_vhost_mem::daemon::VhostUserDaemon;
+use xen_vhost_mem::devices::blk::{BlkConfig, BlkDevice};
+use xen_vhost_mem::{RealXen, XenDev};
+
+#[derive(Parser, Debug)]
+#[command(version, about = "vhost-user-blk backend on xen-vhost-mem")]
+struct Args {
+    /// Unix socket to listen on.
+    #[arg(long)]
+    socket_path: PathBuf,
+    /// Backing file.
+    #[arg(long)]
+    blk_file: PathBuf,
+    /// Number of queues.
+    #[arg(long, default_value_t = 1)]
+    num_queues: u16,
+    /// Largest queue size.
+    #[arg(long, default_value_t = 256)]
+    queue_size: u16,
+    /// Refuse writes.
+    #[arg(long)]
+    read_only: bool,
+    /// GET_ID serial.
+    #[arg(long, default_value = "xen-vhost-mem")]
+    serial: String,
+    /// Map Xen regions through the real /dev/xen drivers.
+    #[arg(long)]
+    xen: bool,
+    /// Exit after this many frontends (default: serve forever).
+    #[arg(long)]
+    connections: Option<usize>,
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    env_logger::init();
+    let a = Args::parse();
+    let dev = BlkDevice::open(
+        &a.blk_file,
+        BlkConfig {
+            num_queues: a.num_queues,
+            queue_size: a.queue_size,
+            read_only: a.read_only,
+            serial: a.serial,
+            ..BlkConfig::default()
+        },
+    )?;
+    log::info!(
+        "{}: {} sectors, {} queues",
+        a.blk_file.display(),
+        dev.sectors(),
+        a.num_queues
+    );
+    let mut daemon = VhostUserDaemon::new(Arc::new(dev));
+    if a.xen {
+        daemon = daemon.with_xen(XenDev::new(Arc::new(RealXen::open()?)));
+    }
+    let _ = std::fs::remove_file(&a.socket_path);
+    let listener = UnixListener::bind(&a.socket_path)?;
+    daemon.serve(&listener, a.connections)?;
+    Ok(())
+}
