@@ -36,12 +36,12 @@ def summary(data, n):
             v = [data[(r, side, row)] for r in range(1, n + 1) if (r, side, row) in data]
             iops = [x[0] for x in v]
             mibs = [x[1] for x in v]
-            s[side] = {"iops_median": statistics.median(iops), "iops_min": min(iops), "iops_max": max(iops),
-                       "mibs_median": statistics.median(mibs), "mibs_min": min(mibs), "mibs_max": max(mibs),
+            s[side] = {"iops_median": round(statistics.median(iops), 1), "iops_min": min(iops), "iops_max": max(iops),
+                       "mibs_median": round(statistics.median(mibs), 2), "mibs_min": min(mibs), "mibs_max": max(mibs),
                        "runs": len(v)}
         ratios = [data[(r, "A", row)][0] / data[(r, "B", row)][0] for r in range(1, n + 1)
                   if (r, "A", row) in data and (r, "B", row) in data and data[(r, "B", row)][0] > 0]
-        s["ratio"] = {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios),
+        s["ratio"] = {"median": round(statistics.median(ratios), 3), "min": round(min(ratios), 3), "max": round(max(ratios), 3),
                       "per_round": [round(x, 3) for x in ratios]}
         out.append(s)
     return out
