@@ -15,7 +15,7 @@ use vm_memory::{Address, Bytes, GuestAddress};
 use xen_vhost_mem::descriptor::{RegionDescriptor, RegionKind};
 use xen_vhost_mem::gntalloc_guest::GntallocGuest;
 use xen_vhost_mem::guest_sim::{Guest, GuestBuffer, GuestSim};
-use xen_vhost_mem::{RealXen, RegionTable, RequestMemory, XenDev, XenRegion};
+use xen_vhost_mem::{RealXen, RegionTable, RequestMemory, XenHandle, XenRegion};
 
 const QSIZE: u16 = 16;
 const DOMID: u16 = 1;
@@ -34,7 +34,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             // FOREIGN needs a guest domain's frames; ci/xen's dom0 tests map dom0's own.
             return Err(format!("--xen runs --mode grant, not {mode}").into());
         }
-        let dev = XenDev::new(Arc::new(RealXen::open()?));
+        let dev = XenHandle::new(Arc::new(RealXen::open()?));
         println!("real Xen: dom0 grants its own pages to itself (domid 0)");
         return run(&GntallocGuest::new()?, &dev, mode, None);
     }
@@ -46,7 +46,7 @@ fn main() -> Result<(), Box<dyn Error>> {
 /// (for its frames and UNIX memory).
 fn run<G: Guest>(
     guest: &G,
-    dev: &XenDev,
+    dev: &XenHandle,
     mode: &str,
     sim: Option<&GuestSim>,
 ) -> Result<(), Box<dyn Error>> {

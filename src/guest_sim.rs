@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use crate::descriptor::{GrantMapping, RegionDescriptor, RegionKind};
 use crate::device::emulated::{EmulatedXen, EmulationError};
-use crate::device::XenDev;
+use crate::device::XenHandle;
 use crate::xen_page::{grant_addr, GRANT_ADDR_BIT, XEN_PAGE_SIZE};
 
 const PAGE: usize = XEN_PAGE_SIZE as usize;
@@ -111,7 +111,7 @@ pub struct GuestSim {
     /// The emulated hypervisor and drivers (to inspect live mappings).
     pub emu: Arc<EmulatedXen>,
     /// The device handle the backend uses (with its counters).
-    pub dev: XenDev,
+    pub dev: XenHandle,
     /// The guest's domain id.
     pub domid: u16,
 }
@@ -120,7 +120,7 @@ impl GuestSim {
     /// A guest `domid` with room for `capacity_pages` pages.
     pub fn new(domid: u16, capacity_pages: usize) -> Result<Self, EmulationError> {
         let emu = Arc::new(EmulatedXen::new(capacity_pages)?);
-        let dev = XenDev::new(emu.clone());
+        let dev = XenHandle::new(emu.clone());
         Ok(GuestSim { emu, dev, domid })
     }
 

@@ -46,7 +46,7 @@ pub mod xen_flags;
 pub mod xen_page;
 
 pub use descriptor::{DescriptorError, GrantMapping, RegionDescriptor, RegionKind, WireRegion};
-pub use device::{emulated::EmulatedXen, real::RealXen, XenDev, XenDevice};
+pub use device::{emulated::EmulatedXen, real::RealXen, XenDriver, XenHandle};
 pub use region::XenRegion;
 pub use request::{RequestError, RequestMemory, Strategy, WritableBuffers};
 pub use table::RegionTable;

@@ -130,7 +130,7 @@ impl RegionTable {
     }
 
     /// The Xen device of the first region that has one (all Xen regions share one).
-    pub fn xen_device(&self) -> Option<&crate::device::XenDev> {
+    pub fn xen_device(&self) -> Option<&crate::device::XenHandle> {
         self.regions.iter().find_map(|r| r.device())
     }
 

@@ -8,12 +8,12 @@ use std::ptr::NonNull;
 use common::{Guest, DOMID, PAGE};
 use xen_vhost_mem::device::emulated::EmulationError;
 use xen_vhost_mem::device::{
-    CopyDirection, CopySegment, CounterSnapshot, GrantRef, Protection, GNTST_BAD_COPY_ARG,
+    CopyDirection, CopySegment, CounterSnapshot, GrantPage, Protection, GNTST_BAD_COPY_ARG,
     GNTST_BAD_GNTREF, GNTST_GENERAL_ERROR, GNTST_OKAY,
 };
 
-fn gref(r: u32) -> GrantRef {
-    GrantRef {
+fn gref(r: u32) -> GrantPage {
+    GrantPage {
         domid: DOMID,
         gref: r,
     }
@@ -95,7 +95,7 @@ fn mmap_of_an_unknown_ref_fails_with_einval() {
     // A wrong domid is an unknown ref as well.
     let other = g
         .dev
-        .grant_map_refs(&[GrantRef {
+        .grant_map_refs(&[GrantPage {
             domid: DOMID + 1,
             gref: first,
         }])
@@ -263,7 +263,7 @@ fn grant_copy_reports_a_status_per_segment_and_moves_data_both_ways() {
     let mut rw_out = b"device-to-guest!".to_vec();
     let mut rw_in = vec![0u8; 0x20];
     let mut too_long = vec![0u8; 0x20];
-    let seg = |grant: GrantRef, offset: u16, buf: &mut Vec<u8>, direction| CopySegment {
+    let seg = |grant: GrantPage, offset: u16, buf: &mut Vec<u8>, direction| CopySegment {
         grant,
         offset,
         len: buf.len() as u16,
@@ -279,7 +279,7 @@ fn grant_copy_reports_a_status_per_segment_and_moves_data_both_ways() {
         seg(gref(rw), 0xfe0, &mut rw_in, CopyDirection::FromGuest),
         seg(gref(rw), 0xff0, &mut too_long, CopyDirection::FromGuest),
         seg(
-            GrantRef {
+            GrantPage {
                 domid: DOMID + 1,
                 gref: rw,
             },

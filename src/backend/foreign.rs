@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::{BackendError, HostMapping, Release};
 use std::ptr::NonNull;
 
-use crate::device::{DeviceError, XenDev};
+use crate::device::{DeviceError, XenHandle};
 use crate::xen_page::{page_offset, pages_spanned, XEN_PAGE_SHIFT, XEN_PAGE_SIZE};
 
 /// Frames per MMAPBATCH_V2 call: bounds the kernel's temporary allocation and our err[] buffer.
@@ -20,7 +20,7 @@ pub const PAGED_OUT_ATTEMPTS: u32 = 5;
 /// the region is one reservation of address space holding one privcmd mapping per chunk of
 /// [`BATCH_FRAMES`] frames, each filled by one call (then per-frame retries of paged-out ones).
 pub fn map_foreign_region(
-    dev: &XenDev,
+    dev: &XenHandle,
     domid: u16,
     gpa: u64,
     size: u64,
@@ -135,7 +135,7 @@ fn reserve(pages: usize) -> Result<NonNull<u8>, DeviceError> {
 
 /// Re-batches scattered frames one at a time at their own slots, so each lands at its gpa.
 fn retry_one_by_one(
-    dev: &XenDev,
+    dev: &XenHandle,
     domid: u16,
     base: NonNull<u8>,
     gfns: &[u64],

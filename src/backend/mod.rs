@@ -9,7 +9,7 @@ pub mod unix;
 
 use std::ptr::NonNull;
 
-use crate::device::{DeviceError, XenDev};
+use crate::device::{DeviceError, XenHandle};
 
 /// Why a region could not be mapped. Each variant names the region or frame at fault.
 #[derive(Debug, thiserror::Error)]
@@ -105,13 +105,13 @@ enum Release {
     Munmap { len: usize },
     /// A reservation of `pages` pages holding one privcmd mapping per chunk.
     Foreign {
-        dev: XenDev,
+        dev: XenHandle,
         chunks: Vec<(NonNull<u8>, usize)>,
         pages: usize,
     },
     /// gntdev mapping: munmap, then UNMAP_GRANT_REF.
     Grant {
-        dev: XenDev,
+        dev: XenHandle,
         index: u64,
         pages: usize,
     },

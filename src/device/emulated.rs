@@ -13,7 +13,7 @@ use std::ptr::NonNull;
 use std::sync::{Mutex, MutexGuard};
 
 use super::{
-    CopyDirection, CopySegment, DeviceError, GrantRef, Protection, XenDevice, GNTST_BAD_COPY_ARG,
+    CopyDirection, CopySegment, DeviceError, GrantPage, Protection, XenDriver, GNTST_BAD_COPY_ARG,
     GNTST_BAD_GNTREF, GNTST_GENERAL_ERROR, GNTST_OKAY,
 };
 use crate::xen_page::XEN_PAGE_SIZE;
@@ -80,7 +80,7 @@ struct Frame {
 
 #[derive(Debug)]
 struct GrantMap {
-    refs: Vec<GrantRef>,
+    refs: Vec<GrantPage>,
     mmapped: Option<usize>,
     /// A failed mmap leaves the map unusable until UNMAP_GRANT_REF (as on real gntdev).
     poisoned: bool,
@@ -390,8 +390,8 @@ fn reserve(pages: usize) -> Result<NonNull<u8>, i32> {
     NonNull::new(p.cast()).ok_or(libc::EFAULT)
 }
 
-impl XenDevice for EmulatedXen {
-    fn grant_map_refs(&self, refs: &[GrantRef]) -> Result<u64, DeviceError> {
+impl XenDriver for EmulatedXen {
+    fn grant_map_refs(&self, refs: &[GrantPage]) -> Result<u64, DeviceError> {
         if refs.is_empty() {
             return Err(DeviceError::sys("IOCTL_GNTDEV_MAP_GRANT_REF", libc::EINVAL));
         }

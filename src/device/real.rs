@@ -6,7 +6,7 @@ use std::ptr::NonNull;
 use xen_sys::gntdev::{GntdevGrantCopyForeign, GntdevGrantCopySegment};
 use xen_sys::{Gntdev, Privcmd};
 
-use super::{CopyDirection, CopySegment, DeviceError, GrantRef, Protection, XenDevice};
+use super::{CopyDirection, CopySegment, DeviceError, GrantPage, Protection, XenDriver};
 use crate::xen_page::XEN_PAGE_SIZE;
 
 const PAGE: usize = XEN_PAGE_SIZE as usize;
@@ -78,8 +78,8 @@ unsafe fn munmap(call: &'static str, addr: NonNull<u8>, pages: usize) -> Result<
     Ok(())
 }
 
-impl XenDevice for RealXen {
-    fn grant_map_refs(&self, refs: &[GrantRef]) -> Result<u64, DeviceError> {
+impl XenDriver for RealXen {
+    fn grant_map_refs(&self, refs: &[GrantPage]) -> Result<u64, DeviceError> {
         let pairs: Vec<(u32, u32)> = refs.iter().map(|r| (u32::from(r.domid), r.gref)).collect();
         self.gntdev
             .map_grant_refs(&pairs)

@@ -39,7 +39,7 @@ use vm_memory::{
 pub use error::RequestError;
 use pages::{BouncePage, KeyMap, LiveMap, PageSlot};
 
-use crate::device::{CopyDirection, CopySegment, CounterSnapshot, XenDev, GNTST_OKAY};
+use crate::device::{CopyDirection, CopySegment, CounterSnapshot, XenHandle, GNTST_OKAY};
 use crate::table::RegionTable;
 
 /// Buffer size at and above which [`Strategy::Auto`] maps instead of copying, set from the
@@ -110,7 +110,7 @@ struct Scratch {
     /// Pieces whose page gets a writability probe.
     probes: Vec<usize>,
     /// Pages with transient fetch state to commit.
-    touched: Vec<pages::PageKey>,
+    touched: Vec<crate::device::GrantPage>,
     /// One byte per probe that reads its byte first.
     bytes: Vec<u8>,
 }
@@ -127,7 +127,7 @@ impl Scratch {
 
 #[derive(Debug, Default)]
 struct ScopeState {
-    dev: Option<XenDev>,
+    dev: Option<XenHandle>,
     writable: WritableBuffers,
     pages: KeyMap<PageSlot>,
     bounce_pages: Vec<BouncePage>,
@@ -204,11 +204,11 @@ impl<'t> RequestMemory<'t> {
         let mut first_err = None;
         let mut segs = std::mem::take(&mut st.tmp.segs);
         segs.clear();
-        for (&(domid, gref), slot) in &st.pages {
+        for (&grant, slot) in &st.pages {
             if let Some(b) = slot.bounce {
                 if !b.dirty.is_empty() && b.writable != Some(false) {
                     segs.push(CopySegment {
-                        grant: crate::device::GrantRef { domid, gref },
+                        grant,
                         offset: b.dirty.lo,
                         len: b.dirty.hi - b.dirty.lo,
                         // SAFETY: `dirty` lies within the page's 4 KiB of bounce memory.

@@ -8,15 +8,14 @@ use crate::xen_page::XEN_PAGE_SIZE;
 
 pub(crate) const PAGE: usize = XEN_PAGE_SIZE as usize;
 
-/// A grant page: `(granting domain, ref)`.
-pub(crate) type PageKey = (u16, u32);
+use crate::device::GrantPage;
 
 /// Hash maps keyed by grant page. SipHash was a third of the grant-copy path's instructions;
 /// this hasher is a murmur3 finaliser over the key, seeded once per process so that a guest
 /// choosing refs cannot predict collisions.
-pub(crate) type KeyMap<V> = std::collections::HashMap<PageKey, V, BuildKeyHasher>;
+pub(crate) type KeyMap<V> = std::collections::HashMap<GrantPage, V, BuildKeyHasher>;
 /// Sets of grant pages; see [`KeyMap`].
-pub(crate) type KeySet = std::collections::HashSet<PageKey, BuildKeyHasher>;
+pub(crate) type KeySet = std::collections::HashSet<GrantPage, BuildKeyHasher>;
 
 /// Builds [`KeyHasher`]s with the process's seed.
 #[derive(Clone, Copy, Debug, Default)]

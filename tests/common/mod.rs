@@ -6,7 +6,7 @@ use std::os::fd::FromRawFd;
 use std::sync::Arc;
 
 use xen_vhost_mem::device::emulated::EmulatedXen;
-use xen_vhost_mem::device::XenDev;
+use xen_vhost_mem::device::XenHandle;
 use xen_vhost_mem::{RegionDescriptor, WireRegion, XenRegion};
 
 /// The emulated guest's domid.
@@ -22,13 +22,13 @@ pub const FLAG_NO_ADVANCE_SPEC: u32 = 0x100;
 /// An emulated Xen plus the device handle wrapping it; the `Arc` lets tests play the guest.
 pub struct Guest {
     pub emu: Arc<EmulatedXen>,
-    pub dev: XenDev,
+    pub dev: XenHandle,
 }
 
 impl Guest {
     pub fn new(capacity_pages: usize) -> Self {
         let emu = Arc::new(EmulatedXen::new(capacity_pages).expect("emulation setup"));
-        let dev = XenDev::new(emu.clone());
+        let dev = XenHandle::new(emu.clone());
         Guest { emu, dev }
     }
 

@@ -14,7 +14,7 @@ use xen_sys::xen::{DOMID_SELF, DOMID_XEN};
 use xen_sys::Privcmd;
 use xen_vhost_mem::backend::BackendError;
 use xen_vhost_mem::region::RegionError;
-use xen_vhost_mem::{RegionDescriptor, RegionKind, RegionTable, WireRegion, XenDev, XenRegion};
+use xen_vhost_mem::{RegionDescriptor, RegionKind, RegionTable, WireRegion, XenHandle, XenRegion};
 
 use crate::cases::open_dev;
 use crate::guest::errno_text;
@@ -228,7 +228,7 @@ fn self_region(gpa: u64, size: u64) -> RegionDescriptor {
     }
 }
 
-fn table(dev: &XenDev, d: RegionDescriptor) -> Result<RegionTable, RegionError> {
+fn table(dev: &XenHandle, d: RegionDescriptor) -> Result<RegionTable, RegionError> {
     let r = XenRegion::new(d, None, Some(dev))?;
     Ok(RegionTable::from_regions(vec![r]).unwrap_or_default())
 }
