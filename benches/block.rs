@@ -5,7 +5,7 @@ use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Through
 use xen_vhost_mem::block_workload::{
     emulated_block_guest, BenchRow, BlockWorkload, DRAIN_BATCH, QUEUE_SIZE,
 };
-use xen_vhost_mem::guest_sim::GuestSim;
+use xen_vhost_mem::testing::GuestSim;
 
 fn block(c: &mut Criterion) {
     let mut g = c.benchmark_group("block");

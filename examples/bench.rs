@@ -10,7 +10,7 @@ use vm_memory::{Bytes, GuestAddress, Permissions};
 use xen_vhost_mem::block_workload::{
     emulated_block_guest, BenchRow, BlockWorkload, DRAIN_BATCH, QUEUE_SIZE,
 };
-use xen_vhost_mem::guest_sim::{Guest as _, GuestSim};
+use xen_vhost_mem::testing::{Guest as _, GuestSim};
 use xen_vhost_mem::{RegionTable, RequestMemory, Strategy, XenRegion};
 
 struct Row {

@@ -1,7 +1,7 @@
 //! End to end: a guest posts a block request on a virtqueue, the device serves it through the
 //! region table and request-scoped memory, and the guest checks the bytes.
 //!
-//! `cargo run --example demo -- [--mode grant|foreign|unix]` plays the guest on the emulated
+//! `cargo run --example demo --features test-utils -- [--mode grant|foreign|unix]` plays the guest on the emulated
 //! device. With `--xen` (in dom0, as root) it runs on the real drivers: dom0 grants its own
 //! pages to itself through gntalloc and the request goes through gntdev (`--mode grant`).
 
@@ -13,8 +13,8 @@ use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vm_memory::{Address, Bytes, GuestAddress};
 use xen_vhost_mem::descriptor::{RegionDescriptor, RegionKind};
-use xen_vhost_mem::gntalloc_guest::GntallocGuest;
-use xen_vhost_mem::guest_sim::{Guest, GuestBuffer, GuestSim};
+use xen_vhost_mem::testing::GntallocGuest;
+use xen_vhost_mem::testing::{Guest, GuestBuffer, GuestSim};
 use xen_vhost_mem::{RealXen, RegionTable, RequestMemory, XenHandle, XenRegion};
 
 const QSIZE: u16 = 16;

@@ -313,12 +313,12 @@ pub const DRAIN_BATCH: usize = 64;
 /// `requests` pre-granted requests (header read-only with content, data and status writable),
 /// in an on-demand region or, with `premapped`, in a region mapped in advance (the ceiling).
 pub fn emulated_block_guest(
-    sim: &crate::guest_sim::GuestSim,
+    sim: &crate::testing::GuestSim,
     requests: usize,
     premapped: bool,
 ) -> Result<(RegionTable, u64, Vec<BlockBuffers>), Box<dyn std::error::Error>> {
-    use crate::guest_sim::Guest as _;
     use crate::region::XenRegion;
+    use crate::testing::Guest as _;
     let ring_pages = BlockWorkload::ring_bytes(QUEUE_SIZE).div_ceil(4096) as usize;
     let ring = sim.grant(ring_pages, false)?;
     let mut bufs = Vec::with_capacity(requests);

@@ -7,7 +7,8 @@
 //!
 //! ```
 //! use vm_memory::{Bytes, GuestAddress};
-//! use xen_vhost_mem::guest_sim::{Guest as _, GuestSim};
+//! # #[cfg(feature = "test-utils")] {
+//! use xen_vhost_mem::testing::{Guest as _, GuestSim};
 //! use xen_vhost_mem::{RegionTable, RequestMemory, XenRegion};
 //!
 //! // A guest on the emulated device grants a page and fills it.
@@ -26,27 +27,29 @@
 //! mem.finish()?;
 //! assert_eq!(guest.read(&buf, 0, 5)?, b"world");
 //! assert_eq!(guest.dev.counters().live_mappings(), 0);
+//! # }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
 //!
-//! Support: [`guest_sim`] plays a Xen guest over the emulated device (tests, benchmarks, the
-//! demo), [`gntalloc_guest`] has dom0 play one on real Xen; [`block_workload`] is the
+//! Support: `testing` (feature `test-utils`) plays a Xen guest over the emulated device
+//! (tests, benchmarks, the demo) or has dom0 play one on real Xen; `block_workload` is the
 //! block-like virtio workload the benchmarks run.
 
 pub mod backend;
+#[cfg(feature = "test-utils")]
 pub mod block_workload;
 pub mod descriptor;
 pub mod device;
-pub mod gntalloc_guest;
-pub mod guest_sim;
 pub mod region;
 pub mod request;
 pub mod table;
+#[cfg(feature = "test-utils")]
+pub mod testing;
 pub mod xen_flags;
 pub mod xen_page;
 
 pub use descriptor::{DescriptorError, GrantMapping, RegionDescriptor, RegionKind, WireRegion};
-pub use device::{emulated::EmulatedXen, real::RealXen, XenDriver, XenHandle};
+pub use device::{real::RealXen, XenDriver, XenHandle};
 pub use region::XenRegion;
 pub use request::{RequestError, RequestMemory, Strategy, WritableBuffers};
 pub use table::RegionTable;

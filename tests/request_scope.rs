@@ -7,7 +7,7 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
-use xen_vhost_mem::guest_sim::{Guest as _, GuestBuffer, GuestSim};
+use xen_vhost_mem::testing::{Guest as _, GuestBuffer, GuestSim};
 use xen_vhost_mem::{
     RegionTable, RequestError, RequestMemory, Strategy, WritableBuffers, XenRegion,
 };

@@ -1,12 +1,12 @@
 //! The device boundary: the handful of things the kernel's Xen drivers do for us.
 //!
-//! Each method is exactly one system call on real Xen, so counting calls through
-//! [`XenHandle`] counts syscalls. Two implementations: [`real::RealXen`] on `xen-sys`, and
-//! [`emulated::EmulatedXen`], a memfd-backed grant table and frame table that enforces what Xen
-//! enforces, so every layer above runs and is tested on any machine.
+//! [`XenDriver`] is the trait: each method is exactly one system call on real Xen, so
+//! counting calls through [`XenHandle`] (the handle every region and request scope holds)
+//! counts syscalls. Two implementations: [`real::RealXen`] on `xen-sys`, and, with the
+//! `test-utils` feature, `testing::EmulatedXen`, a memfd-backed grant table and frame table
+//! that enforces what Xen enforces, so every layer above runs and is tested on any machine.
 
 pub mod counters;
-pub mod emulated;
 pub mod real;
 
 use std::ptr::NonNull;

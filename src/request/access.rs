@@ -447,19 +447,18 @@ impl ScopeState {
         keys: &[GrantPage],
         prot: Protection,
     ) -> Result<(), crate::device::DeviceError> {
-        let refs = keys;
-        let index = dev.grant_map_refs(&refs)?;
-        let base = match dev.grant_mmap(index, refs.len(), prot) {
+        let index = dev.grant_map_refs(keys)?;
+        let base = match dev.grant_mmap(index, keys.len(), prot) {
             Ok(b) => b,
             Err(e) => {
-                let _ = dev.grant_unmap_refs(index, refs.len());
+                let _ = dev.grant_unmap_refs(index, keys.len());
                 return Err(e);
             }
         };
         self.maps.push(LiveMap {
             base,
             index,
-            pages: refs.len(),
+            pages: keys.len(),
         });
         for (i, key) in keys.iter().enumerate() {
             // SAFETY: page `i` of a mapping of `keys.len()` pages.

@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::{Mutex, MutexGuard};
 
-use super::{
+use crate::device::{
     CopyDirection, CopySegment, DeviceError, GrantPage, Protection, XenDriver, GNTST_BAD_COPY_ARG,
     GNTST_BAD_GNTREF, GNTST_GENERAL_ERROR, GNTST_OKAY,
 };

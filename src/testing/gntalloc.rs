@@ -10,7 +10,7 @@ use std::ptr::NonNull;
 
 use xen_sys::Gntalloc;
 
-use crate::guest_sim::{Guest, GuestBuffer};
+use super::guest_sim::{Guest, GuestBuffer};
 use crate::xen_page::XEN_PAGE_SIZE;
 
 const PAGE: usize = XEN_PAGE_SIZE as usize;

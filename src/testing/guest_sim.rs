@@ -6,8 +6,8 @@
 
 use std::sync::Arc;
 
+use super::emulated::{EmulatedXen, EmulationError};
 use crate::descriptor::{GrantMapping, RegionDescriptor, RegionKind};
-use crate::device::emulated::{EmulatedXen, EmulationError};
 use crate::device::XenHandle;
 use crate::xen_page::{grant_addr, GRANT_ADDR_BIT, XEN_PAGE_SIZE};
 
@@ -17,7 +17,7 @@ const PAGE: usize = XEN_PAGE_SIZE as usize;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GuestBuffer {
     /// Where the guest keeps the buffer: the emulation's first page, or a gntalloc grant's
-    /// slot in [`crate::gntalloc_guest::GntallocGuest`].
+    /// slot in [`super::GntallocGuest`].
     pub backing: usize,
     /// First grant ref; page `i` is ref `first_ref + i`.
     pub first_ref: u32,
@@ -37,7 +37,7 @@ impl GuestBuffer {
 
 /// A guest the tests and demos play: it grants buffers and reads and writes its own view of
 /// them. [`GuestSim`] plays it on the emulated device; on real Xen,
-/// [`crate::gntalloc_guest::GntallocGuest`] has dom0 grant its own pages to itself.
+/// [`super::GntallocGuest`] has dom0 grant its own pages to itself.
 pub trait Guest {
     /// What can go wrong on the guest's side.
     type Error: std::error::Error + Send + Sync + 'static;
@@ -155,6 +155,32 @@ impl GuestSim {
     ) -> Result<Vec<u8>, EmulationError> {
         self.check(buf, offset, len)?;
         self.emu.read_page(buf.backing, offset, len)
+    }
+
+    /// Allocates `pages` pages and exposes them as the guest's frames `first_gfn..` (for
+    /// FOREIGN regions); returns the emulation's first page.
+    pub fn frames(&self, first_gfn: u64, pages: usize) -> Result<usize, EmulationError> {
+        let page = self.emu.alloc_pages(pages)?;
+        self.emu.add_frames(self.domid, first_gfn, page, pages)?;
+        Ok(page)
+    }
+
+    /// Panics unless nothing is mapped: no live mapping or grant map in the emulation, and no
+    /// live mapping in the counters of [`GuestSim::dev`].
+    #[track_caller]
+    pub fn assert_nothing_mapped(&self) {
+        assert_eq!(self.emu.live_mappings(), 0, "emulation live mappings");
+        assert_eq!(self.emu.live_grant_maps(), 0, "emulation live grant maps");
+        assert_eq!(
+            self.dev.counters().live_mappings(),
+            0,
+            "counters live mappings"
+        );
+        assert_eq!(
+            self.dev.counters().snapshot().live_mappings,
+            0,
+            "snapshot live mappings"
+        );
     }
 
     /// Ends foreign access to every page of `buf`, as the guest does when a request
