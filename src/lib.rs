@@ -32,12 +32,9 @@
 //! ```
 //!
 //! Support: `testing` (feature `test-utils`) plays a Xen guest over the emulated device
-//! (tests, benchmarks, the demo) or has dom0 play one on real Xen; `block_workload` is the
-//! block-like virtio workload the benchmarks run.
+//! (tests, benchmarks, the demo) or has dom0 play one on real Xen.
 
 pub mod backend;
-#[cfg(feature = "test-utils")]
-pub mod block_workload;
 pub mod descriptor;
 pub mod device;
 pub mod region;

@@ -1,4 +1,4 @@
-//! The block workload of `xen_vhost_mem::block_workload` on the real gntdev, over buffers
+//! The block workload of `xen_vhost_bench` (`bench/`) on the real gntdev, over buffers
 //! dom0 granted to itself through gntalloc: one `XVM-JSON` line per (strategy, batch) row.
 //! Syscalls come from the `XenHandle` counters (exact); time is wall time under TCG.
 
@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use xen_vhost_mem::device::real::RealXen;
 use xen_vhost_mem::device::{CopySegment, DeviceError, GrantPage, Protection, XenDriver};
 
-use xen_vhost_mem::block_workload::{
+use xen_vhost_bench::{
     BenchRow, BlockBuffers, BlockWorkload, Mode, DRAIN_BATCH, HEADER_LEN, QUEUE_SIZE,
 };
 use xen_vhost_mem::{GrantMapping, RegionTable, XenHandle};
