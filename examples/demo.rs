@@ -175,7 +175,7 @@ fn run<G: Guest>(
     let own = table
         .regions()
         .iter()
-        .filter(|r| r.host_mapping().is_some() && !matches!(r.descriptor().kind, RegionKind::Unix))
+        .filter(|r| r.host_address().is_some() && !matches!(r.descriptor().kind, RegionKind::Unix))
         .count() as i64;
     let extra = dev.counters().live_mappings() - own;
     println!(

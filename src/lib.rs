@@ -34,6 +34,8 @@
 //! Support: `testing` (feature `test-utils`) plays a Xen guest over the emulated device
 //! (tests, benchmarks, the demo) or has dom0 play one on real Xen.
 
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+
 pub mod backend;
 pub mod descriptor;
 pub mod device;

@@ -111,9 +111,10 @@ impl XenRegion {
         }
     }
 
-    /// The host mapping, when the region is mapped in advance.
-    pub fn host_mapping(&self) -> Option<&HostMapping> {
-        self.mapping.as_ref()
+    /// Host address of the region's first byte, when the region is mapped in advance (None
+    /// for on-demand grant regions).
+    pub fn host_address(&self) -> Option<*mut u8> {
+        self.mapping.as_ref().map(HostMapping::as_ptr)
     }
 }
 

@@ -42,7 +42,7 @@ fn measure(
     let own = table
         .regions()
         .iter()
-        .filter(|r| r.host_mapping().is_some())
+        .filter(|r| r.host_address().is_some())
         .count() as i64;
     if d.errors != 0 || sim.dev.counters().live_mappings() != own {
         return Err(format!(

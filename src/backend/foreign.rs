@@ -19,7 +19,7 @@ pub const PAGED_OUT_ATTEMPTS: u32 = 5;
 /// Linux privcmd insists that the first MMAPBATCH on a privcmd mapping covers it whole, so
 /// the region is one reservation of address space holding one privcmd mapping per chunk of
 /// [`BATCH_FRAMES`] frames, each filled by one call (then per-frame retries of paged-out ones).
-pub fn map_foreign_region(
+pub(crate) fn map_foreign_region(
     dev: &XenHandle,
     domid: u16,
     gpa: u64,
@@ -37,7 +37,6 @@ pub fn map_foreign_region(
     let mut mapping = HostMapping {
         base,
         offset: page_offset(gpa) as usize,
-        len: size as usize,
         release: Release::Foreign {
             dev: dev.clone(),
             chunks: Vec::new(),

@@ -10,7 +10,7 @@ use crate::xen_page::{frame_of, page_offset, pages_spanned};
 /// Pages are Xen pages (4 KiB) whatever the host page size; refs run consecutively from the
 /// ref of `gpa`'s page. Unlike vm-memory, the returned mapping points at `gpa`'s in-page offset,
 /// so a ring that starts mid-page reads its own bytes.
-pub fn map_grant_region(
+pub(crate) fn map_grant_region(
     dev: &XenHandle,
     domid: u16,
     gpa: u64,
@@ -44,7 +44,6 @@ pub fn map_grant_region(
     Ok(HostMapping {
         base,
         offset: page_offset(gpa) as usize,
-        len: size as usize,
         release: Release::Grant {
             dev: dev.clone(),
             index,

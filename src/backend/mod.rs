@@ -1,7 +1,8 @@
 //! Mapping backends: how each region kind gets its host mapping when it is added.
 //!
-//! One constructor per kind ([`unix`], [`foreign`], [`grant`]), one owned result
-//! ([`HostMapping`]) that releases itself the way its kind requires.
+//! One crate-private constructor per kind ([`unix`], [`foreign`], [`grant`]), one owned
+//! result (the crate's `HostMapping`) that releases itself the way its kind requires. Public
+//! here: the errors ([`BackendError`]) and the FOREIGN batching limits.
 
 pub mod foreign;
 pub mod grant;
@@ -120,10 +121,9 @@ enum Release {
 /// An owned host mapping of one region's bytes. The mapping starts at a page boundary; the
 /// region's first byte sits `offset` bytes in (regions need not be page aligned).
 #[derive(Debug)]
-pub struct HostMapping {
+pub(crate) struct HostMapping {
     base: NonNull<u8>,
     offset: usize,
-    len: usize,
     release: Release,
 }
 
@@ -134,19 +134,10 @@ unsafe impl Sync for HostMapping {}
 
 impl HostMapping {
     /// Host address of the region's first byte.
-    pub fn as_ptr(&self) -> *mut u8 {
-        // In bounds: `offset` is less than a page and the mapping covers offset + len bytes.
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        // In bounds: `offset` is less than a page and the mapping covers the region's bytes
+        // from there.
         self.base.as_ptr().wrapping_add(self.offset)
-    }
-
-    /// Length of the region in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// True for an empty mapping (never built: regions have nonzero size).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
 

@@ -348,9 +348,11 @@ impl ScopeState {
 type SliceResult<'a> = Result<VolatileSlice<'a>, GuestMemoryError>;
 
 /// The slices of one `get_slices` call; most calls have one, which needs no allocation.
+#[derive(Debug)]
 pub struct RequestSlices<'a>(SliceBuf<'a>);
 
 /// Slices collected for one access.
+#[derive(Debug)]
 pub(crate) enum SliceBuf<'a> {
     /// None (yet).
     Empty,

@@ -66,21 +66,21 @@ pub(crate) struct Span {
 }
 
 impl Span {
-    pub fn new(lo: usize, hi: usize) -> Self {
+    pub(crate) fn new(lo: usize, hi: usize) -> Self {
         // Callers pass in-page offsets (<= 4096), which fit in u16.
         Span {
             lo: lo as u16,
             hi: hi as u16,
         }
     }
-    pub fn is_empty(self) -> bool {
+    pub(crate) fn is_empty(self) -> bool {
         self.lo >= self.hi
     }
-    pub fn len(self) -> usize {
+    pub(crate) fn len(self) -> usize {
         usize::from(self.hi.saturating_sub(self.lo))
     }
     /// Smallest span covering both.
-    pub fn hull(self, other: Span) -> Span {
+    pub(crate) fn hull(self, other: Span) -> Span {
         if self.is_empty() {
             return other;
         }
@@ -93,14 +93,14 @@ impl Span {
         }
     }
     /// The bytes in both.
-    pub fn intersect(self, other: Span) -> Span {
+    pub(crate) fn intersect(self, other: Span) -> Span {
         Span {
             lo: self.lo.max(other.lo),
             hi: self.hi.min(other.hi),
         }
     }
     /// The parts of `self` not covered by `have` (at most two).
-    pub fn minus(self, have: Span) -> [Span; 2] {
+    pub(crate) fn minus(self, have: Span) -> [Span; 2] {
         if have.is_empty() {
             return [self, Span::default()];
         }
@@ -140,7 +140,7 @@ pub(crate) struct Bounce {
 
 impl Bounce {
     /// A bounce page at `buf` with nothing valid yet.
-    pub fn new(buf: NonNull<u8>) -> Self {
+    pub(crate) fn new(buf: NonNull<u8>) -> Self {
         Bounce {
             buf,
             valid: Span::default(),
@@ -166,7 +166,7 @@ pub(crate) struct PageSlot {
 
 impl PageSlot {
     /// True once the page is represented by mappings (so it must never be bounced too).
-    pub fn is_mapped(&self) -> bool {
+    pub(crate) fn is_mapped(&self) -> bool {
         self.ro.is_some() || self.rw.is_some()
     }
 }
@@ -206,7 +206,7 @@ fn page_layout() -> Layout {
 
 impl BouncePage {
     /// A page from the pool, or freshly allocated; `None` when memory is exhausted.
-    pub fn take() -> Option<Self> {
+    pub(crate) fn take() -> Option<Self> {
         if let Some(p) = POOL
             .try_with(|pool| pool.borrow_mut().0.pop())
             .ok()
@@ -219,7 +219,7 @@ impl BouncePage {
     }
 
     /// Start of the page.
-    pub fn ptr(&self) -> NonNull<u8> {
+    pub(crate) fn ptr(&self) -> NonNull<u8> {
         self.0
     }
 }

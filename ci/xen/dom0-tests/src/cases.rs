@@ -103,7 +103,7 @@ pub fn own_mappings(table: &RegionTable) -> i64 {
     table
         .regions()
         .iter()
-        .filter(|r| r.host_mapping().is_some())
+        .filter(|r| r.host_address().is_some())
         .count() as i64
 }
 
