@@ -13,6 +13,7 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryError};
 
+use xen_vhost_mem::xen_page::XEN_PAGE_SIZE;
 use xen_vhost_mem::{RegionTable, RequestError, RequestMemory, Strategy, WritableBuffers};
 
 const F_NEXT: u16 = 1;
@@ -323,7 +324,7 @@ pub fn emulated_block_guest(
 ) -> Result<(RegionTable, u64, Vec<BlockBuffers>), Box<dyn std::error::Error>> {
     use xen_vhost_mem::testing::Guest as _;
     use xen_vhost_mem::XenRegion;
-    let ring_pages = BlockWorkload::ring_bytes(QUEUE_SIZE).div_ceil(4096) as usize;
+    let ring_pages = BlockWorkload::ring_bytes(QUEUE_SIZE).div_ceil(XEN_PAGE_SIZE as u64) as usize;
     let ring = sim.grant(ring_pages, false)?;
     let mut bufs = Vec::with_capacity(requests);
     let mut first = None;
@@ -342,11 +343,15 @@ pub fn emulated_block_guest(
         });
     }
     let ring_gpa = ring.gpa(0);
-    let ring_region = sim.in_advance_region(ring_gpa, ring_pages as u64 * 4096, 0x7000_0000);
+    let ring_region = sim.in_advance_region(
+        ring_gpa,
+        ring_pages as u64 * XEN_PAGE_SIZE as u64,
+        0x7000_0000,
+    );
     let first_ref = ring.first_ref + ring_pages as u32;
     let buffers = if premapped {
         let gpa = xen_vhost_mem::xen_page::grant_addr(first_ref, 0);
-        sim.in_advance_region(gpa, requests as u64 * 3 * 4096, 0x8000_0000)
+        sim.in_advance_region(gpa, requests as u64 * 3 * XEN_PAGE_SIZE as u64, 0x8000_0000)
     } else {
         sim.on_demand_region(first_ref, 1 << 20)
     };

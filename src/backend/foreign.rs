@@ -49,7 +49,7 @@ pub(crate) fn map_foreign_region(
     for start in (0..pages).step_by(BATCH_FRAMES) {
         let n = BATCH_FRAMES.min(pages - start);
         // In bounds: `start + n <= pages`, the size of the reservation.
-        let chunk = NonNull::new(base.as_ptr().wrapping_add(start * XEN_PAGE_SIZE as usize))
+        let chunk = NonNull::new(base.as_ptr().wrapping_add(start * XEN_PAGE_SIZE))
             .ok_or_else(|| map_err(DeviceError::sys("mmap(privcmd)", libc::EFAULT)))?;
         // SAFETY: the chunk lies inside our reservation, which nothing refers into yet.
         unsafe { dev.foreign_mmap_at(chunk, n) }.map_err(map_err)?;
@@ -113,7 +113,7 @@ pub(crate) fn map_foreign_region(
 fn reserve(pages: usize) -> Result<NonNull<u8>, DeviceError> {
     const CALL: &str = "mmap(reserve)";
     let len = pages
-        .checked_mul(XEN_PAGE_SIZE as usize)
+        .checked_mul(XEN_PAGE_SIZE)
         .ok_or(DeviceError::sys(CALL, libc::EOVERFLOW))?;
     // SAFETY: a fresh anonymous mapping at a kernel-chosen address; checked below.
     let p = unsafe {
@@ -148,7 +148,7 @@ fn retry_one_by_one(
         let r = unsafe {
             dev.foreign_map_batch(
                 domid,
-                base.add(slot * XEN_PAGE_SIZE as usize),
+                base.add(slot * XEN_PAGE_SIZE),
                 std::slice::from_ref(gfn),
                 &mut e,
             )

@@ -156,7 +156,12 @@ impl Drop for HostMapping {
                 }
                 // Whatever of the reservation no chunk replaced.
                 // SAFETY: our own reservation; nothing refers into it any more.
-                unsafe { libc::munmap(self.base.as_ptr().cast(), *pages * 4096) };
+                unsafe {
+                    libc::munmap(
+                        self.base.as_ptr().cast(),
+                        *pages * crate::xen_page::XEN_PAGE_SIZE,
+                    )
+                };
             }
             Release::Grant { dev, index, pages } => {
                 // SAFETY: exactly the gntdev mapping we made through this device.

@@ -4,7 +4,7 @@ use std::ptr::NonNull;
 
 use vm_memory::{Permissions, VolatileSlice};
 
-use super::pages::{Bounce, BouncePage, KeySet, LiveMap, PageSlot, Span, PAGE};
+use super::pages::{Bounce, BouncePage, KeySet, LiveMap, PageSlot, Span};
 use super::{
     RequestError, RequestMemory, ScopeState, Scratch, SliceBuf, WritableBuffers, MAX_SCOPE_PAGES,
 };
@@ -13,6 +13,7 @@ use crate::device::{
     GNTST_GENERAL_ERROR, GNTST_OKAY, GNTST_PERMISSION_DENIED,
 };
 use crate::region::XenRegion;
+use crate::xen_page::XEN_PAGE_SIZE;
 use crate::xen_page::{frame_of, page_offset, pages_spanned};
 
 /// The part of one access that falls in one grant page.
@@ -39,7 +40,7 @@ pub(super) fn pieces(
         let gref =
             u32::try_from(frame_of(cur)).map_err(|_| RequestError::RefOutOfRange { gpa: cur })?;
         let lo = page_offset(cur) as usize;
-        let n = (PAGE - lo).min(left);
+        let n = (XEN_PAGE_SIZE - lo).min(left);
         out.push(Piece {
             key: GrantPage { domid, gref },
             gpa: cur,
@@ -462,7 +463,7 @@ impl ScopeState {
         });
         for (i, key) in keys.iter().enumerate() {
             // SAFETY: page `i` of a mapping of `keys.len()` pages.
-            let page = unsafe { base.add(i * PAGE) };
+            let page = unsafe { base.add(i * XEN_PAGE_SIZE) };
             let slot = self.pages.entry(*key).or_default();
             match prot {
                 Protection::ReadOnly => slot.ro = Some(page),
@@ -573,7 +574,7 @@ impl ScopeState {
         let a = page.as_ptr() as usize;
         self.maps.iter().position(|m| {
             let base = m.base.as_ptr() as usize;
-            a >= base && a < base + m.pages * PAGE
+            a >= base && a < base + m.pages * XEN_PAGE_SIZE
         })
     }
 }

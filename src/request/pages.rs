@@ -6,8 +6,6 @@ use std::ptr::NonNull;
 
 use crate::xen_page::XEN_PAGE_SIZE;
 
-pub(crate) const PAGE: usize = XEN_PAGE_SIZE as usize;
-
 use crate::device::GrantPage;
 
 /// Hash maps keyed by grant page. SipHash was a third of the grant-copy path's instructions;
@@ -200,8 +198,9 @@ thread_local! {
 }
 
 fn page_layout() -> Layout {
-    // PAGE is a nonzero power of two.
-    Layout::from_size_align(PAGE, PAGE).unwrap_or(Layout::new::<[u8; PAGE]>())
+    // XEN_PAGE_SIZE is a nonzero power of two.
+    Layout::from_size_align(XEN_PAGE_SIZE, XEN_PAGE_SIZE)
+        .unwrap_or(Layout::new::<[u8; XEN_PAGE_SIZE]>())
 }
 
 impl BouncePage {

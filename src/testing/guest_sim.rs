@@ -9,9 +9,7 @@ use std::sync::Arc;
 use super::emulated::{EmulatedXen, EmulationError};
 use crate::descriptor::{GrantMapping, RegionDescriptor, RegionKind};
 use crate::device::XenHandle;
-use crate::xen_page::{grant_addr, GRANT_ADDR_BIT, XEN_PAGE_SIZE};
-
-const PAGE: usize = XEN_PAGE_SIZE as usize;
+use crate::xen_page::{grant_addr, GRANT_ADDR_BIT, XEN_PAGE_SHIFT, XEN_PAGE_SIZE};
 
 /// Pages a guest granted, as one buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,8 +27,8 @@ impl GuestBuffer {
     /// The grant address of byte `offset` of the buffer.
     pub fn gpa(&self, offset: usize) -> u64 {
         grant_addr(
-            self.first_ref + (offset / PAGE) as u32,
-            (offset % PAGE) as u64,
+            self.first_ref + (offset / XEN_PAGE_SIZE) as u32,
+            (offset % XEN_PAGE_SIZE) as u64,
         )
     }
 }
@@ -72,8 +70,8 @@ pub trait Guest {
     /// xen-vhost-frontend sends for everything but the rings).
     fn on_demand_region(&self, first_ref: u32, pages: u64) -> RegionDescriptor {
         RegionDescriptor {
-            guest_phys_addr: GRANT_ADDR_BIT | (u64::from(first_ref) << 12),
-            size: pages * XEN_PAGE_SIZE,
+            guest_phys_addr: GRANT_ADDR_BIT | (u64::from(first_ref) << XEN_PAGE_SHIFT),
+            size: pages * XEN_PAGE_SIZE as u64,
             userspace_addr: 0,
             mmap_offset: 0,
             kind: RegionKind::Grant {
@@ -191,7 +189,7 @@ impl GuestSim {
 
     fn check(&self, buf: &GuestBuffer, offset: usize, len: usize) -> Result<(), EmulationError> {
         match offset.checked_add(len) {
-            Some(end) if end <= buf.pages * PAGE => Ok(()),
+            Some(end) if end <= buf.pages * XEN_PAGE_SIZE => Ok(()),
             _ => Err(EmulationError::BadPage {
                 page: buf.backing,
                 offset,

@@ -5,17 +5,18 @@
 use std::fs::File;
 use std::os::fd::FromRawFd;
 use xen_vhost_mem::testing::GuestSim;
-use xen_vhost_mem::{RegionDescriptor, WireRegion, XenRegion};
+use xen_vhost_mem::{RegionDescriptor, WireRegion, XenMmapFlags, XenRegion};
 
 /// The emulated guest's domid.
 pub const DOMID: u16 = 1;
-/// Xen page size as a usize.
-pub const PAGE: usize = 4096;
+/// The Xen page size (xen-sys's, through the library), short.
+pub const PAGE: usize = xen_vhost_mem::xen_page::XEN_PAGE_SIZE;
 
-pub const FLAG_FOREIGN: u32 = 0x1;
-pub const FLAG_GRANT: u32 = 0x2;
-pub const FLAG_NO_ADVANCE: u32 = 0x8;
-pub const FLAG_NO_ADVANCE_SPEC: u32 = 0x100;
+/// The wire's `xen_mmap_flags` bits, from [`XenMmapFlags`].
+pub const FLAG_FOREIGN: u32 = XenMmapFlags::FOREIGN.bits();
+pub const FLAG_GRANT: u32 = XenMmapFlags::GRANT.bits();
+pub const FLAG_NO_ADVANCE: u32 = XenMmapFlags::NO_ADVANCE_MAP.bits();
+pub const FLAG_NO_ADVANCE_SPEC: u32 = XenMmapFlags::NO_ADVANCE_MAP_SPEC.bits();
 
 /// A guest of domain [`DOMID`] on a fresh emulated Xen with room for `capacity_pages` pages
 /// (the library's test kit; `g.emu` is the emulation, `g.dev` the handle the backend uses).

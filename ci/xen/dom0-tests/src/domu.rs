@@ -16,6 +16,7 @@ use vm_memory::{Bytes, GuestAddress};
 use xen_vhost_mem::xen_page::grant_addr;
 use xen_vhost_mem::{
     RegionDescriptor, RegionTable, RequestError, RequestMemory, Strategy, WireRegion, XenHandle,
+    XenMmapFlags,
 };
 
 use crate::cases::{build_table, open_dev, own_mappings, request_error};
@@ -39,9 +40,9 @@ const WRITES: [(usize, usize, u8); 4] = [
     (3, 0x300, 0xc3), // in advance
     (3, 0x400, 0xc4), // FOREIGN
 ];
-const GRANT: u32 = 0x2;
-const NO_ADVANCE_MAP: u32 = 0x8;
-const FOREIGN: u32 = 0x1;
+const GRANT: u32 = XenMmapFlags::GRANT.bits();
+const NO_ADVANCE_MAP: u32 = XenMmapFlags::NO_ADVANCE_MAP.bits();
+const FOREIGN: u32 = XenMmapFlags::FOREIGN.bits();
 
 /// The pattern of byte `j` of page `pg`, as in domu-grant.c.
 fn pat(pg: usize, j: usize) -> u8 {

@@ -19,7 +19,7 @@ use xen_sys::Gntdev;
 use xen_vhost_mem::testing::GntallocGuest;
 use xen_vhost_mem::testing::{Guest, GuestBuffer};
 
-const PAGE: usize = 4096;
+use xen_sys::xen::XEN_PAGE_SIZE as PAGE;
 /// The domain the pages are granted to, and the domain the backend maps them from: dom0.
 pub const DOMID: u16 = 0;
 
