@@ -798,3 +798,66 @@ fn hot_add_and_remove_by_swapping_tables() {
     );
     g.assert_nothing_mapped();
 }
+
+/// All Xen regions of a table go through one device handle: `insert` refuses a Xen region on
+/// another handle with the region's gpa, and leaves the table as it was. UNIX regions carry no
+/// Xen memory and are not checked; a clone of the table's handle is the same handle.
+#[test]
+fn xen_regions_of_a_table_share_one_device_handle() {
+    let g = guest(8);
+    let other = guest(8);
+    frames(&g, 0x100, 1);
+    let (_, r) = grant(&other, 1, false);
+    let t = RegionTable::new()
+        .insert(Arc::new(foreign_region(&g, 0x10_0000, 0x1000)))
+        .unwrap();
+
+    let od_gpa = grant_addr(r, 0);
+    let refused = t.insert(Arc::new(on_demand_region(&other, od_gpa, 0x1000)));
+    assert_eq!(
+        refused.unwrap_err(),
+        TableError::OtherDevice { gpa: od_gpa }
+    );
+    assert_eq!(
+        RegionTable::from_regions(vec![
+            foreign_region(&g, 0x10_0000, 0x1000),
+            on_demand_region(&other, od_gpa, 0x1000),
+        ])
+        .unwrap_err(),
+        TableError::OtherDevice { gpa: od_gpa }
+    );
+    assert_eq!(t.num_regions(), 1);
+    assert!(t.xen_device().unwrap().same_device(&g.dev));
+
+    // A UNIX region built with the other handle is fine; so is a clone of the table's handle.
+    let unix = XenRegion::new(
+        desc(wire(0x20_0000, 0x1000, 0, 0, 0, 0)),
+        None,
+        Some(&other.dev),
+    )
+    .unwrap();
+    let clone = g.dev.clone();
+    let od = XenRegion::new(
+        desc(wire(
+            grant_addr(0x40, 0),
+            0x1000,
+            0,
+            0,
+            FLAG_GRANT | FLAG_NO_ADVANCE,
+            DOMID.into(),
+        )),
+        None,
+        Some(&clone),
+    )
+    .unwrap();
+    let t2 = t
+        .insert(Arc::new(unix))
+        .and_then(|t| t.insert(Arc::new(od)))
+        .unwrap();
+    assert_eq!(t2.num_regions(), 3);
+    assert!(t2.xen_device().unwrap().same_device(&g.dev));
+
+    drop((t, t2));
+    g.assert_nothing_mapped();
+    other.assert_nothing_mapped();
+}

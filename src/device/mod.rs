@@ -204,7 +204,10 @@ impl XenHandle {
         }
     }
 
-    /// True when both handles go to the same device.
+    /// True when both are clones of one handle: they share its counters (and so its device).
+    /// Two handles made by separate [`XenHandle::new`] calls are different even when they wrap
+    /// the same device, since their counts would split. A request scope and a region table
+    /// use this to keep all their Xen memory on one handle.
     pub fn same_device(&self, other: &XenHandle) -> bool {
         Arc::ptr_eq(&self.counters, &other.counters)
     }

@@ -150,7 +150,9 @@ impl ScopeState {
         Ok(())
     }
 
-    /// The device of the first on-demand region touched (all regions share one).
+    /// The device of the first on-demand region touched. A table's Xen regions share one handle
+    /// ([`RegionTable::insert`](crate::table::RegionTable::insert) refuses others), so the
+    /// `NoDevice` arm for a second handle only guards tables built some other way.
     pub(super) fn device(&mut self, region: &XenRegion) -> Result<XenHandle, RequestError> {
         let gpa = region.descriptor().guest_phys_addr;
         let d = region.device().ok_or(RequestError::NoDevice { gpa })?;

@@ -1,7 +1,7 @@
 //! dom0-smoke: grant facts on the real Xen drivers, run in dom0 by `ci/xen/run`.
 //!
 //! dom0 grants its own pages to itself (gntalloc, domid 0) and maps them back
-//! through gntdev, like `shared/xen-lab/src/xentest.c`. Prints one line per case:
+//! through gntdev. Prints one line per case:
 //! `XVM-TEST dom0-smoke/<case> PASS|FAIL <details>`, and `XVM-JSON {...}` for
 //! the small map/unmap benchmark. Exit status 1 if any case failed.
 
