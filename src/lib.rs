@@ -1,9 +1,22 @@
 //! Guest memory for vhost-user device backends in Xen dom0.
 //!
-//! Layers, bottom up: [`xen_sys`] (kernel ABI) → [`device`] (the device boundary, real or
-//! emulated) → [`backend`] (mapping per region kind) → [`region`] / [`table`] (the guest memory
-//! map, a vm-memory `GuestMemoryBackend`) → [`request`] (request-scoped memory for on-demand
-//! grants, a vm-memory `GuestMemory`).
+//! Layers, bottom up:
+//!
+//! - [`xen_sys`] (its own crate): the kernel ABI, and the one [`xen_page::XEN_PAGE_SIZE`].
+//! - [`device`]: the device boundary. [`XenDriver`] is the trait of system calls, one method
+//!   each, with [`RealXen`] on xen-sys; [`XenHandle`] is the counting handle every region and
+//!   request scope holds.
+//! - [`backend`]: how each region kind (UNIX, FOREIGN, GRANT in advance) is mapped; the
+//!   mappings themselves are crate-private, their errors public.
+//! - [`descriptor`], [`xen_flags`], [`xen_page`]: wire regions validated into descriptors.
+//! - [`region`] / [`table`]: the guest memory map, a vm-memory `GuestMemoryBackend`; the
+//!   table's Xen regions share one [`XenHandle`].
+//! - [`request`]: request-scoped memory for on-demand grants, a vm-memory `GuestMemory`. Pop
+//!   chains through it: indirect descriptor tables may live in on-demand grant memory too.
+//!
+//! Beside them, `testing` (feature `test-utils`) is the test kit: an emulated Xen and guests
+//! to play on it (or, in dom0, on real Xen). The benchmarks live in the workspace's `bench/`
+//! crate, not here.
 //!
 //! ```
 //! use vm_memory::{Bytes, GuestAddress};
@@ -30,9 +43,6 @@
 //! # }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
-//!
-//! Support: `testing` (feature `test-utils`) plays a Xen guest over the emulated device
-//! (tests, benchmarks, the demo) or has dom0 play one on real Xen.
 
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
