@@ -1,7 +1,7 @@
 //! End to end: a guest posts a block request on a virtqueue, the device serves it through the
 //! region table and request-scoped memory, and the guest checks the bytes.
 //!
-//! `cargo run --example demo -- [--mode grant|foreign|unix]` plays the guest on the emulated
+//! `cargo run --example demo --features test-utils -- [--mode grant|foreign|unix]` plays the guest on the emulated
 //! device. With `--xen` (in dom0, as root) it runs on the real drivers: dom0 grants its own
 //! pages to itself through gntalloc and the request goes through gntdev (`--mode grant`).
 
@@ -13,9 +13,9 @@ use virtio_queue::desc::{split::Descriptor, RawDescriptor};
 use virtio_queue::{Queue, QueueT, Reader, Writer};
 use vm_memory::{Address, Bytes, GuestAddress};
 use xen_vhost_mem::descriptor::{RegionDescriptor, RegionKind};
-use xen_vhost_mem::gntalloc_guest::GntallocGuest;
-use xen_vhost_mem::guest_sim::{Guest, GuestBuffer, GuestSim};
-use xen_vhost_mem::{RealXen, RegionTable, RequestMemory, XenDev, XenRegion};
+use xen_vhost_mem::testing::GntallocGuest;
+use xen_vhost_mem::testing::{Guest, GuestBuffer, GuestSim};
+use xen_vhost_mem::{RealXen, RegionTable, RequestMemory, XenHandle, XenRegion};
 
 const QSIZE: u16 = 16;
 const DOMID: u16 = 1;
@@ -34,7 +34,7 @@ fn main() -> Result<(), Box<dyn Error>> {
             // FOREIGN needs a guest domain's frames; ci/xen's dom0 tests map dom0's own.
             return Err(format!("--xen runs --mode grant, not {mode}").into());
         }
-        let dev = XenDev::new(Arc::new(RealXen::open()?));
+        let dev = XenHandle::new(Arc::new(RealXen::open()?));
         println!("real Xen: dom0 grants its own pages to itself (domid 0)");
         return run(&GntallocGuest::new()?, &dev, mode, None);
     }
@@ -46,7 +46,7 @@ fn main() -> Result<(), Box<dyn Error>> {
 /// (for its frames and UNIX memory).
 fn run<G: Guest>(
     guest: &G,
-    dev: &XenDev,
+    dev: &XenHandle,
     mode: &str,
     sim: Option<&GuestSim>,
 ) -> Result<(), Box<dyn Error>> {
@@ -175,7 +175,7 @@ fn run<G: Guest>(
     let own = table
         .regions()
         .iter()
-        .filter(|r| r.host_mapping().is_some() && !matches!(r.descriptor().kind, RegionKind::Unix))
+        .filter(|r| r.host_address().is_some() && !matches!(r.descriptor().kind, RegionKind::Unix))
         .count() as i64;
     let extra = dev.counters().live_mappings() - own;
     println!(

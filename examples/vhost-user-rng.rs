@@ -11,7 +11,7 @@ use std::sync::Arc;
 use clap::Parser;
 use xen_vhost_mem::daemon::VhostUserDaemon;
 use xen_vhost_mem::devices::rng::RngDevice;
-use xen_vhost_mem::{RealXen, XenDev};
+use xen_vhost_mem::{RealXen, XenHandle};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "vhost-user-rng backend on xen-vhost-mem")]
@@ -35,7 +35,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = Args::parse();
     let mut daemon = VhostUserDaemon::new(Arc::new(RngDevice::open(&a.rng_file)?));
     if a.xen {
-        daemon = daemon.with_xen(XenDev::new(Arc::new(RealXen::open()?)));
+        daemon = daemon.with_xen(XenHandle::new(Arc::new(RealXen::open()?)));
     }
     let _ = std::fs::remove_file(&a.socket_path);
     let listener = UnixListener::bind(&a.socket_path)?;

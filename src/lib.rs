@@ -1,13 +1,27 @@
 //! Guest memory for vhost-user device backends in Xen dom0.
 //!
-//! Layers, bottom up: [`xen_sys`] (kernel ABI) → [`device`] (the device boundary, real or
-//! emulated) → [`backend`] (mapping per region kind) → [`region`] / [`table`] (the guest memory
-//! map, a vm-memory `GuestMemoryBackend`) → [`request`] (request-scoped memory for on-demand
-//! grants, a vm-memory `GuestMemory`).
+//! Layers, bottom up:
+//!
+//! - [`xen_sys`] (its own crate): the kernel ABI, and the one [`xen_page::XEN_PAGE_SIZE`].
+//! - [`device`]: the device boundary. [`XenDriver`] is the trait of system calls, one method
+//!   each, with [`RealXen`] on xen-sys; [`XenHandle`] is the counting handle every region and
+//!   request scope holds.
+//! - [`backend`]: how each region kind (UNIX, FOREIGN, GRANT in advance) is mapped; the
+//!   mappings themselves are crate-private, their errors public.
+//! - [`descriptor`], [`xen_flags`], [`xen_page`]: wire regions validated into descriptors.
+//! - [`region`] / [`table`]: the guest memory map, a vm-memory `GuestMemoryBackend`; the
+//!   table's Xen regions share one [`XenHandle`].
+//! - [`request`]: request-scoped memory for on-demand grants, a vm-memory `GuestMemory`. Pop
+//!   chains through it: indirect descriptor tables may live in on-demand grant memory too.
+//!
+//! Beside them, `testing` (feature `test-utils`) is the test kit: an emulated Xen and guests
+//! to play on it (or, in dom0, on real Xen). The benchmarks live in the workspace's `bench/`
+//! crate, not here.
 //!
 //! ```
 //! use vm_memory::{Bytes, GuestAddress};
-//! use xen_vhost_mem::guest_sim::{Guest as _, GuestSim};
+//! # #[cfg(feature = "test-utils")] {
+//! use xen_vhost_mem::testing::{Guest as _, GuestSim};
 //! use xen_vhost_mem::{RegionTable, RequestMemory, XenRegion};
 //!
 //! // A guest on the emulated device grants a page and fills it.
@@ -26,21 +40,17 @@
 //! mem.finish()?;
 //! assert_eq!(guest.read(&buf, 0, 5)?, b"world");
 //! assert_eq!(guest.dev.counters().live_mappings(), 0);
+//! # }
 //! # Ok::<(), Box<dyn std::error::Error>>(())
 //! ```
-//!
-//! Support: [`guest_sim`] plays a Xen guest over the emulated device (tests, benchmarks, the
-//! demo), [`gntalloc_guest`] has dom0 play one on real Xen; [`block_workload`] is the
-//! block-like virtio workload the benchmarks run.
+
+#![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
 
 pub mod backend;
 pub mod daemon;
-pub mod block_workload;
 pub mod descriptor;
 pub mod devices;
 pub mod device;
-pub mod gntalloc_guest;
-pub mod guest_sim;
 pub mod region;
 pub mod request;
 pub mod table;
@@ -50,7 +60,7 @@ pub mod xen_flags;
 pub mod xen_page;
 
 pub use descriptor::{DescriptorError, GrantMapping, RegionDescriptor, RegionKind, WireRegion};
-pub use device::{emulated::EmulatedXen, real::RealXen, XenDev, XenDevice};
+pub use device::{real::RealXen, XenDriver, XenHandle};
 pub use region::XenRegion;
 pub use request::{RequestError, RequestMemory, Strategy, WritableBuffers};
 pub use table::RegionTable;

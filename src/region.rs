@@ -14,7 +14,7 @@ use crate::backend::grant::map_grant_region;
 use crate::backend::unix::map_unix;
 use crate::backend::{BackendError, HostMapping};
 use crate::descriptor::{GrantMapping, RegionDescriptor, RegionKind};
-use crate::device::XenDev;
+use crate::device::XenHandle;
 
 /// Why a region could not be built.
 #[derive(Debug, thiserror::Error)]
@@ -49,7 +49,7 @@ pub struct OnDemandAccess {
 pub struct XenRegion {
     desc: RegionDescriptor,
     mapping: Option<HostMapping>,
-    dev: Option<XenDev>,
+    dev: Option<XenHandle>,
 }
 
 impl XenRegion {
@@ -61,7 +61,7 @@ impl XenRegion {
     pub fn new(
         desc: RegionDescriptor,
         file: Option<&File>,
-        dev: Option<&XenDev>,
+        dev: Option<&XenHandle>,
     ) -> Result<Self, RegionError> {
         desc.check()?;
         let (gpa, size) = (desc.guest_phys_addr, desc.size);
@@ -96,7 +96,7 @@ impl XenRegion {
     }
 
     /// The device this region's Xen memory goes through (None for UNIX regions built without).
-    pub fn device(&self) -> Option<&XenDev> {
+    pub fn device(&self) -> Option<&XenHandle> {
         self.dev.as_ref()
     }
 
@@ -111,9 +111,10 @@ impl XenRegion {
         }
     }
 
-    /// The host mapping, when the region is mapped in advance.
-    pub fn host_mapping(&self) -> Option<&HostMapping> {
-        self.mapping.as_ref()
+    /// Host address of the region's first byte, when the region is mapped in advance (None
+    /// for on-demand grant regions).
+    pub fn host_address(&self) -> Option<*mut u8> {
+        self.mapping.as_ref().map(HostMapping::as_ptr)
     }
 }
 

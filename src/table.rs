@@ -10,7 +10,17 @@ use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
+use crate::descriptor::RegionKind;
+use crate::device::XenHandle;
 use crate::region::XenRegion;
+
+/// The handle of a Xen region (UNIX regions may carry one, unused).
+fn xen_handle(r: &XenRegion) -> Option<&XenHandle> {
+    match r.descriptor().kind {
+        RegionKind::Unix => None,
+        _ => r.device(),
+    }
+}
 
 /// Why a table could not be built or changed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -26,6 +36,14 @@ pub enum TableError {
         other_gpa: u64,
         /// Its size.
         other_size: u64,
+    },
+    /// A Xen region on another device handle than the table's other Xen regions: a request
+    /// scope fetches and releases all its pages through one handle, and the counters of one
+    /// handle count the whole table.
+    #[error("Xen region at gpa {gpa:#x} uses another device handle than the table's Xen regions")]
+    OtherDevice {
+        /// The new region.
+        gpa: u64,
     },
     /// `REM_MEM_REG` named a region that is not in the table.
     #[error("no region at gpa {gpa:#x} size {size:#x}")]
@@ -56,7 +74,9 @@ impl RegionTable {
             .try_fold(RegionTable::new(), |t, r| t.insert(Arc::new(r)))
     }
 
-    /// A new table with `region` added (hot add).
+    /// A new table with `region` added (hot add). Refused when it overlaps a region
+    /// ([`TableError::Overlap`]) or when it is a Xen region on another device handle than the
+    /// table's Xen regions ([`TableError::OtherDevice`]; see [`XenHandle::same_device`]).
     pub fn insert(&self, region: Arc<XenRegion>) -> Result<Self, TableError> {
         let d = *region.descriptor();
         let pos = self
@@ -80,6 +100,13 @@ impl RegionTable {
                 });
             }
         }
+        if let (Some(new), Some(have)) = (xen_handle(&region), self.xen_device()) {
+            if !new.same_device(have) {
+                return Err(TableError::OtherDevice {
+                    gpa: d.guest_phys_addr,
+                });
+            }
+        }
         let mut regions = self.regions.clone();
         regions.insert(pos, region);
         Ok(RegionTable { regions })
@@ -99,7 +126,9 @@ impl RegionTable {
     }
 
     /// Translates a frontend virtual address (as in `SET_VRING_ADDR`) to a guest address,
-    /// through the regions' `userspace_addr`. On-demand regions (userspace_addr 0) never match.
+    /// through the regions' `userspace_addr`. An on-demand grant region whose `userspace_addr`
+    /// is 0 (the frontend has no mapping of it) never matches; one with a nonzero
+    /// `userspace_addr` translates like any other region.
     pub fn uaddr_to_gpa(&self, uaddr: u64) -> Option<GuestAddress> {
         self.regions.iter().find_map(|r| {
             let d = r.descriptor();
@@ -129,9 +158,11 @@ impl RegionTable {
         true
     }
 
-    /// The Xen device of the first region that has one (all Xen regions share one).
-    pub fn xen_device(&self) -> Option<&crate::device::XenDev> {
-        self.regions.iter().find_map(|r| r.device())
+    /// The device handle of the table's Xen (FOREIGN or GRANT) regions: [`RegionTable::insert`]
+    /// refuses a Xen region on another handle, so they all share one. None when the table has
+    /// no Xen region.
+    pub fn xen_device(&self) -> Option<&XenHandle> {
+        self.regions.iter().find_map(|r| xen_handle(r))
     }
 
     /// The regions, sorted by guest address.

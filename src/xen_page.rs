@@ -3,18 +3,17 @@
 //! Xen pages are 4 KiB whatever the host page size. A guest using Linux's grant DMA ops hands
 //! the device `1 << 63 | ref << 12 | offset`; a buffer of n pages uses n consecutive refs.
 
-/// Size of a Xen page (and of one grant).
-pub const XEN_PAGE_SIZE: u64 = 4096;
-/// log2 of [`XEN_PAGE_SIZE`].
-pub const XEN_PAGE_SHIFT: u32 = 12;
+/// Size of a Xen page (and of one grant), and its log2: `xen_sys`'s, the one definition.
+pub use xen_sys::xen::{XEN_PAGE_SHIFT, XEN_PAGE_SIZE};
+
 /// Bit that marks a guest DMA address as a grant address.
 pub const GRANT_ADDR_BIT: u64 = 1 << 63;
 /// Largest domid a region may name; values above are reserved (`DOMID_FIRST_RESERVED - 1`).
-pub const DOMID_MAX: u32 = 0x7FEF;
+pub const DOMID_MAX: u32 = xen_sys::xen::DOMID_FIRST_RESERVED as u32 - 1;
 
 /// Offset of `addr` inside its Xen page.
 pub const fn page_offset(addr: u64) -> u64 {
-    addr & (XEN_PAGE_SIZE - 1)
+    addr & (XEN_PAGE_SIZE as u64 - 1)
 }
 
 /// Xen frame number of `addr` (for grant addresses: the grant ref, marker bit dropped).

@@ -103,9 +103,9 @@ fn unix_blk_write_then_read_two_queues() {
 #[cfg(feature = "xen")]
 mod xen {
     use super::*;
-    use xen_vhost_mem::guest_sim::GuestSim;
-    use xen_vhost_mem::testing::emulated::EmulatedXen;
-    use xen_vhost_mem::XenDev;
+    use xen_vhost_mem::testing::GuestSim;
+    use xen_vhost_mem::testing::EmulatedXen;
+    use xen_vhost_mem::XenHandle;
 
     fn run(mode: GuestMode, indirect: bool) {
         let cfg = DriverConfig {
@@ -116,7 +116,7 @@ mod xen {
             ..DriverConfig::default()
         };
         let emu = Arc::new(EmulatedXen::new(cfg.emulation_pages()).expect("emulation"));
-        let dev = XenDev::new(emu.clone());
+        let dev = XenHandle::new(emu.clone());
         let dir = tempdir::Dir::new(&format!("{mode:?}-{indirect}"));
         let image = dir.0.join("disk.img");
         std::fs::File::create(&image)

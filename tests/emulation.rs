@@ -5,15 +5,16 @@ mod common;
 
 use std::ptr::NonNull;
 
-use common::{Guest, DOMID, PAGE};
-use xen_vhost_mem::device::emulated::EmulationError;
+use common::{frames, grant, guest, DOMID, PAGE};
 use xen_vhost_mem::device::{
-    CopyDirection, CopySegment, CounterSnapshot, GrantRef, Protection, GNTST_BAD_COPY_ARG,
+    CopyDirection, CopySegment, CounterSnapshot, GrantPage, Protection, GNTST_BAD_COPY_ARG,
     GNTST_BAD_GNTREF, GNTST_GENERAL_ERROR, GNTST_OKAY,
 };
+use xen_vhost_mem::testing::EmulationError;
+use xen_vhost_mem::testing::GuestSim;
 
-fn gref(r: u32) -> GrantRef {
-    GrantRef {
+fn gref(r: u32) -> GrantPage {
+    GrantPage {
         domid: DOMID,
         gref: r,
     }
@@ -45,7 +46,7 @@ fn perms_of(p: NonNull<u8>) -> String {
     panic!("no mapping at {want:#x}");
 }
 
-fn snap(g: &Guest) -> CounterSnapshot {
+fn snap(g: &GuestSim) -> CounterSnapshot {
     g.dev.counters().snapshot()
 }
 
@@ -72,8 +73,8 @@ fn counts(
 
 #[test]
 fn mmap_of_an_unknown_ref_fails_with_einval() {
-    let g = Guest::new(8);
-    let (_, first) = g.grant(1, false);
+    let g = guest(8);
+    let (_, first) = grant(&g, 1, false);
     let never = first + 100;
     // MAP_GRANT_REF does not look at the refs; the mmap (the hypercall) does, whatever the
     // protection asked for.
@@ -95,7 +96,7 @@ fn mmap_of_an_unknown_ref_fails_with_einval() {
     // A wrong domid is an unknown ref as well.
     let other = g
         .dev
-        .grant_map_refs(&[GrantRef {
+        .grant_map_refs(&[GrantPage {
             domid: DOMID + 1,
             gref: first,
         }])
@@ -116,7 +117,7 @@ fn mmap_of_an_unknown_ref_fails_with_einval() {
     g.dev.grant_unmap_refs(other, 1).unwrap();
     // ioctls: 5 maps (one refused) + 4 unmaps; mmaps: 4, all refused.
     assert_eq!(snap(&g), counts(9, 4, 0, 0, 0, 5));
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 /// A writable mmap of a read-only grant is refused. Real gntdev answers EINVAL (not EPERM) and
@@ -124,8 +125,8 @@ fn mmap_of_an_unknown_ref_fails_with_einval() {
 /// same ref mmapped read-only works and shows the guest's bytes.
 #[test]
 fn read_only_grant_refuses_a_writable_mapping_and_maps_read_only() {
-    let g = Guest::new(8);
-    let (page, r) = g.grant(1, true);
+    let g = guest(8);
+    let (page, r) = grant(&g, 1, true);
     let data = common::pattern(1, PAGE);
     g.emu.write_page(page, 0, &data).unwrap();
 
@@ -161,13 +162,13 @@ fn read_only_grant_refuses_a_writable_mapping_and_maps_read_only() {
     g.dev.grant_unmap_refs(index, 1).unwrap();
     // ioctls: 2 maps + 2 unmaps; mmaps: 2 refused + 1 ok; 1 munmap.
     assert_eq!(snap(&g), counts(4, 3, 1, 0, 1, 2));
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 #[test]
 fn writable_grant_mapping_writes_guest_memory() {
-    let g = Guest::new(8);
-    let (page, r) = g.grant(2, false);
+    let g = guest(8);
+    let (page, r) = grant(&g, 2, false);
     let index = g.dev.grant_map_refs(&[gref(r), gref(r + 1)]).unwrap();
     let p = g.dev.grant_mmap(index, 2, Protection::ReadWrite).unwrap();
     assert!(perms_of(p).starts_with("rw"), "{}", perms_of(p));
@@ -180,13 +181,13 @@ fn writable_grant_mapping_writes_guest_memory() {
     unsafe { g.dev.grant_munmap(p, 2) }.unwrap();
     g.dev.grant_unmap_refs(index, 2).unwrap();
     assert_eq!(snap(&g), counts(2, 1, 1, 0, 2, 0));
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 #[test]
 fn mmap_must_cover_exactly_one_whole_map() {
-    let g = Guest::new(8);
-    let (_, r) = g.grant(2, false);
+    let g = guest(8);
+    let (_, r) = grant(&g, 2, false);
     let index = g.dev.grant_map_refs(&[gref(r), gref(r + 1)]).unwrap();
     for pages in [1, 3] {
         let e = g
@@ -225,13 +226,13 @@ fn mmap_must_cover_exactly_one_whole_map() {
     g.dev.grant_unmap_refs(index, 2).unwrap();
     // ioctls: map, bad unmap, unmap; mmaps: 2 bad + 1 bad index + ok + 1 again; munmaps 2.
     assert_eq!(snap(&g), counts(3, 5, 2, 0, 2, 6));
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 #[test]
 fn unmap_refs_before_munmap_is_ebusy() {
-    let g = Guest::new(8);
-    let (_, r) = g.grant(1, false);
+    let g = guest(8);
+    let (_, r) = grant(&g, 1, false);
     let index = g.dev.grant_map_refs(&[gref(r)]).unwrap();
     let p = g.dev.grant_mmap(index, 1, Protection::ReadWrite).unwrap();
     let e = g.dev.grant_unmap_refs(index, 1).unwrap_err();
@@ -244,14 +245,14 @@ fn unmap_refs_before_munmap_is_ebusy() {
     let e = g.dev.grant_unmap_refs(index, 1).unwrap_err();
     assert_eq!(e.errno(), Some(libc::EINVAL), "{e}");
     assert_eq!(snap(&g), counts(4, 1, 1, 0, 1, 2));
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 #[test]
 fn grant_copy_reports_a_status_per_segment_and_moves_data_both_ways() {
-    let g = Guest::new(8);
-    let (rw_page, rw) = g.grant(1, false);
-    let (ro_page, ro) = g.grant(1, true);
+    let g = guest(8);
+    let (rw_page, rw) = grant(&g, 1, false);
+    let (ro_page, ro) = grant(&g, 1, true);
     let rw_data = common::pattern(3, PAGE);
     let ro_data = common::pattern(4, PAGE);
     g.emu.write_page(rw_page, 0, &rw_data).unwrap();
@@ -263,7 +264,7 @@ fn grant_copy_reports_a_status_per_segment_and_moves_data_both_ways() {
     let mut rw_out = b"device-to-guest!".to_vec();
     let mut rw_in = vec![0u8; 0x20];
     let mut too_long = vec![0u8; 0x20];
-    let seg = |grant: GrantRef, offset: u16, buf: &mut Vec<u8>, direction| CopySegment {
+    let seg = |grant: GrantPage, offset: u16, buf: &mut Vec<u8>, direction| CopySegment {
         grant,
         offset,
         len: buf.len() as u16,
@@ -279,7 +280,7 @@ fn grant_copy_reports_a_status_per_segment_and_moves_data_both_ways() {
         seg(gref(rw), 0xfe0, &mut rw_in, CopyDirection::FromGuest),
         seg(gref(rw), 0xff0, &mut too_long, CopyDirection::FromGuest),
         seg(
-            GrantRef {
+            GrantPage {
                 domid: DOMID + 1,
                 gref: rw,
             },
@@ -325,11 +326,11 @@ fn grant_copy_reports_a_status_per_segment_and_moves_data_both_ways() {
     assert_eq!(rw_in, rw_data[0xfe0..]);
     // One ioctl, no mapping, and the call itself succeeded.
     assert_eq!(snap(&g), counts(1, 0, 0, 1, 0, 0));
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 /// A privcmd mapping of `pages` pages over address space reserved for it.
-fn privcmd_mapping(g: &Guest, pages: usize) -> std::ptr::NonNull<u8> {
+fn privcmd_mapping(g: &GuestSim, pages: usize) -> std::ptr::NonNull<u8> {
     // SAFETY: a fresh anonymous reservation, checked below.
     let p = unsafe {
         libc::mmap(
@@ -350,8 +351,8 @@ fn privcmd_mapping(g: &Guest, pages: usize) -> std::ptr::NonNull<u8> {
 
 #[test]
 fn mmapbatch_reports_unknown_frames_per_frame() {
-    let g = Guest::new(8);
-    let page = g.frames(0x100, 3);
+    let g = guest(8);
+    let page = frames(&g, 0x100, 3);
     for i in 0..3 {
         g.emu
             .write_page(page + i, 0, &common::pattern(10 + i as u8, PAGE))
@@ -397,13 +398,13 @@ fn mmapbatch_reports_unknown_frames_per_frame() {
     // SAFETY: exactly the mapping made above; not used afterwards.
     unsafe { g.dev.foreign_munmap(base, 5) }.unwrap();
     assert_eq!(snap(&g), counts(5, 1, 1, 0, 5, 3));
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 #[test]
 fn mmapbatch_reports_paged_out_frames_until_they_come_back() {
-    let g = Guest::new(8);
-    let page = g.frames(0x200, 3);
+    let g = guest(8);
+    let page = frames(&g, 0x200, 3);
     g.emu.write_page(page + 1, 0x123, b"paged back in").unwrap();
     g.emu.page_out(DOMID, 0x201, 2);
     let base = privcmd_mapping(&g, 3);
@@ -438,13 +439,13 @@ fn mmapbatch_reports_paged_out_frames_until_they_come_back() {
     let e = unsafe { g.dev.foreign_munmap(base, 3) }.unwrap_err();
     assert_eq!(e.errno(), Some(libc::EINVAL), "{e}");
     assert_eq!(snap(&g), counts(3, 1, 2, 0, 3, 3));
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 #[test]
 fn end_access_fails_while_mapped_and_succeeds_after_unmapping() {
-    let g = Guest::new(8);
-    let (_, r) = g.grant(2, false);
+    let g = guest(8);
+    let (_, r) = grant(&g, 2, false);
     let index = g.dev.grant_map_refs(&[gref(r), gref(r + 1)]).unwrap();
     // Registered but not mmapped: not yet mapped by the hypervisor.
     let p = g.dev.grant_mmap(index, 2, Protection::ReadWrite).unwrap();
@@ -478,13 +479,13 @@ fn end_access_fails_while_mapped_and_succeeds_after_unmapping() {
     assert_eq!(e.errno(), Some(libc::EINVAL), "{e}");
     g.dev.grant_unmap_refs(index, 1).unwrap();
     assert_eq!(snap(&g), counts(4, 2, 1, 0, 2, 1));
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 #[test]
 fn two_maps_of_one_grant_keep_it_busy_until_both_are_gone() {
-    let g = Guest::new(4);
-    let (_, r) = g.grant(1, false);
+    let g = guest(4);
+    let (_, r) = grant(&g, 1, false);
     let a = g.dev.grant_map_refs(&[gref(r)]).unwrap();
     let b = g.dev.grant_map_refs(&[gref(r)]).unwrap();
     assert_ne!(a, b);
@@ -507,12 +508,12 @@ fn two_maps_of_one_grant_keep_it_busy_until_both_are_gone() {
     g.dev.grant_unmap_refs(a, 1).unwrap();
     g.dev.grant_unmap_refs(b, 1).unwrap();
     assert_eq!(snap(&g), counts(4, 2, 2, 0, 2, 0));
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 #[test]
 fn guest_side_api_refuses_out_of_range_pages() {
-    let g = Guest::new(4);
+    let g = guest(4);
     let first = g.emu.alloc_pages(3).unwrap();
     assert_eq!(first, 0);
     assert_eq!(
@@ -552,5 +553,5 @@ fn guest_side_api_refuses_out_of_range_pages() {
     );
     // Nothing went through the device.
     assert_eq!(snap(&g), CounterSnapshot::default());
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }

@@ -4,7 +4,7 @@
 //! a fixed-seed xorshift drives every choice.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
-use xen_vhost_mem::guest_sim::{Guest as _, GuestSim};
+use xen_vhost_mem::testing::{Guest as _, GuestSim};
 use xen_vhost_mem::xen_page::grant_addr;
 use xen_vhost_mem::{RegionTable, RequestMemory, Strategy, WritableBuffers, XenRegion};
 

@@ -9,14 +9,15 @@ use std::os::unix::fs::FileExt;
 use std::sync::Arc;
 
 use common::{
-    anon_region, desc, foreign_region, grant_region, memfd, on_demand_region, pattern, wire, Guest,
-    PAGE,
+    anon_region, desc, foreign_region, frames, grant, grant_region, guest, memfd, on_demand_region,
+    pattern, wire, PAGE,
 };
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress};
-use xen_vhost_mem::device::emulated::EmulatedXen;
+use xen_vhost_mem::testing::EmulatedXen;
+use xen_vhost_mem::testing::GuestSim;
 use xen_vhost_mem::xen_page::grant_addr;
 use xen_vhost_mem::{RegionTable, XenRegion};
 
@@ -50,7 +51,7 @@ enum View {
 }
 
 struct Setup {
-    guest: Option<Guest>,
+    guest: Option<GuestSim>,
     table: RegionTable,
     ring_gpa: u64,
     ring_view: View,
@@ -127,7 +128,7 @@ impl Setup {
         let Setup { guest, table, .. } = self;
         drop(table);
         if let Some(g) = guest {
-            g.assert_nothing_live();
+            g.assert_nothing_mapped();
         }
     }
 }
@@ -164,8 +165,8 @@ fn unix_setup() -> Setup {
 
 /// The ring as xen-vhost-frontend sends it: a GRANT region mapped in advance at a mid-page gpa,
 /// spanning two grant pages.
-fn grant_ring(g: &Guest) -> (XenRegion, u64, View) {
-    let (page, r) = g.grant(2, false);
+fn grant_ring(g: &GuestSim) -> (XenRegion, u64, View) {
+    let (page, r) = grant(g, 2, false);
     let gpa = grant_addr(r, RING_OFFSET);
     let region = grant_region(g, gpa, RING_SIZE, 0x7f00_0000_0fe0);
     let view = View::Emu {
@@ -178,19 +179,19 @@ fn grant_ring(g: &Guest) -> (XenRegion, u64, View) {
 
 /// (b) the ring in a GRANT-in-advance region, the buffers in a FOREIGN region.
 fn foreign_setup() -> Setup {
-    let g = Guest::new(16);
+    let g = guest(16);
     let (ring, ring_gpa, ring_view) = grant_ring(&g);
     let buf_gpa = 0x10_0000;
-    let first_page = g.frames(0x100, 4);
+    let first_page = frames(&g, 0x100, 4);
     let buffers = foreign_region(&g, buf_gpa, BUF_SIZE);
     emu_setup(g, (ring, ring_gpa, ring_view), buffers, buf_gpa, first_page)
 }
 
 /// (c) the ring and the buffers in two GRANT-in-advance regions.
 fn grant_setup() -> Setup {
-    let g = Guest::new(16);
+    let g = guest(16);
     let (ring, ring_gpa, ring_view) = grant_ring(&g);
-    let (first_page, r) = g.grant(4, false);
+    let (first_page, r) = grant(&g, 4, false);
     let buf_gpa = grant_addr(r, 0);
     let buffers = grant_region(&g, buf_gpa, BUF_SIZE, 0x7f00_0020_0000);
     emu_setup(g, (ring, ring_gpa, ring_view), buffers, buf_gpa, first_page)
@@ -199,7 +200,7 @@ fn grant_setup() -> Setup {
 /// A setup over the emulation: the ring from `grant_ring`, the buffers at `buf_gpa`, seen by
 /// the guest from emulated page `first_page` on.
 fn emu_setup(
-    g: Guest,
+    g: GuestSim,
     (ring, ring_gpa, ring_view): (XenRegion, u64, View),
     buffers: XenRegion,
     buf_gpa: u64,
@@ -409,7 +410,7 @@ fn grant_chains_outside_every_region_are_errors() {
 fn chain_into_an_on_demand_region_is_an_error_on_the_plain_table() {
     let s = grant_setup();
     let g = s.guest.as_ref().unwrap();
-    let (_, r) = g.grant(2, false);
+    let (_, r) = grant(g, 2, false);
     let od_gpa = grant_addr(r, 0);
     let before = g.dev.counters().snapshot();
     let table = s

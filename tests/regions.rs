@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use common::{
-    anon_region, desc, foreign_region, grant_region, memfd, on_demand_region, pattern, wire, Guest,
-    DOMID, FLAG_FOREIGN, FLAG_GRANT, FLAG_NO_ADVANCE, PAGE,
+    anon_region, desc, foreign_region, frames, grant, grant_region, guest, memfd, on_demand_region,
+    pattern, wire, DOMID, FLAG_FOREIGN, FLAG_GRANT, FLAG_NO_ADVANCE, PAGE,
 };
 use vm_memory::{
     Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion,
@@ -95,8 +95,8 @@ fn unix_region_from_memfd_at_unaligned_offset() {
 
 #[test]
 fn foreign_region_reads_and_writes_guest_frames() {
-    let g = Guest::new(16);
-    let page = g.frames(0x100, 4);
+    let g = guest(16);
+    let page = frames(&g, 0x100, 4);
     for i in 0..4 {
         g.emu
             .write_page(page + i, 0, &pattern(i as u8, PAGE))
@@ -139,13 +139,13 @@ fn foreign_region_reads_and_writes_guest_frames() {
     assert_eq!(g.emu.read_page(page + 3, 0, PAGE).unwrap(), out[0x800..]);
     assert_eq!(g.emu.read_page(page + 2, 0, 8).unwrap(), b"abcdefgh");
     drop(t);
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 #[test]
 fn mid_page_foreign_region_starts_at_its_page_offset() {
-    let g = Guest::new(8);
-    let page = g.frames(0x200, 2);
+    let g = guest(8);
+    let page = frames(&g, 0x200, 2);
     g.emu.write_page(page, 0, &pattern(1, PAGE)).unwrap();
     g.emu.write_page(page + 1, 0, &pattern(2, PAGE)).unwrap();
     let gpa = 0x20_0a00;
@@ -155,13 +155,13 @@ fn mid_page_foreign_region_starts_at_its_page_offset() {
     assert_eq!(got[0x600..], pattern(2, PAGE)[..0xa00]);
     assert_eq!(g.dev.counters().snapshot().pages_mapped, 2);
     drop(t);
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 #[test]
 fn foreign_frame_paged_out_within_the_retry_budget_is_mapped_at_its_own_slot() {
-    let g = Guest::new(8);
-    let page = g.frames(0x300, 4);
+    let g = guest(8);
+    let page = frames(&g, 0x300, 4);
     for i in 0..4 {
         g.emu
             .write_page(page + i, 0, &pattern(20 + i as u8, PAGE))
@@ -185,15 +185,15 @@ fn foreign_frame_paged_out_within_the_retry_budget_is_mapped_at_its_own_slot() {
     assert_eq!(s.errors, u64::from(PAGED_OUT_ATTEMPTS - 1));
     assert_eq!(s.live_mappings, 1);
     drop(t);
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 #[test]
 fn large_foreign_region_is_batched_in_chunks_and_retries_land_in_the_right_chunk() {
     use xen_vhost_mem::backend::foreign::BATCH_FRAMES;
     let n = BATCH_FRAMES + 6;
-    let g = Guest::new(n + 1);
-    let page = g.frames(0x1_0000, n);
+    let g = guest(n + 1);
+    let page = frames(&g, 0x1_0000, n);
     for i in [
         0,
         1,
@@ -232,13 +232,13 @@ fn large_foreign_region_is_batched_in_chunks_and_retries_land_in_the_right_chunk
         (4, 2, 2, n as u64)
     );
     drop(t);
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 #[test]
 fn foreign_frame_that_stays_paged_out_is_an_error_naming_it() {
-    let g = Guest::new(8);
-    g.frames(0x400, 4);
+    let g = guest(8);
+    frames(&g, 0x400, 4);
     g.emu.page_out(DOMID, 0x402, PAGED_OUT_ATTEMPTS);
     let r = XenRegion::new(
         desc(wire(0x40_0000, 0x4000, 0, 0, FLAG_FOREIGN, DOMID.into())),
@@ -258,13 +258,13 @@ fn foreign_frame_that_stays_paged_out_is_an_error_naming_it() {
     );
     let s = g.dev.counters().snapshot();
     assert_eq!((s.mmaps, s.munmaps), (1, 1));
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 #[test]
 fn unknown_foreign_frame_is_an_error_naming_it() {
-    let g = Guest::new(8);
-    g.frames(0x500, 2);
+    let g = guest(8);
+    frames(&g, 0x500, 2);
     // The region asks for 3 frames; 0x502 does not exist.
     let r = XenRegion::new(
         desc(wire(0x50_0000, 0x3000, 0, 0, FLAG_FOREIGN, DOMID.into())),
@@ -291,7 +291,7 @@ fn unknown_foreign_frame_is_an_error_naming_it() {
         ),
         "{r:?}"
     );
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 #[test]
@@ -311,8 +311,8 @@ fn xen_regions_without_a_device_are_refused() {
 
 #[test]
 fn unmapped_grant_refs_fail_the_region_and_release_the_map() {
-    let g = Guest::new(8);
-    let (_, r) = g.grant(1, false);
+    let g = guest(8);
+    let (_, r) = grant(&g, 1, false);
     // Two pages needed, only the first is granted.
     let gpa = grant_addr(r, 0x800);
     let res = XenRegion::new(
@@ -336,13 +336,13 @@ fn unmapped_grant_refs_fail_the_region_and_release_the_map() {
         }
         other => panic!("expected GrantMap, got {other:?}"),
     }
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 #[test]
 fn mid_page_grant_region_reads_its_own_offset_not_the_page_start() {
-    let g = Guest::new(8);
-    let (page, r) = g.grant(3, false);
+    let g = guest(8);
+    let (page, r) = grant(&g, 3, false);
     let p0 = pattern(0xa0, PAGE);
     let p1 = pattern(0xb0, PAGE);
     let p2 = pattern(0xc0, PAGE);
@@ -365,7 +365,7 @@ fn mid_page_grant_region_reads_its_own_offset_not_the_page_start() {
             ..Default::default()
         }
     );
-    let host = region.host_mapping().expect("mapped in advance").as_ptr() as usize;
+    let host = region.host_address().expect("mapped in advance") as usize;
     assert_eq!(
         host % PAGE,
         0x840,
@@ -418,13 +418,13 @@ fn mid_page_grant_region_reads_its_own_offset_not_the_page_start() {
         })
     ));
     drop(t);
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 #[test]
 fn plain_access_to_an_on_demand_region_is_an_error_not_a_panic() {
-    let g = Guest::new(8);
-    let (_, r) = g.grant(4, false);
+    let g = guest(8);
+    let (_, r) = grant(&g, 4, false);
     // The frontend's layout: a mid-page ring mapped in advance, and on-demand memory from the
     // next page boundary.
     let ring_gpa = grant_addr(r, 0x840);
@@ -433,7 +433,7 @@ fn plain_access_to_an_on_demand_region_is_an_error_not_a_panic() {
     let ring = grant_region(&g, ring_gpa, 0x1002, 0x7f00_0000_0840);
     let before = g.dev.counters().snapshot();
     let od = on_demand_region(&g, od_gpa, od_size);
-    assert!(od.host_mapping().is_none());
+    assert!(od.host_address().is_none());
     assert_eq!(od.on_demand_domid(), Some(DOMID));
     let t = table(vec![ring, od]);
     assert_eq!(t.num_regions(), 2);
@@ -497,12 +497,12 @@ fn plain_access_to_an_on_demand_region_is_an_error_not_a_panic() {
     // The on-demand region and the failed accesses never touched the device.
     assert_eq!(g.dev.counters().snapshot(), before);
     drop(t);
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 #[test]
 fn on_demand_region_reaching_the_top_of_the_address_space() {
-    let g = Guest::new(4);
+    let g = guest(4);
     let gpa = (1u64 << 63) | 0x10000;
     let t = table(vec![on_demand_region(&g, gpa, u64::MAX - gpa + 1)]);
     let r = t
@@ -523,7 +523,7 @@ fn on_demand_region_reaching_the_top_of_the_address_space() {
     );
     assert!(t.find_region(GuestAddress(gpa - 1)).is_none());
     drop(t);
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 #[test]
@@ -579,10 +579,10 @@ fn overlapping_regions_are_refused_with_both_regions_named() {
 
 #[test]
 fn insert_and_remove_build_new_tables_and_leave_the_old_ones_alone() {
-    let g = Guest::new(8);
-    let (page, r) = g.grant(2, false);
+    let g = guest(8);
+    let (page, r) = grant(&g, 2, false);
     g.emu.write_page(page, 0, &pattern(5, PAGE)).unwrap();
-    let frames = g.frames(0x100, 1);
+    let frames = frames(&g, 0x100, 1);
     g.emu.write_page(frames, 0, &pattern(6, PAGE)).unwrap();
 
     let t0 = RegionTable::new();
@@ -638,13 +638,13 @@ fn insert_and_remove_build_new_tables_and_leave_the_old_ones_alone() {
     assert_eq!(g.dev.counters().live_mappings(), 1);
     assert_eq!(g.emu.live_grant_maps(), 0);
     drop((t0, t1, t3));
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 #[test]
 fn frontend_addresses_translate_through_userspace_addr() {
-    let g = Guest::new(8);
-    let (_, r) = g.grant(2, false);
+    let g = guest(8);
+    let (_, r) = grant(&g, 2, false);
     let ring_gpa = grant_addr(r, 0x840);
     let ring_uaddr = 0x7f00_1234_5840;
     let t = table(vec![
@@ -676,7 +676,7 @@ fn frontend_addresses_translate_through_userspace_addr() {
         .unwrap();
     assert_eq!(read(&t, ring_gpa + 0x10, 5), b"vring");
     drop(t);
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 /// A FOREIGN region's gpa is a plain guest physical address: its first frame is `gpa >> 12`.
@@ -685,8 +685,8 @@ fn frontend_addresses_translate_through_userspace_addr() {
 /// `0x10_0000`, instead of failing on gfn `0x8_0000_0000_0100`.
 #[test]
 fn foreign_region_with_bit_63_does_not_alias_low_frames() {
-    let g = Guest::new(4);
-    let page = g.frames(0x100, 1);
+    let g = guest(4);
+    let page = frames(&g, 0x100, 1);
     g.emu.write_page(page, 0, b"frame 0x100").unwrap();
     let gpa = (1u64 << 63) | 0x10_0000;
     let r = XenRegion::new(
@@ -703,7 +703,7 @@ fn foreign_region_with_bit_63_does_not_alias_low_frames() {
             gpa >> 12
         ),
     }
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 /// A UNIX region larger than its file would map fine (vm-memory maps it) but the first access
@@ -736,7 +736,7 @@ fn unix_region_past_the_end_of_its_file_is_refused() {
 #[test]
 fn hand_built_descriptors_are_checked_again() {
     use xen_vhost_mem::descriptor::{DescriptorError, GrantMapping, RegionKind};
-    let g = Guest::new(4);
+    let g = guest(4);
     let od = |gpa: u64, size: u64| xen_vhost_mem::RegionDescriptor {
         guest_phys_addr: gpa,
         size,
@@ -763,7 +763,7 @@ fn hand_built_descriptors_are_checked_again() {
             other => panic!("{d:?}: {other:?}"),
         }
     }
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
 }
 
 /// Hot plug by swap, as a daemon does on ADD_MEM_REG / REM_MEM_REG: the table lives in vm-memory's
@@ -773,8 +773,8 @@ fn hand_built_descriptors_are_checked_again() {
 #[test]
 fn hot_add_and_remove_by_swapping_tables() {
     use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
-    let g = Guest::new(8);
-    let page = g.frames(0x200, 2);
+    let g = guest(8);
+    let page = frames(&g, 0x200, 2);
     g.emu.write_page(page, 0, b"foreign").unwrap();
     let mem = GuestMemoryAtomic::new(table(vec![anon_region(0x10_0000, 0x1000, 0)]));
     // ADD_MEM_REG: build the new table from the current one, swap it in.
@@ -796,5 +796,68 @@ fn hot_add_and_remove_by_swapping_tables() {
         0,
         "the last holder released the mapping"
     );
-    g.assert_nothing_live();
+    g.assert_nothing_mapped();
+}
+
+/// All Xen regions of a table go through one device handle: `insert` refuses a Xen region on
+/// another handle with the region's gpa, and leaves the table as it was. UNIX regions carry no
+/// Xen memory and are not checked; a clone of the table's handle is the same handle.
+#[test]
+fn xen_regions_of_a_table_share_one_device_handle() {
+    let g = guest(8);
+    let other = guest(8);
+    frames(&g, 0x100, 1);
+    let (_, r) = grant(&other, 1, false);
+    let t = RegionTable::new()
+        .insert(Arc::new(foreign_region(&g, 0x10_0000, 0x1000)))
+        .unwrap();
+
+    let od_gpa = grant_addr(r, 0);
+    let refused = t.insert(Arc::new(on_demand_region(&other, od_gpa, 0x1000)));
+    assert_eq!(
+        refused.unwrap_err(),
+        TableError::OtherDevice { gpa: od_gpa }
+    );
+    assert_eq!(
+        RegionTable::from_regions(vec![
+            foreign_region(&g, 0x10_0000, 0x1000),
+            on_demand_region(&other, od_gpa, 0x1000),
+        ])
+        .unwrap_err(),
+        TableError::OtherDevice { gpa: od_gpa }
+    );
+    assert_eq!(t.num_regions(), 1);
+    assert!(t.xen_device().unwrap().same_device(&g.dev));
+
+    // A UNIX region built with the other handle is fine; so is a clone of the table's handle.
+    let unix = XenRegion::new(
+        desc(wire(0x20_0000, 0x1000, 0, 0, 0, 0)),
+        None,
+        Some(&other.dev),
+    )
+    .unwrap();
+    let clone = g.dev.clone();
+    let od = XenRegion::new(
+        desc(wire(
+            grant_addr(0x40, 0),
+            0x1000,
+            0,
+            0,
+            FLAG_GRANT | FLAG_NO_ADVANCE,
+            DOMID.into(),
+        )),
+        None,
+        Some(&clone),
+    )
+    .unwrap();
+    let t2 = t
+        .insert(Arc::new(unix))
+        .and_then(|t| t.insert(Arc::new(od)))
+        .unwrap();
+    assert_eq!(t2.num_regions(), 3);
+    assert!(t2.xen_device().unwrap().same_device(&g.dev));
+
+    drop((t, t2));
+    g.assert_nothing_mapped();
+    other.assert_nothing_mapped();
 }

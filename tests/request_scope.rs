@@ -7,7 +7,7 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
-use xen_vhost_mem::guest_sim::{Guest as _, GuestBuffer, GuestSim};
+use xen_vhost_mem::testing::{Guest as _, GuestBuffer, GuestSim};
 use xen_vhost_mem::{
     RegionTable, RequestError, RequestMemory, Strategy, WritableBuffers, XenRegion,
 };
@@ -683,4 +683,74 @@ fn a_bad_page_in_a_big_mapped_buffer_is_found_by_halving() {
     assert_eq!(s.sim.dev.counters().snapshot().since(&before).syscalls(), 0);
     mem.finish().unwrap();
     assert_no_live_mappings(&s);
+}
+
+/// Linux's grant DMA puts indirect descriptor tables in granted memory too, so they sit in the
+/// on-demand region, and virtio-queue reads an indirect table through the memory the chain
+/// was popped with. Popped with the plain table, the chain yields no descriptor; popped with
+/// the request scope, it yields the table's descriptors and the device serves the request.
+#[test]
+fn indirect_table_in_on_demand_memory_needs_the_chain_popped_through_the_scope() {
+    const NEXT: u16 = 1; // VRING_DESC_F_NEXT
+    const INDIRECT: u16 = 4; // VRING_DESC_F_INDIRECT
+    for strategy in STRATEGIES {
+        let s = setup();
+        let q = MockSplitQueue::create(&s.table, GuestAddress(s.ring.gpa(0)), 16);
+        let b = block_request(&s);
+        // The indirect table, granted read-only like any buffer the device only reads.
+        let entries = [
+            (b.hdr.gpa(0), 16u32, NEXT, 1u16),
+            (b.data.gpa(0), 4096, WRITE | NEXT, 2),
+            (b.status.gpa(0), 1, WRITE, 0),
+        ];
+        let mut bytes = Vec::new();
+        for (addr, len, flags, next) in entries {
+            bytes.extend_from_slice(&addr.to_le_bytes());
+            bytes.extend_from_slice(&len.to_le_bytes());
+            bytes.extend_from_slice(&flags.to_le_bytes());
+            bytes.extend_from_slice(&next.to_le_bytes());
+        }
+        let indirect = s.sim.grant(1, true).unwrap();
+        s.sim.write(&indirect, 0, &bytes).unwrap();
+        q.add_desc_chains(&[desc(indirect.gpa(0), 48, INDIRECT)], 0)
+            .unwrap();
+
+        // Popped with the plain table: the head is there, its indirect table out of reach.
+        let mut queue: virtio_queue::Queue = q.create_queue().unwrap();
+        let plain = queue.pop_descriptor_chain(&s.table).unwrap();
+        assert_eq!(plain.count(), 0, "{strategy:?}");
+
+        // Popped (again, by a fresh queue) with the request scope.
+        let mut queue: virtio_queue::Queue = q.create_queue().unwrap();
+        let mem = RequestMemory::with_strategy(&s.table, strategy);
+        let head = {
+            let chain = queue.pop_descriptor_chain(&mem).unwrap();
+            let got: Vec<(u64, u32, bool)> = chain
+                .clone()
+                .map(|d| (d.addr().0, d.len(), d.is_write_only()))
+                .collect();
+            assert_eq!(
+                got,
+                [
+                    (b.hdr.gpa(0), 16, false),
+                    (b.data.gpa(0), 4096, true),
+                    (b.status.gpa(0), 1, true)
+                ],
+                "{strategy:?}"
+            );
+            mem.prefetch_chains(std::slice::from_ref(&chain)).unwrap();
+            let mut r = Reader::new(&mem, chain.clone()).unwrap();
+            let hdr: [u8; 16] = r.read_obj().unwrap();
+            assert_eq!(&hdr, b"HEADER-012345678", "{strategy:?}");
+            let mut w = Writer::new(&mem, chain.clone()).unwrap();
+            w.write_all(&[0xab; 4096]).unwrap();
+            w.write_obj(0x5au8).unwrap();
+            chain.head_index()
+        };
+        mem.finish().unwrap();
+        queue.add_used(&s.table, head, 4097).unwrap();
+        check_completed(&s, &b);
+        s.sim.end_access(&indirect).unwrap();
+        assert_no_live_mappings(&s);
+    }
 }

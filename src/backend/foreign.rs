@@ -6,7 +6,7 @@ use std::time::Duration;
 use super::{BackendError, HostMapping, Release};
 use std::ptr::NonNull;
 
-use crate::device::{DeviceError, XenDev};
+use crate::device::{DeviceError, XenHandle};
 use crate::xen_page::{page_offset, pages_spanned, XEN_PAGE_SHIFT, XEN_PAGE_SIZE};
 
 /// Frames per MMAPBATCH_V2 call: bounds the kernel's temporary allocation and our err[] buffer.
@@ -19,8 +19,8 @@ pub const PAGED_OUT_ATTEMPTS: u32 = 5;
 /// Linux privcmd insists that the first MMAPBATCH on a privcmd mapping covers it whole, so
 /// the region is one reservation of address space holding one privcmd mapping per chunk of
 /// [`BATCH_FRAMES`] frames, each filled by one call (then per-frame retries of paged-out ones).
-pub fn map_foreign_region(
-    dev: &XenDev,
+pub(crate) fn map_foreign_region(
+    dev: &XenHandle,
     domid: u16,
     gpa: u64,
     size: u64,
@@ -37,7 +37,6 @@ pub fn map_foreign_region(
     let mut mapping = HostMapping {
         base,
         offset: page_offset(gpa) as usize,
-        len: size as usize,
         release: Release::Foreign {
             dev: dev.clone(),
             chunks: Vec::new(),
@@ -50,7 +49,7 @@ pub fn map_foreign_region(
     for start in (0..pages).step_by(BATCH_FRAMES) {
         let n = BATCH_FRAMES.min(pages - start);
         // In bounds: `start + n <= pages`, the size of the reservation.
-        let chunk = NonNull::new(base.as_ptr().wrapping_add(start * XEN_PAGE_SIZE as usize))
+        let chunk = NonNull::new(base.as_ptr().wrapping_add(start * XEN_PAGE_SIZE))
             .ok_or_else(|| map_err(DeviceError::sys("mmap(privcmd)", libc::EFAULT)))?;
         // SAFETY: the chunk lies inside our reservation, which nothing refers into yet.
         unsafe { dev.foreign_mmap_at(chunk, n) }.map_err(map_err)?;
@@ -114,7 +113,7 @@ pub fn map_foreign_region(
 fn reserve(pages: usize) -> Result<NonNull<u8>, DeviceError> {
     const CALL: &str = "mmap(reserve)";
     let len = pages
-        .checked_mul(XEN_PAGE_SIZE as usize)
+        .checked_mul(XEN_PAGE_SIZE)
         .ok_or(DeviceError::sys(CALL, libc::EOVERFLOW))?;
     // SAFETY: a fresh anonymous mapping at a kernel-chosen address; checked below.
     let p = unsafe {
@@ -135,7 +134,7 @@ fn reserve(pages: usize) -> Result<NonNull<u8>, DeviceError> {
 
 /// Re-batches scattered frames one at a time at their own slots, so each lands at its gpa.
 fn retry_one_by_one(
-    dev: &XenDev,
+    dev: &XenHandle,
     domid: u16,
     base: NonNull<u8>,
     gfns: &[u64],
@@ -149,7 +148,7 @@ fn retry_one_by_one(
         let r = unsafe {
             dev.foreign_map_batch(
                 domid,
-                base.add(slot * XEN_PAGE_SIZE as usize),
+                base.add(slot * XEN_PAGE_SIZE),
                 std::slice::from_ref(gfn),
                 &mut e,
             )

@@ -2,7 +2,7 @@
 //! cover the region's bytes, pointing at the region's in-page offset.
 
 use super::{BackendError, HostMapping, Release};
-use crate::device::{GrantRef, Protection, XenDev};
+use crate::device::{GrantPage, Protection, XenHandle};
 use crate::xen_page::{frame_of, page_offset, pages_spanned};
 
 /// Maps grant region `[gpa, gpa + size)` of `domid` read-write.
@@ -10,8 +10,8 @@ use crate::xen_page::{frame_of, page_offset, pages_spanned};
 /// Pages are Xen pages (4 KiB) whatever the host page size; refs run consecutively from the
 /// ref of `gpa`'s page. Unlike vm-memory, the returned mapping points at `gpa`'s in-page offset,
 /// so a ring that starts mid-page reads its own bytes.
-pub fn map_grant_region(
-    dev: &XenDev,
+pub(crate) fn map_grant_region(
+    dev: &XenHandle,
     domid: u16,
     gpa: u64,
     size: u64,
@@ -26,10 +26,10 @@ pub fn map_grant_region(
         source,
     };
     // `from_wire` refuses such regions; a hand-built descriptor gets the same answer here.
-    let refs: Vec<GrantRef> = (0..pages)
+    let refs: Vec<GrantPage> = (0..pages)
         .map(|i| {
             u32::try_from(first + i)
-                .map(|gref| GrantRef { domid, gref })
+                .map(|gref| GrantPage { domid, gref })
                 .map_err(|_| BackendError::GrantRefOutOfRange { gpa, size })
         })
         .collect::<Result<_, _>>()?;
@@ -44,7 +44,6 @@ pub fn map_grant_region(
     Ok(HostMapping {
         base,
         offset: page_offset(gpa) as usize,
-        len: size as usize,
         release: Release::Grant {
             dev: dev.clone(),
             index,

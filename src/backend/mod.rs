@@ -1,7 +1,8 @@
 //! Mapping backends: how each region kind gets its host mapping when it is added.
 //!
-//! One constructor per kind ([`unix`], [`foreign`], [`grant`]), one owned result
-//! ([`HostMapping`]) that releases itself the way its kind requires.
+//! One crate-private constructor per kind ([`unix`], [`foreign`], [`grant`]), one owned
+//! result (the crate's `HostMapping`) that releases itself the way its kind requires. Public
+//! here: the errors ([`BackendError`]) and the FOREIGN batching limits.
 
 pub mod foreign;
 pub mod grant;
@@ -9,7 +10,7 @@ pub mod unix;
 
 use std::ptr::NonNull;
 
-use crate::device::{DeviceError, XenDev};
+use crate::device::{DeviceError, XenHandle};
 
 /// Why a region could not be mapped. Each variant names the region or frame at fault.
 #[derive(Debug, thiserror::Error)]
@@ -105,13 +106,13 @@ enum Release {
     Munmap { len: usize },
     /// A reservation of `pages` pages holding one privcmd mapping per chunk.
     Foreign {
-        dev: XenDev,
+        dev: XenHandle,
         chunks: Vec<(NonNull<u8>, usize)>,
         pages: usize,
     },
     /// gntdev mapping: munmap, then UNMAP_GRANT_REF.
     Grant {
-        dev: XenDev,
+        dev: XenHandle,
         index: u64,
         pages: usize,
     },
@@ -120,10 +121,9 @@ enum Release {
 /// An owned host mapping of one region's bytes. The mapping starts at a page boundary; the
 /// region's first byte sits `offset` bytes in (regions need not be page aligned).
 #[derive(Debug)]
-pub struct HostMapping {
+pub(crate) struct HostMapping {
     base: NonNull<u8>,
     offset: usize,
-    len: usize,
     release: Release,
 }
 
@@ -134,19 +134,10 @@ unsafe impl Sync for HostMapping {}
 
 impl HostMapping {
     /// Host address of the region's first byte.
-    pub fn as_ptr(&self) -> *mut u8 {
-        // In bounds: `offset` is less than a page and the mapping covers offset + len bytes.
+    pub(crate) fn as_ptr(&self) -> *mut u8 {
+        // In bounds: `offset` is less than a page and the mapping covers the region's bytes
+        // from there.
         self.base.as_ptr().wrapping_add(self.offset)
-    }
-
-    /// Length of the region in bytes.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    /// True for an empty mapping (never built: regions have nonzero size).
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
     }
 }
 
@@ -165,7 +156,12 @@ impl Drop for HostMapping {
                 }
                 // Whatever of the reservation no chunk replaced.
                 // SAFETY: our own reservation; nothing refers into it any more.
-                unsafe { libc::munmap(self.base.as_ptr().cast(), *pages * 4096) };
+                unsafe {
+                    libc::munmap(
+                        self.base.as_ptr().cast(),
+                        *pages * crate::xen_page::XEN_PAGE_SIZE,
+                    )
+                };
             }
             Release::Grant { dev, index, pages } => {
                 // SAFETY: exactly the gntdev mapping we made through this device.

@@ -8,7 +8,7 @@ use super::{BackendError, HostMapping, Release};
 
 /// Maps `size` bytes of `file` from `offset` (any alignment), or anonymous zeroed memory when
 /// `file` is `None` (tests and demos).
-pub fn map_unix(
+pub(crate) fn map_unix(
     gpa: u64,
     size: u64,
     file: Option<&File>,
@@ -58,7 +58,6 @@ pub fn map_unix(
     Ok(HostMapping {
         base,
         offset: if file.is_some() { in_page } else { 0 },
-        len: size as usize,
         release: Release::Munmap { len },
     })
 }

@@ -27,7 +27,7 @@ use super::device::{VhostUserDevice, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_RING
 use super::error::DaemonError;
 use super::worker::{DaemonStats, QueueWorker};
 use crate::descriptor::{RegionDescriptor, WireRegion};
-use crate::device::XenDev;
+use crate::device::XenHandle;
 use crate::region::XenRegion;
 use crate::table::RegionTable;
 
@@ -52,7 +52,7 @@ pub(crate) struct MessageTrace {
 /// Per-connection protocol state.
 pub(crate) struct Handler<D: VhostUserDevice> {
     device: Arc<D>,
-    xen: Option<XenDev>,
+    xen: Option<XenHandle>,
     mem: Memory,
     vrings: Vec<Vring>,
     workers: Vec<Option<QueueWorker>>,
@@ -76,7 +76,7 @@ impl<D: VhostUserDevice> std::fmt::Debug for Handler<D> {
 impl<D: VhostUserDevice> Handler<D> {
     pub(crate) fn new(
         device: Arc<D>,
-        xen: Option<XenDev>,
+        xen: Option<XenHandle>,
         stats: Arc<DaemonStats>,
     ) -> Result<Self, DaemonError> {
         let mem = GuestMemoryAtomic::new(RegionTable::new());
@@ -226,7 +226,7 @@ impl<D: VhostUserDevice> Handler<D> {
             return Err(not_mapped);
         };
         let room: GuestUsize = region.last_addr().0 - gpa.0 + 1;
-        if region.host_mapping().is_none() || len > room {
+        if region.host_address().is_none() || len > room {
             return Err(not_mapped);
         }
         Ok(gpa.0)
@@ -479,20 +479,19 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
         _flags: VhostUserConfigFlags,
     ) -> VhostResult<Vec<u8>> {
         let config = self.device.config();
-        let range = DaemonError::ConfigRange {
-            offset,
-            size,
-            len: config.len(),
-        };
         let start = offset as usize;
-        let end = start.checked_add(size as usize).ok_or_else(|| {
-            DaemonError::ConfigRange {
+        let window = start
+            .checked_add(size as usize)
+            .and_then(|end| config.get(start..end));
+        match window {
+            Some(w) => Ok(w.to_vec()),
+            None => Err(DaemonError::ConfigRange {
                 offset,
                 size,
                 len: config.len(),
             }
-        })?;
-        Ok(config.get(start..end).ok_or(range)?.to_vec())
+            .into()),
+        }
     }
 
     fn set_config(

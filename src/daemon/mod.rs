@@ -36,14 +36,14 @@ pub use error::DaemonError;
 pub use handler::MAX_MEM_SLOTS;
 pub use worker::{DaemonStats, StatsSnapshot, MAX_BATCH};
 
-use crate::device::XenDev;
+use crate::device::XenHandle;
 use handler::Handler;
 
 /// A vhost-user daemon serving one device, one frontend connection at a time.
 #[derive(Debug)]
 pub struct VhostUserDaemon<D: VhostUserDevice> {
     device: Arc<D>,
-    xen: Option<XenDev>,
+    xen: Option<XenHandle>,
     stats: Arc<DaemonStats>,
 }
 
@@ -60,7 +60,7 @@ impl<D: VhostUserDevice> VhostUserDaemon<D> {
 
     /// Maps FOREIGN and GRANT regions through `xen` (the real drivers, or the emulation in
     /// tests).
-    pub fn with_xen(mut self, xen: XenDev) -> Self {
+    pub fn with_xen(mut self, xen: XenHandle) -> Self {
         self.xen = Some(xen);
         self
     }
@@ -71,7 +71,7 @@ impl<D: VhostUserDevice> VhostUserDaemon<D> {
     }
 
     /// The Xen device handle, when there is one (its counters count every Xen syscall).
-    pub fn xen(&self) -> Option<&XenDev> {
+    pub fn xen(&self) -> Option<&XenHandle> {
         self.xen.as_ref()
     }
 

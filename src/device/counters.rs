@@ -2,7 +2,7 @@
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering::Relaxed};
 
-/// Live counters, shared by every user of one [`super::XenDev`].
+/// Live counters, shared by every user of one [`super::XenHandle`].
 #[derive(Debug, Default)]
 pub struct Counters {
     ioctls: AtomicU64,

@@ -1,12 +1,12 @@
 //! The device boundary: the handful of things the kernel's Xen drivers do for us.
 //!
-//! Each method is exactly one system call on real Xen, so counting calls through
-//! [`XenDev`] counts syscalls. Two implementations: [`real::RealXen`] on `xen-sys`, and
-//! [`emulated::EmulatedXen`], a memfd-backed grant table and frame table that enforces what Xen
-//! enforces, so every layer above runs and is tested on any machine.
+//! [`XenDriver`] is the trait: each method is exactly one system call on real Xen, so
+//! counting calls through [`XenHandle`] (the handle every region and request scope holds)
+//! counts syscalls. Two implementations: [`real::RealXen`] on `xen-sys`, and, with the
+//! `test-utils` feature, `testing::EmulatedXen`, a memfd-backed grant table and frame table
+//! that enforces what Xen enforces, so every layer above runs and is tested on any machine.
 
 pub mod counters;
-pub mod emulated;
 pub mod real;
 
 use std::ptr::NonNull;
@@ -33,9 +33,11 @@ impl Protection {
     }
 }
 
-/// One grant to map: `(domid, ref)` as gntdev takes it.
+/// One page a domain granted: the granting domain and the grant ref, as gntdev maps it and
+/// grant copy reads and writes it (a request scope also keys its pages by it). Not to be
+/// confused with [`xen_sys::xen::GrantRef`], the bare ref number of Xen's ABI.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub struct GrantRef {
+pub struct GrantPage {
     /// Granting domain.
     pub domid: u16,
     /// Grant reference.
@@ -56,7 +58,7 @@ pub enum CopyDirection {
 #[derive(Clone, Copy, Debug)]
 pub struct CopySegment {
     /// The guest page.
-    pub grant: GrantRef,
+    pub grant: GrantPage,
     /// Offset inside the guest page.
     pub offset: u16,
     /// Bytes to copy; `offset + len <= 4096`.
@@ -124,10 +126,10 @@ impl DeviceError {
 /// What the Xen drivers do for a vhost-user backend. One method, one system call.
 ///
 /// Implementations must be usable from several threads (one worker per queue).
-pub trait XenDevice: Send + Sync + std::fmt::Debug {
+pub trait XenDriver: Send + Sync + std::fmt::Debug {
     /// `IOCTL_GNTDEV_MAP_GRANT_REF`: registers `refs` (not necessarily consecutive) and returns
-    /// the offset to `mmap`. Refs are not checked until [`XenDevice::grant_mmap`].
-    fn grant_map_refs(&self, refs: &[GrantRef]) -> Result<u64, DeviceError>;
+    /// the offset to `mmap`. Refs are not checked until [`XenDriver::grant_mmap`].
+    fn grant_map_refs(&self, refs: &[GrantPage]) -> Result<u64, DeviceError>;
 
     /// `mmap` of a whole grant map registered at `index` with `pages` pages. Mapping only part
     /// of a map fails with `EINVAL` on the real driver; the emulation refuses it the same way.
@@ -138,7 +140,7 @@ pub trait XenDevice: Send + Sync + std::fmt::Debug {
         prot: Protection,
     ) -> Result<NonNull<u8>, DeviceError>;
 
-    /// `munmap` of a mapping returned by [`XenDevice::grant_mmap`].
+    /// `munmap` of a mapping returned by [`XenDriver::grant_mmap`].
     ///
     /// # Safety
     /// `addr`/`pages` must be exactly a mapping returned by `grant_mmap` of this device, and no
@@ -169,7 +171,7 @@ pub trait XenDevice: Send + Sync + std::fmt::Debug {
     /// pages left unmapped (retries of paged-out frames).
     ///
     /// # Safety
-    /// `addr` must point into a mapping from [`XenDevice::foreign_mmap_at`] of this device with
+    /// `addr` must point into a mapping from [`XenDriver::foreign_mmap_at`] of this device with
     /// room for `gfns.len()` pages, and nothing may hold references into those pages.
     unsafe fn foreign_map_batch(
         &self,
@@ -179,31 +181,34 @@ pub trait XenDevice: Send + Sync + std::fmt::Debug {
         errs: &mut [i32],
     ) -> Result<(), DeviceError>;
 
-    /// `munmap` of a mapping from [`XenDevice::foreign_mmap_at`].
+    /// `munmap` of a mapping from [`XenDriver::foreign_mmap_at`].
     ///
     /// # Safety
-    /// As for [`XenDevice::grant_munmap`].
+    /// As for [`XenDriver::grant_munmap`].
     unsafe fn foreign_munmap(&self, addr: NonNull<u8>, pages: usize) -> Result<(), DeviceError>;
 }
 
 /// A device plus the counters of every call made through it. Cheap to clone.
 #[derive(Clone, Debug)]
-pub struct XenDev {
-    dev: Arc<dyn XenDevice>,
+pub struct XenHandle {
+    dev: Arc<dyn XenDriver>,
     counters: Arc<Counters>,
 }
 
-impl XenDev {
+impl XenHandle {
     /// Wraps a device with fresh counters.
-    pub fn new(dev: Arc<dyn XenDevice>) -> Self {
-        XenDev {
+    pub fn new(dev: Arc<dyn XenDriver>) -> Self {
+        XenHandle {
             dev,
             counters: Arc::new(Counters::default()),
         }
     }
 
-    /// True when both handles go to the same device.
-    pub fn same_device(&self, other: &XenDev) -> bool {
+    /// True when both are clones of one handle: they share its counters (and so its device).
+    /// Two handles made by separate [`XenHandle::new`] calls are different even when they wrap
+    /// the same device, since their counts would split. A request scope and a region table
+    /// use this to keep all their Xen memory on one handle.
+    pub fn same_device(&self, other: &XenHandle) -> bool {
         Arc::ptr_eq(&self.counters, &other.counters)
     }
 
@@ -219,13 +224,13 @@ impl XenDev {
         r
     }
 
-    /// See [`XenDevice::grant_map_refs`].
-    pub fn grant_map_refs(&self, refs: &[GrantRef]) -> Result<u64, DeviceError> {
+    /// See [`XenDriver::grant_map_refs`].
+    pub fn grant_map_refs(&self, refs: &[GrantPage]) -> Result<u64, DeviceError> {
         self.counters.add_ioctl();
         self.count(self.dev.grant_map_refs(refs))
     }
 
-    /// See [`XenDevice::grant_mmap`].
+    /// See [`XenDriver::grant_mmap`].
     pub fn grant_mmap(
         &self,
         index: u64,
@@ -240,10 +245,10 @@ impl XenDev {
         r
     }
 
-    /// See [`XenDevice::grant_munmap`].
+    /// See [`XenDriver::grant_munmap`].
     ///
     /// # Safety
-    /// As for [`XenDevice::grant_munmap`].
+    /// As for [`XenDriver::grant_munmap`].
     pub unsafe fn grant_munmap(&self, addr: NonNull<u8>, pages: usize) -> Result<(), DeviceError> {
         self.counters.add_munmap();
         // SAFETY: forwarded contract.
@@ -254,26 +259,26 @@ impl XenDev {
         r
     }
 
-    /// See [`XenDevice::grant_unmap_refs`].
+    /// See [`XenDriver::grant_unmap_refs`].
     pub fn grant_unmap_refs(&self, index: u64, pages: usize) -> Result<(), DeviceError> {
         self.counters.add_ioctl();
         self.count(self.dev.grant_unmap_refs(index, pages))
     }
 
-    /// See [`XenDevice::grant_copy`].
+    /// See [`XenDriver::grant_copy`].
     ///
     /// # Safety
-    /// As for [`XenDevice::grant_copy`].
+    /// As for [`XenDriver::grant_copy`].
     pub unsafe fn grant_copy(&self, segments: &mut [CopySegment]) -> Result<(), DeviceError> {
         self.counters.add_grant_copy(segments.len());
         // SAFETY: forwarded contract.
         self.count(unsafe { self.dev.grant_copy(segments) })
     }
 
-    /// See [`XenDevice::foreign_mmap_at`].
+    /// See [`XenDriver::foreign_mmap_at`].
     ///
     /// # Safety
-    /// As for [`XenDevice::foreign_mmap_at`].
+    /// As for [`XenDriver::foreign_mmap_at`].
     pub unsafe fn foreign_mmap_at(
         &self,
         addr: NonNull<u8>,
@@ -288,10 +293,10 @@ impl XenDev {
         r
     }
 
-    /// See [`XenDevice::foreign_map_batch`].
+    /// See [`XenDriver::foreign_map_batch`].
     ///
     /// # Safety
-    /// As for [`XenDevice::foreign_map_batch`].
+    /// As for [`XenDriver::foreign_map_batch`].
     pub unsafe fn foreign_map_batch(
         &self,
         domid: u16,
@@ -304,10 +309,10 @@ impl XenDev {
         self.count(unsafe { self.dev.foreign_map_batch(domid, addr, gfns, errs) })
     }
 
-    /// See [`XenDevice::foreign_munmap`].
+    /// See [`XenDriver::foreign_munmap`].
     ///
     /// # Safety
-    /// As for [`XenDevice::foreign_munmap`].
+    /// As for [`XenDriver::foreign_munmap`].
     pub unsafe fn foreign_munmap(
         &self,
         addr: NonNull<u8>,

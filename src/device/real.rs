@@ -6,10 +6,8 @@ use std::ptr::NonNull;
 use xen_sys::gntdev::{GntdevGrantCopyForeign, GntdevGrantCopySegment};
 use xen_sys::{Gntdev, Privcmd};
 
-use super::{CopyDirection, CopySegment, DeviceError, GrantRef, Protection, XenDevice};
+use super::{CopyDirection, CopySegment, DeviceError, GrantPage, Protection, XenDriver};
 use crate::xen_page::XEN_PAGE_SIZE;
-
-const PAGE: usize = XEN_PAGE_SIZE as usize;
 
 /// The kernel's Xen drivers. gntdev is required; privcmd only for FOREIGN regions.
 #[derive(Debug)]
@@ -57,7 +55,7 @@ fn mmap_dev(
 ) -> Result<NonNull<u8>, DeviceError> {
     let off = libc::off_t::try_from(offset).map_err(|_| DeviceError::sys(call, libc::EOVERFLOW))?;
     let len = pages
-        .checked_mul(PAGE)
+        .checked_mul(XEN_PAGE_SIZE)
         .ok_or(DeviceError::sys(call, libc::EOVERFLOW))?;
     // SAFETY: a fresh shared mapping of a device fd at a kernel-chosen address; the result is
     // checked for MAP_FAILED.
@@ -72,14 +70,14 @@ fn mmap_dev(
 /// `addr`/`pages` must be a whole mapping the caller owns and no longer uses.
 unsafe fn munmap(call: &'static str, addr: NonNull<u8>, pages: usize) -> Result<(), DeviceError> {
     // SAFETY: per the contract.
-    if unsafe { libc::munmap(addr.as_ptr().cast(), pages * PAGE) } != 0 {
+    if unsafe { libc::munmap(addr.as_ptr().cast(), pages * XEN_PAGE_SIZE) } != 0 {
         return Err(DeviceError::last(call));
     }
     Ok(())
 }
 
-impl XenDevice for RealXen {
-    fn grant_map_refs(&self, refs: &[GrantRef]) -> Result<u64, DeviceError> {
+impl XenDriver for RealXen {
+    fn grant_map_refs(&self, refs: &[GrantPage]) -> Result<u64, DeviceError> {
         let pairs: Vec<(u32, u32)> = refs.iter().map(|r| (u32::from(r.domid), r.gref)).collect();
         self.gntdev
             .map_grant_refs(&pairs)
@@ -144,7 +142,7 @@ impl XenDevice for RealXen {
         const CALL: &str = "mmap(privcmd)";
         let fd = self.privcmd(CALL)?.as_raw_fd();
         let len = pages
-            .checked_mul(PAGE)
+            .checked_mul(XEN_PAGE_SIZE)
             .ok_or(DeviceError::sys(CALL, libc::EOVERFLOW))?;
         // SAFETY: the caller owns `addr..addr+len` and holds no references into it, so
         // MAP_FIXED replaces nothing anyone uses; the result is checked.

@@ -4,21 +4,22 @@ use std::ptr::NonNull;
 
 use vm_memory::{Permissions, VolatileSlice};
 
-use super::pages::{Bounce, BouncePage, KeySet, LiveMap, PageKey, PageSlot, Span, PAGE};
+use super::pages::{Bounce, BouncePage, KeySet, LiveMap, PageSlot, Span};
 use super::{
     RequestError, RequestMemory, ScopeState, Scratch, SliceBuf, WritableBuffers, MAX_SCOPE_PAGES,
 };
 use crate::device::{
-    CopyDirection, CopySegment, GrantRef, Protection, XenDev, GNTST_BAD_GNTREF,
+    CopyDirection, CopySegment, GrantPage, Protection, XenHandle, GNTST_BAD_GNTREF,
     GNTST_GENERAL_ERROR, GNTST_OKAY, GNTST_PERMISSION_DENIED,
 };
 use crate::region::XenRegion;
+use crate::xen_page::XEN_PAGE_SIZE;
 use crate::xen_page::{frame_of, page_offset, pages_spanned};
 
 /// The part of one access that falls in one grant page.
 #[derive(Clone, Copy, Debug)]
 pub(super) struct Piece {
-    pub key: PageKey,
+    pub key: GrantPage,
     /// Guest address of the piece's first byte (for error messages).
     pub gpa: u64,
     pub span: Span,
@@ -39,9 +40,9 @@ pub(super) fn pieces(
         let gref =
             u32::try_from(frame_of(cur)).map_err(|_| RequestError::RefOutOfRange { gpa: cur })?;
         let lo = page_offset(cur) as usize;
-        let n = (PAGE - lo).min(left);
+        let n = (XEN_PAGE_SIZE - lo).min(left);
         out.push(Piece {
-            key: (domid, gref),
+            key: GrantPage { domid, gref },
             gpa: cur,
             span: Span::new(lo, lo + n),
             write,
@@ -149,8 +150,10 @@ impl ScopeState {
         Ok(())
     }
 
-    /// The device of the first on-demand region touched (all regions share one).
-    pub(super) fn device(&mut self, region: &XenRegion) -> Result<XenDev, RequestError> {
+    /// The device of the first on-demand region touched. A table's Xen regions share one handle
+    /// ([`RegionTable::insert`](crate::table::RegionTable::insert) refuses others), so the
+    /// `NoDevice` arm for a second handle only guards tables built some other way.
+    pub(super) fn device(&mut self, region: &XenRegion) -> Result<XenHandle, RequestError> {
         let gpa = region.descriptor().guest_phys_addr;
         let d = region.device().ok_or(RequestError::NoDevice { gpa })?;
         match &self.dev {
@@ -171,7 +174,7 @@ impl ScopeState {
     /// simply left unfetched, to be retried and reported when touched.
     pub(super) fn fetch_by_copy(
         &mut self,
-        dev: &XenDev,
+        dev: &XenHandle,
         pieces: &[Piece],
         strict: bool,
     ) -> Result<(), RequestError> {
@@ -189,7 +192,7 @@ impl ScopeState {
 
     fn copy_in(
         &mut self,
-        dev: &XenDev,
+        dev: &XenHandle,
         pieces: &[Piece],
         strict: bool,
         t: &mut Scratch,
@@ -330,7 +333,7 @@ impl ScopeState {
 
     /// Ends a fetch: pages whose copy-in landed take their planned valid span, the others
     /// keep theirs (their bounce page stays for the next try); transient state is reset.
-    fn commit(&mut self, touched: &[PageKey]) {
+    fn commit(&mut self, touched: &[GrantPage]) {
         for key in touched {
             let Some(b) = self.bounce_mut(*key) else {
                 continue;
@@ -367,11 +370,11 @@ impl ScopeState {
         Ok(())
     }
 
-    fn bounce(&self, key: PageKey) -> Option<Bounce> {
+    fn bounce(&self, key: GrantPage) -> Option<Bounce> {
         self.pages.get(&key).and_then(|s| s.bounce)
     }
 
-    fn bounce_mut(&mut self, key: PageKey) -> Option<&mut Bounce> {
+    fn bounce_mut(&mut self, key: GrantPage) -> Option<&mut Bounce> {
         self.pages.get_mut(&key).and_then(|s| s.bounce.as_mut())
     }
 
@@ -380,7 +383,7 @@ impl ScopeState {
     /// fault (and tells a read-only grant from an ungranted ref); prefetch just leaves them.
     pub(super) fn fetch_by_map(
         &mut self,
-        dev: &XenDev,
+        dev: &XenHandle,
         pieces: &[Piece],
         write: bool,
         strict: bool,
@@ -409,7 +412,7 @@ impl ScopeState {
         if strict {
             self.map_or_blame(dev, &need, prot)
         } else {
-            let keys: Vec<PageKey> = need.iter().map(|p| p.key).collect();
+            let keys: Vec<GrantPage> = need.iter().map(|p| p.key).collect();
             // Prefetch is best effort: a failure is found again, and named, at the touch.
             let _ = self.map_pages(dev, &keys, prot);
             Ok(())
@@ -421,11 +424,11 @@ impl ScopeState {
     /// calls per bad page instead of one map per page.
     fn map_or_blame(
         &mut self,
-        dev: &XenDev,
+        dev: &XenHandle,
         need: &[&Piece],
         prot: Protection,
     ) -> Result<(), RequestError> {
-        let keys: Vec<PageKey> = need.iter().map(|p| p.key).collect();
+        let keys: Vec<GrantPage> = need.iter().map(|p| p.key).collect();
         match self.map_pages(dev, &keys, prot) {
             Ok(()) => Ok(()),
             Err(e) => match need {
@@ -443,30 +446,26 @@ impl ScopeState {
     /// One MAP_GRANT_REF + one mmap for `keys`, recorded in the slots.
     fn map_pages(
         &mut self,
-        dev: &XenDev,
-        keys: &[PageKey],
+        dev: &XenHandle,
+        keys: &[GrantPage],
         prot: Protection,
     ) -> Result<(), crate::device::DeviceError> {
-        let refs: Vec<GrantRef> = keys
-            .iter()
-            .map(|&(domid, gref)| GrantRef { domid, gref })
-            .collect();
-        let index = dev.grant_map_refs(&refs)?;
-        let base = match dev.grant_mmap(index, refs.len(), prot) {
+        let index = dev.grant_map_refs(keys)?;
+        let base = match dev.grant_mmap(index, keys.len(), prot) {
             Ok(b) => b,
             Err(e) => {
-                let _ = dev.grant_unmap_refs(index, refs.len());
+                let _ = dev.grant_unmap_refs(index, keys.len());
                 return Err(e);
             }
         };
         self.maps.push(LiveMap {
             base,
             index,
-            pages: refs.len(),
+            pages: keys.len(),
         });
         for (i, key) in keys.iter().enumerate() {
             // SAFETY: page `i` of a mapping of `keys.len()` pages.
-            let page = unsafe { base.add(i * PAGE) };
+            let page = unsafe { base.add(i * XEN_PAGE_SIZE) };
             let slot = self.pages.entry(*key).or_default();
             match prot {
                 Protection::ReadOnly => slot.ro = Some(page),
@@ -480,7 +479,7 @@ impl ScopeState {
     /// works means the guest granted it read-only.
     fn blame(
         &mut self,
-        dev: &XenDev,
+        dev: &XenHandle,
         p: &Piece,
         prot: Protection,
         e: crate::device::DeviceError,
@@ -496,8 +495,8 @@ impl ScopeState {
         }
         RequestError::GrantMap {
             gpa: p.gpa,
-            domid: p.key.0,
-            gref: p.key.1,
+            domid: p.key.domid,
+            gref: p.key.gref,
             source: e,
         }
     }
@@ -577,7 +576,7 @@ impl ScopeState {
         let a = page.as_ptr() as usize;
         self.maps.iter().position(|m| {
             let base = m.base.as_ptr() as usize;
-            a >= base && a < base + m.pages * PAGE
+            a >= base && a < base + m.pages * XEN_PAGE_SIZE
         })
     }
 }
@@ -590,12 +589,9 @@ fn slice<'a>(start: NonNull<u8>, len: usize) -> VolatileSlice<'a> {
 }
 
 /// A segment for bytes `part` of grant page `key`, to or from `local`.
-fn seg(key: PageKey, part: Span, local: *mut u8, direction: CopyDirection) -> CopySegment {
+fn seg(key: GrantPage, part: Span, local: *mut u8, direction: CopyDirection) -> CopySegment {
     CopySegment {
-        grant: GrantRef {
-            domid: key.0,
-            gref: key.1,
-        },
+        grant: key,
         offset: part.lo,
         len: part.hi - part.lo,
         local,
@@ -613,12 +609,12 @@ fn copy_error(p: &Piece, status: i16) -> RequestError {
     match status {
         GNTST_BAD_GNTREF => RequestError::UnknownRef {
             gpa: p.gpa,
-            domid: p.key.0,
-            gref: p.key.1,
+            domid: p.key.domid,
+            gref: p.key.gref,
         },
         status => RequestError::GrantCopy {
             gpa: p.gpa,
-            gref: p.key.1,
+            gref: p.key.gref,
             status,
         },
     }
@@ -627,7 +623,7 @@ fn copy_error(p: &Piece, status: i16) -> RequestError {
 fn read_only(p: &Piece) -> RequestError {
     RequestError::ReadOnlyGrant {
         gpa: p.gpa,
-        domid: p.key.0,
-        gref: p.key.1,
+        domid: p.key.domid,
+        gref: p.key.gref,
     }
 }

@@ -4,8 +4,10 @@
 //! [`RequestMemory`] borrows the [`RegionTable`] and implements vm-memory's `GuestMemory`.
 //! Regions mapped in advance are served directly. Pages of on-demand grant regions are
 //! fetched on first touch, by grant copy into bounce buffers the scope owns or by gntdev
-//! mapping in the protection the access asks for ([`Strategy`]); [`RequestMemory::prefetch`]
-//! fetches the pages of whole descriptor chains with one ioctl per direction or protection.
+//! mapping in the protection the access asks for ([`Strategy`]);
+//! [`RequestMemory::prefetch_chains`] fetches the pages of whole descriptor chains (and
+//! [`RequestMemory::prefetch`] those of a list of buffers) with one ioctl per direction or
+//! protection.
 //! When the scope ends ([`RequestMemory::finish`], or drop, on error paths and unwinding
 //! too) written bytes are copied back and every mapping is gone, before the daemon writes the
 //! used-ring entry: a guest ends foreign access to its buffers when a request completes.
@@ -39,10 +41,11 @@ use vm_memory::{
 pub use error::RequestError;
 use pages::{BouncePage, KeyMap, LiveMap, PageSlot};
 
-use crate::device::{CopyDirection, CopySegment, CounterSnapshot, XenDev, GNTST_OKAY};
+use crate::device::{CopyDirection, CopySegment, CounterSnapshot, XenHandle, GNTST_OKAY};
 use crate::table::RegionTable;
 
-/// Buffer size at and above which [`Strategy::Auto`] maps instead of copying, set from the
+/// Length (of a prefetched descriptor, or of an access on first touch) at and above which
+/// [`Strategy::Auto`] maps instead of copying, set from the
 /// real-Xen buffer sweep (`ci/xen`, `bench/buffer-sweep`): grant copy was faster up to 256 KiB
 /// (1.5 ms against 2.2 ms), mapping from 512 KiB (2.3 ms against 3.0 ms); the switch sits
 /// between the two.
@@ -59,9 +62,14 @@ pub enum Strategy {
     Map,
     /// Grant copy through bounce buffers: no mapping, no TLB shootdown.
     GrantCopy,
-    /// Grant copy for buffers shorter than `map_threshold` bytes, mapping for longer ones.
+    /// Grant copy or mapping by length, decided per page the first time the scope fetches it
+    /// and kept for the scope's life: by the descriptor's length when
+    /// [`RequestMemory::prefetch_chains`] (or the buffer's in [`RequestMemory::prefetch`])
+    /// fetches it, by the length of the access (one `get_slices` call, which a `Reader` or
+    /// `Writer` may split) when it is fetched on first touch. Shorter than `map_threshold`:
+    /// grant copy; otherwise mapping.
     Auto {
-        /// Buffers of at least this many bytes are mapped.
+        /// Lengths of at least this many bytes are mapped.
         map_threshold: usize,
     },
 }
@@ -75,7 +83,8 @@ impl Default for Strategy {
 }
 
 impl Strategy {
-    /// Whether a new buffer of `len` bytes is fetched by grant copy.
+    /// Whether a page first fetched for a descriptor or access of `len` bytes is fetched by
+    /// grant copy.
     fn copies(self, len: usize) -> bool {
         match self {
             Strategy::Map => false,
@@ -110,7 +119,7 @@ struct Scratch {
     /// Pieces whose page gets a writability probe.
     probes: Vec<usize>,
     /// Pages with transient fetch state to commit.
-    touched: Vec<pages::PageKey>,
+    touched: Vec<crate::device::GrantPage>,
     /// One byte per probe that reads its byte first.
     bytes: Vec<u8>,
 }
@@ -127,7 +136,7 @@ impl Scratch {
 
 #[derive(Debug, Default)]
 struct ScopeState {
-    dev: Option<XenDev>,
+    dev: Option<XenHandle>,
     writable: WritableBuffers,
     pages: KeyMap<PageSlot>,
     bounce_pages: Vec<BouncePage>,
@@ -204,11 +213,11 @@ impl<'t> RequestMemory<'t> {
         let mut first_err = None;
         let mut segs = std::mem::take(&mut st.tmp.segs);
         segs.clear();
-        for (&(domid, gref), slot) in &st.pages {
+        for (&grant, slot) in &st.pages {
             if let Some(b) = slot.bounce {
                 if !b.dirty.is_empty() && b.writable != Some(false) {
                     segs.push(CopySegment {
-                        grant: crate::device::GrantRef { domid, gref },
+                        grant,
                         offset: b.dirty.lo,
                         len: b.dirty.hi - b.dirty.lo,
                         // SAFETY: `dirty` lies within the page's 4 KiB of bounce memory.
@@ -348,9 +357,11 @@ impl ScopeState {
 type SliceResult<'a> = Result<VolatileSlice<'a>, GuestMemoryError>;
 
 /// The slices of one `get_slices` call; most calls have one, which needs no allocation.
+#[derive(Debug)]
 pub struct RequestSlices<'a>(SliceBuf<'a>);
 
 /// Slices collected for one access.
+#[derive(Debug)]
 pub(crate) enum SliceBuf<'a> {
     /// None (yet).
     Empty,

@@ -6,17 +6,14 @@ use std::ptr::NonNull;
 
 use crate::xen_page::XEN_PAGE_SIZE;
 
-pub(crate) const PAGE: usize = XEN_PAGE_SIZE as usize;
-
-/// A grant page: `(granting domain, ref)`.
-pub(crate) type PageKey = (u16, u32);
+use crate::device::GrantPage;
 
 /// Hash maps keyed by grant page. SipHash was a third of the grant-copy path's instructions;
 /// this hasher is a murmur3 finaliser over the key, seeded once per process so that a guest
 /// choosing refs cannot predict collisions.
-pub(crate) type KeyMap<V> = std::collections::HashMap<PageKey, V, BuildKeyHasher>;
+pub(crate) type KeyMap<V> = std::collections::HashMap<GrantPage, V, BuildKeyHasher>;
 /// Sets of grant pages; see [`KeyMap`].
-pub(crate) type KeySet = std::collections::HashSet<PageKey, BuildKeyHasher>;
+pub(crate) type KeySet = std::collections::HashSet<GrantPage, BuildKeyHasher>;
 
 /// Builds [`KeyHasher`]s with the process's seed.
 #[derive(Clone, Copy, Debug, Default)]
@@ -67,21 +64,21 @@ pub(crate) struct Span {
 }
 
 impl Span {
-    pub fn new(lo: usize, hi: usize) -> Self {
+    pub(crate) fn new(lo: usize, hi: usize) -> Self {
         // Callers pass in-page offsets (<= 4096), which fit in u16.
         Span {
             lo: lo as u16,
             hi: hi as u16,
         }
     }
-    pub fn is_empty(self) -> bool {
+    pub(crate) fn is_empty(self) -> bool {
         self.lo >= self.hi
     }
-    pub fn len(self) -> usize {
+    pub(crate) fn len(self) -> usize {
         usize::from(self.hi.saturating_sub(self.lo))
     }
     /// Smallest span covering both.
-    pub fn hull(self, other: Span) -> Span {
+    pub(crate) fn hull(self, other: Span) -> Span {
         if self.is_empty() {
             return other;
         }
@@ -94,14 +91,14 @@ impl Span {
         }
     }
     /// The bytes in both.
-    pub fn intersect(self, other: Span) -> Span {
+    pub(crate) fn intersect(self, other: Span) -> Span {
         Span {
             lo: self.lo.max(other.lo),
             hi: self.hi.min(other.hi),
         }
     }
     /// The parts of `self` not covered by `have` (at most two).
-    pub fn minus(self, have: Span) -> [Span; 2] {
+    pub(crate) fn minus(self, have: Span) -> [Span; 2] {
         if have.is_empty() {
             return [self, Span::default()];
         }
@@ -141,7 +138,7 @@ pub(crate) struct Bounce {
 
 impl Bounce {
     /// A bounce page at `buf` with nothing valid yet.
-    pub fn new(buf: NonNull<u8>) -> Self {
+    pub(crate) fn new(buf: NonNull<u8>) -> Self {
         Bounce {
             buf,
             valid: Span::default(),
@@ -167,7 +164,7 @@ pub(crate) struct PageSlot {
 
 impl PageSlot {
     /// True once the page is represented by mappings (so it must never be bounced too).
-    pub fn is_mapped(&self) -> bool {
+    pub(crate) fn is_mapped(&self) -> bool {
         self.ro.is_some() || self.rw.is_some()
     }
 }
@@ -201,13 +198,14 @@ thread_local! {
 }
 
 fn page_layout() -> Layout {
-    // PAGE is a nonzero power of two.
-    Layout::from_size_align(PAGE, PAGE).unwrap_or(Layout::new::<[u8; PAGE]>())
+    // XEN_PAGE_SIZE is a nonzero power of two.
+    Layout::from_size_align(XEN_PAGE_SIZE, XEN_PAGE_SIZE)
+        .unwrap_or(Layout::new::<[u8; XEN_PAGE_SIZE]>())
 }
 
 impl BouncePage {
     /// A page from the pool, or freshly allocated; `None` when memory is exhausted.
-    pub fn take() -> Option<Self> {
+    pub(crate) fn take() -> Option<Self> {
         if let Some(p) = POOL
             .try_with(|pool| pool.borrow_mut().0.pop())
             .ok()
@@ -220,7 +218,7 @@ impl BouncePage {
     }
 
     /// Start of the page.
-    pub fn ptr(&self) -> NonNull<u8> {
+    pub(crate) fn ptr(&self) -> NonNull<u8> {
         self.0
     }
 }

@@ -22,15 +22,15 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::emulated::EmulatedXen;
+use super::EmulatedXen;
 use crate::daemon::{
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
-use crate::guest_sim::{Guest, GuestBuffer};
+use super::{Guest, GuestBuffer};
 use crate::xen_page::{GRANT_ADDR_BIT, XEN_PAGE_SIZE};
 
-const PAGE: u64 = XEN_PAGE_SIZE;
+const PAGE: u64 = XEN_PAGE_SIZE as u64;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
@@ -68,7 +68,7 @@ pub enum DriverError {
     Io(#[from] std::io::Error),
     /// The emulated Xen guest.
     #[error("emulated guest: {0}")]
-    Emulation(#[from] super::emulated::EmulationError),
+    Emulation(#[from] super::EmulationError),
     /// The guest's grants.
     #[error("guest: {0}")]
     Guest(String),
@@ -937,7 +937,7 @@ fn on_demand(gpa: u64, size: u64, fd: i32, domid: u16) -> RegionSpec {
 
 fn region_info(r: &RegionSpec) -> VhostUserMemoryRegionInfo {
     #[cfg(not(feature = "xen"))]
-    let _ = r.flags;
+    let _ = (r.flags, r.domid);
     VhostUserMemoryRegionInfo {
         guest_phys_addr: r.gpa,
         memory_size: r.size,

@@ -1,71 +1,38 @@
-//! Shared helpers for the integration tests: an emulated Xen guest, wire regions, memfds.
+//! Shared helpers for the integration tests: wire regions, memfds, and shorthands over the
+//! library's test kit (`xen_vhost_mem::testing`, feature `test-utils`).
 #![allow(dead_code)]
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
-use std::sync::Arc;
-
-use xen_vhost_mem::device::emulated::EmulatedXen;
-use xen_vhost_mem::device::XenDev;
-use xen_vhost_mem::{RegionDescriptor, WireRegion, XenRegion};
+use xen_vhost_mem::testing::GuestSim;
+use xen_vhost_mem::{RegionDescriptor, WireRegion, XenMmapFlags, XenRegion};
 
 /// The emulated guest's domid.
 pub const DOMID: u16 = 1;
-/// Xen page size as a usize.
-pub const PAGE: usize = 4096;
+/// The Xen page size (xen-sys's, through the library), short.
+pub const PAGE: usize = xen_vhost_mem::xen_page::XEN_PAGE_SIZE;
 
-pub const FLAG_FOREIGN: u32 = 0x1;
-pub const FLAG_GRANT: u32 = 0x2;
-pub const FLAG_NO_ADVANCE: u32 = 0x8;
-pub const FLAG_NO_ADVANCE_SPEC: u32 = 0x100;
+/// The wire's `xen_mmap_flags` bits, from [`XenMmapFlags`].
+pub const FLAG_FOREIGN: u32 = XenMmapFlags::FOREIGN.bits();
+pub const FLAG_GRANT: u32 = XenMmapFlags::GRANT.bits();
+pub const FLAG_NO_ADVANCE: u32 = XenMmapFlags::NO_ADVANCE_MAP.bits();
+pub const FLAG_NO_ADVANCE_SPEC: u32 = XenMmapFlags::NO_ADVANCE_MAP_SPEC.bits();
 
-/// An emulated Xen plus the device handle wrapping it; the `Arc` lets tests play the guest.
-pub struct Guest {
-    pub emu: Arc<EmulatedXen>,
-    pub dev: XenDev,
+/// A guest of domain [`DOMID`] on a fresh emulated Xen with room for `capacity_pages` pages
+/// (the library's test kit; `g.emu` is the emulation, `g.dev` the handle the backend uses).
+pub fn guest(capacity_pages: usize) -> GuestSim {
+    GuestSim::new(DOMID, capacity_pages).expect("emulation setup")
 }
 
-impl Guest {
-    pub fn new(capacity_pages: usize) -> Self {
-        let emu = Arc::new(EmulatedXen::new(capacity_pages).expect("emulation setup"));
-        let dev = XenDev::new(emu.clone());
-        Guest { emu, dev }
-    }
+/// Allocates `n` pages and grants them (consecutive refs); returns (first page, first ref).
+pub fn grant(g: &GuestSim, n: usize, readonly: bool) -> (usize, u32) {
+    let b = g.grant(n, readonly).expect("grant pages");
+    (b.backing, b.first_ref)
+}
 
-    /// Allocates `n` pages and grants them (consecutive refs); returns (first page, first ref).
-    pub fn grant(&self, n: usize, readonly: bool) -> (usize, u32) {
-        let page = self.emu.alloc_pages(n).expect("alloc pages");
-        let gref = self
-            .emu
-            .grant_pages(DOMID, page, n, readonly)
-            .expect("grant pages");
-        (page, gref)
-    }
-
-    /// Allocates `n` pages and exposes them as frames `first_gfn..`; returns the first page.
-    pub fn frames(&self, first_gfn: u64, n: usize) -> usize {
-        let page = self.emu.alloc_pages(n).expect("alloc pages");
-        self.emu
-            .add_frames(DOMID, first_gfn, page, n)
-            .expect("add frames");
-        page
-    }
-
-    /// Asserts that no mapping is live, neither in the emulation nor in the counters.
-    pub fn assert_nothing_live(&self) {
-        assert_eq!(self.emu.live_mappings(), 0, "emulation live mappings");
-        assert_eq!(self.emu.live_grant_maps(), 0, "emulation live grant maps");
-        assert_eq!(
-            self.dev.counters().live_mappings(),
-            0,
-            "counters live mappings"
-        );
-        assert_eq!(
-            self.dev.counters().snapshot().live_mappings,
-            0,
-            "snapshot live mappings"
-        );
-    }
+/// Allocates `n` pages and exposes them as frames `first_gfn..`; returns the first page.
+pub fn frames(g: &GuestSim, first_gfn: u64, n: usize) -> usize {
+    g.frames(first_gfn, n).expect("add frames")
 }
 
 /// A wire region.
@@ -86,7 +53,7 @@ pub fn desc(w: WireRegion) -> RegionDescriptor {
 }
 
 /// A FOREIGN region of [`DOMID`], mapped through `g`.
-pub fn foreign_region(g: &Guest, gpa: u64, size: u64) -> XenRegion {
+pub fn foreign_region(g: &GuestSim, gpa: u64, size: u64) -> XenRegion {
     XenRegion::new(
         desc(wire(gpa, size, 0, 0, FLAG_FOREIGN, DOMID.into())),
         None,
@@ -96,7 +63,7 @@ pub fn foreign_region(g: &Guest, gpa: u64, size: u64) -> XenRegion {
 }
 
 /// A GRANT region of [`DOMID`] mapped in advance, with a frontend virtual address.
-pub fn grant_region(g: &Guest, gpa: u64, size: u64, uaddr: u64) -> XenRegion {
+pub fn grant_region(g: &GuestSim, gpa: u64, size: u64, uaddr: u64) -> XenRegion {
     XenRegion::new(
         desc(wire(gpa, size, uaddr, 0, FLAG_GRANT, DOMID.into())),
         None,
@@ -106,7 +73,7 @@ pub fn grant_region(g: &Guest, gpa: u64, size: u64, uaddr: u64) -> XenRegion {
 }
 
 /// A GRANT region of [`DOMID`] mapped on demand (nothing mapped).
-pub fn on_demand_region(g: &Guest, gpa: u64, size: u64) -> XenRegion {
+pub fn on_demand_region(g: &GuestSim, gpa: u64, size: u64) -> XenRegion {
     XenRegion::new(
         desc(wire(
             gpa,

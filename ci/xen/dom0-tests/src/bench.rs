@@ -1,6 +1,6 @@
-//! The block workload of `xen_vhost_mem::block_workload` on the real gntdev, over buffers
+//! The block workload of `xen_vhost_bench` (`bench/`) on the real gntdev, over buffers
 //! dom0 granted to itself through gntalloc: one `XVM-JSON` line per (strategy, batch) row.
-//! Syscalls come from the `XenDev` counters (exact); time is wall time under TCG.
+//! Syscalls come from the `XenHandle` counters (exact); time is wall time under TCG.
 
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -8,12 +8,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use xen_vhost_mem::device::real::RealXen;
-use xen_vhost_mem::device::{CopySegment, DeviceError, GrantRef, Protection, XenDevice};
+use xen_vhost_mem::device::{CopySegment, DeviceError, GrantPage, Protection, XenDriver};
 
-use xen_vhost_mem::block_workload::{
+use xen_vhost_bench::{
     BenchRow, BlockBuffers, BlockWorkload, Mode, DRAIN_BATCH, HEADER_LEN, QUEUE_SIZE,
 };
-use xen_vhost_mem::{GrantMapping, RegionTable, XenDev};
+use xen_vhost_mem::{GrantMapping, RegionTable, XenHandle};
 
 use crate::cases::{build_table, grant_region, on_demand_around, own_mappings};
 use crate::guest::{GuestBuf, RealGuest};
@@ -24,7 +24,7 @@ use crate::Report;
 /// writable) in on-demand regions or, with `premapped`, in one region mapped in advance (the
 /// ceiling; a region mapped in advance is mapped writable, so headers are granted writable).
 fn real_block_guest(
-    dev: &XenDev,
+    dev: &XenHandle,
     guest: &RealGuest,
     requests: usize,
     premapped: bool,
@@ -118,8 +118,8 @@ impl Timed {
     }
 }
 
-impl XenDevice for Timed {
-    fn grant_map_refs(&self, refs: &[GrantRef]) -> Result<u64, DeviceError> {
+impl XenDriver for Timed {
+    fn grant_map_refs(&self, refs: &[GrantPage]) -> Result<u64, DeviceError> {
         self.time(|| self.inner.grant_map_refs(refs))
     }
     fn grant_mmap(
@@ -176,9 +176,9 @@ fn measure(
         ns: AtomicU64::new(0),
     });
     let dev = if clock_calls {
-        XenDev::new(timed.clone())
+        XenHandle::new(timed.clone())
     } else {
-        XenDev::new(Arc::new(real()?))
+        XenHandle::new(Arc::new(real()?))
     };
     let guest = RealGuest::new()?;
     let BenchRow {
@@ -352,7 +352,7 @@ pub fn device_share(report: &mut Report) {
 /// What one grant-copy ioctl costs by segment count and size on the real driver: the numbers
 /// behind the grant-copy strategy's choices (probe segments, copying in write-only buffers).
 pub fn grant_copy_cost(report: &mut Report) {
-    use xen_vhost_mem::device::{CopyDirection, CopySegment, GrantRef, GNTST_OKAY};
+    use xen_vhost_mem::device::{CopyDirection, CopySegment, GrantPage, GNTST_OKAY};
     report.case("bench/grant-copy-cost", || {
         let dev = crate::cases::open_dev()?;
         let guest = RealGuest::new()?;
@@ -363,7 +363,7 @@ pub fn grant_copy_cost(report: &mut Report) {
             let base = local.as_mut_ptr();
             let mut v: Vec<CopySegment> = (0..segs)
                 .map(|i| CopySegment {
-                    grant: GrantRef {
+                    grant: GrantPage {
                         domid: crate::guest::DOMID,
                         gref: buf.first_ref + i as u32,
                     },
@@ -399,7 +399,7 @@ pub fn buffer_sweep(report: &mut Report) {
     use vm_memory::{Bytes, GuestAddress, Permissions};
     use xen_vhost_mem::{RequestMemory, Strategy};
     report.case("bench/buffer-sweep", || {
-        let dev = XenDev::new(Arc::new(
+        let dev = XenHandle::new(Arc::new(
             RealXen::open().map_err(|e| format!("RealXen::open: {e}"))?,
         ));
         let guest = RealGuest::new()?;

@@ -10,12 +10,12 @@ use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 use xen_vhost_mem::device::real::RealXen;
 use xen_vhost_mem::device::{
-    CopyDirection, CopySegment, GrantRef, GNTST_BAD_GNTREF, GNTST_OKAY, GNTST_PERMISSION_DENIED,
+    CopyDirection, CopySegment, GrantPage, GNTST_BAD_GNTREF, GNTST_OKAY, GNTST_PERMISSION_DENIED,
 };
 use xen_vhost_mem::xen_page::grant_addr;
 use xen_vhost_mem::{
     GrantMapping, RegionDescriptor, RegionKind, RegionTable, RequestError, RequestMemory, Strategy,
-    WritableBuffers, XenDev, XenRegion,
+    WritableBuffers, XenHandle, XenRegion,
 };
 
 use crate::guest::{GuestBuf, RealGuest, DOMID};
@@ -44,10 +44,10 @@ pub const STRATEGIES: [(&str, Strategy); 3] = [
     ),
 ];
 
-/// Opens the real drivers through the library: `RealXen::open()` in a counting `XenDev`.
-pub fn open_dev() -> Result<XenDev, String> {
+/// Opens the real drivers through the library: `RealXen::open()` in a counting `XenHandle`.
+pub fn open_dev() -> Result<XenHandle, String> {
     let real = RealXen::open().map_err(|e| format!("RealXen::open: {e}"))?;
-    Ok(XenDev::new(Arc::new(real)))
+    Ok(XenHandle::new(Arc::new(real)))
 }
 
 /// A GRANT region of domain 0.
@@ -87,7 +87,7 @@ pub fn on_demand_around(first: u32, n: u32) -> Vec<RegionDescriptor> {
 }
 
 /// Builds the regions through the library (`XenRegion::new` with the real device).
-pub fn build_table(dev: &XenDev, descs: Vec<RegionDescriptor>) -> Result<RegionTable, String> {
+pub fn build_table(dev: &XenHandle, descs: Vec<RegionDescriptor>) -> Result<RegionTable, String> {
     let regions = descs
         .into_iter()
         .map(|d| {
@@ -103,7 +103,7 @@ pub fn own_mappings(table: &RegionTable) -> i64 {
     table
         .regions()
         .iter()
-        .filter(|r| r.host_mapping().is_some())
+        .filter(|r| r.host_address().is_some())
         .count() as i64
 }
 
@@ -111,7 +111,7 @@ pub fn own_mappings(table: &RegionTable) -> i64 {
 /// advance and on-demand regions for every other grant address.
 pub struct Setup {
     pub guest: RealGuest,
-    pub dev: XenDev,
+    pub dev: XenHandle,
     pub ring: GuestBuf,
     pub table: RegionTable,
 }
@@ -594,7 +594,7 @@ fn dealloc_check_detects_held_mapping() -> CaseResult {
     // Hold a mapping of it through the library's device, as a leaking backend would.
     let gref = buf.first_ref;
     let index = dev
-        .grant_map_refs(&[GrantRef { domid: DOMID, gref }])
+        .grant_map_refs(&[GrantPage { domid: DOMID, gref }])
         .map_err(|e| format!("map: {e}"))?;
     let p = dev
         .grant_mmap(index, 1, xen_vhost_mem::device::Protection::ReadWrite)
@@ -657,7 +657,7 @@ fn gntst_statuses() -> CaseResult {
     let mut segs: Vec<CopySegment> = cases
         .iter()
         .map(|&(_, gref, direction)| CopySegment {
-            grant: GrantRef { domid: DOMID, gref },
+            grant: GrantPage { domid: DOMID, gref },
             offset: 0,
             len: 1,
             local: local.as_mut_ptr(),

@@ -15,7 +15,8 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress};
 use xen_vhost_mem::xen_page::grant_addr;
 use xen_vhost_mem::{
-    RegionDescriptor, RegionTable, RequestError, RequestMemory, Strategy, WireRegion, XenDev,
+    RegionDescriptor, RegionTable, RequestError, RequestMemory, Strategy, WireRegion, XenHandle,
+    XenMmapFlags,
 };
 
 use crate::cases::{build_table, open_dev, own_mappings, request_error};
@@ -39,9 +40,9 @@ const WRITES: [(usize, usize, u8); 4] = [
     (3, 0x300, 0xc3), // in advance
     (3, 0x400, 0xc4), // FOREIGN
 ];
-const GRANT: u32 = 0x2;
-const NO_ADVANCE_MAP: u32 = 0x8;
-const FOREIGN: u32 = 0x1;
+const GRANT: u32 = XenMmapFlags::GRANT.bits();
+const NO_ADVANCE_MAP: u32 = XenMmapFlags::NO_ADVANCE_MAP.bits();
+const FOREIGN: u32 = XenMmapFlags::FOREIGN.bits();
 
 /// The pattern of byte `j` of page `pg`, as in domu-grant.c.
 fn pat(pg: usize, j: usize) -> u8 {
@@ -159,7 +160,7 @@ fn wire(gpa: u64, size: u64, uaddr: u64, flags: u32, domid: u32) -> WireRegion {
 }
 
 /// A table built from wire regions, through `from_wire` and `XenRegion::new`.
-fn wire_table(dev: &XenDev, regions: &[WireRegion]) -> Result<RegionTable, String> {
+fn wire_table(dev: &XenHandle, regions: &[WireRegion]) -> Result<RegionTable, String> {
     let descs = regions
         .iter()
         .map(|w| RegionDescriptor::from_wire(w).map_err(|e| format!("from_wire({w:?}): {e}")))
@@ -168,7 +169,7 @@ fn wire_table(dev: &XenDev, regions: &[WireRegion]) -> Result<RegionTable, Strin
 }
 
 /// One GRANT|NO_ADVANCE_MAP region over every grant address of the domU.
-fn on_demand(dev: &XenDev, d: &Domu) -> Result<RegionTable, String> {
+fn on_demand(dev: &XenHandle, d: &Domu) -> Result<RegionTable, String> {
     wire_table(
         dev,
         &[wire(
@@ -181,7 +182,7 @@ fn on_demand(dev: &XenDev, d: &Domu) -> Result<RegionTable, String> {
     )
 }
 
-fn check_live(dev: &XenDev, t: &RegionTable, when: &str) -> Result<(), String> {
+fn check_live(dev: &XenHandle, t: &RegionTable, when: &str) -> Result<(), String> {
     let (live, own) = (dev.counters().live_mappings(), own_mappings(t));
     if live == own {
         Ok(())

@@ -14,13 +14,15 @@ use xen_sys::xen::{DOMID_SELF, DOMID_XEN};
 use xen_sys::Privcmd;
 use xen_vhost_mem::backend::BackendError;
 use xen_vhost_mem::region::RegionError;
-use xen_vhost_mem::{RegionDescriptor, RegionKind, RegionTable, WireRegion, XenDev, XenRegion};
+use xen_vhost_mem::{
+    RegionDescriptor, RegionKind, RegionTable, WireRegion, XenHandle, XenMmapFlags, XenRegion,
+};
 
 use crate::cases::open_dev;
 use crate::guest::errno_text;
 use crate::{CaseResult, Report};
 
-const PAGE: usize = 4096;
+use xen_sys::xen::XEN_PAGE_SIZE as PAGE;
 /// `_IOC(_IOC_NONE, 'P', 0, sizeof(struct privcmd_hypercall))`.
 const IOCTL_PRIVCMD_HYPERCALL: libc::c_ulong = 0x305000;
 const HYPERVISOR_MEMORY_OP: u64 = 12;
@@ -228,7 +230,7 @@ fn self_region(gpa: u64, size: u64) -> RegionDescriptor {
     }
 }
 
-fn table(dev: &XenDev, d: RegionDescriptor) -> Result<RegionTable, RegionError> {
+fn table(dev: &XenHandle, d: RegionDescriptor) -> Result<RegionTable, RegionError> {
     let r = XenRegion::new(d, None, Some(dev))?;
     Ok(RegionTable::from_regions(vec![r]).unwrap_or_default())
 }
@@ -238,10 +240,10 @@ fn self_map() -> CaseResult {
     // The wire path refuses DOMID_SELF, as it must.
     let wire = WireRegion {
         guest_phys_addr: 0,
-        memory_size: 4096,
+        memory_size: PAGE as u64,
         userspace_addr: 0,
         mmap_offset: 0,
-        xen_mmap_flags: 0x1,
+        xen_mmap_flags: XenMmapFlags::FOREIGN.bits(),
         xen_mmap_data: u32::from(DOMID_SELF),
     };
     let refused = match RegionDescriptor::from_wire(&wire) {

@@ -1,5 +1,5 @@
 //! A real "guest" in dom0: dom0 grants its own pages to itself (domid 0) through
-//! `/dev/xen/gntalloc`, like `xen_vhost_mem::guest_sim::GuestSim` does on the emulation.
+//! `/dev/xen/gntalloc`, like `xen_vhost_mem::testing::GuestSim` does on the emulation.
 //!
 //! The guest reads and writes its pages through gntalloc's own mapping of them (the guest's
 //! view). When a test ends, [`RealGuest::release_all`] ends every grant and checks the
@@ -16,10 +16,10 @@
 use std::os::fd::AsRawFd;
 
 use xen_sys::Gntdev;
-use xen_vhost_mem::gntalloc_guest::GntallocGuest;
-use xen_vhost_mem::guest_sim::{Guest, GuestBuffer};
+use xen_vhost_mem::testing::GntallocGuest;
+use xen_vhost_mem::testing::{Guest, GuestBuffer};
 
-const PAGE: usize = 4096;
+use xen_sys::xen::XEN_PAGE_SIZE as PAGE;
 /// The domain the pages are granted to, and the domain the backend maps them from: dom0.
 pub const DOMID: u16 = 0;
 

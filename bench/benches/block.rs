@@ -1,11 +1,9 @@
 //! Criterion benchmark of the block-like workload over emulated Xen: every strategy at batch 1,
-//! 8 and a drained ring, plus the premapped ceiling. Syscall counts: `examples/bench.rs`.
+//! 8 and a drained ring, plus the premapped ceiling. Syscall counts: `bench/src/main.rs`. `cargo bench -p xen-vhost-bench`.
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use xen_vhost_mem::block_workload::{
-    emulated_block_guest, BenchRow, BlockWorkload, DRAIN_BATCH, QUEUE_SIZE,
-};
-use xen_vhost_mem::guest_sim::GuestSim;
+use xen_vhost_bench::{emulated_block_guest, BenchRow, BlockWorkload, DRAIN_BATCH, QUEUE_SIZE};
+use xen_vhost_mem::testing::GuestSim;
 
 fn block(c: &mut Criterion) {
     let mut g = c.benchmark_group("block");

@@ -10,10 +10,8 @@ use std::ptr::NonNull;
 
 use xen_sys::Gntalloc;
 
-use crate::guest_sim::{Guest, GuestBuffer};
+use super::guest_sim::{Guest, GuestBuffer};
 use crate::xen_page::XEN_PAGE_SIZE;
-
-const PAGE: usize = XEN_PAGE_SIZE as usize;
 
 /// What can go wrong on the gntalloc guest's side.
 #[derive(Debug, thiserror::Error)]
@@ -95,14 +93,14 @@ impl GntallocGuest {
         for g in self.grants.borrow_mut().iter_mut().filter_map(Option::take) {
             // SAFETY: the view mapping made in `grant`, of exactly this size; its slot is
             // emptied, so no buffer reaches it any more.
-            if unsafe { libc::munmap(g.view.as_ptr().cast(), g.pages * PAGE) } != 0 {
+            if unsafe { libc::munmap(g.view.as_ptr().cast(), g.pages * XEN_PAGE_SIZE) } != 0 {
                 problems.push(GntallocGuestError::Gntalloc {
                     call: "munmap(gntalloc)",
                     source: std::io::Error::last_os_error(),
                 });
             }
             for (i, &r) in g.refs.iter().enumerate() {
-                pages.push((r, g.index + (i * PAGE) as u64));
+                pages.push((r, g.index + (i * XEN_PAGE_SIZE) as u64));
             }
         }
         pages.sort_unstable_by_key(|&(r, _)| std::cmp::Reverse(r));
@@ -132,7 +130,7 @@ impl GntallocGuest {
             .and_then(Option::as_ref)
             .ok_or(GntallocGuestError::NoSuchGrant { slot: buf.backing })?;
         match offset.checked_add(len) {
-            Some(end) if end <= g.pages * PAGE => {}
+            Some(end) if end <= g.pages * XEN_PAGE_SIZE => {}
             _ => {
                 return Err(GntallocGuestError::OutOfRange {
                     offset,
@@ -143,11 +141,13 @@ impl GntallocGuest {
         }
         let (mut at, mut done) = (offset, 0);
         while done < len {
-            let n = (PAGE - at % PAGE).min(len - done);
-            let page = g.page_of.get(at / PAGE).copied().unwrap_or(0);
-            // In bounds: `page < pages` and `at % PAGE + n <= PAGE`.
+            let n = (XEN_PAGE_SIZE - at % XEN_PAGE_SIZE).min(len - done);
+            let page = g.page_of.get(at / XEN_PAGE_SIZE).copied().unwrap_or(0);
+            // In bounds: `page < pages` and `at % XEN_PAGE_SIZE + n <= XEN_PAGE_SIZE`.
             f(
-                g.view.as_ptr().wrapping_add(page * PAGE + at % PAGE),
+                g.view
+                    .as_ptr()
+                    .wrapping_add(page * XEN_PAGE_SIZE + at % XEN_PAGE_SIZE),
                 done,
                 n,
             );
@@ -168,7 +168,7 @@ impl Guest for GntallocGuest {
     fn grant(&self, pages: usize, readonly: bool) -> Result<GuestBuffer, GntallocGuestError> {
         let count = u32::try_from(pages).map_err(|_| GntallocGuestError::OutOfRange {
             offset: 0,
-            len: pages * PAGE,
+            len: pages * XEN_PAGE_SIZE,
             pages,
         })?;
         let (index, refs) = self
@@ -198,7 +198,7 @@ impl Guest for GntallocGuest {
         let p = unsafe {
             libc::mmap(
                 std::ptr::null_mut(),
-                pages * PAGE,
+                pages * XEN_PAGE_SIZE,
                 libc::PROT_READ | libc::PROT_WRITE,
                 libc::MAP_SHARED,
                 self.gntalloc.as_raw_fd(),

@@ -6,18 +6,16 @@
 
 use std::sync::Arc;
 
+use super::emulated::{EmulatedXen, EmulationError};
 use crate::descriptor::{GrantMapping, RegionDescriptor, RegionKind};
-use crate::device::emulated::{EmulatedXen, EmulationError};
-use crate::device::XenDev;
-use crate::xen_page::{grant_addr, GRANT_ADDR_BIT, XEN_PAGE_SIZE};
-
-const PAGE: usize = XEN_PAGE_SIZE as usize;
+use crate::device::XenHandle;
+use crate::xen_page::{grant_addr, GRANT_ADDR_BIT, XEN_PAGE_SHIFT, XEN_PAGE_SIZE};
 
 /// Pages a guest granted, as one buffer.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct GuestBuffer {
     /// Where the guest keeps the buffer: the emulation's first page, or a gntalloc grant's
-    /// slot in [`crate::gntalloc_guest::GntallocGuest`].
+    /// slot in [`super::GntallocGuest`].
     pub backing: usize,
     /// First grant ref; page `i` is ref `first_ref + i`.
     pub first_ref: u32,
@@ -29,15 +27,15 @@ impl GuestBuffer {
     /// The grant address of byte `offset` of the buffer.
     pub fn gpa(&self, offset: usize) -> u64 {
         grant_addr(
-            self.first_ref + (offset / PAGE) as u32,
-            (offset % PAGE) as u64,
+            self.first_ref + (offset / XEN_PAGE_SIZE) as u32,
+            (offset % XEN_PAGE_SIZE) as u64,
         )
     }
 }
 
 /// A guest the tests and demos play: it grants buffers and reads and writes its own view of
 /// them. [`GuestSim`] plays it on the emulated device; on real Xen,
-/// [`crate::gntalloc_guest::GntallocGuest`] has dom0 grant its own pages to itself.
+/// [`super::GntallocGuest`] has dom0 grant its own pages to itself.
 pub trait Guest {
     /// What can go wrong on the guest's side.
     type Error: std::error::Error + Send + Sync + 'static;
@@ -72,8 +70,8 @@ pub trait Guest {
     /// xen-vhost-frontend sends for everything but the rings).
     fn on_demand_region(&self, first_ref: u32, pages: u64) -> RegionDescriptor {
         RegionDescriptor {
-            guest_phys_addr: GRANT_ADDR_BIT | (u64::from(first_ref) << 12),
-            size: pages * XEN_PAGE_SIZE,
+            guest_phys_addr: GRANT_ADDR_BIT | (u64::from(first_ref) << XEN_PAGE_SHIFT),
+            size: pages * XEN_PAGE_SIZE as u64,
             userspace_addr: 0,
             mmap_offset: 0,
             kind: RegionKind::Grant {
@@ -111,7 +109,7 @@ pub struct GuestSim {
     /// The emulated hypervisor and drivers (to inspect live mappings).
     pub emu: Arc<EmulatedXen>,
     /// The device handle the backend uses (with its counters).
-    pub dev: XenDev,
+    pub dev: XenHandle,
     /// The guest's domain id.
     pub domid: u16,
 }
@@ -120,7 +118,7 @@ impl GuestSim {
     /// A guest `domid` with room for `capacity_pages` pages.
     pub fn new(domid: u16, capacity_pages: usize) -> Result<Self, EmulationError> {
         let emu = Arc::new(EmulatedXen::new(capacity_pages)?);
-        let dev = XenDev::new(emu.clone());
+        let dev = XenHandle::new(emu.clone());
         Ok(GuestSim { emu, dev, domid })
     }
 
@@ -157,6 +155,32 @@ impl GuestSim {
         self.emu.read_page(buf.backing, offset, len)
     }
 
+    /// Allocates `pages` pages and exposes them as the guest's frames `first_gfn..` (for
+    /// FOREIGN regions); returns the emulation's first page.
+    pub fn frames(&self, first_gfn: u64, pages: usize) -> Result<usize, EmulationError> {
+        let page = self.emu.alloc_pages(pages)?;
+        self.emu.add_frames(self.domid, first_gfn, page, pages)?;
+        Ok(page)
+    }
+
+    /// Panics unless nothing is mapped: no live mapping or grant map in the emulation, and no
+    /// live mapping in the counters of [`GuestSim::dev`].
+    #[track_caller]
+    pub fn assert_nothing_mapped(&self) {
+        assert_eq!(self.emu.live_mappings(), 0, "emulation live mappings");
+        assert_eq!(self.emu.live_grant_maps(), 0, "emulation live grant maps");
+        assert_eq!(
+            self.dev.counters().live_mappings(),
+            0,
+            "counters live mappings"
+        );
+        assert_eq!(
+            self.dev.counters().snapshot().live_mappings,
+            0,
+            "snapshot live mappings"
+        );
+    }
+
     /// Ends foreign access to every page of `buf`, as the guest does when a request
     /// completes; fails if the backend still maps any of them.
     pub fn end_access(&self, buf: &GuestBuffer) -> Result<(), EmulationError> {
@@ -165,7 +189,7 @@ impl GuestSim {
 
     fn check(&self, buf: &GuestBuffer, offset: usize, len: usize) -> Result<(), EmulationError> {
         match offset.checked_add(len) {
-            Some(end) if end <= buf.pages * PAGE => Ok(()),
+            Some(end) if end <= buf.pages * XEN_PAGE_SIZE => Ok(()),
             _ => Err(EmulationError::BadPage {
                 page: buf.backing,
                 offset,

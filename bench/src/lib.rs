@@ -1,6 +1,11 @@
 //! The block-like virtio workload the benchmarks run (here, on emulated Xen, and on real Xen):
 //! per request, pop a chain, read a 16-byte header, write 4 KiB of data and a 1-byte status,
 //! add_used. The "driver" side republishes a fixed set of pre-granted requests.
+//!
+//! Not part of the library: this crate (`bench/`, `publish = false`) holds the workload and
+//! the rows ([`BenchRow::all`]) that the emulated table (`cargo run --release -p
+//! xen-vhost-bench`), criterion (`cargo bench -p xen-vhost-bench`) and the real-Xen bench in
+//! `ci/xen/dom0-tests` all report.
 
 use std::io::Write;
 
@@ -8,8 +13,8 @@ use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryError};
 
-use crate::request::{RequestError, RequestMemory, Strategy, WritableBuffers};
-use crate::table::RegionTable;
+use xen_vhost_mem::xen_page::XEN_PAGE_SIZE;
+use xen_vhost_mem::{RegionTable, RequestError, RequestMemory, Strategy, WritableBuffers};
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
@@ -313,13 +318,13 @@ pub const DRAIN_BATCH: usize = 64;
 /// `requests` pre-granted requests (header read-only with content, data and status writable),
 /// in an on-demand region or, with `premapped`, in a region mapped in advance (the ceiling).
 pub fn emulated_block_guest(
-    sim: &crate::guest_sim::GuestSim,
+    sim: &xen_vhost_mem::testing::GuestSim,
     requests: usize,
     premapped: bool,
 ) -> Result<(RegionTable, u64, Vec<BlockBuffers>), Box<dyn std::error::Error>> {
-    use crate::guest_sim::Guest as _;
-    use crate::region::XenRegion;
-    let ring_pages = BlockWorkload::ring_bytes(QUEUE_SIZE).div_ceil(4096) as usize;
+    use xen_vhost_mem::testing::Guest as _;
+    use xen_vhost_mem::XenRegion;
+    let ring_pages = BlockWorkload::ring_bytes(QUEUE_SIZE).div_ceil(XEN_PAGE_SIZE as u64) as usize;
     let ring = sim.grant(ring_pages, false)?;
     let mut bufs = Vec::with_capacity(requests);
     let mut first = None;
@@ -338,11 +343,15 @@ pub fn emulated_block_guest(
         });
     }
     let ring_gpa = ring.gpa(0);
-    let ring_region = sim.in_advance_region(ring_gpa, ring_pages as u64 * 4096, 0x7000_0000);
+    let ring_region = sim.in_advance_region(
+        ring_gpa,
+        ring_pages as u64 * XEN_PAGE_SIZE as u64,
+        0x7000_0000,
+    );
     let first_ref = ring.first_ref + ring_pages as u32;
     let buffers = if premapped {
-        let gpa = crate::xen_page::grant_addr(first_ref, 0);
-        sim.in_advance_region(gpa, requests as u64 * 3 * 4096, 0x8000_0000)
+        let gpa = xen_vhost_mem::xen_page::grant_addr(first_ref, 0);
+        sim.in_advance_region(gpa, requests as u64 * 3 * XEN_PAGE_SIZE as u64, 0x8000_0000)
     } else {
         sim.on_demand_region(first_ref, 1 << 20)
     };

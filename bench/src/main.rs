@@ -1,16 +1,14 @@
 //! The block-like workload over emulated Xen for every strategy, at batch 1 and 8: a table of
 //! syscalls per request (exact, from the device counters) and ns per request.
 //!
-//! `cargo run --release --example bench [-- --json] [--requests N]`; `-- --sweep` compares
+//! `cargo run --release -p xen-vhost-bench [-- --json] [--requests N]`; `-- --sweep` compares
 //! grant copy and mapping by buffer size.
 
 use std::time::Instant;
 
 use vm_memory::{Bytes, GuestAddress, Permissions};
-use xen_vhost_mem::block_workload::{
-    emulated_block_guest, BenchRow, BlockWorkload, DRAIN_BATCH, QUEUE_SIZE,
-};
-use xen_vhost_mem::guest_sim::{Guest as _, GuestSim};
+use xen_vhost_bench::{emulated_block_guest, BenchRow, BlockWorkload, DRAIN_BATCH, QUEUE_SIZE};
+use xen_vhost_mem::testing::{Guest as _, GuestSim};
 use xen_vhost_mem::{RegionTable, RequestMemory, Strategy, XenRegion};
 
 struct Row {
@@ -44,7 +42,7 @@ fn measure(
     let own = table
         .regions()
         .iter()
-        .filter(|r| r.host_mapping().is_some())
+        .filter(|r| r.host_address().is_some())
         .count() as i64;
     if d.errors != 0 || sim.dev.counters().live_mappings() != own {
         return Err(format!(

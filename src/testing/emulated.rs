@@ -12,13 +12,11 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::{Mutex, MutexGuard};
 
-use super::{
-    CopyDirection, CopySegment, DeviceError, GrantRef, Protection, XenDevice, GNTST_BAD_COPY_ARG,
+use crate::device::{
+    CopyDirection, CopySegment, DeviceError, GrantPage, Protection, XenDriver, GNTST_BAD_COPY_ARG,
     GNTST_BAD_GNTREF, GNTST_GENERAL_ERROR, GNTST_OKAY,
 };
 use crate::xen_page::XEN_PAGE_SIZE;
-
-const PAGE: usize = XEN_PAGE_SIZE as usize;
 
 /// Errors of the guest-side API (what the test, playing the guest, asks of the emulation).
 #[derive(Clone, Debug, thiserror::Error, PartialEq, Eq)]
@@ -80,7 +78,7 @@ struct Frame {
 
 #[derive(Debug)]
 struct GrantMap {
-    refs: Vec<GrantRef>,
+    refs: Vec<GrantPage>,
     mmapped: Option<usize>,
     /// A failed mmap leaves the map unusable until UNMAP_GRANT_REF (as on real gntdev).
     poisoned: bool,
@@ -143,7 +141,7 @@ impl EmulatedXen {
         }
         // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
         let memfd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let len = capacity_pages.max(1) * PAGE;
+        let len = capacity_pages.max(1) * XEN_PAGE_SIZE;
         // SAFETY: ftruncate on an fd we own.
         if unsafe { libc::ftruncate(memfd.as_raw_fd(), len as libc::off_t) } != 0 {
             return Err(EmulationError::Setup(errno()));
@@ -204,7 +202,7 @@ impl EmulatedXen {
         readonly: bool,
     ) -> Result<u32, EmulationError> {
         let mut st = self.state();
-        self.check_pages(&st, first_page, 0, n * PAGE)?;
+        self.check_pages(&st, first_page, 0, n * XEN_PAGE_SIZE)?;
         let first = *st.next_ref.get(&domid).unwrap_or(&Self::FIRST_REF);
         for i in 0..n {
             st.grants.insert(
@@ -243,7 +241,7 @@ impl EmulatedXen {
         n: usize,
     ) -> Result<(), EmulationError> {
         let mut st = self.state();
-        self.check_pages(&st, first_page, 0, n * PAGE)?;
+        self.check_pages(&st, first_page, 0, n * XEN_PAGE_SIZE)?;
         for i in 0..n {
             st.frames.insert(
                 (domid, first_gfn + i as u64),
@@ -318,11 +316,11 @@ impl EmulatedXen {
     ) -> Result<(), EmulationError> {
         let bad = EmulationError::BadPage { page, offset, len };
         let start = page
-            .checked_mul(PAGE)
+            .checked_mul(XEN_PAGE_SIZE)
             .and_then(|b| b.checked_add(offset))
             .ok_or(bad.clone())?;
         let end = start.checked_add(len).ok_or(bad.clone())?;
-        if end > st.next_page * PAGE {
+        if end > st.next_page * XEN_PAGE_SIZE {
             return Err(bad);
         }
         Ok(())
@@ -330,7 +328,7 @@ impl EmulatedXen {
 
     fn page_ptr(&self, page: usize) -> *mut u8 {
         // Callers only pass allocated pages, which lie inside the mapping.
-        self.base.as_ptr().wrapping_add(page * PAGE)
+        self.base.as_ptr().wrapping_add(page * XEN_PAGE_SIZE)
     }
 
     /// Maps memfd page `page` at `addr` with `prot`, replacing what was there.
@@ -343,11 +341,11 @@ impl EmulatedXen {
         let p = unsafe {
             libc::mmap(
                 addr.cast(),
-                PAGE,
+                XEN_PAGE_SIZE,
                 prot,
                 libc::MAP_SHARED | libc::MAP_FIXED,
                 self.memfd.as_raw_fd(),
-                (page * PAGE) as libc::off_t,
+                (page * XEN_PAGE_SIZE) as libc::off_t,
             )
         };
         if p == libc::MAP_FAILED {
@@ -361,7 +359,7 @@ impl EmulatedXen {
 impl Drop for EmulatedXen {
     fn drop(&mut self) {
         // SAFETY: `base` is our own mapping of `capacity` pages, unmapped once, here.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.capacity * PAGE) };
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.capacity * XEN_PAGE_SIZE) };
     }
 }
 
@@ -377,7 +375,7 @@ fn reserve(pages: usize) -> Result<NonNull<u8>, i32> {
     let p = unsafe {
         libc::mmap(
             std::ptr::null_mut(),
-            pages * PAGE,
+            pages * XEN_PAGE_SIZE,
             libc::PROT_NONE,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             -1,
@@ -390,14 +388,14 @@ fn reserve(pages: usize) -> Result<NonNull<u8>, i32> {
     NonNull::new(p.cast()).ok_or(libc::EFAULT)
 }
 
-impl XenDevice for EmulatedXen {
-    fn grant_map_refs(&self, refs: &[GrantRef]) -> Result<u64, DeviceError> {
+impl XenDriver for EmulatedXen {
+    fn grant_map_refs(&self, refs: &[GrantPage]) -> Result<u64, DeviceError> {
         if refs.is_empty() {
             return Err(DeviceError::sys("IOCTL_GNTDEV_MAP_GRANT_REF", libc::EINVAL));
         }
         let mut st = self.state();
         let index = st.next_index;
-        st.next_index += (refs.len() * PAGE) as u64;
+        st.next_index += (refs.len() * XEN_PAGE_SIZE) as u64;
         st.maps.insert(
             index,
             GrantMap {
@@ -446,10 +444,12 @@ impl XenDevice for EmulatedXen {
         let base = reserve(pages).map_err(|e| DeviceError::sys(CALL, e))?;
         for (i, page) in grants.iter().enumerate() {
             // SAFETY: `base + i` pages is inside the reservation just made.
-            let r = unsafe { self.map_page_at(base.as_ptr().add(i * PAGE), *page, prot.bits()) };
+            let r = unsafe {
+                self.map_page_at(base.as_ptr().add(i * XEN_PAGE_SIZE), *page, prot.bits())
+            };
             if let Err(e) = r {
                 // SAFETY: the reservation is ours and nothing refers into it yet.
-                unsafe { libc::munmap(base.as_ptr().cast(), pages * PAGE) };
+                unsafe { libc::munmap(base.as_ptr().cast(), pages * XEN_PAGE_SIZE) };
                 return Err(DeviceError::sys(CALL, e));
             }
         }
@@ -477,7 +477,7 @@ impl XenDevice for EmulatedXen {
         };
         // SAFETY: `addr`/`pages` is exactly a live grant mapping we made (checked above); the
         // caller promises nothing uses it any more.
-        if unsafe { libc::munmap(addr.as_ptr().cast(), pages * PAGE) } != 0 {
+        if unsafe { libc::munmap(addr.as_ptr().cast(), pages * XEN_PAGE_SIZE) } != 0 {
             return Err(DeviceError::sys(CALL, errno()));
         }
         st.live.remove(&key);
@@ -518,7 +518,7 @@ impl XenDevice for EmulatedXen {
         for seg in segments.iter_mut() {
             seg.status = match st.grants.get(&(seg.grant.domid, seg.grant.gref)) {
                 None => GNTST_BAD_GNTREF,
-                Some(_) if usize::from(seg.offset) + usize::from(seg.len) > PAGE => {
+                Some(_) if usize::from(seg.offset) + usize::from(seg.len) > XEN_PAGE_SIZE => {
                     GNTST_BAD_COPY_ARG
                 }
                 // What Xen 4.17 answers for a write to a read-only grant.
@@ -529,7 +529,7 @@ impl XenDevice for EmulatedXen {
                     let guest = self.page_ptr(g.page).wrapping_add(usize::from(seg.offset));
                     let len = usize::from(seg.len);
                     // SAFETY: `guest..guest+len` lies in an allocated page of our mapping
-                    // (offset + len <= PAGE checked above); the caller promises `local` is
+                    // (offset + len <= XEN_PAGE_SIZE checked above); the caller promises `local` is
                     // valid for `len` bytes and unaliased during the call.
                     unsafe {
                         match seg.direction {
@@ -547,7 +547,7 @@ impl XenDevice for EmulatedXen {
     unsafe fn foreign_mmap_at(&self, addr: NonNull<u8>, pages: usize) -> Result<(), DeviceError> {
         const CALL: &str = "mmap(privcmd)";
         let len = pages
-            .checked_mul(PAGE)
+            .checked_mul(XEN_PAGE_SIZE)
             .ok_or(DeviceError::sys(CALL, libc::EOVERFLOW))?;
         // SAFETY: the caller owns `addr..addr+len` with no references into it; an inaccessible
         // anonymous mapping stands for the empty privcmd VMA.
@@ -590,8 +590,13 @@ impl XenDevice for EmulatedXen {
         let a = addr.as_ptr() as usize;
         // The privcmd VMA holding `addr`, and the page index of `addr` in it.
         let found = st.live.iter_mut().find_map(|(&base, l)| match l {
-            Live::Foreign { pages, mapped } if a >= base && a < base + *pages * PAGE => {
-                Some(((a - base) / PAGE, *pages, mapped, (a - base) % PAGE))
+            Live::Foreign { pages, mapped } if a >= base && a < base + *pages * XEN_PAGE_SIZE => {
+                Some((
+                    (a - base) / XEN_PAGE_SIZE,
+                    *pages,
+                    mapped,
+                    (a - base) % XEN_PAGE_SIZE,
+                ))
             }
             _ => None,
         });
@@ -623,7 +628,7 @@ impl XenDevice for EmulatedXen {
                     // above); the caller promises no references into it.
                     let r = unsafe {
                         self.map_page_at(
-                            addr.as_ptr().add(i * PAGE),
+                            addr.as_ptr().add(i * XEN_PAGE_SIZE),
                             f.page,
                             libc::PROT_READ | libc::PROT_WRITE,
                         )
@@ -653,7 +658,7 @@ impl XenDevice for EmulatedXen {
             _ => return Err(DeviceError::sys(CALL, libc::EINVAL)),
         }
         // SAFETY: exactly a live privcmd reservation of ours; the caller promises no users.
-        if unsafe { libc::munmap(addr.as_ptr().cast(), pages * PAGE) } != 0 {
+        if unsafe { libc::munmap(addr.as_ptr().cast(), pages * XEN_PAGE_SIZE) } != 0 {
             return Err(DeviceError::sys(CALL, errno()));
         }
         st.live.remove(&key);
