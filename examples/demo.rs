@@ -156,7 +156,13 @@ fn run(a: &Args, dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>
             "vhost-user-blk on {} ({} mode{}): {} MiB in {} B requests, {} queue(s) x depth {}",
             socket.display(),
             format!("{:?}", a.mode).to_lowercase(),
-            if a.xen { ", real Xen" } else if a.mode == Mode::Unix { "" } else { ", emulated Xen" },
+            if a.xen {
+                ", real Xen"
+            } else if a.mode == Mode::Unix {
+                ""
+            } else {
+                ", emulated Xen"
+            },
             a.mib,
             a.request_size,
             a.queues,
@@ -172,11 +178,16 @@ fn run(a: &Args, dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>
             ProgressBar::new(total)
         };
         bar.set_style(
-            ProgressStyle::with_template("{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}")?
-                .progress_chars("=> "),
+            ProgressStyle::with_template(
+                "{msg:>12} [{bar:40}] {bytes}/{total_bytes} {bytes_per_sec}",
+            )?
+            .progress_chars("=> "),
         );
         bar.set_message(name);
-        let x0 = xen.as_ref().map(|x| x.counters().snapshot()).unwrap_or_default();
+        let x0 = xen
+            .as_ref()
+            .map(|x| x.counters().snapshot())
+            .unwrap_or_default();
         let d0 = daemon.stats().snapshot();
         let rep = pass(
             &mut driver,
@@ -188,7 +199,10 @@ fn run(a: &Args, dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>
             &mut |done| bar.set_position(done),
         )?;
         bar.finish();
-        let x1 = xen.as_ref().map(|x| x.counters().snapshot()).unwrap_or_default();
+        let x1 = xen
+            .as_ref()
+            .map(|x| x.counters().snapshot())
+            .unwrap_or_default();
         let d1 = daemon.stats().snapshot();
         rows.push(Row {
             name,

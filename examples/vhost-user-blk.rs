@@ -11,6 +11,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use clap::Parser;
+
+mod common;
 use xen_vhost_mem::daemon::VhostUserDaemon;
 use xen_vhost_mem::devices::blk::{BlkConfig, BlkDevice};
 use xen_vhost_mem::{RealXen, XenHandle};
@@ -46,6 +48,7 @@ struct Args {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::init();
+    common::exit_on_stop_signals()?;
     let a = Args::parse();
     let dev = BlkDevice::open(
         &a.blk_file,

@@ -49,8 +49,8 @@
 pub mod backend;
 pub mod daemon;
 pub mod descriptor;
-pub mod devices;
 pub mod device;
+pub mod devices;
 pub mod region;
 pub mod request;
 pub mod table;

@@ -103,8 +103,8 @@ fn unix_blk_write_then_read_two_queues() {
 #[cfg(feature = "xen")]
 mod xen {
     use super::*;
-    use xen_vhost_mem::testing::GuestSim;
     use xen_vhost_mem::testing::EmulatedXen;
+    use xen_vhost_mem::testing::GuestSim;
     use xen_vhost_mem::XenHandle;
 
     fn run(mode: GuestMode, indirect: bool) {

@@ -36,7 +36,7 @@ use xen_vhost_mem::daemon::{VhostUserDaemon, VHOST_USER_F_PROTOCOL_FEATURES, VIR
 use xen_vhost_mem::devices::blk::{BlkConfig, BlkDevice};
 use xen_vhost_mem::testing::blk_workload::pass;
 use xen_vhost_mem::testing::driver::{Buf, DriverConfig, GuestMode, VirtioDriver};
-use xen_vhost_mem::XenDev;
+use xen_vhost_mem::XenHandle;
 
 /// Queues of the device (the driver uses both).
 const QUEUES: usize = 2;
@@ -80,7 +80,7 @@ struct Served {
 }
 
 impl Served {
-    fn start(tag: &str, connections: usize, xen: Option<XenDev>) -> Self {
+    fn start(tag: &str, connections: usize, xen: Option<XenHandle>) -> Self {
         let dir = Dir::new(tag);
         let image = dir.0.join("disk.img");
         File::create(&image)
@@ -102,7 +102,8 @@ impl Served {
         }
         let daemon = Arc::new(daemon);
         let d = daemon.clone();
-        let thread = std::thread::spawn(move || d.serve(&listener, Some(connections)).expect("serve"));
+        let thread =
+            std::thread::spawn(move || d.serve(&listener, Some(connections)).expect("serve"));
         Served {
             _dir: dir,
             path,
@@ -122,7 +123,10 @@ impl Served {
     fn wait_connections(&self, n: u64) {
         let deadline = Instant::now() + REPLY_TIMEOUT;
         while self.daemon.stats().snapshot().connections < n {
-            assert!(Instant::now() < deadline, "connection {n} did not end within {REPLY_TIMEOUT:?}");
+            assert!(
+                Instant::now() < deadline,
+                "connection {n} did not end within {REPLY_TIMEOUT:?}"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -142,7 +146,7 @@ fn driver_config(mode: GuestMode) -> DriverConfig {
 /// Connects a driver whose `Frontend` lets any queue index below 8 through.
 fn connect(path: &Path, cfg: DriverConfig) -> VirtioDriver {
     let fe = Frontend::connect(path, FRONTEND_MAX_QUEUES).expect("frontend connect");
-    VirtioDriver::with_frontend(fe, cfg).expect("driver setup")
+    VirtioDriver::with_frontend(fe, cfg, None).expect("driver setup")
 }
 
 /// Ends a hang: if not disarmed within the timeout, shuts the socket down so that whatever
@@ -210,7 +214,14 @@ fn memfd(len: u64) -> File {
 }
 
 /// A region to announce. `flags`/`domid` are the Xen fields (ignored without `xen`).
-fn region(gpa: u64, size: u64, uaddr: u64, fd: &File, flags: u32, domid: u32) -> VhostUserMemoryRegionInfo {
+fn region(
+    gpa: u64,
+    size: u64,
+    uaddr: u64,
+    fd: &File,
+    flags: u32,
+    domid: u32,
+) -> VhostUserMemoryRegionInfo {
     #[cfg(not(feature = "xen"))]
     let _ = (flags, domid);
     VhostUserMemoryRegionInfo {
@@ -242,7 +253,10 @@ fn ring_at(uaddr: u64) -> VringConfigData {
 // Well-formed but invalid messages, through vhost's Frontend
 // ---------------------------------------------------------------------------------------------
 
-type Case = (&'static str, Box<dyn Fn(&mut VirtioDriver) -> Result<(), vhost::Error>>);
+type Case = (
+    &'static str,
+    Box<dyn Fn(&mut VirtioDriver) -> Result<(), vhost::Error>>,
+);
 
 /// Cases every build and guest mode refuses.
 fn common_cases() -> Vec<Case> {
@@ -251,59 +265,102 @@ fn common_cases() -> Vec<Case> {
     let e2 = extra.clone();
     let e3 = extra.clone();
     vec![
-        ("SET_VRING_NUM index 7 (2 queues)", Box::new(|d| d.frontend().set_vring_num(7, 256))),
-        ("SET_VRING_NUM 0", Box::new(|d| d.frontend().set_vring_num(1, 0))),
-        ("SET_VRING_NUM 100 (not a power of two)", Box::new(|d| d.frontend().set_vring_num(1, 100))),
-        ("SET_VRING_NUM 1024 (max 256)", Box::new(|d| d.frontend().set_vring_num(1, 1024))),
-        ("SET_VRING_BASE index 7", Box::new(|d| d.frontend().set_vring_base(7, 0))),
-        ("SET_VRING_ADDR index 7", Box::new(|d| {
-            let uaddr = d.uaddr_of(d.slot(0, 0).header);
-            d.frontend().set_vring_addr(7, &ring_at(uaddr))
-        })),
-        ("SET_VRING_ENABLE index 7", Box::new(|d| d.frontend().set_vring_enable(7, true))),
-        ("SET_VRING_CALL index 7", Box::new(|d| {
-            let ev = vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd");
-            d.frontend().set_vring_call(7, &ev)
-        })),
-        ("SET_VRING_KICK index 7", Box::new(|d| {
-            let ev = vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd");
-            d.frontend().set_vring_kick(7, &ev)
-        })),
-        ("SET_VRING_ADDR at an address in no region", Box::new(|d| {
-            d.frontend().set_vring_addr(1, &ring_at(0x10))
-        })),
-        ("SET_FEATURES with a bit not offered (1 << 55)", Box::new(|d| {
-            let f = d.features() | 1 << 55;
-            d.frontend().set_features(f)
-        })),
-        ("SET_MEM_TABLE with overlapping regions", Box::new(move |d| {
-            let a = region(FREE_GPA, 1 << 20, 0x5000_0000_0000, &e1, 0, 0);
-            let b = region(FREE_GPA + 0x8_0000, 1 << 20, 0x5100_0000_0000, &e1, 0, 0);
-            d.frontend().set_mem_table(&[a, b]).map(|_| ())
-        })),
-        ("REM_MEM_REG of an absent region", Box::new(move |d| {
-            let r = region(FREE_GPA + (64 << 20), 1 << 20, 0x5200_0000_0000, &e2, 0, 0);
-            d.frontend().remove_mem_region(&r)
-        })),
-        ("ADD_MEM_REG overlapping guest RAM", Box::new(move |d| {
-            // A page of the memory the requests live in, whatever the layout.
-            let gpa = d.slot(0, 0).header & !0xfff;
-            let r = region(gpa, 0x1000, 0x5300_0000_0000, &e3, 0, 0);
-            d.frontend().add_mem_region(&r).map(|_| ())
-        })),
+        (
+            "SET_VRING_NUM index 7 (2 queues)",
+            Box::new(|d| d.frontend().set_vring_num(7, 256)),
+        ),
+        (
+            "SET_VRING_NUM 0",
+            Box::new(|d| d.frontend().set_vring_num(1, 0)),
+        ),
+        (
+            "SET_VRING_NUM 100 (not a power of two)",
+            Box::new(|d| d.frontend().set_vring_num(1, 100)),
+        ),
+        (
+            "SET_VRING_NUM 1024 (max 256)",
+            Box::new(|d| d.frontend().set_vring_num(1, 1024)),
+        ),
+        (
+            "SET_VRING_BASE index 7",
+            Box::new(|d| d.frontend().set_vring_base(7, 0)),
+        ),
+        (
+            "SET_VRING_ADDR index 7",
+            Box::new(|d| {
+                let uaddr = d.uaddr_of(d.slot(0, 0).header);
+                d.frontend().set_vring_addr(7, &ring_at(uaddr))
+            }),
+        ),
+        (
+            "SET_VRING_ENABLE index 7",
+            Box::new(|d| d.frontend().set_vring_enable(7, true)),
+        ),
+        (
+            "SET_VRING_CALL index 7",
+            Box::new(|d| {
+                let ev = vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd");
+                d.frontend().set_vring_call(7, &ev)
+            }),
+        ),
+        (
+            "SET_VRING_KICK index 7",
+            Box::new(|d| {
+                let ev = vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd");
+                d.frontend().set_vring_kick(7, &ev)
+            }),
+        ),
+        (
+            "SET_VRING_ADDR at an address in no region",
+            Box::new(|d| d.frontend().set_vring_addr(1, &ring_at(0x10))),
+        ),
+        (
+            "SET_FEATURES with a bit not offered (1 << 55)",
+            Box::new(|d| {
+                let f = d.features() | 1 << 55;
+                d.frontend().set_features(f)
+            }),
+        ),
+        (
+            "SET_MEM_TABLE with overlapping regions",
+            Box::new(move |d| {
+                let a = region(FREE_GPA, 1 << 20, 0x5000_0000_0000, &e1, 0, 0);
+                let b = region(FREE_GPA + 0x8_0000, 1 << 20, 0x5100_0000_0000, &e1, 0, 0);
+                d.frontend().set_mem_table(&[a, b]).map(|_| ())
+            }),
+        ),
+        (
+            "REM_MEM_REG of an absent region",
+            Box::new(move |d| {
+                let r = region(FREE_GPA + (64 << 20), 1 << 20, 0x5200_0000_0000, &e2, 0, 0);
+                d.frontend().remove_mem_region(&r)
+            }),
+        ),
+        (
+            "ADD_MEM_REG overlapping guest RAM",
+            Box::new(move |d| {
+                // A page of the memory the requests live in, whatever the layout.
+                let gpa = d.slot(0, 0).header & !0xfff;
+                let r = region(gpa, 0x1000, 0x5300_0000_0000, &e3, 0, 0);
+                d.frontend().add_mem_region(&r).map(|_| ())
+            }),
+        ),
     ]
 }
 
 /// Cases of the UNIX layout only (guest RAM is one memfd region).
 fn unix_cases() -> Vec<Case> {
-    vec![("SET_VRING_ADDR with the descriptor table past the end of RAM", Box::new(|d| {
-        let fd_len = d.memfd().expect("memfd").metadata().expect("stat").len();
-        // The last 16 bytes of RAM: a 256-entry table needs 4 KiB.
-        let end = 0x10_0000 + fd_len;
-        let mut r = ring_at(d.uaddr_of(d.slot(0, 0).header));
-        r.desc_table_addr = d.uaddr_of(end - 16);
-        d.frontend().set_vring_addr(1, &r)
-    }))]
+    vec![(
+        "SET_VRING_ADDR with the descriptor table past the end of RAM",
+        Box::new(|d| {
+            let fd_len = d.memfd().expect("memfd").metadata().expect("stat").len();
+            // The last 16 bytes of RAM: a 256-entry table needs 4 KiB.
+            let end = 0x10_0000 + fd_len;
+            let mut r = ring_at(d.uaddr_of(d.slot(0, 0).header));
+            r.desc_table_addr = d.uaddr_of(end - 16);
+            d.frontend().set_vring_addr(1, &r)
+        }),
+    )]
 }
 
 /// Runs `cases` on one connection, each followed by a checked I/O pass.
@@ -326,7 +383,10 @@ fn frontend_invalid_messages_unix() {
     assert!(cases.len() >= 13);
     run_cases(&mut drv, &cases, 100);
     // A good control request after all that.
-    assert_eq!(drv.frontend().get_features().expect("GET_FEATURES") & VIRTIO_F_VERSION_1, VIRTIO_F_VERSION_1);
+    assert_eq!(
+        drv.frontend().get_features().expect("GET_FEATURES") & VIRTIO_F_VERSION_1,
+        VIRTIO_F_VERSION_1
+    );
     drop(_wd);
     drop(drv);
     s.join();
@@ -357,7 +417,11 @@ struct Reply {
 
 impl Reply {
     fn u64(&self) -> u64 {
-        assert_eq!(self.size, 8, "reply to {} is not a u64: {self:?}", self.code);
+        assert_eq!(
+            self.size, 8,
+            "reply to {} is not a u64: {self:?}",
+            self.code
+        );
         u64::from_le_bytes(self.body[..8].try_into().expect("8 bytes"))
     }
 }
@@ -400,12 +464,21 @@ impl Raw {
                 (*c).cmsg_level = libc::SOL_SOCKET;
                 (*c).cmsg_type = libc::SCM_RIGHTS;
                 (*c).cmsg_len = libc::CMSG_LEN(bytes as u32) as _;
-                std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast::<RawFd>(), fds.len());
+                std::ptr::copy_nonoverlapping(
+                    fds.as_ptr(),
+                    libc::CMSG_DATA(c).cast::<RawFd>(),
+                    fds.len(),
+                );
             }
         }
         // SAFETY: mh points at live buffers of the sizes given.
         let n = unsafe { libc::sendmsg(self.sock.as_raw_fd(), &mh, libc::MSG_NOSIGNAL) };
-        assert_eq!(n, msg.len() as isize, "sendmsg: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            n,
+            msg.len() as isize,
+            "sendmsg: {}",
+            std::io::Error::last_os_error()
+        );
     }
 
     /// Reads one reply (a read timeout turns a daemon that does not answer into a failure).
@@ -418,21 +491,34 @@ impl Raw {
         let (code, flags, size) = (w(0), w(4), w(8));
         let mut body = vec![0u8; size as usize];
         (&self.sock).read_exact(&mut body).expect("reply body");
-        Reply { code, flags, size, body }
+        Reply {
+            code,
+            flags,
+            size,
+            body,
+        }
     }
 
     /// Sends a message asking for a REPLY_ACK and returns the ack's value.
     fn ack(&self, code: u32, size: u32, body: &[u8], fds: &[RawFd]) -> u64 {
         self.send(code, V1 | NEED_REPLY, size, body, fds);
         let r = self.recv();
-        assert_eq!((r.code, r.flags), (code, V1 | REPLY), "REPLY_ACK header: {r:?}");
+        assert_eq!(
+            (r.code, r.flags),
+            (code, V1 | REPLY),
+            "REPLY_ACK header: {r:?}"
+        );
         r.u64()
     }
 
     fn get_u64(&self, req: FrontendReq) -> u64 {
         self.send(req as u32, V1, 0, &[], &[]);
         let r = self.recv();
-        assert_eq!((r.code, r.flags), (req as u32, V1 | REPLY), "reply header: {r:?}");
+        assert_eq!(
+            (r.code, r.flags),
+            (req as u32, V1 | REPLY),
+            "reply header: {r:?}"
+        );
         r.u64()
     }
 
@@ -442,7 +528,13 @@ impl Raw {
         let offered = self.get_u64(FrontendReq::GET_FEATURES);
         assert_ne!(offered & VHOST_USER_F_PROTOCOL_FEATURES, 0);
         let want = offered & (VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES);
-        self.send(FrontendReq::SET_FEATURES as u32, V1, 8, &want.to_le_bytes(), &[]);
+        self.send(
+            FrontendReq::SET_FEATURES as u32,
+            V1,
+            8,
+            &want.to_le_bytes(),
+            &[],
+        );
         let proto = self.get_u64(FrontendReq::GET_PROTOCOL_FEATURES);
         let ack = proto
             & (VhostUserProtocolFeatures::REPLY_ACK
@@ -452,7 +544,12 @@ impl Raw {
                 | VhostUserProtocolFeatures::XEN_MMAP)
                 .bits();
         assert_ne!(ack & VhostUserProtocolFeatures::REPLY_ACK.bits(), 0);
-        let v = self.ack(FrontendReq::SET_PROTOCOL_FEATURES as u32, 8, &ack.to_le_bytes(), &[]);
+        let v = self.ack(
+            FrontendReq::SET_PROTOCOL_FEATURES as u32,
+            8,
+            &ack.to_le_bytes(),
+            &[],
+        );
         assert_eq!(v, 0, "SET_PROTOCOL_FEATURES refused");
         offered
     }
@@ -463,7 +560,8 @@ impl Raw {
         let fd = self.sock.as_raw_fd();
         let _wd = Watchdog::arm(fd, Duration::from_secs(60));
         let fe = Frontend::from_stream(self.sock, FRONTEND_MAX_QUEUES);
-        let mut drv = VirtioDriver::with_frontend(fe, driver_config(GuestMode::Unix)).expect("driver setup");
+        let mut drv = VirtioDriver::with_frontend(fe, driver_config(GuestMode::Unix), None)
+            .expect("driver setup");
         verify_io(&mut drv, seed);
     }
 }
@@ -641,16 +739,31 @@ fn raw_malformed_messages() {
                 assert_eq!(r.u64(), 1, "{}: REPLY_ACK value", c.name);
             }
             Expect::Empty => {
-                assert_eq!((r.code, r.flags, r.size), (c.code, V1 | REPLY, 0), "{}: {r:?}", c.name);
+                assert_eq!(
+                    (r.code, r.flags, r.size),
+                    (c.code, V1 | REPLY, 0),
+                    "{}: {r:?}",
+                    c.name
+                );
             }
             Expect::ConfigError => {
-                assert_eq!((r.code, r.flags, r.size), (c.code, V1 | REPLY, 12), "{}: {r:?}", c.name);
+                assert_eq!(
+                    (r.code, r.flags, r.size),
+                    (c.code, V1 | REPLY, 12),
+                    "{}: {r:?}",
+                    c.name
+                );
                 let w = |i: usize| u32::from_le_bytes(r.body[i..i + 4].try_into().expect("4"));
                 assert_eq!((w(0), w(4)), (100, 0), "{}: config window {r:?}", c.name);
             }
         }
         // The next good request on the same connection: a control one ...
-        assert_eq!(raw.get_u64(FrontendReq::GET_FEATURES), offered, "{}", c.name);
+        assert_eq!(
+            raw.get_u64(FrontendReq::GET_FEATURES),
+            offered,
+            "{}",
+            c.name
+        );
         // ... and the whole setup plus checked I/O.
         raw.into_driver(200 + i as u64);
         s.wait_connections(i as u64 + 1);
@@ -671,10 +784,16 @@ fn hot_plug(drv: &mut VirtioDriver, regions: &[VhostUserMemoryRegionInfo], round
         let r = &regions[round as usize % regions.len()];
         // Between passes: in, proven in (a second ADD overlaps), out, proven out.
         fe.add_mem_region(r).expect("ADD_MEM_REG");
-        assert_nack("second ADD_MEM_REG of the same region", fe.add_mem_region(r));
+        assert_nack(
+            "second ADD_MEM_REG of the same region",
+            fe.add_mem_region(r),
+        );
         verify_io(drv, 300 + round);
         fe.remove_mem_region(r).expect("REM_MEM_REG");
-        assert_nack("second REM_MEM_REG of the same region", fe.remove_mem_region(r));
+        assert_nack(
+            "second REM_MEM_REG of the same region",
+            fe.remove_mem_region(r),
+        );
         // While requests are in flight.
         let mut plugged = false;
         let mut toggles = 0u32;
@@ -692,9 +811,13 @@ fn hot_plug(drv: &mut VirtioDriver, regions: &[VhostUserMemoryRegionInfo], round
         assert_eq!((w.requests, w.bad), (128, 0));
         let rd = pass(drv, QUEUES, false, total, 4096, 400 + round, &mut cb).expect("read pass");
         assert_eq!((rd.requests, rd.bad), (128, 0));
-        assert!(toggles >= 2, "only {toggles} hot-plug messages while I/O ran");
+        assert!(
+            toggles >= 2,
+            "only {toggles} hot-plug messages while I/O ran"
+        );
         if plugged {
-            fe.remove_mem_region(r).expect("REM_MEM_REG after the passes");
+            fe.remove_mem_region(r)
+                .expect("REM_MEM_REG after the passes");
         }
     }
 }
@@ -734,9 +857,21 @@ fn publish_and_abandon(drv: &mut VirtioDriver) {
             drv.write(s.data_out, &data).expect("data");
             drv.write(s.status, &[0xff]).expect("status");
             let bufs = [
-                Buf { gpa: s.header, len: 16, write: false },
-                Buf { gpa: s.data_out, len: data.len() as u32, write: false },
-                Buf { gpa: s.status, len: 1, write: true },
+                Buf {
+                    gpa: s.header,
+                    len: 16,
+                    write: false,
+                },
+                Buf {
+                    gpa: s.data_out,
+                    len: data.len() as u32,
+                    write: false,
+                },
+                Buf {
+                    gpa: s.status,
+                    len: 1,
+                    write: true,
+                },
             ];
             drv.publish(q, slot, &bufs).expect("publish");
             n += 1;
@@ -748,7 +883,12 @@ fn publish_and_abandon(drv: &mut VirtioDriver) {
 /// Returns the daemon's and the emulation's live mappings (0, 0 without Xen).
 type LiveCheck = Box<dyn Fn() -> (i64, usize)>;
 
-fn disconnect_then_new_frontend(tag: &str, cfg: DriverConfig, xen: Option<XenDev>, live: LiveCheck) {
+fn disconnect_then_new_frontend(
+    tag: &str,
+    cfg: DriverConfig,
+    xen: Option<XenHandle>,
+    live: LiveCheck,
+) {
     let mut s = Served::start(tag, 2, xen);
     {
         let mut first = connect(&s.path, cfg.clone());
@@ -757,7 +897,11 @@ fn disconnect_then_new_frontend(tag: &str, cfg: DriverConfig, xen: Option<XenDev
         // Dropped here: the socket closes with up to 16 requests not completed.
     }
     s.wait_connections(1);
-    assert_eq!(live(), (0, 0), "live mappings (daemon, emulation) after the first frontend left");
+    assert_eq!(
+        live(),
+        (0, 0),
+        "live mappings (daemon, emulation) after the first frontend left"
+    );
     let mut second = connect(&s.path, cfg);
     let _wd = Watchdog::arm(second.frontend().as_raw_fd(), Duration::from_secs(120));
     verify_io(&mut second, 501);
@@ -765,12 +909,21 @@ fn disconnect_then_new_frontend(tag: &str, cfg: DriverConfig, xen: Option<XenDev
     drop(second);
     s.join();
     assert_eq!(s.daemon.stats().snapshot().connections, 2);
-    assert_eq!(live(), (0, 0), "live mappings (daemon, emulation) at the end");
+    assert_eq!(
+        live(),
+        (0, 0),
+        "live mappings (daemon, emulation) at the end"
+    );
 }
 
 #[test]
 fn disconnect_mid_batch_then_new_frontend_unix() {
-    disconnect_then_new_frontend("disc-unix", driver_config(GuestMode::Unix), None, Box::new(|| (0, 0)));
+    disconnect_then_new_frontend(
+        "disc-unix",
+        driver_config(GuestMode::Unix),
+        None,
+        Box::new(|| (0, 0)),
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -780,7 +933,7 @@ fn disconnect_mid_batch_then_new_frontend_unix() {
 #[cfg(feature = "xen")]
 mod xen {
     use super::*;
-    use xen_vhost_mem::testing::emulated::EmulatedXen;
+    use xen_vhost_mem::testing::EmulatedXen;
     use xen_vhost_mem::xen_page::GRANT_ADDR_BIT;
 
     const GRANT: u32 = 0x2;
@@ -790,10 +943,11 @@ mod xen {
     /// A grant address no layout uses (refs of the small emulation stay far below).
     const FREE_GRANT_GPA: u64 = GRANT_ADDR_BIT | 0x1000_0000;
 
-    fn emulated(connections: usize) -> (Arc<EmulatedXen>, XenDev, DriverConfig) {
+    fn emulated(connections: usize) -> (Arc<EmulatedXen>, XenHandle, DriverConfig) {
         let cfg = driver_config(GuestMode::Grant);
-        let emu = Arc::new(EmulatedXen::new(connections * cfg.emulation_pages()).expect("emulation"));
-        let dev = XenDev::new(emu.clone());
+        let emu =
+            Arc::new(EmulatedXen::new(connections * cfg.emulation_pages()).expect("emulation"));
+        let dev = XenHandle::new(emu.clone());
         let cfg = DriverConfig {
             emulation: Some(emu.clone()),
             ..cfg
@@ -806,33 +960,57 @@ mod xen {
         let null = Arc::new(File::open("/dev/null").expect("/dev/null"));
         let (n1, n2, n3, n4) = (null.clone(), null.clone(), null.clone(), null.clone());
         vec![
-            ("ADD_MEM_REG with unknown Xen flags 0x40", Box::new(move |d| {
-                let r = region(FREE_GRANT_GPA, 0x1000, 0, &n1, 0x40 | GRANT, DOMID);
-                d.frontend().add_mem_region(&r).map(|_| ())
-            })),
-            ("ADD_MEM_REG with domid 0x8000", Box::new(move |d| {
-                let r = region(FREE_GRANT_GPA, 0x1000, 0, &n2, GRANT | NO_ADVANCE, 0x8000);
-                d.frontend().add_mem_region(&r).map(|_| ())
-            })),
-            ("ADD_MEM_REG FOREIGN + NO_ADVANCE_MAP", Box::new(move |d| {
-                let r = region(FREE_GPA, 0x1000, 0, &n3, FOREIGN | NO_ADVANCE, DOMID);
-                d.frontend().add_mem_region(&r).map(|_| ())
-            })),
-            ("SET_VRING_ADDR with rings in on-demand memory", Box::new(move |d| {
-                // An on-demand GRANT region that does translate (nonzero userspace_addr): the
-                // rings would be in memory not mapped in advance.
-                let uaddr = 0x6000_0000_0000;
-                let r = region(FREE_GRANT_GPA, 0x10_0000, uaddr, &n4, GRANT | NO_ADVANCE, DOMID);
-                d.frontend().add_mem_region(&r).expect("on-demand region");
-                let res = d.frontend().set_vring_addr(1, &ring_at(uaddr));
-                d.frontend().remove_mem_region(&r).expect("remove on-demand region");
-                res
-            })),
-            ("SET_VRING_ADDR inside an on-demand region announced with userspace_addr 0", Box::new(|d| {
-                // The driver's on-demand regions start at bit 63 with userspace_addr 0: an
-                // address inside [0, size) must not translate through them.
-                d.frontend().set_vring_addr(1, &ring_at(0x1000))
-            })),
+            (
+                "ADD_MEM_REG with unknown Xen flags 0x40",
+                Box::new(move |d| {
+                    let r = region(FREE_GRANT_GPA, 0x1000, 0, &n1, 0x40 | GRANT, DOMID);
+                    d.frontend().add_mem_region(&r).map(|_| ())
+                }),
+            ),
+            (
+                "ADD_MEM_REG with domid 0x8000",
+                Box::new(move |d| {
+                    let r = region(FREE_GRANT_GPA, 0x1000, 0, &n2, GRANT | NO_ADVANCE, 0x8000);
+                    d.frontend().add_mem_region(&r).map(|_| ())
+                }),
+            ),
+            (
+                "ADD_MEM_REG FOREIGN + NO_ADVANCE_MAP",
+                Box::new(move |d| {
+                    let r = region(FREE_GPA, 0x1000, 0, &n3, FOREIGN | NO_ADVANCE, DOMID);
+                    d.frontend().add_mem_region(&r).map(|_| ())
+                }),
+            ),
+            (
+                "SET_VRING_ADDR with rings in on-demand memory",
+                Box::new(move |d| {
+                    // An on-demand GRANT region that does translate (nonzero userspace_addr): the
+                    // rings would be in memory not mapped in advance.
+                    let uaddr = 0x6000_0000_0000;
+                    let r = region(
+                        FREE_GRANT_GPA,
+                        0x10_0000,
+                        uaddr,
+                        &n4,
+                        GRANT | NO_ADVANCE,
+                        DOMID,
+                    );
+                    d.frontend().add_mem_region(&r).expect("on-demand region");
+                    let res = d.frontend().set_vring_addr(1, &ring_at(uaddr));
+                    d.frontend()
+                        .remove_mem_region(&r)
+                        .expect("remove on-demand region");
+                    res
+                }),
+            ),
+            (
+                "SET_VRING_ADDR inside an on-demand region announced with userspace_addr 0",
+                Box::new(|d| {
+                    // The driver's on-demand regions start at bit 63 with userspace_addr 0: an
+                    // address inside [0, size) must not translate through them.
+                    d.frontend().set_vring_addr(1, &ring_at(0x1000))
+                }),
+            ),
         ]
     }
 
@@ -861,12 +1039,29 @@ mod xen {
         let wd = Watchdog::arm(drv.frontend().as_raw_fd(), Duration::from_secs(60));
         let null = File::open("/dev/null").expect("/dev/null");
         let cases = [
-            region(FREE_GRANT_GPA, 0x10_0000, 0, &null, GRANT | NO_ADVANCE, DOMID),
-            region(FREE_GRANT_GPA, 0x1000, 0x6000_0000_0000, &null, GRANT, DOMID),
+            region(
+                FREE_GRANT_GPA,
+                0x10_0000,
+                0,
+                &null,
+                GRANT | NO_ADVANCE,
+                DOMID,
+            ),
+            region(
+                FREE_GRANT_GPA,
+                0x1000,
+                0x6000_0000_0000,
+                &null,
+                GRANT,
+                DOMID,
+            ),
             region(FREE_GPA, 0x1000, 0x6000_0000_0000, &null, FOREIGN, DOMID),
         ];
         for (i, r) in cases.iter().enumerate() {
-            assert_nack("Xen region without a Xen device", drv.frontend().add_mem_region(r));
+            assert_nack(
+                "Xen region without a Xen device",
+                drv.frontend().add_mem_region(r),
+            );
             verify_io(&mut drv, 700 + i as u64);
         }
         drop(wd);
@@ -884,7 +1079,14 @@ mod xen {
         let null = File::open("/dev/null").expect("/dev/null");
         let regions = [
             region(FREE_GPA, 1 << 20, 0x5000_0000_0000, &a, 0, 0),
-            region(FREE_GRANT_GPA, 0x10_0000, 0, &null, GRANT | NO_ADVANCE, DOMID),
+            region(
+                FREE_GRANT_GPA,
+                0x10_0000,
+                0,
+                &null,
+                GRANT | NO_ADVANCE,
+                DOMID,
+            ),
         ];
         hot_plug(&mut drv, &regions, 4);
         drop(wd);
@@ -908,4 +1110,3 @@ mod xen {
         assert_eq!(emu.live_grant_maps(), 0);
     }
 }
-

@@ -7,8 +7,8 @@
 //! [`VhostUserDevice::serve`], which receives the chains the worker popped and the
 //! request-scoped memory to read and write them through.
 
-use virtio_queue::DescriptorChain;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use virtio_queue::DescriptorChain;
 
 use crate::request::{RequestMemory, WritableBuffers};
 

@@ -13,8 +13,7 @@ use std::sync::Arc;
 use vhost::vhost_user::message::{
     VhostTransferStateDirection, VhostTransferStatePhase, VhostUserConfigFlags, VhostUserInflight,
     VhostUserLog, VhostUserMemoryRegion, VhostUserProtocolFeatures, VhostUserShMemConfig,
-    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags,
-    VhostUserVringState,
+    VhostUserSharedMsg, VhostUserSingleMemoryRegion, VhostUserVringAddrFlags, VhostUserVringState,
 };
 use vhost::vhost_user::{Backend, GpuBackend, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
@@ -183,12 +182,10 @@ impl<D: VhostUserDevice> Handler<D> {
     ) -> Result<XenRegion, DaemonError> {
         let desc = RegionDescriptor::from_wire(wire)
             .map_err(|source| DaemonError::Descriptor { index, source })?;
-        XenRegion::new(desc, Some(file), self.xen.as_ref()).map_err(|source| {
-            DaemonError::Region {
-                index,
-                gpa: desc.guest_phys_addr,
-                source,
-            }
+        XenRegion::new(desc, Some(file), self.xen.as_ref()).map_err(|source| DaemonError::Region {
+            index,
+            gpa: desc.guest_phys_addr,
+            source,
         })
     }
 
@@ -199,7 +196,10 @@ impl<D: VhostUserDevice> Handler<D> {
                 max: MAX_MEM_SLOTS,
             });
         }
-        let guard = self.mem.lock().map_err(|_| DaemonError::Poisoned("memory"))?;
+        let guard = self
+            .mem
+            .lock()
+            .map_err(|_| DaemonError::Poisoned("memory"))?;
         guard.replace(table);
         Ok(())
     }
@@ -213,9 +213,10 @@ impl<D: VhostUserDevice> Handler<D> {
         uaddr: u64,
         len: u64,
     ) -> Result<u64, DaemonError> {
-        let gpa = table
-            .uaddr_to_gpa(uaddr)
-            .ok_or(DaemonError::RingAddress { queue, ring, uaddr })?;
+        let gpa =
+            table
+                .uaddr_to_gpa(uaddr)
+                .ok_or(DaemonError::RingAddress { queue, ring, uaddr })?;
         let not_mapped = DaemonError::RingNotMapped {
             queue,
             ring,
@@ -396,7 +397,8 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
     fn set_vring_base(&mut self, index: u32, base: u32) -> VhostResult<()> {
         self.handled();
         let vring = self.vring(index)?;
-        let base = u16::try_from(base).map_err(|_| DaemonError::QueueBase { queue: index, base })?;
+        let base =
+            u16::try_from(base).map_err(|_| DaemonError::QueueBase { queue: index, base })?;
         vring.set_queue_next_avail(base);
         Ok(())
     }
@@ -417,7 +419,11 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
         self.handled();
         let vring = self.vring(u32::from(index))?.clone();
-        if let Some(w) = self.workers.get_mut(usize::from(index)).and_then(Option::take) {
+        if let Some(w) = self
+            .workers
+            .get_mut(usize::from(index))
+            .and_then(Option::take)
+        {
             w.stop();
         }
         let Some(fd) = fd else {

@@ -109,7 +109,11 @@ impl<D: VhostUserDevice> VhostUserDaemon<D> {
 
     /// Accepts frontends on `listener` one after another and serves each; returns after
     /// `connections` of them (`None`: never). A frontend's errors never end the loop.
-    pub fn serve(&self, listener: &UnixListener, connections: Option<usize>) -> std::io::Result<()> {
+    pub fn serve(
+        &self,
+        listener: &UnixListener,
+        connections: Option<usize>,
+    ) -> std::io::Result<()> {
         let mut served = 0;
         while connections.is_none_or(|n| served < n) {
             let (stream, _) = listener.accept()?;

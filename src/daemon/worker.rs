@@ -246,10 +246,16 @@ impl<D: VhostUserDevice> Worker<D> {
         if size == 0 {
             return;
         }
-        let Some(idx) = avail.checked_add(2).and_then(|a| table.read_obj::<u16>(GuestAddress(a)).ok()) else {
+        let Some(idx) = avail
+            .checked_add(2)
+            .and_then(|a| table.read_obj::<u16>(GuestAddress(a)).ok())
+        else {
             return;
         };
-        let pending = u16::from_le(idx).wrapping_sub(next).min(size).min(MAX_BATCH as u16);
+        let pending = u16::from_le(idx)
+            .wrapping_sub(next)
+            .min(size)
+            .min(MAX_BATCH as u16);
         let mut tables = Vec::new();
         for i in 0..pending {
             let slot = u64::from(next.wrapping_add(i) % size);
@@ -287,7 +293,11 @@ impl<D: VhostUserDevice> Worker<D> {
     fn serve_batch(&self) -> usize {
         let table = self.mem.memory();
         let scope = RequestMemory::new(&table).writable_buffers(self.device.writable_buffers());
-        if table.regions().iter().any(|r| r.on_demand_domid().is_some()) {
+        if table
+            .regions()
+            .iter()
+            .any(|r| r.on_demand_domid().is_some())
+        {
             self.prefetch_indirect_tables(&table, &scope);
         }
         let mut chains = Vec::with_capacity(MAX_BATCH);

@@ -139,8 +139,7 @@ impl BlkDevice {
 
     /// A device over an open file.
     pub fn from_file(file: File, config: BlkConfig) -> Result<Self, BlkError> {
-        if config.num_queues == 0 || !config.queue_size.is_power_of_two() || config.queue_size < 4
-        {
+        if config.num_queues == 0 || !config.queue_size.is_power_of_two() || config.queue_size < 4 {
             return Err(BlkError::Config(format!(
                 "{} queues of size {} (need at least one queue, a power-of-two size >= 4)",
                 config.num_queues, config.queue_size
@@ -342,7 +341,8 @@ fn gather(
     for &(addr, len) in ranges {
         if filled < header.len() {
             let k = len.min(header.len() - filled);
-            mem.read_slice(header.get_mut(filled..filled + k)?, addr).ok()?;
+            mem.read_slice(header.get_mut(filled..filled + k)?, addr)
+                .ok()?;
             filled += k;
             if k < len {
                 rest.push((addr.checked_add(k as u64)?, len - k));
@@ -371,7 +371,8 @@ fn positioned_io(file: &File, iov: &GuestIov<'_>, offset: u64, write: bool) -> s
     let mut offset = offset;
     for chunk in iov.as_slice().chunks(IOV_MAX) {
         let want: usize = chunk.iter().map(|v| v.iov_len).sum();
-        let off = i64::try_from(offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+        let off =
+            i64::try_from(offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
         // SAFETY: every iovec points into guest memory held alive by the request scope that
         // `iov` borrows, with the permission the access asked for; the kernel checks the rest.
         let n = unsafe {

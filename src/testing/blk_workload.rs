@@ -13,7 +13,9 @@ const TIMEOUT: Duration = Duration::from_secs(20);
 
 /// The byte at `offset` of the pattern the workload writes (`seed` tells runs apart).
 pub fn pattern_byte(seed: u64, offset: u64) -> u8 {
-    let x = (offset / 8).wrapping_add(seed).wrapping_mul(0x9e37_79b9_7f4a_7c15);
+    let x = (offset / 8)
+        .wrapping_add(seed)
+        .wrapping_mul(0x9e37_79b9_7f4a_7c15);
     (x >> (8 * (offset % 8)) ^ (x >> 57)) as u8
 }
 
@@ -75,14 +77,30 @@ pub fn pass(
                         *b = pattern_byte(seed, next + i as u64);
                     }
                     driver.write(s.data_out, &data[..len as usize])?;
-                    Buf { gpa: s.data_out, len, write: false }
+                    Buf {
+                        gpa: s.data_out,
+                        len,
+                        write: false,
+                    }
                 } else {
-                    Buf { gpa: s.data_in, len, write: true }
+                    Buf {
+                        gpa: s.data_in,
+                        len,
+                        write: true,
+                    }
                 };
                 let bufs = [
-                    Buf { gpa: s.header, len: 16, write: false },
+                    Buf {
+                        gpa: s.header,
+                        len: 16,
+                        write: false,
+                    },
                     data_buf,
-                    Buf { gpa: s.status, len: 1, write: true },
+                    Buf {
+                        gpa: s.status,
+                        len: 1,
+                        write: true,
+                    },
                 ];
                 driver.publish(q, slot, &bufs)?;
                 if slots.len() <= slot {

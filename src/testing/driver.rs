@@ -23,11 +23,12 @@ use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::EmulatedXen;
+use super::{Guest, GuestBuffer, GuestSim};
 use crate::daemon::{
     VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
-use super::{Guest, GuestBuffer};
+use crate::device::XenHandle;
 use crate::xen_page::{GRANT_ADDR_BIT, XEN_PAGE_SIZE};
 
 const PAGE: u64 = XEN_PAGE_SIZE as u64;
@@ -110,8 +111,9 @@ pub struct DriverConfig {
     pub indirect: bool,
     /// Negotiate `VIRTIO_RING_F_EVENT_IDX`.
     pub event_idx: bool,
-    /// The emulated Xen whose frames the guest offers (FOREIGN mode); the daemon maps
-    /// through a handle on the same emulation. [`DriverConfig::emulation_pages`] pages suffice.
+    /// The emulated Xen the guest lives in: its frames (FOREIGN mode) or, unless a guest is
+    /// given to [`VirtioDriver::connect_granting`], its grants (GRANT mode, domain
+    /// [`GUEST_DOMID`]); the daemon maps through a handle on the same emulation. [`DriverConfig::emulation_pages`] pages suffice.
     pub emulation: Option<Arc<EmulatedXen>>,
 }
 
@@ -306,7 +308,11 @@ fn unix_offset(gpa: u64, n: usize, base: u64, len: usize) -> Result<usize, Drive
         .ok_or_else(|| DriverError::Layout(format!("gpa {gpa:#x} (+{n}) outside guest RAM")))
 }
 
-fn emu_offset<T: Copy>(spans: &[(u64, u64, T)], gpa: u64, n: usize) -> Result<(T, usize), DriverError> {
+fn emu_offset<T: Copy>(
+    spans: &[(u64, u64, T)],
+    gpa: u64,
+    n: usize,
+) -> Result<(T, usize), DriverError> {
     spans
         .iter()
         .find(|&&(start, len, _)| gpa >= start && gpa + n as u64 <= start + len)
@@ -429,8 +435,18 @@ impl VirtioDriver {
         config: DriverConfig,
         guest: Option<Box<dyn GrantingGuest>>,
     ) -> Result<Self, DriverError> {
+        // GRANT mode over `emulation` without a guest of its own: the emulated guest.
+        let guest = match (guest, config.mode, &config.emulation) {
+            (None, GuestMode::Grant, Some(emu)) => Some(Box::new(GuestSim {
+                emu: emu.clone(),
+                dev: XenHandle::new(emu.clone()),
+                domid: GUEST_DOMID,
+            }) as Box<dyn GrantingGuest>),
+            (g, _, _) => g,
+        };
         let qs = u64::from(config.queue_size);
-        if !config.queue_size.is_power_of_two() || 3 * config.depth > usize::from(config.queue_size) {
+        if !config.queue_size.is_power_of_two() || 3 * config.depth > usize::from(config.queue_size)
+        {
             return Err(DriverError::Layout(format!(
                 "queue size {} must be a power of two holding 3 descriptors per slot for depth {}",
                 config.queue_size, config.depth
@@ -536,7 +552,9 @@ impl VirtioDriver {
                 frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
             }
         }
-        let mut want = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES | (offered & 0xffff_ffff & !(VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC));
+        let mut want = VIRTIO_F_VERSION_1
+            | VHOST_USER_F_PROTOCOL_FEATURES
+            | (offered & 0xffff_ffff & !(VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC));
         if config.event_idx {
             want |= VIRTIO_RING_F_EVENT_IDX;
         }
@@ -569,7 +587,17 @@ impl VirtioDriver {
         ring_bytes: &[u64; 3],
         data: u64,
         small_per_slot: u64,
-    ) -> Result<(Memory, Pool, Pool, Vec<[u64; 3]>, Vec<RegionSpec>, Vec<File>), DriverError> {
+    ) -> Result<
+        (
+            Memory,
+            Pool,
+            Pool,
+            Vec<[u64; 3]>,
+            Vec<RegionSpec>,
+            Vec<File>,
+        ),
+        DriverError,
+    > {
         let slots = (config.queues * config.depth) as u64;
         // Page-aligned data buffers; the small buffers of a slot share the page after them.
         let ro_pages = slots * (data / PAGE + 1) + small_per_slot.div_ceil(PAGE) + 2;
@@ -617,7 +645,11 @@ impl VirtioDriver {
                 })
                 .collect();
             pieces.sort_unstable();
-            let end = gspans.iter().map(|s| s.0 + s.1).max().unwrap_or(GRANT_ADDR_BIT);
+            let end = gspans
+                .iter()
+                .map(|s| s.0 + s.1)
+                .max()
+                .unwrap_or(GRANT_ADDR_BIT);
             let mut cursor = GRANT_ADDR_BIT;
             for (gpa, len) in pieces {
                 if cursor < gpa {
@@ -711,8 +743,7 @@ impl VirtioDriver {
             log_addr: None,
         };
         let queue = &self.queues[q];
-        self.frontend
-            .set_vring_num(q, self.config.queue_size)?;
+        self.frontend.set_vring_num(q, self.config.queue_size)?;
         self.frontend.set_vring_addr(q, &cfg)?;
         self.frontend.set_vring_base(q, 0)?;
         self.frontend.set_vring_call(q, &queue.call)?;
@@ -779,7 +810,10 @@ impl VirtioDriver {
             .get(q)
             .ok_or_else(|| DriverError::Layout(format!("no queue {q}")))?;
         if bufs.is_empty() || bufs.len() > 3 {
-            return Err(DriverError::Layout(format!("{} buffers per chain", bufs.len())));
+            return Err(DriverError::Layout(format!(
+                "{} buffers per chain",
+                bufs.len()
+            )));
         }
         let first = (slot * 3) as u16;
         let desc_at = |i: u16| queue.desc + 16 * u64::from(i);
@@ -787,7 +821,10 @@ impl VirtioDriver {
             let table = queue.slots[slot].table;
             for (i, b) in bufs.iter().enumerate() {
                 let next = (i + 1 < bufs.len()).then_some(i as u16 + 1);
-                self.mem.write(table + 16 * i as u64, &raw_desc(b.gpa, b.len, b.write, next))?;
+                self.mem.write(
+                    table + 16 * i as u64,
+                    &raw_desc(b.gpa, b.len, b.write, next),
+                )?;
             }
             let mut d = raw_desc(table, 16 * bufs.len() as u32, false, None);
             d[12..14].copy_from_slice(&F_INDIRECT.to_le_bytes());
@@ -795,8 +832,10 @@ impl VirtioDriver {
         } else {
             for (i, b) in bufs.iter().enumerate() {
                 let next = (i + 1 < bufs.len()).then_some(first + i as u16 + 1);
-                self.mem
-                    .write(desc_at(first + i as u16), &raw_desc(b.gpa, b.len, b.write, next))?;
+                self.mem.write(
+                    desc_at(first + i as u16),
+                    &raw_desc(b.gpa, b.len, b.write, next),
+                )?;
             }
         }
         let idx = queue.avail_idx;
