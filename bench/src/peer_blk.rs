@@ -133,7 +133,7 @@ impl VhostUserBackendMut for PeerBlk {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let mut c = vec![0u8; 96];
+        let mut c = [0u8; 96];
         c[0..8].copy_from_slice(&self.sectors.to_le_bytes());
         c[12..16].copy_from_slice(&254u32.to_le_bytes());
         c[20..24].copy_from_slice(&512u32.to_le_bytes());
