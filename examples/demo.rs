@@ -4,13 +4,15 @@
 //!
 //! ```text
 //! cargo run --release --features test-utils --example demo [-- --mib 64 --depth 8 --queues 2]
-//! cargo run --release --features xen,test-utils --example demo -- --mode grant   # or foreign
+//! cargo run --release --features test-utils --example demo -- --mode grant   # or foreign
 //! ```
 //! `--mode grant` sends what xen-vhost-frontend sends (rings GRANT in advance at mid-page
 //! addresses, buffers GRANT on demand from `1 << 63` up, read-only where the device only
 //! reads) and the daemon serves them over the emulated Xen device; `--mode foreign` sends the
 //! guest's frames. In a Xen dom0, as root, `--xen --mode grant` runs the same on the real
-//! drivers, dom0 granting its own pages to itself through gntalloc.
+//! drivers, dom0 granting its own pages to itself through gntalloc. `--daemon-bin` runs the
+//! daemon as that program (the `vhost-user-blk` example) instead of in this process (unix
+//! mode, or `--xen`).
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -64,6 +66,9 @@ struct Args {
     /// One JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Run the daemon as this program (the vhost-user-blk example) instead of in-process.
+    #[arg(long)]
+    daemon_bin: Option<PathBuf>,
 }
 
 struct Row {
@@ -78,6 +83,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = Args::parse();
     if a.xen && a.mode != Mode::Grant {
         return Err("--xen runs --mode grant (FOREIGN needs a guest domain's frames)".into());
+    }
+    if a.daemon_bin.is_some() && a.mode != Mode::Unix && !a.xen {
+        return Err(
+            "--daemon-bin serves unix mode, or --xen (the emulation lives in this process)".into(),
+        );
     }
     let dir = std::env::temp_dir().join(format!("xvm-demo-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
@@ -126,9 +136,16 @@ fn run(a: &Args, dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>
         daemon = daemon.with_xen(x.clone());
     }
     let daemon = Arc::new(daemon);
-    let listener = UnixListener::bind(&socket)?;
-    let served = daemon.clone();
-    let server = std::thread::spawn(move || served.serve(&listener, Some(1)));
+    let server = match &a.daemon_bin {
+        Some(bin) => Server::Process(spawn_daemon(bin, &socket, &image, a)?),
+        None => {
+            let listener = UnixListener::bind(&socket)?;
+            let served = daemon.clone();
+            Server::Thread(std::thread::spawn(move || served.serve(&listener, Some(1))))
+        }
+    };
+    // An external daemon's counters are its own: ours stay at zero.
+    let xen = if a.daemon_bin.is_some() { None } else { xen };
 
     let mut driver = match (a.mode, a.xen, &emu, &xen) {
         (Mode::Grant, true, _, _) => {
@@ -219,9 +236,18 @@ fn run(a: &Args, dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>
         });
     }
     drop(driver);
-    match server.join() {
-        Ok(r) => r?,
-        Err(_) => return Err("daemon thread panicked".into()),
+    match server {
+        Server::Thread(t) => match t.join() {
+            Ok(r) => r?,
+            Err(_) => return Err("daemon thread panicked".into()),
+        },
+        // It exits 0 after the connection only if nothing stayed mapped.
+        Server::Process(mut c) => {
+            let status = c.wait()?;
+            if !status.success() {
+                return Err(format!("daemon exited with {status}").into());
+            }
+        }
     }
     // The image as the host sees it: exactly the pattern.
     let img = std::fs::read(&image)?;
@@ -267,16 +293,24 @@ fn run(a: &Args, dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>
         println!("| pass | requests | requests/s | MiB/s | Xen syscalls/request | kicks/request | calls/request | requests/batch |");
         println!("|---|---|---|---|---|---|---|---|");
         for r in &rows {
+            // A daemon in another process keeps its counters to itself.
+            let counters = if a.daemon_bin.is_some() {
+                "- | - | - | -".to_string()
+            } else {
+                format!(
+                    "{:.3} | {:.3} | {:.3} | {:.1}",
+                    per(r.xen.syscalls(), r),
+                    per(r.daemon.kicks, r),
+                    per(r.daemon.calls, r),
+                    r.daemon.requests as f64 / r.daemon.batches.max(1) as f64
+                )
+            };
             println!(
-                "| {} | {} | {:.0} | {:.1} | {:.3} | {:.3} | {:.3} | {:.1} |",
+                "| {} | {} | {:.0} | {:.1} | {counters} |",
                 r.name,
                 r.rep.requests,
                 r.rep.requests as f64 / secs(r.rep.elapsed),
                 r.rep.bytes as f64 / secs(r.rep.elapsed) / 1048576.0,
-                per(r.xen.syscalls(), r),
-                per(r.daemon.kicks, r),
-                per(r.daemon.calls, r),
-                r.daemon.requests as f64 / r.daemon.batches.max(1) as f64
             );
         }
         println!();
@@ -289,6 +323,42 @@ fn run(a: &Args, dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>
     } else {
         Err("verification failed".into())
     }
+}
+
+/// Where the daemon runs.
+enum Server {
+    Thread(std::thread::JoinHandle<std::io::Result<()>>),
+    Process(std::process::Child),
+}
+
+/// Starts `bin` as the daemon for one connection and waits for its socket.
+fn spawn_daemon(
+    bin: &std::path::Path,
+    socket: &std::path::Path,
+    image: &std::path::Path,
+    a: &Args,
+) -> Result<std::process::Child, Box<dyn std::error::Error>> {
+    let mut cmd = std::process::Command::new(bin);
+    cmd.arg("--socket-path")
+        .arg(socket)
+        .arg("--blk-file")
+        .arg(image)
+        .args(["--num-queues", &a.queues.to_string(), "--connections", "1"]);
+    if a.xen {
+        cmd.arg("--xen");
+    }
+    let mut child = cmd.spawn()?;
+    for _ in 0..1000 {
+        if socket.exists() {
+            return Ok(child);
+        }
+        if let Some(status) = child.try_wait()? {
+            return Err(format!("{} exited with {status}", bin.display()).into());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    Err(format!("{} did not listen on {}", bin.display(), socket.display()).into())
 }
 
 fn secs(d: Duration) -> f64 {

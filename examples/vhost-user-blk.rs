@@ -73,5 +73,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let _ = std::fs::remove_file(&a.socket_path);
     let listener = UnixListener::bind(&a.socket_path)?;
     daemon.serve(&listener, a.connections)?;
+    // Only reached with --connections: say what was served, and fail if anything leaked.
+    let st = daemon.stats().snapshot();
+    let live = daemon.xen().map_or(0, |x| x.counters().live_mappings());
+    log::info!(
+        "{} requests in {} batches over {} connection(s); live mappings {live}",
+        st.requests,
+        st.batches,
+        st.connections
+    );
+    if live != 0 {
+        return Err(format!("{live} mappings still live").into());
+    }
     Ok(())
 }

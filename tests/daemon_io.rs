@@ -100,7 +100,6 @@ fn unix_blk_write_then_read_two_queues() {
     assert_eq!(st.connections, 1);
 }
 
-#[cfg(feature = "xen")]
 mod xen {
     use super::*;
     use xen_vhost_mem::testing::EmulatedXen;

@@ -222,17 +222,13 @@ fn region(
     flags: u32,
     domid: u32,
 ) -> VhostUserMemoryRegionInfo {
-    #[cfg(not(feature = "xen"))]
-    let _ = (flags, domid);
     VhostUserMemoryRegionInfo {
         guest_phys_addr: gpa,
         memory_size: size,
         userspace_addr: uaddr,
         mmap_offset: 0,
         mmap_handle: fd.as_raw_fd(),
-        #[cfg(feature = "xen")]
         xen_mmap_flags: flags,
-        #[cfg(feature = "xen")]
         xen_mmap_data: domid,
     }
 }
@@ -522,8 +518,9 @@ impl Raw {
         r.u64()
     }
 
-    /// The VMM's negotiation, by hand, ending with REPLY_ACK on.
-    fn negotiate(&self) -> u64 {
+    /// The VMM's negotiation, by hand, ending with REPLY_ACK on; `xen`: ack XEN_MMAP (the
+    /// 40-byte region layout) or not (the standard one).
+    fn negotiate(&self, xen: bool) -> u64 {
         self.send(FrontendReq::SET_OWNER as u32, V1, 0, &[], &[]);
         let offered = self.get_u64(FrontendReq::GET_FEATURES);
         assert_ne!(offered & VHOST_USER_F_PROTOCOL_FEATURES, 0);
@@ -540,9 +537,14 @@ impl Raw {
             & (VhostUserProtocolFeatures::REPLY_ACK
                 | VhostUserProtocolFeatures::MQ
                 | VhostUserProtocolFeatures::CONFIG
-                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-                | VhostUserProtocolFeatures::XEN_MMAP)
+                | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS)
                 .bits();
+        assert_ne!(proto & VhostUserProtocolFeatures::XEN_MMAP.bits(), 0);
+        let ack = if xen {
+            ack | VhostUserProtocolFeatures::XEN_MMAP.bits()
+        } else {
+            ack
+        };
         assert_ne!(ack & VhostUserProtocolFeatures::REPLY_ACK.bits(), 0);
         let v = self.ack(
             FrontendReq::SET_PROTOCOL_FEATURES as u32,
@@ -570,13 +572,13 @@ fn vring_state(index: u32, num: u32) -> Vec<u8> {
     [index.to_le_bytes(), num.to_le_bytes()].concat()
 }
 
-/// One wire region of `SET_MEM_TABLE` (32 bytes, or 40 with the Xen fields).
-fn wire_region(gpa: u64, size: u64, uaddr: u64) -> Vec<u8> {
+/// One wire region (32 bytes, or 40 with the Xen fields when the connection acked XEN_MMAP).
+fn wire_region(gpa: u64, size: u64, uaddr: u64, xen: bool) -> Vec<u8> {
     let mut r = Vec::new();
     for v in [gpa, size, uaddr, 0] {
         r.extend_from_slice(&v.to_le_bytes());
     }
-    if cfg!(feature = "xen") {
+    if xen {
         r.extend_from_slice(&[0u8; 8]);
     }
     r
@@ -613,11 +615,11 @@ struct RawCase {
     expect: Expect,
 }
 
-fn raw_cases() -> Vec<RawCase> {
+fn raw_cases(xen: bool) -> Vec<RawCase> {
     let set_mem = FrontendReq::SET_MEM_TABLE as u32;
     let num = FrontendReq::SET_VRING_NUM as u32;
-    let r1 = wire_region(FREE_GPA, 1 << 20, 0x5000_0000_0000);
-    let r2 = wire_region(FREE_GPA + (1 << 20), 1 << 20, 0x5100_0000_0000);
+    let r1 = wire_region(FREE_GPA, 1 << 20, 0x5000_0000_0000, xen);
+    let r2 = wire_region(FREE_GPA + (1 << 20), 1 << 20, 0x5100_0000_0000, xen);
     let two = mem_table(2, &[r1.clone(), r2]);
     let short_table = mem_table(2, &[r1]);
     let mut get_config = Vec::new();
@@ -722,14 +724,29 @@ fn raw_cases() -> Vec<RawCase> {
 }
 
 #[test]
-fn raw_malformed_messages() {
-    let cases = raw_cases();
-    let mut s = Served::start("raw", cases.len(), None);
+fn raw_malformed_messages_standard_layout() {
+    raw_malformed_messages(false);
+}
+
+#[test]
+fn raw_malformed_messages_xen_layout() {
+    raw_malformed_messages(true);
+}
+
+/// Every raw case on its own connection, in the standard region layout (XEN_MMAP not acked)
+/// or the Xen one.
+fn raw_malformed_messages(xen: bool) {
+    let cases = raw_cases(xen);
+    let mut s = Served::start(if xen { "raw-xen" } else { "raw-std" }, cases.len(), None);
     let fd_src = memfd(4 << 20);
     for (i, c) in cases.iter().enumerate() {
-        eprintln!("raw case: {}", c.name);
+        eprintln!(
+            "raw case ({}): {}",
+            if xen { "xen" } else { "standard" },
+            c.name
+        );
         let raw = Raw::connect(&s.path);
-        let offered = raw.negotiate();
+        let offered = raw.negotiate(xen);
         let fds: Vec<RawFd> = (0..c.fds).map(|_| fd_src.as_raw_fd()).collect();
         raw.send(c.code, c.flags, c.size, &c.body, &fds);
         let r = raw.recv();
@@ -926,11 +943,58 @@ fn disconnect_mid_batch_then_new_frontend_unix() {
     );
 }
 
+/// A frontend that does not ack XEN_MMAP sends 32-byte regions; the daemon maps them as UNIX
+/// regions, and region errors are still answered.
+#[test]
+fn standard_layout_regions_from_a_frontend_without_xen_mmap() {
+    let mut s = Served::start("std-layout", 1, None);
+    let raw = Raw::connect(&s.path);
+    raw.negotiate(false);
+    let ram = memfd(2 << 20);
+    let table = mem_table(
+        1,
+        &[wire_region(FREE_GPA, 2 << 20, 0x6000_0000_0000, false)],
+    );
+    let set_mem = FrontendReq::SET_MEM_TABLE as u32;
+    assert_eq!(
+        raw.ack(set_mem, table.len() as u32, &table, &[ram.as_raw_fd()]),
+        0
+    );
+    let extra = memfd(1 << 20);
+    let mut add = vec![0u8; 8];
+    add.extend(wire_region(
+        FREE_GPA + (4 << 20),
+        1 << 20,
+        0x6100_0000_0000,
+        false,
+    ));
+    let add_code = FrontendReq::ADD_MEM_REG as u32;
+    let rem_code = FrontendReq::REM_MEM_REG as u32;
+    assert_eq!(
+        raw.ack(add_code, 40, &add, &[extra.as_raw_fd()]),
+        0,
+        "ADD_MEM_REG"
+    );
+    assert_eq!(
+        raw.ack(add_code, 40, &add, &[extra.as_raw_fd()]),
+        1,
+        "overlapping ADD"
+    );
+    assert_eq!(raw.ack(rem_code, 40, &add, &[]), 0, "REM_MEM_REG");
+    assert_eq!(
+        raw.ack(rem_code, 40, &add, &[]),
+        1,
+        "REM of an absent region"
+    );
+    raw.into_driver(77);
+    s.wait_connections(1);
+    s.join();
+}
+
 // ---------------------------------------------------------------------------------------------
-// Xen build: emulated GRANT memory
+// Emulated Xen: GRANT memory
 // ---------------------------------------------------------------------------------------------
 
-#[cfg(feature = "xen")]
 mod xen {
     use super::*;
     use xen_vhost_mem::testing::EmulatedXen;

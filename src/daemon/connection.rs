@@ -280,12 +280,6 @@ pub(crate) fn serve_connection<D: VhostUserDevice>(
         let Ok(h) = handler.lock() else {
             return ConnectionEnd::Broken("handler lock poisoned".into());
         };
-        #[cfg(feature = "xen")]
-        if code == FrontendReq::SET_PROTOCOL_FEATURES as u32 && !h.xen_mmap_acked() {
-            return ConnectionEnd::Broken(
-                "the frontend did not ack XEN_MMAP, which vhost's xen build requires".into(),
-            );
-        }
         if has_reply(code) {
             reply(&peek_sock, code, None);
             continue;

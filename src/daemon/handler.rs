@@ -113,12 +113,6 @@ impl<D: VhostUserDevice> Handler<D> {
             && self.acked_protocol_features & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
     }
 
-    /// Whether the frontend acked `XEN_MMAP`.
-    #[cfg_attr(not(feature = "xen"), allow(dead_code))]
-    pub(crate) fn xen_mmap_acked(&self) -> bool {
-        self.acked_protocol_features & VhostUserProtocolFeatures::XEN_MMAP.bits() != 0
-    }
-
     /// The region table in use now.
     pub(crate) fn table(&self) -> Arc<RegionTable> {
         self.mem.memory().into_inner()
@@ -167,9 +161,8 @@ impl<D: VhostUserDevice> Handler<D> {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::RESET_DEVICE
-            | VhostUserProtocolFeatures::REPLY_ACK;
-        #[cfg(feature = "xen")]
-        let base = base | VhostUserProtocolFeatures::XEN_MMAP;
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::XEN_MMAP;
         base | self.device.protocol_features()
     }
 

@@ -7,12 +7,10 @@
 //! vring messages into one worker thread per queue. Workers serve each kick in batches
 //! through one [`RequestMemory`] scope, finished before the used entries are written.
 //!
-//! Build flavours: without the crate's `xen` feature the wire format is the standard one
-//! (32-byte regions, UNIX memory), which is what stock QEMU speaks. With it, vhost parses the
-//! 40-byte `XEN_MMAP` layout and offers `XEN_MMAP`; vhost 0.18's `xen` build then refuses a
-//! frontend that does not ack `XEN_MMAP` (this daemon closes such a connection with an
-//! error), so a stock QEMU needs the build without `xen`. The memory layer chooses per
-//! region at run time in both.
+//! One build for every frontend: a frontend that acks `XEN_MMAP` sends 40-byte regions with
+//! Xen flags and a domid; one that does not (stock QEMU, cloud-hypervisor) sends the standard
+//! 32-byte layout, which [`layout`] widens for vhost's parser (UNIX regions). The layout is
+//! decided per connection; the memory layer chooses per region.
 //!
 //! [`RegionTable`]: crate::RegionTable
 //! [`RequestMemory`]: crate::RequestMemory
@@ -21,6 +19,7 @@ mod connection;
 mod device;
 mod error;
 mod handler;
+mod layout;
 mod wire;
 mod worker;
 
@@ -89,10 +88,17 @@ impl<D: VhostUserDevice> VhostUserDaemon<D> {
             self.xen.clone(),
             self.stats.clone(),
         )?));
+        let (stream, relays) = match layout::adapt(stream) {
+            Ok(a) => a,
+            Err(e) => return Ok(ConnectionEnd::Broken(format!("layout adapter: {e}"))),
+        };
         let end = connection::serve_connection(stream, handler.clone());
         match handler.lock() {
             Ok(mut h) => h.shutdown(),
             Err(_) => return Err(DaemonError::Poisoned("handler")),
+        }
+        for r in relays {
+            let _ = r.join();
         }
         self.stats
             .connections

@@ -1,6 +1,6 @@
-//! vhost's region messages as [`WireRegion`]s. In the `xen` build vhost parses the 40-byte
-//! layout and the Xen fields come through; without it the layout is the standard 32 bytes and
-//! the fields are zero (UNIX regions).
+//! vhost's region messages as [`WireRegion`]s. vhost parses the 40-byte XEN_MMAP layout;
+//! for a frontend that speaks the standard one, [`super::layout`] widened each region with
+//! flags and domid 0 (UNIX regions).
 
 use vhost::vhost_user::message::{VhostUserMemoryRegion, VhostUserSingleMemoryRegion};
 
@@ -13,14 +13,8 @@ impl From<&VhostUserMemoryRegion> for WireRegion {
             memory_size: r.memory_size,
             userspace_addr: r.user_addr,
             mmap_offset: r.mmap_offset,
-            #[cfg(feature = "xen")]
             xen_mmap_flags: r.xen_mmap_flags,
-            #[cfg(feature = "xen")]
             xen_mmap_data: r.xen_mmap_data,
-            #[cfg(not(feature = "xen"))]
-            xen_mmap_flags: 0,
-            #[cfg(not(feature = "xen"))]
-            xen_mmap_data: 0,
         }
     }
 }

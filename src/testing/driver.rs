@@ -503,12 +503,9 @@ impl VirtioDriver {
                 };
                 (mem, ro, rw, rings, regions, Vec::new())
             }
-            GuestMode::Grant | GuestMode::Foreign if !cfg!(feature = "xen") => {
-                return Err(DriverError::Layout(
-                    "GRANT and FOREIGN regions need the 40-byte XEN_MMAP layout: build with the `xen` feature".into(),
-                ))
+            GuestMode::Grant | GuestMode::Foreign => {
+                Self::emulated_layout(&config, guest, &ring_bytes, data, small_per_slot)?
             }
-            GuestMode::Grant | GuestMode::Foreign => Self::emulated_layout(&config, guest, &ring_bytes, data, small_per_slot)?,
         };
         let mut queues = Vec::new();
         for ring in rings.iter().take(config.queues) {
@@ -975,17 +972,13 @@ fn on_demand(gpa: u64, size: u64, fd: i32, domid: u16) -> RegionSpec {
 }
 
 fn region_info(r: &RegionSpec) -> VhostUserMemoryRegionInfo {
-    #[cfg(not(feature = "xen"))]
-    let _ = (r.flags, r.domid);
     VhostUserMemoryRegionInfo {
         guest_phys_addr: r.gpa,
         memory_size: r.size,
         userspace_addr: r.uaddr,
         mmap_offset: r.offset,
         mmap_handle: r.fd,
-        #[cfg(feature = "xen")]
         xen_mmap_flags: r.flags,
-        #[cfg(feature = "xen")]
         xen_mmap_data: u32::from(r.domid),
     }
 }

@@ -1,27 +1,25 @@
 //! Our blk daemon against the peer a user would pick instead (vhost-user-backend 0.24 over
-//! `GuestMemoryMmap`, `xen_vhost_bench::peer_blk`), both served the same workload by the same
-//! frontend and driver over a real socket, UNIX memory, at queue depth 1, 8 and 64.
+//! stock `GuestMemoryMmap`, `bench/peer-blk`, its own workspace: built here on first use),
+//! both served the same workload by the same frontend and driver over a real socket, UNIX
+//! memory, at queue depth 1, 8 and 64.
 //!
-//! Each daemon runs in its own process (this binary, `--serve ours|peer`), so `perf stat`
+//! Each daemon runs in its own process (ours: this binary with `--serve`), so `perf stat`
 //! can count its system calls; rounds interleave the two (order flipped every round) and
 //! the table reports the median and spread of the per-round ratios. Our GRANT mode on the
 //! emulated Xen device runs beside them, with its Xen system calls counted exactly.
 //!
 //! ```text
 //! cargo run --release -p xen-vhost-bench --bin daemon-bench -- [--rounds 5] [--mib 16] [--json]
-//! cargo run --release -p xen-vhost-bench --features xen --bin daemon-bench   # + GRANT columns
 //! ```
 
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
 use indicatif::ProgressBar;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use xen_vhost_bench::peer_blk::PeerBlk;
 use xen_vhost_mem::daemon::VhostUserDaemon;
 use xen_vhost_mem::devices::blk::{BlkConfig, BlkDevice};
 use xen_vhost_mem::testing::blk_workload::pass;
@@ -46,9 +44,12 @@ struct Args {
     /// One JSON object instead of the table.
     #[arg(long)]
     json: bool,
-    /// Internal: serve one frontend with `ours` or `peer` and exit.
+    /// The peer daemon (default: bench/peer-blk, built on first use).
+    #[arg(long)]
+    peer_bin: Option<PathBuf>,
+    /// Internal: serve one frontend with our daemon and exit.
     #[arg(long, hide = true)]
-    serve: Option<String>,
+    serve: bool,
     #[arg(long, hide = true)]
     socket_path: Option<PathBuf>,
     #[arg(long, hide = true)]
@@ -59,40 +60,17 @@ type Res<T> = Result<T, Box<dyn std::error::Error>>;
 
 fn main() -> Res<()> {
     let a = Args::parse();
-    if let (Some(kind), Some(sock), Some(file)) = (&a.serve, &a.socket_path, &a.blk_file) {
-        return serve(kind, sock, file);
+    if let (true, Some(sock), Some(file)) = (a.serve, &a.socket_path, &a.blk_file) {
+        let dev = BlkDevice::open(file, BlkConfig::default())?;
+        let listener = UnixListener::bind(sock)?;
+        VhostUserDaemon::new(Arc::new(dev)).serve(&listener, Some(1))?;
+        return Ok(());
     }
     let dir = std::env::temp_dir().join(format!("xvm-daemon-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let r = run(&a, &dir);
     let _ = std::fs::remove_dir_all(&dir);
     r
-}
-
-fn serve(kind: &str, sock: &Path, file: &Path) -> Res<()> {
-    match kind {
-        "ours" => {
-            let dev = BlkDevice::open(file, BlkConfig::default())?;
-            let listener = UnixListener::bind(sock)?;
-            VhostUserDaemon::new(Arc::new(dev)).serve(&listener, Some(1))?;
-        }
-        "peer" => {
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(file)?;
-            let backend = Arc::new(RwLock::new(PeerBlk::new(f, 1)?));
-            let mut d = vhost_user_backend::VhostUserDaemon::new(
-                "peer-blk".into(),
-                backend,
-                GuestMemoryAtomic::new(GuestMemoryMmap::new()),
-            )
-            .map_err(|e| format!("{e:?}"))?;
-            d.serve(sock).map_err(|e| format!("{e:?}"))?;
-        }
-        k => return Err(format!("unknown daemon {k}").into()),
-    }
-    Ok(())
 }
 
 /// One measurement: requests/s and daemon syscalls per request (None without perf).
@@ -102,7 +80,27 @@ struct Sample {
     syscalls: Option<f64>,
 }
 
+/// The peer binary: `--peer-bin`, or bench/peer-blk built (once) into target/peer-blk.
+fn peer_bin(a: &Args) -> Res<PathBuf> {
+    if let Some(p) = &a.peer_bin {
+        return Ok(p.clone());
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let target = root.join("../target/peer-blk");
+    let status = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()))
+        .args(["build", "--release", "-q", "--manifest-path"])
+        .arg(root.join("peer-blk/Cargo.toml"))
+        .arg("--target-dir")
+        .arg(&target)
+        .status()?;
+    if !status.success() {
+        return Err("building bench/peer-blk failed".into());
+    }
+    Ok(target.join("release/peer-blk"))
+}
+
 fn run(a: &Args, dir: &Path) -> Res<()> {
+    let peer_exe = peer_bin(a)?;
     let image = dir.join("disk.img");
     std::fs::File::create(&image)?.set_len(a.mib << 20)?;
     let perf = Command::new("perf")
@@ -128,7 +126,7 @@ fn run(a: &Args, dir: &Path) -> Res<()> {
             };
             let mut got = [None, None];
             for kind in order {
-                let s = measure_process(a, dir, &image, kind, depth, perf)?;
+                let s = measure_process(a, dir, &image, kind, &peer_exe, depth, perf)?;
                 got[usize::from(kind == "peer")] = Some(s);
                 bar.inc(1);
             }
@@ -137,9 +135,7 @@ fn run(a: &Args, dir: &Path) -> Res<()> {
                 ours.push(o);
                 peer.push(p);
             }
-            if cfg!(feature = "xen") {
-                grant.push(measure_grant(a, dir, depth)?);
-            }
+            grant.push(measure_grant(a, dir, depth)?);
             bar.inc(1);
         }
         rows.push((depth, ours, peer, ratios, grant));
@@ -207,9 +203,7 @@ fn run(a: &Args, dir: &Path) -> Res<()> {
     if !perf {
         println!("\n(perf not available: daemon syscalls not counted)");
     }
-    if !cfg!(feature = "xen") {
-        println!("\n(GRANT columns need the 40-byte XEN_MMAP layout: build with --features xen)");
-    }
+
     Ok(())
 }
 
@@ -219,13 +213,21 @@ fn measure_process(
     dir: &Path,
     image: &Path,
     kind: &str,
+    peer: &Path,
     depth: usize,
     perf: bool,
 ) -> Res<Sample> {
     let sock = dir.join(format!("{kind}.sock"));
     let _ = std::fs::remove_file(&sock);
-    let mut child = Command::new(std::env::current_exe()?)
-        .args(["--serve", kind, "--socket-path"])
+    let mut cmd = if kind == "ours" {
+        let mut c = Command::new(std::env::current_exe()?);
+        c.arg("--serve");
+        c
+    } else {
+        Command::new(peer)
+    };
+    let mut child = cmd
+        .arg("--socket-path")
         .arg(&sock)
         .arg("--blk-file")
         .arg(image)
