@@ -236,10 +236,12 @@ fn reply(sock: &UnixStream, code: u32, body: Option<u64>) {
     }
 }
 
-/// Serves one frontend until it goes away.
+/// Serves one frontend until it goes away. `require_xen_mmap`: the stream reaches vhost without
+/// the layout adapter, so a frontend that does not ack XEN_MMAP cannot be followed.
 pub(crate) fn serve_connection<D: VhostUserDevice>(
     stream: UnixStream,
     handler: Arc<Mutex<Handler<D>>>,
+    require_xen_mmap: bool,
 ) -> ConnectionEnd {
     let peek_sock = match stream.try_clone() {
         Ok(s) => s,
@@ -280,6 +282,14 @@ pub(crate) fn serve_connection<D: VhostUserDevice>(
         let Ok(h) = handler.lock() else {
             return ConnectionEnd::Broken("handler lock poisoned".into());
         };
+        if require_xen_mmap
+            && code == FrontendReq::SET_PROTOCOL_FEATURES as u32
+            && !h.xen_mmap_acked()
+        {
+            return ConnectionEnd::Broken(
+                "the frontend did not ack XEN_MMAP and the layout adapter is off".into(),
+            );
+        }
         if has_reply(code) {
             reply(&peek_sock, code, None);
             continue;

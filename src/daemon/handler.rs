@@ -113,6 +113,11 @@ impl<D: VhostUserDevice> Handler<D> {
             && self.acked_protocol_features & VhostUserProtocolFeatures::REPLY_ACK.bits() != 0
     }
 
+    /// Whether the frontend acked `XEN_MMAP` (as vhost saw it).
+    pub(crate) fn xen_mmap_acked(&self) -> bool {
+        self.acked_protocol_features & VhostUserProtocolFeatures::XEN_MMAP.bits() != 0
+    }
+
     /// The region table in use now.
     pub(crate) fn table(&self) -> Arc<RegionTable> {
         self.mem.memory().into_inner()

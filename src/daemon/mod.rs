@@ -44,6 +44,7 @@ pub struct VhostUserDaemon<D: VhostUserDevice> {
     device: Arc<D>,
     xen: Option<XenHandle>,
     stats: Arc<DaemonStats>,
+    adapt_layout: bool,
 }
 
 impl<D: VhostUserDevice> VhostUserDaemon<D> {
@@ -54,6 +55,7 @@ impl<D: VhostUserDevice> VhostUserDaemon<D> {
             device,
             xen: None,
             stats: Arc::default(),
+            adapt_layout: true,
         }
     }
 
@@ -61,6 +63,15 @@ impl<D: VhostUserDevice> VhostUserDaemon<D> {
     /// tests).
     pub fn with_xen(mut self, xen: XenHandle) -> Self {
         self.xen = Some(xen);
+        self
+    }
+
+    /// Whether each connection goes through [`layout`]'s adapter (default: yes). Without it
+    /// the daemon speaks only the 40-byte XEN_MMAP layout and refuses a frontend that does
+    /// not ack XEN_MMAP; it saves two relay threads and one socket hop per control message,
+    /// for a daemon that only ever serves Xen frontends.
+    pub fn with_layout_adapter(mut self, on: bool) -> Self {
+        self.adapt_layout = on;
         self
     }
 
@@ -88,11 +99,15 @@ impl<D: VhostUserDevice> VhostUserDaemon<D> {
             self.xen.clone(),
             self.stats.clone(),
         )?));
-        let (stream, relays) = match layout::adapt(stream) {
-            Ok(a) => a,
-            Err(e) => return Ok(ConnectionEnd::Broken(format!("layout adapter: {e}"))),
+        let (stream, relays) = if self.adapt_layout {
+            match layout::adapt(stream) {
+                Ok((s, r)) => (s, r.into_iter().collect()),
+                Err(e) => return Ok(ConnectionEnd::Broken(format!("layout adapter: {e}"))),
+            }
+        } else {
+            (stream, Vec::new())
         };
-        let end = connection::serve_connection(stream, handler.clone());
+        let end = connection::serve_connection(stream, handler.clone(), !self.adapt_layout);
         match handler.lock() {
             Ok(mut h) => h.shutdown(),
             Err(_) => return Err(DaemonError::Poisoned("handler")),

@@ -44,6 +44,10 @@ struct Args {
     /// One JSON object instead of the table.
     #[arg(long)]
     json: bool,
+    /// Measure the control path instead: SET_MEM_TABLE and ADD_MEM_REG + REM_MEM_REG latency
+    /// with and without the per-connection layout adapter.
+    #[arg(long)]
+    control: bool,
     /// The peer daemon (default: bench/peer-blk, built on first use).
     #[arg(long)]
     peer_bin: Option<PathBuf>,
@@ -68,7 +72,11 @@ fn main() -> Res<()> {
     }
     let dir = std::env::temp_dir().join(format!("xvm-daemon-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
-    let r = run(&a, &dir);
+    let r = if a.control {
+        control(&a, &dir)
+    } else {
+        run(&a, &dir)
+    };
     let _ = std::fs::remove_dir_all(&dir);
     r
 }
@@ -344,4 +352,116 @@ fn stop_perf(mut p: Child, out: &Path) -> Res<u64> {
         .and_then(|l| l.split(',').next())
         .and_then(|n| n.trim().parse().ok())
         .ok_or_else(|| format!("no count in perf output: {text}").into())
+}
+
+/// Control-path latency (µs per message, median of 200) through a daemon with or without the
+/// layout adapter: (SET_MEM_TABLE, ADD_MEM_REG + REM_MEM_REG).
+fn control_round(dir: &Path, adapter: bool) -> Res<(f64, f64)> {
+    use std::os::fd::AsRawFd;
+    use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+    use vhost::vhost_user::{Frontend, VhostUserFrontend};
+    use vhost::{VhostBackend, VhostUserMemoryRegionInfo};
+
+    let image = dir.join("control.img");
+    std::fs::File::create(&image)?.set_len(1 << 20)?;
+    let sock = dir.join("control.sock");
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock)?;
+    let daemon = Arc::new(
+        VhostUserDaemon::new(Arc::new(BlkDevice::open(&image, BlkConfig::default())?))
+            .with_layout_adapter(adapter),
+    );
+    let d = daemon.clone();
+    let t = std::thread::spawn(move || d.serve(&listener, Some(1)));
+    let mut fe = Frontend::connect(&sock, 1)?;
+    fe.set_owner()?;
+    let f = fe.get_features()?;
+    fe.set_features(f & (1 << 32 | 1 << 30))?;
+    let p = fe.get_protocol_features()?;
+    fe.set_protocol_features(
+        p & (VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::XEN_MMAP),
+    )?;
+    fe.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    let ram = std::fs::File::options()
+        .read(true)
+        .write(true)
+        .open(&image)?;
+    let region = |gpa: u64| VhostUserMemoryRegionInfo {
+        guest_phys_addr: gpa,
+        memory_size: 1 << 20,
+        userspace_addr: 0x7000_0000_0000 + gpa,
+        mmap_offset: 0,
+        mmap_handle: ram.as_raw_fd(),
+        xen_mmap_flags: 0,
+        xen_mmap_data: 0,
+    };
+    let (mut table, mut hot) = (Vec::new(), Vec::new());
+    for _ in 0..200 {
+        let t0 = Instant::now();
+        fe.set_mem_table(&[region(0x10_0000)])?;
+        table.push(t0.elapsed().as_secs_f64() * 1e6);
+        let t0 = Instant::now();
+        fe.add_mem_region(&region(0x100_0000))?;
+        fe.remove_mem_region(&region(0x100_0000))?;
+        hot.push(t0.elapsed().as_secs_f64() * 1e6 / 2.0);
+    }
+    drop(fe);
+    t.join().map_err(|_| "daemon thread panicked")??;
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    Ok((med(table), med(hot)))
+}
+
+fn control(a: &Args, dir: &Path) -> Res<()> {
+    let (mut with, mut without, mut r_table, mut r_hot) = (vec![], vec![], vec![], vec![]);
+    for round in 0..a.rounds {
+        let order = if round % 2 == 0 {
+            [true, false]
+        } else {
+            [false, true]
+        };
+        let mut got = [(0.0, 0.0); 2];
+        for adapter in order {
+            got[usize::from(adapter)] = control_round(dir, adapter)?;
+        }
+        r_table.push(got[1].0 / got[0].0);
+        r_hot.push(got[1].1 / got[0].1);
+        with.push(got[1]);
+        without.push(got[0]);
+    }
+    let med = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    let span = |v: &[f64]| {
+        (
+            v.iter().copied().fold(f64::INFINITY, f64::min),
+            v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
+        )
+    };
+    println!(
+        "control path, µs per message (median of 200 per round), {} interleaved rounds\n",
+        a.rounds
+    );
+    println!("| message | without adapter | with adapter | with/without (median) | spread |");
+    println!("|---|---|---|---|---|");
+    let (lo, hi) = span(&r_table);
+    println!(
+        "| SET_MEM_TABLE (1 region) | {:.1} | {:.1} | {:.2}x | {lo:.2}-{hi:.2} |",
+        med(without.iter().map(|x| x.0).collect()),
+        med(with.iter().map(|x| x.0).collect()),
+        med(r_table.clone())
+    );
+    let (lo, hi) = span(&r_hot);
+    println!(
+        "| ADD_MEM_REG / REM_MEM_REG | {:.1} | {:.1} | {:.2}x | {lo:.2}-{hi:.2} |",
+        med(without.iter().map(|x| x.1).collect()),
+        med(with.iter().map(|x| x.1).collect()),
+        med(r_hot.clone())
+    );
+    Ok(())
 }
