@@ -211,18 +211,37 @@ impl<D: VhostUserDevice> Worker<D> {
 
     /// Serves until the ring is empty with notifications re-enabled (the usual
     /// disable / drain / enable-and-recheck loop, which also honours EVENT_IDX).
+    ///
+    /// A ring whose avail index says "more" while nothing can be popped (an index further
+    /// ahead than the queue size, a ring outside guest memory) would make that loop spin
+    /// forever, burning a core and never seeing `stop`: after two rounds that served nothing
+    /// the worker waits for the next kick instead.
     fn process_queue(&self) {
+        let mut idle_rounds = 0;
         loop {
+            if self.stop.load(Ordering::Acquire) {
+                return;
+            }
             if let Err(e) = self.vring.disable_notification() {
                 log::warn!("vq{}: disable notification: {e}", self.index);
                 return;
             }
-            while self.serve_batch() == MAX_BATCH {
+            let mut served = self.serve_batch();
+            while served == MAX_BATCH {
                 if self.stop.load(Ordering::Acquire) {
                     return;
                 }
+                served = self.serve_batch();
             }
+            idle_rounds = if served == 0 { idle_rounds + 1 } else { 0 };
             match self.vring.enable_notification() {
+                Ok(true) if idle_rounds >= 2 => {
+                    log::warn!(
+                        "vq{}: the avail ring announces chains that cannot be popped",
+                        self.index
+                    );
+                    return;
+                }
                 Ok(true) => continue,
                 Ok(false) => return,
                 Err(e) => {
