@@ -12,6 +12,7 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
@@ -397,6 +398,8 @@ pub struct VirtioDriver {
     queues: Vec<DriverQueue>,
     features: u64,
     config: DriverConfig,
+    regions: Vec<RegionSpec>,
+    rings: Vec<[u64; 3]>,
     _region_fds: Vec<File>,
 }
 
@@ -431,7 +434,7 @@ impl VirtioDriver {
 
     /// Sets up over an already connected frontend.
     pub fn with_frontend(
-        mut frontend: Frontend,
+        frontend: Frontend,
         config: DriverConfig,
         guest: Option<Box<dyn GrantingGuest>>,
     ) -> Result<Self, DriverError> {
@@ -533,7 +536,23 @@ impl VirtioDriver {
             });
         }
 
-        // The VMM's side of the conversation, in QEMU's order.
+        let mut driver = VirtioDriver {
+            frontend,
+            mem,
+            queues,
+            features: 0,
+            config,
+            regions,
+            rings,
+            _region_fds: fds,
+        };
+        driver.negotiate()?;
+        Ok(driver)
+    }
+
+    /// The VMM's side of the conversation, in QEMU's order: features, memory table, vrings.
+    fn negotiate(&mut self) -> Result<(), DriverError> {
+        let frontend = &mut self.frontend;
         frontend.set_owner()?;
         let offered = frontend.get_features()?;
         if offered & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
@@ -552,28 +571,47 @@ impl VirtioDriver {
         let mut want = VIRTIO_F_VERSION_1
             | VHOST_USER_F_PROTOCOL_FEATURES
             | (offered & 0xffff_ffff & !(VIRTIO_RING_F_EVENT_IDX | VIRTIO_RING_F_INDIRECT_DESC));
-        if config.event_idx {
+        if self.config.event_idx {
             want |= VIRTIO_RING_F_EVENT_IDX;
         }
-        if config.indirect {
+        if self.config.indirect {
             want |= VIRTIO_RING_F_INDIRECT_DESC;
         }
-        let features = offered & want;
-        frontend.set_features(features)?;
-        let infos: Vec<VhostUserMemoryRegionInfo> = regions.iter().map(region_info).collect();
+        self.features = offered & want;
+        frontend.set_features(self.features)?;
+        let infos: Vec<VhostUserMemoryRegionInfo> = self.regions.iter().map(region_info).collect();
         frontend.set_mem_table(&infos)?;
-        let mut driver = VirtioDriver {
-            frontend,
-            mem,
-            queues,
-            features,
-            config,
-            _region_fds: fds,
-        };
-        for q in 0..driver.queues.len() {
-            driver.start_queue(q, &rings)?;
+        let rings = self.rings.clone();
+        for q in 0..self.queues.len() {
+            self.start_queue(q, &rings)?;
         }
-        Ok(driver)
+        Ok(())
+    }
+
+    /// Closes the connection (the daemon sees the frontend go away); the guest memory stays,
+    /// for [`VirtioDriver::reconnect`].
+    pub fn disconnect(&mut self) {
+        if let Ok(s) = UnixStream::pair() {
+            // Replace the frontend by one on a dead socket; the old one closes its socket.
+            self.frontend = Frontend::from_stream(s.0, self.config.queues as u64);
+        }
+    }
+
+    /// Connects again to a daemon at `path` with the same guest memory, as a VM does after a
+    /// daemon restart: the rings start over empty (requests in flight are forgotten).
+    pub fn reconnect(&mut self, path: &Path) -> Result<(), DriverError> {
+        self.frontend = Frontend::connect(path, self.config.queues as u64)?;
+        for q in 0..self.queues.len() {
+            let queue = &self.queues[q];
+            // Empty rings: avail and used indices back to 0.
+            self.mem.write(queue.avail + 2, &0u16.to_le_bytes())?;
+            self.mem.write(queue.used + 2, &0u16.to_le_bytes())?;
+            let queue = &mut self.queues[q];
+            queue.avail_idx = 0;
+            queue.used_idx = 0;
+            queue.free = (0..queue.slots.len()).rev().collect();
+        }
+        self.negotiate()
     }
 
     /// GRANT or FOREIGN layout over a fresh emulated Xen guest.
