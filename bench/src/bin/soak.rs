@@ -186,7 +186,7 @@ fn run(a: &Args, dir: &std::path::Path) -> Res<()> {
             }
         }
         // One connection in four ends with a batch in flight.
-        if rng.next() % 4 == 0 {
+        if rng.next().is_multiple_of(4) {
             for q in 0..2 {
                 let mut n = 0;
                 while let Some((slot, s)) = drv.take_slot(q) {
