@@ -7,6 +7,7 @@
 //! xen-vhost-bench`), criterion (`cargo bench -p xen-vhost-bench`) and the real-Xen bench in
 //! `ci/xen/dom0-tests` all report.
 
+pub mod in_advance;
 pub mod peer_blk;
 
 use std::io::Write;
