@@ -91,16 +91,19 @@ impl XenRegion {
     }
 
     /// The validated descriptor.
+    #[inline]
     pub fn descriptor(&self) -> &RegionDescriptor {
         &self.desc
     }
 
     /// The device this region's Xen memory goes through (None for UNIX regions built without).
+    #[inline]
     pub fn device(&self) -> Option<&XenHandle> {
         self.dev.as_ref()
     }
 
     /// The domid, when this region is an on-demand grant region.
+    #[inline]
     pub fn on_demand_domid(&self) -> Option<u16> {
         match self.desc.kind {
             RegionKind::Grant {
@@ -113,6 +116,7 @@ impl XenRegion {
 
     /// Host address of the region's first byte, when the region is mapped in advance (None
     /// for on-demand grant regions).
+    #[inline]
     pub fn host_address(&self) -> Option<*mut u8> {
         self.mapping.as_ref().map(HostMapping::as_ptr)
     }
@@ -121,16 +125,20 @@ impl XenRegion {
 impl GuestMemoryRegion for XenRegion {
     type B = ();
 
+    #[inline]
     fn len(&self) -> GuestUsize {
         self.desc.size
     }
 
+    #[inline]
     fn start_addr(&self) -> GuestAddress {
         GuestAddress(self.desc.guest_phys_addr)
     }
 
+    #[inline]
     fn bitmap(&self) -> BS<'_, ()> {}
 
+    #[inline]
     fn get_host_address(
         &self,
         addr: MemoryRegionAddress,
@@ -144,6 +152,7 @@ impl GuestMemoryRegion for XenRegion {
         Ok(m.as_ptr().wrapping_add(addr.0 as usize))
     }
 
+    #[inline]
     fn get_slice(
         &self,
         offset: MemoryRegionAddress,

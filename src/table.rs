@@ -59,6 +59,12 @@ pub enum TableError {
 #[derive(Clone, Debug, Default)]
 pub struct RegionTable {
     regions: Vec<Arc<XenRegion>>,
+    /// `(first, last)` guest address of each region, in the same order: the lookup searches
+    /// this flat list instead of dereferencing each region's separate allocation.
+    spans: Vec<(u64, u64)>,
+    /// Whether any region is an on-demand grant region (the only kind a request scope has
+    /// work for).
+    on_demand: bool,
 }
 
 impl RegionTable {
@@ -67,11 +73,49 @@ impl RegionTable {
         Self::default()
     }
 
-    /// A table of `regions`, which must not overlap.
+    /// The table of `regions`, already sorted, non-overlapping and on one device.
+    fn build(regions: Vec<Arc<XenRegion>>) -> Self {
+        let spans = regions
+            .iter()
+            .map(|r| (r.descriptor().guest_phys_addr, r.descriptor().last_addr()))
+            .collect();
+        let on_demand = regions.iter().any(|r| r.on_demand_domid().is_some());
+        RegionTable {
+            regions,
+            spans,
+            on_demand,
+        }
+    }
+
+    /// A table of `regions`, which must not overlap. Sorts once and builds once (O(n log n));
+    /// when the regions overlap or mix devices, the error is the one inserting them one by
+    /// one in the given order reports ([`RegionTable::insert`]).
     pub fn from_regions(regions: Vec<XenRegion>) -> Result<Self, TableError> {
-        regions
+        let mut sorted: Vec<Arc<XenRegion>> = regions.into_iter().map(Arc::new).collect();
+        let input = sorted.clone();
+        sorted.sort_by_key(|r| r.descriptor().guest_phys_addr);
+        let disjoint = sorted
+            .windows(2)
+            .all(|w| w[0].descriptor().last_addr() < w[1].descriptor().guest_phys_addr);
+        let mut devices = sorted.iter().filter_map(|r| xen_handle(r));
+        let one_device = devices
+            .next()
+            .is_none_or(|first| devices.all(|d| d.same_device(first)));
+        if disjoint && one_device {
+            drop(input);
+            return Ok(Self::build(sorted));
+        }
+        drop(sorted);
+        input
             .into_iter()
-            .try_fold(RegionTable::new(), |t, r| t.insert(Arc::new(r)))
+            .try_fold(RegionTable::new(), |t, r| t.insert(r))
+    }
+
+    /// Whether any region is an on-demand grant region. A request scope over a table without
+    /// one is a plain wrapper: no system call, no allocation, no per-thread state.
+    #[inline]
+    pub fn has_on_demand(&self) -> bool {
+        self.on_demand
     }
 
     /// A new table with `region` added (hot add). Refused when it overlaps a region
@@ -109,7 +153,7 @@ impl RegionTable {
         }
         let mut regions = self.regions.clone();
         regions.insert(pos, region);
-        Ok(RegionTable { regions })
+        Ok(Self::build(regions))
     }
 
     /// A new table without the region at exactly `gpa`/`size` (hot remove), and that region.
@@ -122,7 +166,7 @@ impl RegionTable {
             .ok_or(TableError::NotFound { gpa, size })?;
         let mut regions = self.regions.clone();
         let r = regions.remove(i);
-        Ok((RegionTable { regions }, r))
+        Ok((Self::build(regions), r))
     }
 
     /// Translates a frontend virtual address (as in `SET_VRING_ADDR`) to a guest address,
@@ -141,6 +185,7 @@ impl RegionTable {
     }
 
     /// True when regions cover `[addr, addr + len)` without a gap (mapped or on demand).
+    #[inline]
     pub fn covers(&self, addr: GuestAddress, len: usize) -> bool {
         let mut cur = addr.0;
         let mut left = len as u64;
@@ -174,19 +219,26 @@ impl RegionTable {
 impl GuestMemoryBackend for RegionTable {
     type R = XenRegion;
 
+    #[inline]
     fn num_regions(&self) -> usize {
         self.regions.len()
     }
 
+    #[inline]
     fn find_region(&self, addr: GuestAddress) -> Option<&XenRegion> {
         let i = self
-            .regions
-            .partition_point(|r| r.start_addr() <= addr)
+            .spans
+            .partition_point(|&(first, _)| first <= addr.0)
             .checked_sub(1)?;
-        let r = self.regions.get(i)?;
-        (addr <= r.last_addr()).then_some(&**r)
+        let &(_, last) = self.spans.get(i)?;
+        if addr.0 <= last {
+            self.regions.get(i).map(|r| &**r)
+        } else {
+            None
+        }
     }
 
+    #[inline]
     fn iter(&self) -> impl Iterator<Item = &XenRegion> {
         self.regions.iter().map(|r| &**r)
     }
