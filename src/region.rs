@@ -48,9 +48,23 @@ pub struct OnDemandAccess {
 #[derive(Debug)]
 pub struct XenRegion {
     desc: RegionDescriptor,
-    mapping: Option<HostMapping>,
+    /// `mapping`'s first byte, null for on-demand grant regions: the hot accessors read this
+    /// one word instead of matching the mapping's release kind.
+    host: HostPtr,
+    /// Owns the mapping, released when the region is dropped.
+    _mapping: Option<HostMapping>,
     dev: Option<XenHandle>,
 }
+
+/// The host address of a region's mapping (null when it has none).
+#[derive(Clone, Copy, Debug)]
+struct HostPtr(*mut u8);
+
+// SAFETY: a plain address into the mapping owned by the same `XenRegion` (which is `Send` and
+// `Sync` through `HostMapping`); it is only dereferenced through slices that borrow the region.
+unsafe impl Send for HostPtr {}
+// SAFETY: as above.
+unsafe impl Sync for HostPtr {}
 
 impl XenRegion {
     /// Builds and, except for on-demand grants, maps a region.
@@ -83,9 +97,15 @@ impl XenRegion {
                 None
             }
         };
+        let host = HostPtr(
+            mapping
+                .as_ref()
+                .map_or(std::ptr::null_mut(), HostMapping::as_ptr),
+        );
         Ok(XenRegion {
             desc,
-            mapping,
+            host,
+            _mapping: mapping,
             dev: dev.cloned(),
         })
     }
@@ -118,7 +138,7 @@ impl XenRegion {
     /// for on-demand grant regions).
     #[inline]
     pub fn host_address(&self) -> Option<*mut u8> {
-        self.mapping.as_ref().map(HostMapping::as_ptr)
+        (!self.host.0.is_null()).then_some(self.host.0)
     }
 }
 
@@ -143,13 +163,13 @@ impl GuestMemoryRegion for XenRegion {
         &self,
         addr: MemoryRegionAddress,
     ) -> vm_memory::guest_memory::Result<*mut u8> {
-        let m = self
-            .mapping
-            .as_ref()
-            .ok_or_else(|| self.on_demand_error(addr))?;
+        let host = self.host.0;
+        if host.is_null() {
+            return Err(self.on_demand_error(addr));
+        }
         self.check_address(addr)
             .ok_or(GuestMemoryError::InvalidBackendAddress)?;
-        Ok(m.as_ptr().wrapping_add(addr.0 as usize))
+        Ok(host.wrapping_add(addr.0 as usize))
     }
 
     #[inline]
@@ -158,25 +178,25 @@ impl GuestMemoryRegion for XenRegion {
         offset: MemoryRegionAddress,
         count: usize,
     ) -> vm_memory::guest_memory::Result<VolatileSlice<'_, BS<'_, ()>>> {
-        let m = self
-            .mapping
-            .as_ref()
-            .ok_or_else(|| self.on_demand_error(offset))?;
-        let end = offset
-            .0
-            .checked_add(count as u64)
-            .ok_or(GuestMemoryError::InvalidBackendAddress)?;
-        if end > self.desc.size {
-            return Err(GuestMemoryError::InvalidBackendAddress);
+        let host = self.host.0;
+        if host.is_null() {
+            return Err(self.on_demand_error(offset));
         }
-        // SAFETY: `offset..offset+count` lies inside the mapping (checked above), which lives
-        // as long as `self`, and the returned slice borrows `self`. Guest memory is accessed
+        match offset.0.checked_add(count as u64) {
+            Some(end) if end <= self.desc.size => {}
+            _ => return Err(GuestMemoryError::InvalidBackendAddress),
+        }
+        // SAFETY: `host` is the first byte of the region's mapping (not null: mapped in
+        // advance), `offset..offset+count` lies inside it (checked above), the mapping lives as
+        // long as `self`, and the returned slice borrows `self`. Guest memory is accessed
         // volatilely by everyone who touches it.
-        Ok(unsafe { VolatileSlice::new(m.as_ptr().add(offset.0 as usize), count) })
+        Ok(unsafe { VolatileSlice::new(host.add(offset.0 as usize), count) })
     }
 }
 
 impl XenRegion {
+    #[cold]
+    #[inline(never)]
     fn on_demand_error(&self, addr: MemoryRegionAddress) -> GuestMemoryError {
         GuestMemoryError::IOError(std::io::Error::other(OnDemandAccess {
             gpa: self.desc.guest_phys_addr.wrapping_add(addr.0),

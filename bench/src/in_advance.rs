@@ -89,24 +89,40 @@ pub struct BlockGuest {
     pub vm: GuestMemoryMmap,
 }
 
-impl BlockGuest {
-    /// Maps the two ranges both ways.
-    pub fn new() -> Result<Self, BoxError> {
-        let file = Arc::new(memfd(HIGH.2 + HIGH.1)?);
-        let table = RegionTable::from_regions(
-            [LOW, HIGH]
-                .iter()
-                .map(|&(g, s, o)| unix_region(&file, g, s, o))
-                .collect::<Result<_, _>>()?,
-        )?;
-        let vm = GuestMemoryMmap::from_ranges_with_files([LOW, HIGH].iter().map(|&(g, s, o)| {
+/// Bytes of the block guest's memfd.
+pub const BLOCK_MEMFD: u64 = HIGH.2 + HIGH.1;
+
+/// Our table of the block guest's two ranges of `file` (a memfd of [`BLOCK_MEMFD`] bytes).
+pub fn block_table(file: &File) -> Result<RegionTable, BoxError> {
+    Ok(RegionTable::from_regions(
+        [LOW, HIGH]
+            .iter()
+            .map(|&(g, s, o)| unix_region(file, g, s, o))
+            .collect::<Result<_, _>>()?,
+    )?)
+}
+
+/// vm-memory's map of the same ranges.
+pub fn block_vm(file: &Arc<File>) -> Result<GuestMemoryMmap, BoxError> {
+    Ok(GuestMemoryMmap::from_ranges_with_files(
+        [LOW, HIGH].iter().map(|&(g, s, o)| {
             (
                 GuestAddress(g),
                 s as usize,
                 Some(FileOffset::from_arc(file.clone(), o)),
             )
-        }))?;
-        Ok(BlockGuest { table, vm })
+        }),
+    )?)
+}
+
+impl BlockGuest {
+    /// Maps the two ranges both ways.
+    pub fn new() -> Result<Self, BoxError> {
+        let file = Arc::new(memfd(BLOCK_MEMFD)?);
+        Ok(BlockGuest {
+            table: block_table(&file)?,
+            vm: block_vm(&file)?,
+        })
     }
 }
 
@@ -382,7 +398,7 @@ fn row(
     }
 }
 
-fn time_ns(ops: usize, f: impl FnOnce() -> Result<(), BoxError>) -> Result<f64, BoxError> {
+pub fn time_ns(ops: usize, f: impl FnOnce() -> Result<(), BoxError>) -> Result<f64, BoxError> {
     let t = Instant::now();
     f()?;
     Ok(t.elapsed().as_nanos() as f64 / ops as f64)
@@ -598,7 +614,175 @@ pub fn build_rows(rounds: usize) -> Result<Vec<Row>, BoxError> {
     )])
 }
 
-/// Every row: the block workload at batch 1, 8 and 64, reads, building.
+/// Every row, each side in its own process (see [`Worker`]): the block workload at batch 1, 8
+/// and 64, reads, building. `dir` holds the worker binaries.
+pub fn all_rows_processes(
+    dir: &std::path::Path,
+    rounds: usize,
+    requests: usize,
+) -> Result<Vec<Row>, BoxError> {
+    let ours = std::cell::RefCell::new(Worker::spawn(&dir.join("in-advance-ours"))?);
+    let vm = std::cell::RefCell::new(Worker::spawn(&dir.join("in-advance-vm"))?);
+    let mut rows = Vec::new();
+    for batch in [1, 8, 64] {
+        let cmd = |v: &str| format!("block {v} {batch} {requests}");
+        let (ct, cs, cv, cm) = (cmd("table"), cmd("scope"), cmd("vm"), cmd("memcpy"));
+        // First asks warm up.
+        for _ in 0..2 {
+            ours.borrow_mut().ask(&ct)?;
+            ours.borrow_mut().ask(&cs)?;
+            vm.borrow_mut().ask(&cv)?;
+            vm.borrow_mut().ask(&cm)?;
+        }
+        let t = interleave(
+            rounds,
+            &mut [
+                &mut || ours.borrow_mut().ask(&ct),
+                &mut || ours.borrow_mut().ask(&cs),
+                &mut || vm.borrow_mut().ask(&cv),
+                &mut || vm.borrow_mut().ask(&cm),
+            ],
+        )?;
+        rows.push(row("block", "table", "vm-memory", batch, &t[0], &t[2]));
+        rows.push(row("block", "scope", "vm-memory", batch, &t[1], &t[2]));
+        rows.push(row("block", "memcpy", "vm-memory", batch, &t[3], &t[2]));
+    }
+    let (r1, rm) = (
+        "read 1 16".to_string(),
+        format!("read {MANY_REGIONS} 16"),
+    );
+    for _ in 0..2 {
+        ours.borrow_mut().ask(&r1)?;
+        ours.borrow_mut().ask(&rm)?;
+        vm.borrow_mut().ask(&r1)?;
+        vm.borrow_mut().ask(&rm)?;
+    }
+    let t = interleave(
+        rounds,
+        &mut [
+            &mut || ours.borrow_mut().ask(&r1),
+            &mut || ours.borrow_mut().ask(&rm),
+            &mut || vm.borrow_mut().ask(&r1),
+            &mut || vm.borrow_mut().ask(&rm),
+        ],
+    )?;
+    rows.push(row("read_obj", "ours", "vm-memory", 1, &t[0], &t[2]));
+    rows.push(row("read_obj", "ours", "vm-memory", MANY_REGIONS, &t[1], &t[3]));
+    rows.push(row("read_obj", "ours-509", "ours-1", MANY_REGIONS, &t[1], &t[0]));
+    rows.push(row("read_obj", "vm-509", "vm-1", MANY_REGIONS, &t[3], &t[2]));
+    let t = interleave(
+        rounds,
+        &mut [&mut || ours.borrow_mut().ask("build"), &mut || vm.borrow_mut().ask("build")],
+    )?;
+    rows.push(row("build", "ours", "vm-memory", MANY_REGIONS, &t[0], &t[1]));
+    Ok(rows)
+}
+
+/// A worker process holding one side's memory (ours or vm-memory's), so that each side's
+/// code is compiled and inlined as in a program that uses only it: measured in one binary, the
+/// same source gave ratios from 0.55x to 2x depending on which generic instantiations the
+/// compiler inlined where. Protocol: one command per line on stdin, the answer (ns per
+/// operation) on stdout.
+#[derive(Debug)]
+pub struct Worker {
+    child: std::process::Child,
+    input: std::process::ChildStdin,
+    output: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Worker {
+    /// Starts the worker binary at `path`.
+    pub fn spawn(path: &std::path::Path) -> Result<Self, BoxError> {
+        use std::process::{Command, Stdio};
+        let mut child = Command::new(path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "{}: {e} (build the workers: cargo build --release -p xen-vhost-bench --bins)",
+                    path.display()
+                )
+            })?;
+        let input = child.stdin.take().ok_or("worker stdin")?;
+        let output = std::io::BufReader::new(child.stdout.take().ok_or("worker stdout")?);
+        Ok(Worker {
+            child,
+            input,
+            output,
+        })
+    }
+
+    /// Sends `cmd`, returns the worker's answer.
+    pub fn ask(&mut self, cmd: &str) -> Result<f64, BoxError> {
+        use std::io::{BufRead, Write};
+        writeln!(self.input, "{cmd}")?;
+        self.input.flush()?;
+        let mut line = String::new();
+        self.output.read_line(&mut line)?;
+        line.trim()
+            .parse()
+            .map_err(|e| format!("worker answered {line:?} to {cmd:?}: {e}").into())
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = std::io::Write::write_all(&mut self.input, b"quit\n");
+        let _ = self.child.wait();
+    }
+}
+
+/// A worker's loop: runs `run` on each command's words, answers its result.
+pub fn worker_loop(
+    mut run: impl FnMut(&[&str]) -> Result<f64, BoxError>,
+) -> Result<(), BoxError> {
+    use std::io::{BufRead, Write};
+    let stdin = std::io::stdin();
+    let mut out = std::io::stdout();
+    for line in stdin.lock().lines() {
+        let line = line?;
+        let words: Vec<&str> = line.split_whitespace().collect();
+        if words.first() == Some(&"quit") {
+            break;
+        }
+        let ns = run(&words)?;
+        writeln!(out, "{ns}")?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+/// Parses a worker command's number.
+pub fn arg(words: &[&str], i: usize) -> Result<usize, BoxError> {
+    Ok(words
+        .get(i)
+        .ok_or("missing argument")?
+        .parse::<usize>()?)
+}
+
+/// ns per read of `passes` passes over the standard 4096 addresses of [`ManyRegions`].
+pub fn read_ns<M: Bytes<GuestAddress>>(mem: &M, passes: usize) -> Result<f64, BoxError>
+where
+    M::E: std::error::Error + Send + Sync + 'static,
+{
+    let addrs = ManyRegions::addresses(4096).repeat(passes.max(1));
+    time_ns(addrs.len(), || {
+        black_box(read_all(mem, &addrs)?);
+        Ok(())
+    })
+}
+
+/// ns per region to build (then drop, untimed) a table of [`MANY_REGIONS`] regions.
+pub fn build_ns<T>(build: impl FnOnce() -> Result<T, BoxError>) -> Result<f64, BoxError> {
+    let t = Instant::now();
+    let built = build()?;
+    let ns = t.elapsed().as_nanos() as f64 / MANY_REGIONS as f64;
+    drop(built);
+    Ok(ns)
+}
+
+/// Every row, in this one process.
 pub fn all_rows(rounds: usize, requests: usize) -> Result<Vec<Row>, BoxError> {
     let mut rows = Vec::new();
     for batch in [1, 8, 64] {

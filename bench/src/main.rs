@@ -2,9 +2,11 @@
 //! syscalls per request (exact, from the device counters) and ns per request.
 //!
 //! `cargo run --release -p xen-vhost-bench [-- --json] [--requests N]`; `-- --sweep` compares
-//! grant copy and mapping by buffer size; `-- --in-advance [--rounds R] [--requests N]` compares
-//! memory mapped in advance with vm-memory's `GuestMemoryMmap` (interleaved rounds, ratios with
-//! spread; see `xen_vhost_bench::in_advance`).
+//! grant copy and mapping by buffer size; `-- --in-advance [--rounds R] [--requests N]
+//! [--in-process]` compares memory mapped in advance with vm-memory's `GuestMemoryMmap`
+//! (interleaved rounds, ratios with spread; each side in its own worker process, built by
+//! `cargo build --release -p xen-vhost-bench --bins`, unless `--in-process`; see
+//! `xen_vhost_bench::in_advance`).
 
 use std::time::Instant;
 
@@ -112,11 +114,19 @@ fn sweep(json: bool) -> Result<(), Box<dyn std::error::Error>> {
 /// ours is faster) as median and min-max.
 fn in_advance(
     json: bool,
+    in_process: bool,
     rounds: usize,
     requests: usize,
 ) -> Result<(), Box<dyn std::error::Error>> {
-    let rows =
-        xen_vhost_bench::in_advance::all_rows(rounds, requests).map_err(|e| e.to_string())?;
+    use xen_vhost_bench::in_advance::{all_rows, all_rows_processes};
+    let rows = if in_process {
+        all_rows(rounds, requests)
+    } else {
+        let exe = std::env::current_exe()?;
+        let dir = exe.parent().ok_or("no directory of the executable")?;
+        all_rows_processes(dir, rounds, requests)
+    }
+    .map_err(|e| e.to_string())?;
     if !json {
         println!("| bench | ours | reference | batch/regions | ours ns/op | reference ns/op | reference/ours median | min-max |");
         println!("|---|---|---|---|---|---|---|---|");
@@ -159,7 +169,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .and_then(|v| v.parse().ok())
                 .unwrap_or(default)
         };
-        return in_advance(json, num("--rounds", 15), num("--requests", 8192));
+        let in_process = args.iter().any(|a| a == "--in-process");
+        return in_advance(json, in_process, num("--rounds", 15), num("--requests", 8192));
     }
     let requests = args
         .iter()

@@ -25,6 +25,7 @@
 
 mod access;
 mod batch;
+mod direct;
 mod error;
 mod pages;
 
@@ -389,7 +390,16 @@ type SliceResult<'a> = Result<VolatileSlice<'a>, GuestMemoryError>;
 
 /// The slices of one `get_slices` call; most calls have one, which needs no allocation.
 #[derive(Debug)]
-pub struct RequestSlices<'a>(SliceBuf<'a>);
+pub struct RequestSlices<'a>(Slices<'a>);
+
+/// Where a `get_slices` call's slices come from.
+#[derive(Debug)]
+enum Slices<'a> {
+    /// Fast path, a table without on-demand regions: straight from the table, lazily.
+    Direct(direct::DirectSlices<'a>),
+    /// Collected by `RequestMemory::slices`.
+    Buf(SliceBuf<'a>),
+}
 
 /// Slices collected for one access.
 #[derive(Debug)]
@@ -420,12 +430,16 @@ impl<'a> Iterator for RequestSlices<'a> {
     type Item = SliceResult<'a>;
     #[inline]
     fn next(&mut self) -> Option<Self::Item> {
-        match std::mem::replace(&mut self.0, SliceBuf::Empty) {
+        let buf = match &mut self.0 {
+            Slices::Direct(d) => return d.next(),
+            Slices::Buf(b) => b,
+        };
+        match std::mem::replace(buf, SliceBuf::Empty) {
             SliceBuf::Empty => None,
             SliceBuf::One(s) => Some(s),
             SliceBuf::Many(mut v) => {
                 let s = v.pop_front();
-                self.0 = SliceBuf::Many(v);
+                *buf = SliceBuf::Many(v);
                 s
             }
         }
@@ -454,6 +468,11 @@ impl GuestMemory for RequestMemory<'_> {
         count: usize,
         access: Permissions,
     ) -> vm_memory::guest_memory::Result<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
-        Ok(RequestSlices(self.slices(addr, count, access)))
+        if !self.table.has_on_demand() {
+            return Ok(RequestSlices(Slices::Direct(direct::DirectSlices::new(
+                self.table, addr, count,
+            ))));
+        }
+        Ok(RequestSlices(Slices::Buf(self.slices(addr, count, access))))
     }
 }
