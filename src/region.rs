@@ -51,6 +51,9 @@ pub struct XenRegion {
     /// `mapping`'s first byte, null for on-demand grant regions: the hot accessors read this
     /// one word instead of matching the mapping's release kind.
     host: HostPtr,
+    /// Bytes reachable through `host`: the region's size, 0 for on-demand grant regions (so
+    /// one bounds check also refuses them).
+    mapped_len: u64,
     /// Owns the mapping, released when the region is dropped.
     _mapping: Option<HostMapping>,
     dev: Option<XenHandle>,
@@ -102,9 +105,11 @@ impl XenRegion {
                 .as_ref()
                 .map_or(std::ptr::null_mut(), HostMapping::as_ptr),
         );
+        let mapped_len = if host.0.is_null() { 0 } else { desc.size };
         Ok(XenRegion {
             desc,
             host,
+            mapped_len,
             _mapping: mapping,
             dev: dev.cloned(),
         })
@@ -178,23 +183,30 @@ impl GuestMemoryRegion for XenRegion {
         offset: MemoryRegionAddress,
         count: usize,
     ) -> vm_memory::guest_memory::Result<VolatileSlice<'_, BS<'_, ()>>> {
-        let host = self.host.0;
-        if host.is_null() {
-            return Err(self.on_demand_error(offset));
-        }
         match offset.0.checked_add(count as u64) {
-            Some(end) if end <= self.desc.size => {}
-            _ => return Err(GuestMemoryError::InvalidBackendAddress),
+            Some(end) if end <= self.mapped_len => {}
+            _ => return Err(self.slice_error(offset)),
         }
-        // SAFETY: `host` is the first byte of the region's mapping (not null: mapped in
-        // advance), `offset..offset+count` lies inside it (checked above), the mapping lives as
-        // long as `self`, and the returned slice borrows `self`. Guest memory is accessed
-        // volatilely by everyone who touches it.
-        Ok(unsafe { VolatileSlice::new(host.add(offset.0 as usize), count) })
+        // SAFETY: `offset..offset+count` lies inside the first `mapped_len` bytes (checked
+        // above), so `mapped_len` is not 0 and `host` is the first byte of the region's mapping,
+        // which covers them and lives as long as `self`; the returned slice borrows `self`.
+        // Guest memory is accessed volatilely by everyone who touches it.
+        Ok(unsafe { VolatileSlice::new(self.host.0.add(offset.0 as usize), count) })
     }
 }
 
 impl XenRegion {
+    /// Why `get_slice` at `offset` failed: an on-demand region, or out of bounds.
+    #[cold]
+    #[inline(never)]
+    fn slice_error(&self, offset: MemoryRegionAddress) -> GuestMemoryError {
+        if self.host.0.is_null() {
+            self.on_demand_error(offset)
+        } else {
+            GuestMemoryError::InvalidBackendAddress
+        }
+    }
+
     #[cold]
     #[inline(never)]
     fn on_demand_error(&self, addr: MemoryRegionAddress) -> GuestMemoryError {

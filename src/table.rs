@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::descriptor::RegionKind;
 use crate::device::XenHandle;
@@ -233,6 +233,24 @@ impl GuestMemoryBackend for RegionTable {
         let &(_, last) = self.spans.get(i)?;
         if addr.0 <= last {
             self.regions.get(i).map(|r| &**r)
+        } else {
+            None
+        }
+    }
+
+    /// Not `#[inline]` on purpose: vm-memory's slice iterator calls this once per slice, and
+    /// kept as a call it leaves that iterator small enough for the compiler to inline the
+    /// whole access path into its caller (as it does for `GuestMemoryMmap`); inlined here it
+    /// did not, and every 8-byte access paid four calls (measured: 33 ns against 7).
+    fn to_region_addr(&self, addr: GuestAddress) -> Option<(&XenRegion, MemoryRegionAddress)> {
+        let i = self
+            .spans
+            .partition_point(|&(first, _)| first <= addr.0)
+            .checked_sub(1)?;
+        let &(first, last) = self.spans.get(i)?;
+        if addr.0 <= last {
+            let r = self.regions.get(i)?;
+            Some((&**r, MemoryRegionAddress(addr.0 - first)))
         } else {
             None
         }
