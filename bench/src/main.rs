@@ -170,7 +170,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .unwrap_or(default)
         };
         let in_process = args.iter().any(|a| a == "--in-process");
-        return in_advance(json, in_process, num("--rounds", 15), num("--requests", 8192));
+        return in_advance(
+            json,
+            in_process,
+            num("--rounds", 15),
+            num("--requests", 8192),
+        );
     }
     let requests = args
         .iter()

@@ -2,9 +2,7 @@
 //! walks the table lazily, region by region, as `RequestMemory::slices` would, without the
 //! scope's state, a slice buffer or an allocation.
 
-use vm_memory::{
-    GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion, MemoryRegionAddress,
-};
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion};
 
 use super::SliceResult;
 use crate::table::RegionTable;
@@ -44,15 +42,15 @@ impl<'a> Iterator for DirectSlices<'a> {
             self.left = 0;
             return Some(Err(GuestMemoryError::GuestAddressOverflow));
         };
-        let Some(region) = self.table.find_region(GuestAddress(cur)) else {
+        // A call, as in vm-memory's own iterator (see `RegionTable::to_region_addr`).
+        let Some((region, off)) = self.table.to_region_addr(GuestAddress(cur)) else {
             self.left = 0;
             return Some(Err(GuestMemoryError::InvalidGuestAddress(GuestAddress(
                 cur,
             ))));
         };
-        let off = cur - region.start_addr().0;
-        let n = (region.len() - off).min(self.left);
-        match region.get_slice(MemoryRegionAddress(off), n as usize) {
+        let n = (region.len() - off.0).min(self.left);
+        match region.get_slice(off, n as usize) {
             Ok(s) => {
                 self.left -= n;
                 if self.left > 0 {

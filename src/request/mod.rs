@@ -278,7 +278,6 @@ impl<'t> RequestMemory<'t> {
     }
 
     /// Resolves `[addr, addr + count)` into slices, fetching on-demand pages as needed.
-    #[inline]
     fn slices(&self, addr: GuestAddress, count: usize, access: Permissions) -> SliceBuf<'_> {
         let mut out = SliceBuf::Empty;
         let mut cur = addr.0;
@@ -461,7 +460,7 @@ impl GuestMemory for RequestMemory<'_> {
         self.table.covers(addr, count)
     }
 
-    #[inline]
+    #[inline(always)]
     fn get_slices<'a>(
         &'a self,
         addr: GuestAddress,

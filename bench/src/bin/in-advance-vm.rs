@@ -9,10 +9,11 @@ use xen_vhost_bench::in_advance::{
 };
 
 fn main() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let file = Arc::new(memfd(BLOCK_MEMFD)?);
-    let vm = block_vm(&file)?;
-    let mut ring = Ring::new(&vm, 2)?;
-    let mut floor = Floor::new(&vm, 3)?;
+    // Each variant on its own memfd, at the same place in it (as in the other worker).
+    let (f1, f2) = (Arc::new(memfd(BLOCK_MEMFD)?), Arc::new(memfd(BLOCK_MEMFD)?));
+    let (vm, vm2) = (block_vm(&f1)?, block_vm(&f2)?);
+    let mut ring = Ring::new(&vm, 0)?;
+    let mut floor = Floor::new(&vm2, 0)?;
     let many = ManyRegions::new()?;
     let (one, all) = (many.vm(1)?, many.vm(MANY_REGIONS)?);
     worker_loop(|w| match w {
