@@ -62,6 +62,8 @@ pub struct RegionTable {
     /// `(first, last)` guest address of each region, in the same order: the lookup searches
     /// this flat list instead of dereferencing each region's separate allocation.
     spans: Vec<(u64, u64)>,
+    /// Narrows the search in tables of many regions.
+    buckets: Buckets,
     /// Whether any region is an on-demand grant region (the only kind a request scope has
     /// work for).
     on_demand: bool,
@@ -75,14 +77,16 @@ impl RegionTable {
 
     /// The table of `regions`, already sorted, non-overlapping and on one device.
     fn build(regions: Vec<Arc<XenRegion>>) -> Self {
-        let spans = regions
+        let spans: Vec<(u64, u64)> = regions
             .iter()
             .map(|r| (r.descriptor().guest_phys_addr, r.descriptor().last_addr()))
             .collect();
         let on_demand = regions.iter().any(|r| r.on_demand_domid().is_some());
+        let buckets = Buckets::new(&spans);
         RegionTable {
             regions,
             spans,
+            buckets,
             on_demand,
         }
     }
@@ -216,6 +220,74 @@ impl RegionTable {
     }
 }
 
+impl RegionTable {
+    /// Index of the region holding `addr`.
+    #[inline]
+    fn index_of(&self, addr: u64) -> Option<usize> {
+        let (lo, hi) = self.buckets.range(addr, self.spans.len());
+        let candidates = self.spans.get(lo..hi)?;
+        let i = candidates
+            .partition_point(|&(first, _)| first <= addr)
+            .checked_sub(1)?;
+        let &(_, last) = candidates.get(i)?;
+        (addr <= last).then_some(lo + i)
+    }
+}
+
+/// Tables of more than this many regions get [`Buckets`]; smaller ones are searched whole.
+const BUCKETS_FROM: usize = 8;
+
+/// Splits the guest addresses a table spans into equal power-of-two buckets (about two per
+/// region) and records, for each bucket boundary, which region holds (or precedes) it: an
+/// address's region is then among the few between its bucket's two boundaries, so a lookup
+/// in 509 regions costs about what it costs in 2 instead of a 9-step binary search. Skewed
+/// tables (many small regions in one bucket) fall back to a binary search within the bucket.
+#[derive(Clone, Debug, Default)]
+struct Buckets {
+    /// Address of bucket 0.
+    base: u64,
+    /// log2 of the bucket size.
+    shift: u32,
+    /// For each boundary `b` (address `base + (b << shift)`), the index of the last region
+    /// starting at or before it (0 if none); one more entry than there are buckets. Empty for
+    /// small tables.
+    first: Vec<u32>,
+}
+
+impl Buckets {
+    fn new(spans: &[(u64, u64)]) -> Self {
+        let (Some(&(base, _)), Some(&(_, end))) = (spans.first(), spans.last()) else {
+            return Buckets::default();
+        };
+        if spans.len() <= BUCKETS_FROM || u32::try_from(spans.len()).is_err() {
+            return Buckets::default();
+        }
+        let span = end - base;
+        let want = (2 * spans.len()).next_power_of_two().trailing_zeros();
+        let bits = u64::BITS - span.leading_zeros();
+        let shift = bits.saturating_sub(want);
+        let buckets = (span >> shift) as usize + 1;
+        let first = (0..=buckets)
+            .map(|b| {
+                let at = base.saturating_add((b as u64) << shift);
+                let p = spans.partition_point(|&(first, _)| first <= at);
+                p.saturating_sub(1) as u32
+            })
+            .collect();
+        Buckets { base, shift, first }
+    }
+
+    /// The index range of `spans` (of `len` regions) that can hold `addr`.
+    #[inline]
+    fn range(&self, addr: u64, len: usize) -> (usize, usize) {
+        let b = (addr.wrapping_sub(self.base) >> self.shift) as usize;
+        match (self.first.get(b), self.first.get(b.wrapping_add(1))) {
+            (Some(&lo), Some(&hi)) => (lo as usize, (hi as usize + 1).min(len)),
+            _ => (0, len),
+        }
+    }
+}
+
 impl GuestMemoryBackend for RegionTable {
     type R = XenRegion;
 
@@ -226,16 +298,8 @@ impl GuestMemoryBackend for RegionTable {
 
     #[inline]
     fn find_region(&self, addr: GuestAddress) -> Option<&XenRegion> {
-        let i = self
-            .spans
-            .partition_point(|&(first, _)| first <= addr.0)
-            .checked_sub(1)?;
-        let &(_, last) = self.spans.get(i)?;
-        if addr.0 <= last {
-            self.regions.get(i).map(|r| &**r)
-        } else {
-            None
-        }
+        let i = self.index_of(addr.0)?;
+        self.regions.get(i).map(|r| &**r)
     }
 
     /// Not `#[inline]` on purpose: vm-memory's slice iterator calls this once per slice, and
@@ -243,17 +307,10 @@ impl GuestMemoryBackend for RegionTable {
     /// whole access path into its caller (as it does for `GuestMemoryMmap`); inlined here it
     /// did not, and every 8-byte access paid four calls (measured: 33 ns against 7).
     fn to_region_addr(&self, addr: GuestAddress) -> Option<(&XenRegion, MemoryRegionAddress)> {
-        let i = self
-            .spans
-            .partition_point(|&(first, _)| first <= addr.0)
-            .checked_sub(1)?;
-        let &(first, last) = self.spans.get(i)?;
-        if addr.0 <= last {
-            let r = self.regions.get(i)?;
-            Some((&**r, MemoryRegionAddress(addr.0 - first)))
-        } else {
-            None
-        }
+        let i = self.index_of(addr.0)?;
+        let &(first, _) = self.spans.get(i)?;
+        let r = self.regions.get(i)?;
+        Some((&**r, MemoryRegionAddress(addr.0 - first)))
     }
 
     #[inline]
