@@ -184,13 +184,13 @@ impl GuestMemoryRegion for XenRegion {
         count: usize,
     ) -> vm_memory::guest_memory::Result<VolatileSlice<'_, BS<'_, ()>>> {
         match offset.0.checked_add(count as u64) {
-            Some(end) if end <= self.mapped_len => {}
+            Some(end) if end <= self.mapped_len && self.mapped_len != 0 => {}
             _ => return Err(self.slice_error(offset)),
         }
-        // SAFETY: `offset..offset+count` lies inside the first `mapped_len` bytes (checked
-        // above), so `mapped_len` is not 0 and `host` is the first byte of the region's mapping,
-        // which covers them and lives as long as `self`; the returned slice borrows `self`.
-        // Guest memory is accessed volatilely by everyone who touches it.
+        // SAFETY: `mapped_len` is not 0, so the region is mapped and `host` is the first byte
+        // of its mapping, which covers `mapped_len` bytes and lives as long as `self`;
+        // `offset..offset+count` lies inside them (checked above); the returned slice borrows
+        // `self`. Guest memory is accessed volatilely by everyone who touches it.
         Ok(unsafe { VolatileSlice::new(self.host.0.add(offset.0 as usize), count) })
     }
 }

@@ -236,22 +236,26 @@ impl<D: VhostUserDevice> Worker<D> {
     /// Fetches the indirect descriptor tables of the chains about to be popped in one go.
     /// Linux's grant DMA puts them in on-demand grant memory; popping would otherwise fetch
     /// each table on its own (one grant copy or map per chain). Best effort: the pop reads
-    /// every descriptor again, so anything skipped here is fetched there.
-    fn prefetch_indirect_tables(&self, table: &RegionTable, scope: &RequestMemory<'_>) {
+    /// every descriptor again, so anything skipped here is fetched there. Returns how many
+    /// chains it looked at (None when it could not read the avail index): the batch pops no
+    /// more, so a chain the driver publishes meanwhile waits for the next batch instead of
+    /// fetching its table on its own.
+    fn prefetch_indirect_tables(
+        &self,
+        table: &RegionTable,
+        scope: &RequestMemory<'_>,
+    ) -> Option<usize> {
         let (avail, desc, size, next) = {
             let st = self.vring.get_ref();
             let q = st.get_queue();
             (q.avail_ring(), q.desc_table(), q.size(), q.next_avail())
         };
         if size == 0 {
-            return;
+            return None;
         }
-        let Some(idx) = avail
+        let idx = avail
             .checked_add(2)
-            .and_then(|a| table.read_obj::<u16>(GuestAddress(a)).ok())
-        else {
-            return;
-        };
+            .and_then(|a| table.read_obj::<u16>(GuestAddress(a)).ok())?;
         let pending = u16::from_le(idx)
             .wrapping_sub(next)
             .min(size)
@@ -287,24 +291,24 @@ impl<D: VhostUserDevice> Worker<D> {
                 log::debug!("vq{}: indirect tables: {e}", self.index);
             }
         }
+        Some(usize::from(pending))
     }
 
     /// Pops, serves and completes up to [`MAX_BATCH`] chains; returns how many.
     fn serve_batch(&self) -> usize {
         let table = self.mem.memory();
         let scope = RequestMemory::new(&table).writable_buffers(self.device.writable_buffers());
-        if table
-            .regions()
-            .iter()
-            .any(|r| r.on_demand_domid().is_some())
-        {
-            self.prefetch_indirect_tables(&table, &scope);
+        let mut limit = MAX_BATCH;
+        if table.has_on_demand() {
+            limit = self
+                .prefetch_indirect_tables(&table, &scope)
+                .unwrap_or(MAX_BATCH);
         }
         let mut chains = Vec::with_capacity(MAX_BATCH);
         {
             let mut state = self.vring.get_mut();
             let queue = state.get_queue_mut();
-            while chains.len() < MAX_BATCH {
+            while chains.len() < limit {
                 match queue.pop_descriptor_chain(&scope) {
                     Some(c) => chains.push(c),
                     None => break,
