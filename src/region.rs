@@ -48,9 +48,26 @@ pub struct OnDemandAccess {
 #[derive(Debug)]
 pub struct XenRegion {
     desc: RegionDescriptor,
-    mapping: Option<HostMapping>,
+    /// `mapping`'s first byte, null for on-demand grant regions: the hot accessors read this
+    /// one word instead of matching the mapping's release kind.
+    host: HostPtr,
+    /// Bytes reachable through `host`: the region's size, 0 for on-demand grant regions (so
+    /// one bounds check also refuses them).
+    mapped_len: u64,
+    /// Owns the mapping, released when the region is dropped.
+    _mapping: Option<HostMapping>,
     dev: Option<XenHandle>,
 }
+
+/// The host address of a region's mapping (null when it has none).
+#[derive(Clone, Copy, Debug)]
+struct HostPtr(*mut u8);
+
+// SAFETY: a plain address into the mapping owned by the same `XenRegion` (which is `Send` and
+// `Sync` through `HostMapping`); it is only dereferenced through slices that borrow the region.
+unsafe impl Send for HostPtr {}
+// SAFETY: as above.
+unsafe impl Sync for HostPtr {}
 
 impl XenRegion {
     /// Builds and, except for on-demand grants, maps a region.
@@ -83,24 +100,35 @@ impl XenRegion {
                 None
             }
         };
+        let host = HostPtr(
+            mapping
+                .as_ref()
+                .map_or(std::ptr::null_mut(), HostMapping::as_ptr),
+        );
+        let mapped_len = if host.0.is_null() { 0 } else { desc.size };
         Ok(XenRegion {
             desc,
-            mapping,
+            host,
+            mapped_len,
+            _mapping: mapping,
             dev: dev.cloned(),
         })
     }
 
     /// The validated descriptor.
+    #[inline]
     pub fn descriptor(&self) -> &RegionDescriptor {
         &self.desc
     }
 
     /// The device this region's Xen memory goes through (None for UNIX regions built without).
+    #[inline]
     pub fn device(&self) -> Option<&XenHandle> {
         self.dev.as_ref()
     }
 
     /// The domid, when this region is an on-demand grant region.
+    #[inline]
     pub fn on_demand_domid(&self) -> Option<u16> {
         match self.desc.kind {
             RegionKind::Grant {
@@ -113,61 +141,74 @@ impl XenRegion {
 
     /// Host address of the region's first byte, when the region is mapped in advance (None
     /// for on-demand grant regions).
+    #[inline]
     pub fn host_address(&self) -> Option<*mut u8> {
-        self.mapping.as_ref().map(HostMapping::as_ptr)
+        (!self.host.0.is_null()).then_some(self.host.0)
     }
 }
 
 impl GuestMemoryRegion for XenRegion {
     type B = ();
 
+    #[inline]
     fn len(&self) -> GuestUsize {
         self.desc.size
     }
 
+    #[inline]
     fn start_addr(&self) -> GuestAddress {
         GuestAddress(self.desc.guest_phys_addr)
     }
 
+    #[inline]
     fn bitmap(&self) -> BS<'_, ()> {}
 
+    #[inline]
     fn get_host_address(
         &self,
         addr: MemoryRegionAddress,
     ) -> vm_memory::guest_memory::Result<*mut u8> {
-        let m = self
-            .mapping
-            .as_ref()
-            .ok_or_else(|| self.on_demand_error(addr))?;
+        let host = self.host.0;
+        if host.is_null() {
+            return Err(self.on_demand_error(addr));
+        }
         self.check_address(addr)
             .ok_or(GuestMemoryError::InvalidBackendAddress)?;
-        Ok(m.as_ptr().wrapping_add(addr.0 as usize))
+        Ok(host.wrapping_add(addr.0 as usize))
     }
 
+    #[inline]
     fn get_slice(
         &self,
         offset: MemoryRegionAddress,
         count: usize,
     ) -> vm_memory::guest_memory::Result<VolatileSlice<'_, BS<'_, ()>>> {
-        let m = self
-            .mapping
-            .as_ref()
-            .ok_or_else(|| self.on_demand_error(offset))?;
-        let end = offset
-            .0
-            .checked_add(count as u64)
-            .ok_or(GuestMemoryError::InvalidBackendAddress)?;
-        if end > self.desc.size {
-            return Err(GuestMemoryError::InvalidBackendAddress);
+        match offset.0.checked_add(count as u64) {
+            Some(end) if end <= self.mapped_len && self.mapped_len != 0 => {}
+            _ => return Err(self.slice_error(offset)),
         }
-        // SAFETY: `offset..offset+count` lies inside the mapping (checked above), which lives
-        // as long as `self`, and the returned slice borrows `self`. Guest memory is accessed
-        // volatilely by everyone who touches it.
-        Ok(unsafe { VolatileSlice::new(m.as_ptr().add(offset.0 as usize), count) })
+        // SAFETY: `mapped_len` is not 0, so the region is mapped and `host` is the first byte
+        // of its mapping, which covers `mapped_len` bytes and lives as long as `self`;
+        // `offset..offset+count` lies inside them (checked above); the returned slice borrows
+        // `self`. Guest memory is accessed volatilely by everyone who touches it.
+        Ok(unsafe { VolatileSlice::new(self.host.0.add(offset.0 as usize), count) })
     }
 }
 
 impl XenRegion {
+    /// Why `get_slice` at `offset` failed: an on-demand region, or out of bounds.
+    #[cold]
+    #[inline(never)]
+    fn slice_error(&self, offset: MemoryRegionAddress) -> GuestMemoryError {
+        if self.host.0.is_null() {
+            self.on_demand_error(offset)
+        } else {
+            GuestMemoryError::InvalidBackendAddress
+        }
+    }
+
+    #[cold]
+    #[inline(never)]
     fn on_demand_error(&self, addr: MemoryRegionAddress) -> GuestMemoryError {
         GuestMemoryError::IOError(std::io::Error::other(OnDemandAccess {
             gpa: self.desc.guest_phys_addr.wrapping_add(addr.0),

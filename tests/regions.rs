@@ -861,3 +861,46 @@ fn xen_regions_of_a_table_share_one_device_handle() {
     g.assert_nothing_mapped();
     other.assert_nothing_mapped();
 }
+
+/// Lookups in tables of many regions (evenly spread, with gaps, and skewed: many small regions
+/// then a few far apart) find exactly the region a linear scan finds, for addresses inside,
+/// between, before and after the regions; and `from_regions` sorts whatever order it is given.
+#[test]
+fn many_region_lookup_matches_a_linear_scan() {
+    let layouts: [Vec<(u64, u64)>; 3] = [
+        (0..509).map(|i| (i * 0x1_0000, 0x1_0000)).collect(),
+        (0..300).map(|i| (0x10_0000 + i * 0x3000, 0x1000)).collect(),
+        (0..200)
+            .map(|i| (0x1000 + i * 0x1000, 0x1000))
+            .chain((0..20).map(|i| ((1 << 40) + i * (1 << 32), 0x2000)))
+            .collect(),
+    ];
+    for layout in layouts {
+        let mut regions: Vec<XenRegion> = layout
+            .iter()
+            .map(|&(gpa, size)| anon_region(gpa, size, 0x7f00_0000_0000 + gpa))
+            .collect();
+        regions.reverse();
+        let t = table(regions);
+        assert_eq!(t.num_regions(), layout.len());
+        let starts: Vec<u64> = t.iter().map(|r| r.start_addr().0).collect();
+        assert!(starts.windows(2).all(|w| w[0] < w[1]), "sorted");
+        let mut probes = vec![0, u64::MAX, u64::MAX / 2];
+        for &(gpa, size) in &layout {
+            probes.extend([gpa.wrapping_sub(1), gpa, gpa + size / 2, gpa + size - 1]);
+            probes.extend([gpa + size, gpa + 3 * size / 2]);
+        }
+        for a in probes {
+            let want = layout
+                .iter()
+                .position(|&(gpa, size)| gpa <= a && a - gpa < size)
+                .map(|i| layout[i].0);
+            let got = t.find_region(GuestAddress(a)).map(|r| r.start_addr().0);
+            assert_eq!(got, want, "address {a:#x}");
+            let via = t
+                .to_region_addr(GuestAddress(a))
+                .map(|(r, off)| r.start_addr().0 + off.0);
+            assert_eq!(via, want.map(|_| a), "to_region_addr {a:#x}");
+        }
+    }
+}

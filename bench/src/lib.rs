@@ -7,6 +7,8 @@
 //! xen-vhost-bench`), criterion (`cargo bench -p xen-vhost-bench`) and the real-Xen bench in
 //! `ci/xen/dom0-tests` all report.
 
+pub mod in_advance;
+
 use std::io::Write;
 
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};

@@ -2,7 +2,11 @@
 //! syscalls per request (exact, from the device counters) and ns per request.
 //!
 //! `cargo run --release -p xen-vhost-bench [-- --json] [--requests N]`; `-- --sweep` compares
-//! grant copy and mapping by buffer size.
+//! grant copy and mapping by buffer size; `-- --in-advance [--rounds R] [--requests N]
+//! [--in-process]` compares memory mapped in advance with vm-memory's `GuestMemoryMmap`
+//! (interleaved rounds, ratios with spread; each side in its own worker process, built by
+//! `cargo build --release -p xen-vhost-bench --bins`, unless `--in-process`; see
+//! `xen_vhost_bench::in_advance`).
 
 use std::time::Instant;
 
@@ -106,12 +110,73 @@ fn sweep(json: bool) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
+/// The in-advance rows: ns per operation, and the per-round ratio `reference / ours` (above 1:
+/// ours is faster) as median and min-max.
+fn in_advance(
+    json: bool,
+    in_process: bool,
+    rounds: usize,
+    requests: usize,
+) -> Result<(), Box<dyn std::error::Error>> {
+    use xen_vhost_bench::in_advance::{all_rows, all_rows_processes};
+    let rows = if in_process {
+        all_rows(rounds, requests)
+    } else {
+        let exe = std::env::current_exe()?;
+        let dir = exe.parent().ok_or("no directory of the executable")?;
+        all_rows_processes(dir, rounds, requests)
+    }
+    .map_err(|e| e.to_string())?;
+    if !json {
+        println!("| bench | ours | reference | batch/regions | ours ns/op | reference ns/op | reference/ours median | min-max |");
+        println!("|---|---|---|---|---|---|---|---|");
+    }
+    for r in &rows {
+        if json {
+            println!(
+                "{{\"bench\":\"in_advance/{}\",\"ours\":\"{}\",\"reference\":\"{}\",\"n\":{},\"rounds\":{rounds},\"ours_ns\":{:.1},\"reference_ns\":{:.1},\"ratio_median\":{:.3},\"ratio_min\":{:.3},\"ratio_max\":{:.3}}}",
+                r.bench, r.ours, r.reference, r.n, r.ours_ns, r.reference_ns, r.ratio.median, r.ratio.min, r.ratio.max
+            );
+        } else {
+            println!(
+                "| {} | {} | {} | {} | {:.1} | {:.1} | {:.2}x | {:.2}-{:.2} |",
+                r.bench,
+                r.ours,
+                r.reference,
+                r.n,
+                r.ours_ns,
+                r.reference_ns,
+                r.ratio.median,
+                r.ratio.min,
+                r.ratio.max
+            );
+        }
+    }
+    Ok(())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();
     if args.iter().any(|a| a == "--sweep") {
         return sweep(args.iter().any(|a| a == "--json"));
     }
     let json = args.iter().any(|a| a == "--json");
+    if args.iter().any(|a| a == "--in-advance") {
+        let num = |name: &str, default: usize| {
+            args.iter()
+                .position(|a| a == name)
+                .and_then(|i| args.get(i + 1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(default)
+        };
+        let in_process = args.iter().any(|a| a == "--in-process");
+        return in_advance(
+            json,
+            in_process,
+            num("--rounds", 15),
+            num("--requests", 8192),
+        );
+    }
     let requests = args
         .iter()
         .position(|a| a == "--requests")

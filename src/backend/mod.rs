@@ -134,6 +134,7 @@ unsafe impl Sync for HostMapping {}
 
 impl HostMapping {
     /// Host address of the region's first byte.
+    #[inline]
     pub(crate) fn as_ptr(&self) -> *mut u8 {
         // In bounds: `offset` is less than a page and the mapping covers the region's bytes
         // from there.

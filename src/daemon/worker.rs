@@ -316,11 +316,7 @@ impl<D: VhostUserDevice> Worker<D> {
     fn serve_batch(&self) -> usize {
         let table = self.mem.memory();
         let scope = RequestMemory::new(&table).writable_buffers(self.device.writable_buffers());
-        let limit = if table
-            .regions()
-            .iter()
-            .any(|r| r.on_demand_domid().is_some())
-        {
+        let limit = if table.has_on_demand() {
             self.prefetch_indirect_tables(&table, &scope)
         } else {
             MAX_BATCH

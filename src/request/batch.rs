@@ -15,11 +15,16 @@ impl RequestMemory<'_> {
     /// Fetches the on-demand pages of `chains` (one grant-copy ioctl, or one map per
     /// protection). Best effort: a page that cannot be fetched is left alone and its error is
     /// reported when the device touches it, so one bad chain does not fail the others.
+    #[inline]
     pub fn prefetch_chains<M>(&self, chains: &[DescriptorChain<M>]) -> Result<(), RequestError>
     where
         M: Deref + Clone,
         M::Target: GuestMemory,
     {
+        // Fast path: nothing in the table is fetched on demand.
+        if !self.table.has_on_demand() {
+            return Ok(());
+        }
         let buffers: Vec<(GuestAddress, usize, Permissions)> = chains
             .iter()
             .flat_map(|c| c.clone())
@@ -41,6 +46,10 @@ impl RequestMemory<'_> {
         &self,
         buffers: &[(GuestAddress, usize, Permissions)],
     ) -> Result<(), RequestError> {
+        // Fast path: nothing in the table is fetched on demand.
+        if !self.table.has_on_demand() {
+            return Ok(());
+        }
         let mut copy: Vec<Piece> = Vec::new();
         let mut map: Vec<Piece> = Vec::new();
         let mut dev = None;

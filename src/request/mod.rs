@@ -25,6 +25,7 @@
 
 mod access;
 mod batch;
+mod direct;
 mod error;
 mod pages;
 
@@ -156,16 +157,18 @@ pub struct RequestMemory<'t> {
 
 impl<'t> RequestMemory<'t> {
     /// A scope over `table` with the default strategy.
+    #[inline]
     pub fn new(table: &'t RegionTable) -> Self {
         Self::with_strategy(table, Strategy::default())
     }
 
     /// A scope over `table` fetching on-demand pages with `strategy`.
+    #[inline]
     pub fn with_strategy(table: &'t RegionTable, strategy: Strategy) -> Self {
         RequestMemory {
             table,
             strategy,
-            state: RefCell::new(ScopeState::fresh()),
+            state: RefCell::new(ScopeState::fresh(table)),
         }
     }
 
@@ -204,7 +207,12 @@ impl<'t> RequestMemory<'t> {
 
     /// Ends the scope: copies written bytes back (one grant-copy ioctl) and unmaps everything.
     /// Call it before `add_used`; dropping the scope does the same but cannot report errors.
+    #[inline]
     pub fn finish(mut self) -> Result<(), RequestError> {
+        if !self.table.has_on_demand() {
+            // Nothing fetched, nothing to release (see `fast path` below).
+            return Ok(());
+        }
         self.release()
     }
 
@@ -311,7 +319,17 @@ impl<'t> RequestMemory<'t> {
 }
 
 impl Drop for RequestMemory<'_> {
+    #[inline]
     fn drop(&mut self) {
+        if self.table.has_on_demand() {
+            self.end_on_demand();
+        }
+    }
+}
+
+impl RequestMemory<'_> {
+    /// Drop of a scope over a table with on-demand regions.
+    fn end_on_demand(&mut self) {
         // Errors here were counted by the device; `finish` is the way to see them.
         let _ = self.release();
         ScopeState::recycle(std::mem::take(self.state.get_mut()));
@@ -327,7 +345,20 @@ thread_local! {
 
 impl ScopeState {
     /// An empty state, reused if this thread has one.
-    fn fresh() -> Self {
+    ///
+    /// Fast path: a table without on-demand regions never gives the scope anything to hold, so
+    /// its scope takes an empty default state (no allocation) and leaves the per-thread
+    /// states alone; `finish` and drop then skip the release.
+    #[inline]
+    fn fresh(table: &RegionTable) -> Self {
+        if table.has_on_demand() {
+            Self::reused()
+        } else {
+            Self::default()
+        }
+    }
+
+    fn reused() -> Self {
         STATES
             .try_with(|s| s.borrow_mut().pop())
             .ok()
@@ -358,7 +389,16 @@ type SliceResult<'a> = Result<VolatileSlice<'a>, GuestMemoryError>;
 
 /// The slices of one `get_slices` call; most calls have one, which needs no allocation.
 #[derive(Debug)]
-pub struct RequestSlices<'a>(SliceBuf<'a>);
+pub struct RequestSlices<'a>(Slices<'a>);
+
+/// Where a `get_slices` call's slices come from.
+#[derive(Debug)]
+enum Slices<'a> {
+    /// Fast path, a table without on-demand regions: straight from the table, lazily.
+    Direct(direct::DirectSlices<'a>),
+    /// Collected by `RequestMemory::slices`.
+    Buf(SliceBuf<'a>),
+}
 
 /// Slices collected for one access.
 #[derive(Debug)]
@@ -372,6 +412,7 @@ pub(crate) enum SliceBuf<'a> {
 }
 
 impl<'a> SliceBuf<'a> {
+    #[inline]
     pub(crate) fn push(&mut self, s: SliceResult<'a>) {
         *self = match std::mem::replace(self, SliceBuf::Empty) {
             SliceBuf::Empty => SliceBuf::One(s),
@@ -386,13 +427,18 @@ impl<'a> SliceBuf<'a> {
 
 impl<'a> Iterator for RequestSlices<'a> {
     type Item = SliceResult<'a>;
+    #[inline]
     fn next(&mut self) -> Option<Self::Item> {
-        match std::mem::replace(&mut self.0, SliceBuf::Empty) {
+        let buf = match &mut self.0 {
+            Slices::Direct(d) => return d.next(),
+            Slices::Buf(b) => b,
+        };
+        match std::mem::replace(buf, SliceBuf::Empty) {
             SliceBuf::Empty => None,
             SliceBuf::One(s) => Some(s),
             SliceBuf::Many(mut v) => {
                 let s = v.pop_front();
-                self.0 = SliceBuf::Many(v);
+                *buf = SliceBuf::Many(v);
                 s
             }
         }
@@ -409,16 +455,23 @@ impl GuestMemory for RequestMemory<'_> {
 
     /// Whether regions cover the range; on-demand pages count (whether the guest granted them,
     /// and how, is only known by touching them).
+    #[inline]
     fn check_range(&self, addr: GuestAddress, count: usize, _access: Permissions) -> bool {
         self.table.covers(addr, count)
     }
 
+    #[inline(always)]
     fn get_slices<'a>(
         &'a self,
         addr: GuestAddress,
         count: usize,
         access: Permissions,
     ) -> vm_memory::guest_memory::Result<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
-        Ok(RequestSlices(self.slices(addr, count, access)))
+        if !self.table.has_on_demand() {
+            return Ok(RequestSlices(Slices::Direct(direct::DirectSlices::new(
+                self.table, addr, count,
+            ))));
+        }
+        Ok(RequestSlices(Slices::Buf(self.slices(addr, count, access))))
     }
 }
