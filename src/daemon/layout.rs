@@ -50,34 +50,60 @@ impl Message {
     }
 }
 
+/// Which way region messages are rewritten for a connection that does not ack XEN_MMAP.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Rewrite {
+    /// Daemon side: standard regions from the frontend become Xen ones for vhost's parser,
+    /// and vhost sees XEN_MMAP acked.
+    Widen,
+    /// Frontend side (the test kit's driver on vhost's `Frontend`, which always writes the
+    /// Xen layout): Xen regions become standard ones for a daemon that did not offer
+    /// XEN_MMAP, such as a stock vhost-user-backend daemon.
+    Narrow,
+}
+
 /// Starts the adapter for one connection: returns the socket to give vhost's handler and the
 /// two relay threads (frontend to daemon, daemon to frontend), which end with the connection.
 pub(crate) fn adapt(frontend: UnixStream) -> io::Result<(UnixStream, [JoinHandle<()>; 2])> {
+    relay(frontend, Rewrite::Widen)
+}
+
+/// Relays between `outer` (the peer's socket) and the returned socket, rewriting region
+/// messages that travel towards the daemon as `rewrite` says.
+pub(crate) fn relay(
+    outer: UnixStream,
+    rewrite: Rewrite,
+) -> io::Result<(UnixStream, [JoinHandle<()>; 2])> {
+    let frontend = outer;
     let (ours, theirs) = UnixStream::pair()?;
-    let (f_in, f_out) = (frontend.try_clone()?, frontend);
-    let (d_in, d_out) = (ours.try_clone()?, ours);
+    // Towards the daemon: from `frontend` to `ours` (Widen), or from `ours` to `frontend`
+    // (Narrow: the socket handed out is the frontend's side).
+    let ((down_in, down_out), (up_in, up_out)) = match rewrite {
+        Rewrite::Widen => ((frontend.try_clone()?, ours.try_clone()?), (ours, frontend)),
+        Rewrite::Narrow => ((ours.try_clone()?, frontend.try_clone()?), (frontend, ours)),
+    };
     let to_daemon = std::thread::Builder::new()
         .name("vu-layout-in".into())
         .spawn(move || {
-            if let Err(e) = relay_to_daemon(&f_in, &d_out) {
+            if let Err(e) = relay_to_daemon(&down_in, &down_out, rewrite) {
                 log::debug!("frontend to daemon: {e}");
             }
-            let _ = d_out.shutdown(std::net::Shutdown::Write);
+            let _ = down_out.shutdown(std::net::Shutdown::Write);
         })?;
     let to_frontend = std::thread::Builder::new()
         .name("vu-layout-out".into())
         .spawn(move || {
-            while let Ok(Some(m)) = recv_message(&d_in) {
-                if send_message(&f_out, &m).is_err() {
+            while let Ok(Some(m)) = recv_message(&up_in) {
+                if send_message(&up_out, &m).is_err() {
                     break;
                 }
             }
-            let _ = f_out.shutdown(std::net::Shutdown::Both);
+            let _ = up_out.shutdown(std::net::Shutdown::Both);
         })?;
     Ok((theirs, [to_daemon, to_frontend]))
 }
 
-fn relay_to_daemon(frontend: &UnixStream, daemon: &UnixStream) -> io::Result<()> {
+fn relay_to_daemon(frontend: &UnixStream, daemon: &UnixStream, rewrite: Rewrite) -> io::Result<()> {
     let mut xen_layout = false;
     while let Some(mut m) = recv_message(frontend)? {
         let code = m.code();
@@ -87,9 +113,14 @@ fn relay_to_daemon(frontend: &UnixStream, daemon: &UnixStream) -> io::Result<()>
             let acked = u64::from_le_bytes(v);
             let bit = VhostUserProtocolFeatures::XEN_MMAP.bits();
             xen_layout = acked & bit != 0;
-            m.body.copy_from_slice(&(acked | bit).to_le_bytes());
+            if rewrite == Rewrite::Widen {
+                m.body.copy_from_slice(&(acked | bit).to_le_bytes());
+            }
         } else if !xen_layout {
-            widen(&mut m);
+            match rewrite {
+                Rewrite::Widen => widen(&mut m),
+                Rewrite::Narrow => narrow(&mut m),
+            }
         }
         let oversized = m.size() > MAX_MSG_SIZE;
         send_message(daemon, &m)?;
@@ -99,6 +130,37 @@ fn relay_to_daemon(frontend: &UnixStream, daemon: &UnixStream) -> io::Result<()>
         }
     }
     Ok(())
+}
+
+/// The region prefix and count of a region message, or `None` for other messages.
+fn regions_of(m: &Message) -> Option<(usize, usize)> {
+    let code = m.code();
+    if code == FrontendReq::SET_MEM_TABLE as u32 {
+        let n = m.body.get(0..4)?;
+        Some((8, u32::from_le_bytes([n[0], n[1], n[2], n[3]]) as usize))
+    } else if code == FrontendReq::ADD_MEM_REG as u32 || code == FrontendReq::REM_MEM_REG as u32 {
+        Some((8, 1))
+    } else {
+        None
+    }
+}
+
+/// Narrows the regions of a Xen-layout region message to the standard layout (dropping
+/// flags and domid, zero for the memory such a connection sends).
+fn narrow(m: &mut Message) {
+    let Some((prefix, count)) = regions_of(m) else {
+        return;
+    };
+    if m.body.len() != prefix + count * XEN_REGION {
+        return;
+    }
+    let mut body = Vec::with_capacity(prefix + count * STD_REGION);
+    body.extend_from_slice(&m.body[..prefix]);
+    for r in m.body[prefix..].chunks_exact(XEN_REGION) {
+        body.extend_from_slice(&r[..STD_REGION]);
+    }
+    m.set_size(body.len());
+    m.body = body;
 }
 
 /// Widens the regions of a standard-layout region message to the Xen layout (flags and

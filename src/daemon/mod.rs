@@ -19,7 +19,7 @@ mod connection;
 mod device;
 mod error;
 mod handler;
-mod layout;
+pub(crate) mod layout;
 mod wire;
 mod worker;
 

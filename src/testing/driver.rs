@@ -417,7 +417,7 @@ impl VirtioDriver {
     /// Connects to the daemon at `path` and sets everything up (features, memory table,
     /// vrings, enable). UNIX and FOREIGN modes.
     pub fn connect(path: &Path, config: DriverConfig) -> Result<Self, DriverError> {
-        let frontend = Frontend::connect(path, config.queues as u64)?;
+        let frontend = connect_frontend(path, config.queues)?;
         Self::with_frontend(frontend, config, None)
     }
 
@@ -428,7 +428,7 @@ impl VirtioDriver {
         config: DriverConfig,
         guest: Box<dyn GrantingGuest>,
     ) -> Result<Self, DriverError> {
-        let frontend = Frontend::connect(path, config.queues as u64)?;
+        let frontend = connect_frontend(path, config.queues)?;
         Self::with_frontend(frontend, config, Some(guest))
     }
 
@@ -600,7 +600,7 @@ impl VirtioDriver {
     /// Connects again to a daemon at `path` with the same guest memory, as a VM does after a
     /// daemon restart: the rings start over empty (requests in flight are forgotten).
     pub fn reconnect(&mut self, path: &Path) -> Result<(), DriverError> {
-        self.frontend = Frontend::connect(path, self.config.queues as u64)?;
+        self.frontend = connect_frontend(path, self.config.queues)?;
         for q in 0..self.queues.len() {
             let queue = &self.queues[q];
             // Empty rings: avail and used indices back to 0.
@@ -995,6 +995,17 @@ impl VirtioDriver {
         )?;
         Ok(data)
     }
+}
+
+/// vhost's `Frontend` (built with `xen`, as this crate builds it) writes every region in the
+/// 40-byte layout; through the layout relay it speaks the standard one to a daemon that does
+/// not offer XEN_MMAP (a stock vhost-user-backend daemon) and passes Xen regions through to
+/// one that does.
+fn connect_frontend(path: &Path, queues: usize) -> Result<Frontend, DriverError> {
+    let sock = UnixStream::connect(path)?;
+    let (ours, _relays) =
+        crate::daemon::layout::relay(sock, crate::daemon::layout::Rewrite::Narrow)?;
+    Ok(Frontend::from_stream(ours, queues as u64))
 }
 
 fn on_demand(gpa: u64, size: u64, fd: i32, domid: u16) -> RegionSpec {
