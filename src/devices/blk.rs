@@ -184,6 +184,14 @@ impl BlkDevice {
             }
         }
         let outcome = self.execute(mem, &readable, &writable);
+        if outcome.status != VIRTIO_BLK_S_OK {
+            // A failed request leaves the guest's buffers as they were (bounce pages): no
+            // zeros of `WritableBuffers::Overwrite`, no half-read data. The status byte,
+            // written next, counts again.
+            for &(addr, len) in &writable {
+                mem.discard_writes(addr, len);
+            }
+        }
         self.complete(mem, &writable, outcome)
     }
 

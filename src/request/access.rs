@@ -520,7 +520,7 @@ impl ScopeState {
         }
     }
 
-    /// Slices for fetched pieces, appended to `out`, marking written bounce bytes dirty.
+    /// Slices for fetched pieces, appended to `out`, noting written bounce bytes.
     /// Neighbouring pages are merged only inside one mapping (never across allocations).
     fn slices_for<'a>(
         &mut self,
@@ -533,12 +533,7 @@ impl ScopeState {
             let (page, bounced) = match slot {
                 Some(PageSlot {
                     bounce: Some(b), ..
-                }) => {
-                    if p.write {
-                        b.dirty = b.dirty.hull(p.span);
-                    }
-                    (Some(b.buf), true)
-                }
+                }) => (Some(b.buf), true),
                 Some(s) if p.write => (s.rw, false),
                 Some(s) => (s.rw.or(s.ro), false),
                 None => (None, false),
@@ -546,6 +541,9 @@ impl ScopeState {
             // A fetch that succeeded left every piece served; anything else is our bug, which
             // must become an error, not a short read.
             let page = page.ok_or(RequestError::NotFetched { gpa: p.gpa })?;
+            if bounced && p.write {
+                self.note_write(p);
+            }
             let map = if bounced { None } else { self.map_of(page) };
             let ptr = in_page(page, p.span);
             let len = usize::from(p.span.hi - p.span.lo);

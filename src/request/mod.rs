@@ -28,6 +28,7 @@ mod batch;
 mod direct;
 mod error;
 mod pages;
+mod writeback;
 
 use std::cell::RefCell;
 use std::iter::FusedIterator;
@@ -42,7 +43,7 @@ use vm_memory::{
 pub use error::RequestError;
 use pages::{BouncePage, KeyMap, LiveMap, PageSlot};
 
-use crate::device::{CopyDirection, CopySegment, CounterSnapshot, XenHandle, GNTST_OKAY};
+use crate::device::{CopySegment, CounterSnapshot, XenHandle, GNTST_OKAY};
 use crate::table::RegionTable;
 
 /// Length (of a prefetched descriptor, or of an access on first touch) at and above which
@@ -145,6 +146,10 @@ struct ScopeState {
     piece_buf: Vec<access::Piece>,
     maps: Vec<LiveMap>,
     tmp: Scratch,
+    /// Written spans of pages with more than a few (see `writeback::Dirty`).
+    spill: KeyMap<Vec<pages::Span>>,
+    /// Pieces the current access hands out for writing, written once it succeeds.
+    written: Vec<(crate::device::GrantPage, pages::Span)>,
 }
 
 /// Guest memory for the life of one request or batch. See the module docs.
@@ -221,21 +226,7 @@ impl<'t> RequestMemory<'t> {
         let mut first_err = None;
         let mut segs = std::mem::take(&mut st.tmp.segs);
         segs.clear();
-        for (&grant, slot) in &st.pages {
-            if let Some(b) = slot.bounce {
-                if !b.dirty.is_empty() && b.writable != Some(false) {
-                    segs.push(CopySegment {
-                        grant,
-                        offset: b.dirty.lo,
-                        len: b.dirty.hi - b.dirty.lo,
-                        // SAFETY: `dirty` lies within the page's 4 KiB of bounce memory.
-                        local: unsafe { b.buf.as_ptr().add(usize::from(b.dirty.lo)) },
-                        direction: CopyDirection::ToGuest,
-                        status: GNTST_OKAY,
-                    });
-                }
-            }
-        }
+        st.copy_back_segments(&mut segs);
         if let (false, Some(dev)) = (segs.is_empty(), st.dev.as_ref()) {
             // SAFETY: every segment's local range is inside bounce memory this scope owns, and
             // no slice into it can be alive (we hold `&mut self`).
@@ -273,6 +264,8 @@ impl<'t> RequestMemory<'t> {
         segs.clear();
         st.tmp.segs = segs;
         st.pages.clear();
+        st.spill.clear();
+        st.written.clear();
         st.bounce_pages.clear();
         first_err.map_or(Ok(()), Err)
     }
@@ -282,11 +275,13 @@ impl<'t> RequestMemory<'t> {
         let mut out = SliceBuf::Empty;
         let mut cur = addr.0;
         let mut left = count as u64;
+        let mut ok = true;
         while left > 0 {
             let Some(region) = self.table.find_region(GuestAddress(cur)) else {
                 out.push(Err(GuestMemoryError::InvalidGuestAddress(GuestAddress(
                     cur,
                 ))));
+                ok = false;
                 break;
             };
             let off = cur - region.start_addr().0;
@@ -301,6 +296,7 @@ impl<'t> RequestMemory<'t> {
             };
             if let Err(e) = r {
                 out.push(Err(e));
+                ok = false;
                 break;
             }
             left -= n;
@@ -309,10 +305,15 @@ impl<'t> RequestMemory<'t> {
                     Some(c) => cur = c,
                     None => {
                         out.push(Err(GuestMemoryError::GuestAddressOverflow));
+                        ok = false;
                         break;
                     }
                 }
             }
+        }
+        if access.has_write() {
+            // A failed access writes nothing back (see `writeback`).
+            self.state.borrow_mut().end_access(ok);
         }
         out
     }
@@ -375,6 +376,8 @@ impl ScopeState {
         st.piece_buf.clear();
         st.maps.clear();
         st.tmp.clear();
+        st.spill.clear();
+        st.written.clear();
         let _ = STATES.try_with(|s| {
             let mut s = s.borrow_mut();
             // Keep a few ordinary ones; a scope that grew huge gives its memory back.

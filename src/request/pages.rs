@@ -122,8 +122,8 @@ pub(crate) struct Bounce {
     pub buf: NonNull<u8>,
     /// Bytes copied in from the guest.
     pub valid: Span,
-    /// Bytes handed out for writing; copied back when the scope ends.
-    pub dirty: Span,
+    /// Bytes the device wrote; copied back when the scope ends (see `request::writeback`).
+    pub dirty: super::writeback::Dirty,
     /// Whether the grant accepts writes: unknown until probed.
     pub writable: Option<bool>,
     /// During one fetch: the valid span once the planned copy-ins land.
@@ -142,7 +142,7 @@ impl Bounce {
         Bounce {
             buf,
             valid: Span::default(),
-            dirty: Span::default(),
+            dirty: super::writeback::Dirty::default(),
             writable: None,
             pending: None,
             fresh: None,
