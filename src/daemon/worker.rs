@@ -299,8 +299,12 @@ impl<D: VhostUserDevice> Worker<D> {
             let flags = u16::from_le_bytes([d[12], d[13]]);
             if flags & VRING_DESC_F_INDIRECT != 0 {
                 let addr = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
-                let len = u32::from_le_bytes([d[8], d[9], d[10], d[11]]);
-                tables.push((GuestAddress(addr), len as usize, Permissions::Read));
+                let len = u32::from_le_bytes([d[8], d[9], d[10], d[11]]) as usize;
+                // No more than a queue's worth of descriptors: a guest claiming a huge table
+                // (virtio-queue walks up to 65535 entries) gets only what it uses fetched,
+                // one page per touch, not the size it claims.
+                let len = len.min(usize::from(size) * 16);
+                tables.push((GuestAddress(addr), len, Permissions::Read));
             }
         }
         if !tables.is_empty() {

@@ -14,6 +14,9 @@ use crate::device::{
 };
 use crate::region::XenRegion;
 use crate::xen_page::XEN_PAGE_SIZE;
+
+/// `GNTST_eagain`: the frame is paged out; worth retrying, so never remembered as bad.
+const GNTST_EAGAIN: i16 = -12;
 use crate::xen_page::{frame_of, page_offset, pages_spanned};
 
 /// The part of one access that falls in one grant page.
@@ -97,6 +100,18 @@ impl RequestMemory<'_> {
         // Prefetched pages are served without a device call or any bookkeeping.
         if ps.iter().all(|p| st.ready(p)) {
             return Ok(());
+        }
+        // A page whose copy-in Xen refused (ungranted ref, ...) is refused again without a
+        // device call: a guest cannot make each access to a bad page cost a system call.
+        let known_bad = ps.iter().find_map(|p| match st.bounce(p.key) {
+            Some(b) if b.bad != GNTST_OKAY && !st.ready(p) => Some((p, b.bad)),
+            _ => None,
+        });
+        if let Some((p, status)) = known_bad {
+            if let Some(d) = &st.dev {
+                d.counters().add_errors(1);
+            }
+            return Err(copy_error(p, status));
         }
         // Only pages new to the scope count against its limit.
         let new = ps.iter().filter(|p| !st.pages.contains_key(&p.key)).count();
@@ -210,7 +225,15 @@ impl ScopeState {
                     b.valid
                 }
             };
-            let need = have.hull(p.span);
+            // A read fetched on touch copies in the rest of its page too: descriptors of an
+            // indirect table, read 16 bytes at a time, then cost one copy per page, not one
+            // per descriptor. The grant covers the whole page; bytes are cheap, calls are not.
+            let want = if strict && !p.write {
+                Span::new(usize::from(p.span.lo), XEN_PAGE_SIZE)
+            } else {
+                p.span
+            };
+            let need = have.hull(want);
             for part in need.minus(have) {
                 // With `Overwrite`, bytes the device asked to write start zeroed (never a
                 // previous request's bytes); everything else is copied in.
@@ -313,6 +336,9 @@ impl ScopeState {
                 };
             } else if s.status != GNTST_OKAY {
                 b.failed = true;
+                if s.status != GNTST_EAGAIN {
+                    b.bad = s.status;
+                }
                 first_err.get_or_insert_with(|| copy_error(p, s.status));
             }
         }
@@ -414,8 +440,23 @@ impl ScopeState {
         } else {
             let keys: Vec<GrantPage> = need.iter().map(|p| p.key).collect();
             // Prefetch is best effort: a failure is found again, and named, at the touch.
-            let _ = self.map_pages(dev, &keys, prot);
+            self.map_halving(dev, &keys, prot);
             Ok(())
+        }
+    }
+
+    /// Maps `keys` in one map; if gntdev refuses (one bad page fails the whole map), maps each
+    /// half the same way, keeping what maps. With k bad pages among n this makes at most
+    /// 1 + 2k⌈log2 n⌉ map attempts, so one bad page does not turn a batch into one map per
+    /// page (or per access at the touch).
+    fn map_halving(&mut self, dev: &XenHandle, keys: &[GrantPage], prot: Protection) {
+        if keys.is_empty() || self.map_pages(dev, keys, prot).is_ok() {
+            return;
+        }
+        if keys.len() > 1 {
+            let (left, right) = keys.split_at(keys.len() / 2);
+            self.map_halving(dev, left, prot);
+            self.map_halving(dev, right, prot);
         }
     }
 

@@ -134,6 +134,9 @@ pub(crate) struct Bounce {
     pub probing: bool,
     /// During one fetch: a copy-in failed.
     pub failed: bool,
+    /// Xen's status of a failed copy-in of this page (`GNTST_OKAY` while none failed): the
+    /// page fails again at once, without a device call (see `access::ScopeState::fetch`).
+    pub bad: i16,
 }
 
 impl Bounce {
@@ -148,6 +151,7 @@ impl Bounce {
             fresh: None,
             probing: false,
             failed: false,
+            bad: crate::device::GNTST_OKAY,
         }
     }
 }
