@@ -8,6 +8,12 @@ use crate::xen_page::{frame_of, DOMID_MAX};
 /// (65536 pages, 256 MiB), far above what vrings need.
 pub const MAX_IN_ADVANCE_GRANT_PAGES: u64 = 65536;
 
+/// Most pages all in-advance grant regions of one table (one daemon connection) may span
+/// together: twice the per-region limit (512 MiB of grant mappings), half of dom0's default
+/// maptrack (1024 frames of 256 entries). A frontend sending 509 regions of the largest size
+/// gets [`crate::table::TableError::InAdvanceGrantPages`] at this sum, before any mapping.
+pub const MAX_IN_ADVANCE_GRANT_PAGES_TOTAL: u64 = 2 * MAX_IN_ADVANCE_GRANT_PAGES;
+
 /// A memory region exactly as the frontend sent it (the 40-byte Xen layout; the Xen fields are
 /// zero when `XEN_MMAP` was not negotiated).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -252,6 +258,18 @@ impl RegionDescriptor {
                 Ok(())
             }
             _ => Ok(()),
+        }
+    }
+
+    /// Grant pages the region maps up front: the pages covering its bytes for an in-advance
+    /// GRANT region, 0 for every other kind.
+    pub fn in_advance_grant_pages(&self) -> u64 {
+        match self.kind {
+            RegionKind::Grant {
+                mapping: GrantMapping::InAdvance,
+                ..
+            } => (frame_of(self.last_addr()) + 1).saturating_sub(frame_of(self.guest_phys_addr)),
+            _ => 0,
         }
     }
 

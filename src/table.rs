@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
-use crate::descriptor::RegionKind;
+use crate::descriptor::{RegionDescriptor, RegionKind};
 use crate::device::XenHandle;
 use crate::region::XenRegion;
 
@@ -44,6 +44,21 @@ pub enum TableError {
     OtherDevice {
         /// The new region.
         gpa: u64,
+    },
+    /// The in-advance grant regions would together map more pages than a table may.
+    #[error(
+        "in-advance grant region at gpa {gpa:#x} ({pages} pages) would bring the table's \
+         in-advance grant pages to {total}, limit {max}"
+    )]
+    InAdvanceGrantPages {
+        /// The new region.
+        gpa: u64,
+        /// Its pages.
+        pages: u64,
+        /// The table's in-advance grant pages with it.
+        total: u64,
+        /// The limit ([`crate::descriptor::MAX_IN_ADVANCE_GRANT_PAGES_TOTAL`]).
+        max: u64,
     },
     /// `REM_MEM_REG` named a region that is not in the table.
     #[error("no region at gpa {gpa:#x} size {size:#x}")]
@@ -92,7 +107,8 @@ impl RegionTable {
     }
 
     /// A table of `regions`, which must not overlap. Sorts once and builds once (O(n log n));
-    /// when the regions overlap or mix devices, the error is the one inserting them one by
+    /// when the regions overlap, mix devices or map too many in-advance grant pages, the error
+    /// is the one inserting them one by
     /// one in the given order reports ([`RegionTable::insert`]).
     pub fn from_regions(regions: Vec<XenRegion>) -> Result<Self, TableError> {
         let mut sorted: Vec<Arc<XenRegion>> = regions.into_iter().map(Arc::new).collect();
@@ -105,7 +121,12 @@ impl RegionTable {
         let one_device = devices
             .next()
             .is_none_or(|first| devices.all(|d| d.same_device(first)));
-        if disjoint && one_device {
+        let in_advance: u64 = sorted
+            .iter()
+            .map(|r| r.descriptor().in_advance_grant_pages())
+            .sum();
+        let in_advance_ok = in_advance <= crate::descriptor::MAX_IN_ADVANCE_GRANT_PAGES_TOTAL;
+        if disjoint && one_device && in_advance_ok {
             drop(input);
             return Ok(Self::build(sorted));
         }
@@ -127,6 +148,7 @@ impl RegionTable {
     /// table's Xen regions ([`TableError::OtherDevice`]; see [`XenHandle::same_device`]).
     pub fn insert(&self, region: Arc<XenRegion>) -> Result<Self, TableError> {
         let d = *region.descriptor();
+        self.check_in_advance_room(&d)?;
         let pos = self
             .regions
             .partition_point(|r| r.descriptor().guest_phys_addr < d.guest_phys_addr);
@@ -158,6 +180,36 @@ impl RegionTable {
         let mut regions = self.regions.clone();
         regions.insert(pos, region);
         Ok(Self::build(regions))
+    }
+
+    /// Grant pages all in-advance grant regions of the table map.
+    pub fn in_advance_grant_pages(&self) -> u64 {
+        self.regions
+            .iter()
+            .map(|r| r.descriptor().in_advance_grant_pages())
+            .sum()
+    }
+
+    /// Refuses `desc` when adding it would take the table's in-advance grant pages past
+    /// [`MAX_IN_ADVANCE_GRANT_PAGES_TOTAL`](crate::descriptor::MAX_IN_ADVANCE_GRANT_PAGES_TOTAL)
+    /// ([`TableError::InAdvanceGrantPages`]). The daemon asks before mapping the region;
+    /// [`RegionTable::insert`] checks again.
+    pub fn check_in_advance_room(&self, desc: &RegionDescriptor) -> Result<(), TableError> {
+        let max = crate::descriptor::MAX_IN_ADVANCE_GRANT_PAGES_TOTAL;
+        let pages = desc.in_advance_grant_pages();
+        if pages == 0 {
+            return Ok(());
+        }
+        let total = self.in_advance_grant_pages().saturating_add(pages);
+        if total > max {
+            return Err(TableError::InAdvanceGrantPages {
+                gpa: desc.guest_phys_addr,
+                pages,
+                total,
+                max,
+            });
+        }
+        Ok(())
     }
 
     /// A new table without the region at exactly `gpa`/`size` (hot remove), and that region.

@@ -389,6 +389,55 @@ fn frontend_invalid_messages_unix() {
     assert_eq!(s.daemon.stats().snapshot().connections, 1);
 }
 
+/// Region counts past the slot limit: ADD_MEM_REG fills the table up to `MAX_MEM_SLOTS`
+/// (509) regions; the 510th is refused (before it is mapped) and the connection serves on;
+/// after a REM_MEM_REG the slot is free again.
+#[test]
+fn add_mem_reg_past_the_slot_limit_is_refused() {
+    use xen_vhost_mem::daemon::MAX_MEM_SLOTS;
+    let mut s = Served::start("slots", 1, None);
+    let mut drv = connect(&s.path, driver_config(GuestMode::Unix));
+    let _wd = Watchdog::arm(drv.frontend().as_raw_fd(), Duration::from_secs(120));
+    verify_io(&mut drv, 1);
+    let extra = memfd(0x1000);
+    let r = |i: u64| {
+        region(
+            FREE_GPA + i * 0x1000,
+            0x1000,
+            0x5000_0000_0000 + i * 0x1000,
+            &extra,
+            0,
+            0,
+        )
+    };
+    // The driver's layout is one RAM region; everything else up to the limit is ours.
+    let room = MAX_MEM_SLOTS as u64 - 1;
+    for i in 0..room {
+        drv.frontend()
+            .add_mem_region(&r(i))
+            .unwrap_or_else(|e| panic!("ADD_MEM_REG {i}: {e}"));
+    }
+    assert_nack(
+        "ADD_MEM_REG of region 510",
+        drv.frontend().add_mem_region(&r(room)),
+    );
+    verify_io(&mut drv, 2);
+    drv.frontend()
+        .remove_mem_region(&r(0))
+        .expect("REM_MEM_REG");
+    drv.frontend()
+        .add_mem_region(&r(room))
+        .expect("ADD_MEM_REG into the freed slot");
+    assert_nack(
+        "ADD_MEM_REG past the limit again",
+        drv.frontend().add_mem_region(&r(0)),
+    );
+    verify_io(&mut drv, 3);
+    drop(_wd);
+    drop(drv);
+    s.join();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Raw bytes: what vhost's Frontend cannot send
 // ---------------------------------------------------------------------------------------------

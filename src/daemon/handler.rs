@@ -171,15 +171,25 @@ impl<D: VhostUserDevice> Handler<D> {
         base | self.device.protocol_features()
     }
 
-    /// Maps one wire region.
+    /// Maps one wire region that is to join `table`. The limits a frontend could otherwise
+    /// use to make the daemon map without bound (memory slots, in-advance grant pages) are
+    /// checked first, so nothing is mapped past them.
     fn build_region(
         &self,
+        table: &RegionTable,
         index: usize,
         wire: &WireRegion,
         file: &File,
     ) -> Result<XenRegion, DaemonError> {
+        if table.num_regions() >= MAX_MEM_SLOTS {
+            return Err(DaemonError::TooManyRegions {
+                count: table.num_regions() + 1,
+                max: MAX_MEM_SLOTS,
+            });
+        }
         let desc = RegionDescriptor::from_wire(wire)
             .map_err(|source| DaemonError::Descriptor { index, source })?;
+        table.check_in_advance_room(&desc)?;
         XenRegion::new(desc, Some(file), self.xen.as_ref()).map_err(|source| DaemonError::Region {
             index,
             gpa: desc.guest_phys_addr,
@@ -337,7 +347,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
         }
         let mut table = RegionTable::new();
         for (index, (r, file)) in ctx.iter().zip(&files).enumerate() {
-            let region = self.build_region(index, &WireRegion::from(r), file)?;
+            let region = self.build_region(&table, index, &WireRegion::from(r), file)?;
             table = table.insert(Arc::new(region)).map_err(DaemonError::from)?;
         }
         self.swap_table(table)?;
@@ -548,7 +558,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
     ) -> VhostResult<Option<VhostUserMemoryRegionBase>> {
         self.handled();
         let table = self.table();
-        let new = self.build_region(0, &WireRegion::from(region), &fd)?;
+        let new = self.build_region(&table, 0, &WireRegion::from(region), &fd)?;
         let table = table.insert(Arc::new(new)).map_err(DaemonError::from)?;
         self.swap_table(table)?;
         Ok(None)
