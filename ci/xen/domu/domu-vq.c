@@ -67,9 +67,11 @@ struct slot { struct buf hdr, wdata, rdata, status; int busy; unsigned req; };
 
 static int host;           /* --host: memfd and FIFOs instead of gntalloc and evtchn */
 static int fa = -1;        /* gntalloc */
-static int fe = -1;        /* evtchn */
-static unsigned port;      /* our event channel port */
-static int memfd = -1, kick_fd = -1, call_fd = -1;
+/* A doorbell pair with dom0: an interdomain event channel (fd = /dev/xen/evtchn, port), or in
+ * host mode two FIFOs (tx written here, rx read here). */
+struct bell { int fd; unsigned port; int tx, rx; };
+static struct bell data_bell, ctl_bell; /* completions and kicks; queue resets */
+static int memfd = -1;
 static uint8_t *hmem;      /* host mode: the memfd's mapping */
 static size_t hsize = 16u << 20, hnext;
 static uint32_t max_ref;   /* the highest ref we granted */
@@ -131,37 +133,55 @@ static void grant(struct buf *b, unsigned pages, int writable)
     die("no consecutive refs after 16 tries");
 }
 
-static void notify(void)
+static void bell_notify(struct bell *b)
 {
-    kicks++;
     if (host) {
         char c = 1;
-        if (write(kick_fd, &c, 1) != 1) die("write kick");
+        if (write(b->tx, &c, 1) != 1) die("write fifo");
         return;
     }
-    struct ioctl_evtchn_notify n = {.port = port};
-    if (ioctl(fe, IOCTL_EVTCHN_NOTIFY, &n)) die("EVTCHN_NOTIFY");
+    struct ioctl_evtchn_notify n = {.port = b->port};
+    if (ioctl(b->fd, IOCTL_EVTCHN_NOTIFY, &n)) die("EVTCHN_NOTIFY");
 }
 
 /* Waits for an event from dom0; 0 on timeout. */
-static int wait_event(int ms)
+static int bell_wait(struct bell *b, int ms)
 {
-    waits++;
-    struct pollfd p = {.fd = host ? call_fd : fe, .events = POLLIN};
+    struct pollfd p = {.fd = host ? b->rx : b->fd, .events = POLLIN};
     int r = poll(&p, 1, ms);
     if (r < 0) die("poll");
     if (r == 0) return 0;
     if (host) {
-        char b[64];
-        if (read(call_fd, b, sizeof(b)) <= 0) die("read call");
+        char buf[64];
+        if (read(b->rx, buf, sizeof(buf)) <= 0) die("read fifo");
         return 1;
     }
     unsigned got[16];
-    ssize_t n = read(fe, got, sizeof(got));
+    ssize_t n = read(b->fd, got, sizeof(got));
     if (n < 4) die("read evtchn");
-    if (write(fe, &port, sizeof(port)) != sizeof(port)) die("unmask evtchn");
+    if (write(b->fd, &b->port, sizeof(b->port)) != sizeof(b->port)) die("unmask evtchn");
     return 1;
 }
+
+static void bell_open(struct bell *b, const char *dir, const char *tx, const char *rx)
+{
+    if (host) {
+        char path[512];
+        snprintf(path, sizeof(path), "%s/%s", dir, tx);
+        if ((mkfifo(path, 0600) && errno != EEXIST) || (b->tx = open(path, O_RDWR)) < 0) die(path);
+        snprintf(path, sizeof(path), "%s/%s", dir, rx);
+        if ((mkfifo(path, 0600) && errno != EEXIST) || (b->rx = open(path, O_RDWR)) < 0) die(path);
+        return;
+    }
+    if ((b->fd = open("/dev/xen/evtchn", O_RDWR)) < 0) die("open /dev/xen/evtchn");
+    struct ioctl_evtchn_bind_unbound_port u = {.remote_domain = 0};
+    int p = ioctl(b->fd, IOCTL_EVTCHN_BIND_UNBOUND_PORT, &u);
+    if (p < 0) die("EVTCHN_BIND_UNBOUND_PORT");
+    b->port = (unsigned)p;
+}
+
+static void notify(void) { kicks++; bell_notify(&data_bell); }
+static int wait_event(int ms) { waits++; return bell_wait(&data_bell, ms); }
 
 static double now(void)
 {
@@ -352,6 +372,46 @@ static int fault_ungranted(unsigned phase, char *err, size_t n)
     return 0;
 }
 
+/* The frontend disconnects from the daemon right after forwarding the kick of a batch of
+ * writes, reconnects, and has the driver reset its queue (on the control channel) before the
+ * new connection starts it at index 0; then a full write and read-back pass at depth 8. */
+static int fault_reconnect(unsigned phase, char *err, size_t n)
+{
+    unsigned batch = nslots < 16 ? nslots : 16;
+    printf("XVM-DOMU-VQ-PHASE reconnect\n");
+    sleep(1); /* no kicks for a while: dom0's frontend reads the line above and arms */
+    for (unsigned s = 0; s < batch; s++) {
+        for (unsigned j = 0; j < data_bytes; j++) slots[s].wdata.p[j] = pat(phase, s, j);
+        publish(s, T_OUT, s, slots[s].wdata.gpa);
+    }
+    notify();
+    if (!bell_wait(&ctl_bell, WAIT_MS)) {
+        snprintf(err, n, "no queue reset from dom0 in %d s", WAIT_MS / 1000);
+        return -1;
+    }
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint16_t completed = (uint16_t)(*(volatile uint16_t *)(used + 2) - used_seen);
+    /* Reset: the new connection starts at avail index 0 over a clean ring. */
+    memset((void *)desc, 0, 16 * QSIZE);
+    memset((void *)avail, 0, 6 + 2 * QSIZE);
+    memset((void *)used, 0, 6 + 8 * QSIZE);
+    avail_idx = used_seen = 0;
+    for (unsigned s = 0; s < nslots; s++) slots[s].busy = 0;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    bell_notify(&ctl_bell);
+    if (!bell_wait(&ctl_bell, WAIT_MS)) {
+        snprintf(err, n, "no ready from dom0 in %d s after the reset", WAIT_MS / 1000);
+        return -1;
+    }
+    unsigned long k0 = kicks;
+    double rps = run_phase(phase + 1, 8, err, n);
+    if (rps < 0) return -1;
+    snprintf(err, n, "%u of %u writes had completed when dom0's frontend disconnected mid-batch; after "
+             "the reconnect and a queue reset, %u writes and %u reads at depth 8 checked byte for byte "
+             "(%lu notifications) rps=%.0f", completed, batch, nblocks, nblocks, kicks - k0, rps);
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IONBF, 0);
@@ -376,24 +436,16 @@ int main(int argc, char **argv)
     if (nslots > MAX_SLOTS) { errno = EINVAL; die("depth above 32"); }
 
     if (host) {
-        char path[512];
         memfd = memfd_create("domu-vq", 0);
         if (memfd < 0 || ftruncate(memfd, (off_t)hsize)) die("memfd");
         hmem = mmap(NULL, hsize, PROT_READ | PROT_WRITE, MAP_SHARED, memfd, 0);
         if (hmem == MAP_FAILED) die("mmap memfd");
         hnext = PG; /* gpa 0 stays unused */
-        snprintf(path, sizeof(path), "%s/kick", dir);
-        if ((mkfifo(path, 0600) && errno != EEXIST) || (kick_fd = open(path, O_RDWR)) < 0) die("kick fifo");
-        snprintf(path, sizeof(path), "%s/call", dir);
-        if ((mkfifo(path, 0600) && errno != EEXIST) || (call_fd = open(path, O_RDWR)) < 0) die("call fifo");
     } else {
         if ((fa = open("/dev/xen/gntalloc", O_RDWR)) < 0) die("open /dev/xen/gntalloc");
-        if ((fe = open("/dev/xen/evtchn", O_RDWR)) < 0) die("open /dev/xen/evtchn");
-        struct ioctl_evtchn_bind_unbound_port b = {.remote_domain = 0};
-        int p = ioctl(fe, IOCTL_EVTCHN_BIND_UNBOUND_PORT, &b);
-        if (p < 0) die("EVTCHN_BIND_UNBOUND_PORT");
-        port = (unsigned)p;
     }
+    bell_open(&data_bell, dir, "kick", "call");
+    bell_open(&ctl_bell, dir, "ctl-up", "ctl-down");
     /* The ring: 2 writable pages, desc at 0x840, avail after it, used after that. */
     grant(&ring, 2, 1);
     memset(ring.p, 0, 2 * PG);
@@ -414,11 +466,11 @@ int main(int argc, char **argv)
     if (host)
         printf("XVM-DOMU-VQ mode=host pid=%d memfd=%d size=%zu dir=%s", getpid(), memfd, hsize, dir);
     else
-        printf("XVM-DOMU-VQ mode=xen port=%u", port);
-    printf(" qsize=%u desc=%#llx avail=%#llx used=%#llx ring_refs=%u-%u bufs=%u buf_refs=%u-%u data=%u slots=%u blocks=%u depths=%s\n",
+        printf("XVM-DOMU-VQ mode=xen port=%u ctl_port=%u", data_bell.port, ctl_bell.port);
+    printf(" qsize=%u desc=%#llx avail=%#llx used=%#llx ring_refs=%u-%u bufs=%u buf_refs=%u-%u data=%u slots=%u blocks=%u depths=%s faults=%d\n",
            QSIZE, (unsigned long long)desc_gpa, (unsigned long long)avail_gpa, (unsigned long long)used_gpa,
            ring.ref0, ring.ref0 + 1, nbufs - 1, first_buf_ref, host ? (unsigned)(hnext / PG) - 1 : max_ref,
-           data_bytes, nslots, nblocks, depths);
+           data_bytes, nslots, nblocks, depths, fault);
     /* dom0's frontend says it is ready with a first event. */
     if (!wait_event(600 * 1000)) { errno = ETIMEDOUT; die("no event from dom0 in 600 s"); }
 
@@ -446,6 +498,13 @@ int main(int argc, char **argv)
         err[0] = 0;
         int r = fault_ungranted(phase++, err, sizeof(err));
         printf("XVM-DOMU-VQ-RESULT fault-ungranted %s %s\n", r ? "FAIL" : "PASS", err);
+        failed += r != 0;
+        phase++;
+    }
+    if (fault && !failed) {
+        err[0] = 0;
+        int r = fault_reconnect(phase, err, sizeof(err));
+        printf("XVM-DOMU-VQ-RESULT fault-reconnect %s %s\n", r ? "FAIL" : "PASS", err);
         failed += r != 0;
     }
     if (failed)

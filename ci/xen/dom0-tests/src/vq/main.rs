@@ -94,15 +94,15 @@ impl Layout {
     }
 }
 
-/// How the domU and dom0 notify each other.
-enum Doorbell {
-    /// Interdomain event channel: `fd` is /dev/xen/evtchn, `port` our end.
+/// A doorbell pair with the domU: an interdomain event channel, or in host mode two FIFOs.
+enum Bell {
+    /// `fd` is /dev/xen/evtchn (one per channel), `port` our end.
     Evtchn { fd: File, port: u32 },
-    /// Host mode: FIFOs written by the driver (`kick`) and by us (`call`).
-    Fifo { kick: File, call: File },
+    /// Host mode: the driver writes `rx`, we write `tx`.
+    Fifo { rx: File, tx: File },
 }
 
-impl Doorbell {
+impl Bell {
     fn evtchn(domid: u32, remote_port: u32) -> Res<Self> {
         let fd = OpenOptions::new()
             .read(true)
@@ -118,16 +118,30 @@ impl Doorbell {
                 std::io::Error::last_os_error()
             ));
         }
-        Ok(Doorbell::Evtchn {
+        Ok(Bell::Evtchn {
             fd,
             port: port as u32,
         })
     }
 
+    fn fifos(dir: &Path, rx: &str, tx: &str) -> Res<Self> {
+        let open = |n: &str| {
+            OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(dir.join(n))
+                .map_err(|e| format!("{n} fifo: {e}"))
+        };
+        Ok(Bell::Fifo {
+            rx: open(rx)?,
+            tx: open(tx)?,
+        })
+    }
+
     fn fd(&self) -> RawFd {
         match self {
-            Doorbell::Evtchn { fd, .. } => fd.as_raw_fd(),
-            Doorbell::Fifo { kick, .. } => kick.as_raw_fd(),
+            Bell::Evtchn { fd, .. } => fd.as_raw_fd(),
+            Bell::Fifo { rx, .. } => rx.as_raw_fd(),
         }
     }
 
@@ -135,15 +149,15 @@ impl Doorbell {
     fn ack(&mut self) -> Res<()> {
         let mut buf = [0u8; 64];
         match self {
-            Doorbell::Evtchn { fd, port } => {
+            Bell::Evtchn { fd, port } => {
                 let n = fd.read(&mut buf).map_err(|e| format!("read evtchn: {e}"))?;
                 if n >= 4 {
                     fd.write_all(&port.to_ne_bytes())
                         .map_err(|e| format!("unmask evtchn: {e}"))?;
                 }
             }
-            Doorbell::Fifo { kick, .. } => {
-                kick.read(&mut buf).map_err(|e| format!("read kick: {e}"))?;
+            Bell::Fifo { rx, .. } => {
+                let _ = rx.read(&mut buf).map_err(|e| format!("read fifo: {e}"))?;
             }
         }
         Ok(())
@@ -151,7 +165,7 @@ impl Doorbell {
 
     fn notify(&mut self) -> Res<()> {
         match self {
-            Doorbell::Evtchn { fd, port } => {
+            Bell::Evtchn { fd, port } => {
                 // SAFETY: NOTIFY reads a 4-byte struct {port}.
                 let r = unsafe { libc::ioctl(fd.as_raw_fd(), IOCTL_EVTCHN_NOTIFY, &*port) };
                 if r < 0 {
@@ -161,12 +175,30 @@ impl Doorbell {
                     ));
                 }
             }
-            Doorbell::Fifo { call, .. } => {
-                call.write_all(&[1])
-                    .map_err(|e| format!("write call: {e}"))?;
+            Bell::Fifo { tx, .. } => {
+                tx.write_all(&[1]).map_err(|e| format!("write fifo: {e}"))?;
             }
         }
         Ok(())
+    }
+
+    /// Waits up to `wait` for an event and consumes it; false on timeout.
+    fn wait(&mut self, wait: Duration) -> Res<bool> {
+        let mut p = libc::pollfd {
+            fd: self.fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let r = unsafe { libc::poll(&mut p, 1, wait.as_millis() as i32) };
+        if r < 0 {
+            return Err(format!("poll: {}", std::io::Error::last_os_error()));
+        }
+        if r == 0 {
+            return Ok(false);
+        }
+        self.ack()?;
+        Ok(true)
     }
 }
 
@@ -213,23 +245,36 @@ fn grant_regions(rings: &[(u64, u64)]) -> Vec<Region> {
 
 /// The vhost-user frontend, connected and set up; dropping it disconnects.
 struct Vq {
-    _frontend: Frontend,
+    _frontend: Option<Frontend>,
     kick: EventFd,
     call: EventFd,
-    _fd: File,
+    _fd: Option<File>,
     regions: usize,
+}
+
+impl Vq {
+    /// No connection: stands in while the frontend reconnects.
+    fn placeholder() -> Res<Self> {
+        Ok(Vq {
+            _frontend: None,
+            kick: EventFd::new(0).map_err(|e| format!("eventfd: {e}"))?,
+            call: EventFd::new(0).map_err(|e| format!("eventfd: {e}"))?,
+            _fd: None,
+            regions: 0,
+        })
+    }
 }
 
 fn ve(what: &'static str) -> impl Fn(vhost::Error) -> String {
     move |e| format!("{what}: {e}")
 }
 
-fn setup_frontend(socket: &Path, lay: &Layout, host: bool, domid: u32) -> Res<Vq> {
-    let qsize = lay.num("qsize")? as u16;
-    let (desc, avail, used) = (lay.num("desc")?, lay.num("avail")?, lay.num("used")?);
+/// Connects and waits for the daemon's first reply (it serves one connection at a time, so
+/// a reply means the previous connection is over).
+fn connect(socket: &Path) -> Res<(Frontend, u64)> {
     // The socket file exists once the daemon bound it; retry until it listens.
     let t = Instant::now();
-    let mut fe = loop {
+    let fe = loop {
         match Frontend::connect(socket, 1) {
             Ok(fe) => break fe,
             Err(e) if t.elapsed() > Duration::from_secs(5) => return Err(format!("connect: {e}")),
@@ -238,6 +283,13 @@ fn setup_frontend(socket: &Path, lay: &Layout, host: bool, domid: u32) -> Res<Vq
     };
     fe.set_owner().map_err(ve("SET_OWNER"))?;
     let offered = fe.get_features().map_err(ve("GET_FEATURES"))?;
+    Ok((fe, offered))
+}
+
+/// The rest of the setup over a connected frontend.
+fn setup(mut fe: Frontend, offered: u64, lay: &Layout, host: bool, domid: u32) -> Res<Vq> {
+    let qsize = lay.num("qsize")? as u16;
+    let (desc, avail, used) = (lay.num("desc")?, lay.num("avail")?, lay.num("used")?);
     if offered & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
         return Err("the daemon offers no protocol features".into());
     }
@@ -329,10 +381,10 @@ fn setup_frontend(socket: &Path, lay: &Layout, host: bool, domid: u32) -> Res<Vq
     fe.set_vring_enable(0, true)
         .map_err(ve("SET_VRING_ENABLE"))?;
     Ok(Vq {
-        _frontend: fe,
+        _frontend: Some(fe),
         kick,
         call,
-        _fd: fd,
+        _fd: Some(fd),
         regions: infos.len(),
     })
 }
@@ -369,16 +421,36 @@ fn wait_line(path: &Path, tag: &str, wait: Duration) -> Res<String> {
     }
 }
 
-/// Bridges notifications until the domU's verdict shows up on `console`.
-fn bridge(vq: &Vq, bell: &mut Doorbell, console: &Path, wait: Duration) -> Res<(u64, u64)> {
-    let (mut kicks, mut calls) = (0u64, 0u64);
+/// What the bridge did.
+#[derive(Default)]
+struct Bridged {
+    kicks: u64,
+    calls: u64,
+    reconnects: u64,
+}
+
+/// Bridges notifications until the domU's verdict shows up on `console`. When the domU
+/// announces the reconnect fault (`XVM-DOMU-VQ-PHASE reconnect`), the next kick is forwarded
+/// and the frontend disconnects at once (mid-batch), reconnects, has the domU reset its queue
+/// over the control channel, sets the queue up again from index 0 and says ready.
+fn bridge(
+    vq: &mut Vq,
+    data: &mut Bell,
+    ctl: &mut Bell,
+    reconnect: &mut dyn FnMut() -> Res<(Frontend, u64)>,
+    finish: &mut dyn FnMut(Frontend, u64) -> Res<Vq>,
+    console: &Path,
+    wait: Duration,
+) -> Res<Bridged> {
+    let mut b = Bridged::default();
     let t = Instant::now();
     let mut last_check = Instant::now();
-    bell.notify()?; // ready: the domU starts
+    let mut armed = false;
+    data.notify()?; // ready: the domU starts
     loop {
         let mut fds = [
             libc::pollfd {
-                fd: bell.fd(),
+                fd: data.fd(),
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -397,24 +469,44 @@ fn bridge(vq: &Vq, bell: &mut Doorbell, console: &Path, wait: Duration) -> Res<(
             }
         }
         if fds[0].revents & libc::POLLIN != 0 {
-            bell.ack()?;
+            data.ack()?;
             vq.kick.write(1).map_err(|e| format!("kick: {e}"))?;
-            kicks += 1;
+            b.kicks += 1;
+            if armed {
+                armed = false;
+                b.reconnects += 1;
+                // Mid-batch: the daemon has the kick; the socket closes now.
+                drop(std::mem::replace(vq, Vq::placeholder()?));
+                let (fe, offered) = reconnect()?;
+                ctl.notify()?; // reset your queue
+                if !ctl.wait(Duration::from_secs(30))? {
+                    return Err("the domU did not acknowledge the queue reset in 30 s".into());
+                }
+                *vq = finish(fe, offered)?;
+                ctl.notify()?; // ready
+                continue;
+            }
         }
         if fds[1].revents & libc::POLLIN != 0 {
             let _ = vq.call.read();
-            bell.notify()?;
-            calls += 1;
+            data.notify()?;
+            b.calls += 1;
         }
         if last_check.elapsed() > Duration::from_millis(200) || r == 0 {
             last_check = Instant::now();
-            if read_text(console).contains("XVM-DOMU-VQ-VERDICT") {
-                return Ok((kicks, calls));
+            let text = read_text(console);
+            if text.contains("XVM-DOMU-VQ-VERDICT") {
+                return Ok(b);
+            }
+            if b.reconnects == 0 && text.contains("XVM-DOMU-VQ-PHASE reconnect") {
+                armed = true;
             }
             if t.elapsed() > wait {
                 return Err(format!(
-                    "no verdict from the domU in {} s ({kicks} kicks, {calls} calls bridged)",
-                    wait.as_secs()
+                    "no verdict from the domU in {} s ({} kicks, {} calls bridged)",
+                    wait.as_secs(),
+                    b.kicks,
+                    b.calls
                 ));
             }
         }
@@ -503,6 +595,7 @@ fn run(r: &mut Report) -> Res<()> {
     File::create(&disk)
         .and_then(|f| f.set_len(bytes))
         .map_err(|e| format!("{}: {e}", disk.display()))?;
+    let faults = lay.num("faults")? != 0;
     let socket = a.work.join("vq.sock");
     let _ = std::fs::remove_file(&socket);
     let log_path = a.work.join("daemon.log");
@@ -512,7 +605,8 @@ fn run(r: &mut Report) -> Res<()> {
         .arg(&socket)
         .arg("--blk-file")
         .arg(&disk)
-        .args(["--num-queues", "1", "--connections", "1"])
+        .args(["--num-queues", "1", "--connections"])
+        .arg(if faults { "2" } else { "1" })
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stderr(log);
@@ -535,24 +629,21 @@ fn run(r: &mut Report) -> Res<()> {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let mut bell = if a.host {
+    let (mut data, mut ctl) = if a.host {
         let dir = PathBuf::from(lay.get("dir")?);
-        let open = |n: &str| {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(dir.join(n))
-                .map_err(|e| format!("{n} fifo: {e}"))
-        };
-        Doorbell::Fifo {
-            kick: open("kick")?,
-            call: open("call")?,
-        }
+        (
+            Bell::fifos(&dir, "kick", "call")?,
+            Bell::fifos(&dir, "ctl-up", "ctl-down")?,
+        )
     } else {
-        Doorbell::evtchn(domid, lay.num("port")? as u32)?
+        (
+            Bell::evtchn(domid, lay.num("port")? as u32)?,
+            Bell::evtchn(domid, lay.num("ctl_port")? as u32)?,
+        )
     };
-    let setup = setup_frontend(&socket, &lay, a.host, domid);
-    let vq = match setup {
+    let host = a.host;
+    let setup_all = || connect(&socket).and_then(|(fe, f)| setup(fe, f, &lay, host, domid));
+    let mut vq = match setup_all() {
         Ok(vq) => vq,
         Err(e) => {
             let _ = daemon.kill();
@@ -567,7 +658,15 @@ fn run(r: &mut Report) -> Res<()> {
             vq.regions
         )),
     );
-    let bridged = bridge(&vq, &mut bell, &console, Duration::from_secs(300));
+    let bridged = bridge(
+        &mut vq,
+        &mut data,
+        &mut ctl,
+        &mut || connect(&socket),
+        &mut |fe, f| setup(fe, f, &lay, host, domid),
+        &console,
+        Duration::from_secs(300),
+    );
     let text = read_text(&console);
     for l in text.lines() {
         let Some(i) = l.find("XVM-DOMU-VQ-RESULT ") else {
@@ -583,12 +682,13 @@ fn run(r: &mut Report) -> Res<()> {
         }
     }
     let verdict = match bridged {
-        Ok((k, c)) => {
+        Ok(b) => {
             let v = wait_line(&console, "XVM-DOMU-VQ-VERDICT ", Duration::from_secs(1))?;
             let v = &v["XVM-DOMU-VQ-VERDICT ".len()..];
             match v.strip_prefix("PASS ") {
                 Some(d) => Ok(format!(
-                    "domU says: {d}; {k} events bridged to kicks, {c} calls to events"
+                    "domU says: {d}; {} events bridged to kicks, {} calls to events, {} reconnect(s)",
+                    b.kicks, b.calls, b.reconnects
                 )),
                 None => Err(format!("domU says: {v}")),
             }
