@@ -62,7 +62,9 @@ typedef uint32_t grant_ref_t;
 #define WAIT_MS 30000
 
 struct desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
-struct buf { uint8_t *p; uint64_t gpa; unsigned pages; uint32_t ref0; };
+/* gpa: grant address (host mode: memfd offset); fgpa: guest-physical address (gfn << 12), 0
+ * if the pages' gfns are not contiguous. */
+struct buf { uint8_t *p; uint64_t gpa, fgpa; unsigned pages; uint32_t ref0; };
 struct slot { struct buf hdr, wdata, rdata, status; int busy; unsigned req; };
 
 static int host;           /* --host: memfd and FIFOs instead of gntalloc and evtchn */
@@ -85,6 +87,12 @@ static uint16_t avail_idx, used_seen;
 static struct buf ring;
 static struct slot slots[MAX_SLOTS];
 static unsigned nslots, data_bytes = 8192, nblocks = 256;
+static unsigned block_bytes;  /* the stride of blocks on the disk: --data */
+static int use_foreign;       /* descriptors at guest-physical addresses (FOREIGN regions) */
+static int pagemap = -1;
+static uint64_t gfns[2048];
+static unsigned ngfns;
+#define A(b) (use_foreign ? (b)->fgpa : (b)->gpa)
 static unsigned long kicks, waits;
 
 static void die(const char *what)
@@ -100,7 +108,7 @@ static void grant(struct buf *b, unsigned pages, int writable)
     if (host) {
         if (hnext + pages * PG > hsize) { errno = ENOMEM; die("host memory"); }
         b->p = hmem + hnext;
-        b->gpa = hnext;
+        b->gpa = b->fgpa = hnext;
         b->ref0 = (uint32_t)(hnext / PG);
         hnext += pages * PG;
         nbufs++;
@@ -121,6 +129,16 @@ static void grant(struct buf *b, unsigned pages, int writable)
         }
         b->p = mmap(NULL, pages * PG, PROT_READ | PROT_WRITE, MAP_SHARED, fa, a->index);
         if (b->p == MAP_FAILED) die("mmap gntalloc");
+        memset(b->p, 0, pages * PG);
+        b->fgpa = 0;
+        for (unsigned i = 0; i < pages; i++) {
+            uint64_t e = 0;
+            if (pread(pagemap, &e, 8, ((uintptr_t)b->p / PG + i) * 8) != 8 || !(e >> 63)) break;
+            uint64_t g = e & ((1ull << 55) - 1);
+            if (ngfns < sizeof(gfns) / sizeof(gfns[0])) gfns[ngfns++] = g;
+            if (!i) b->fgpa = g << 12;
+            else if (b->fgpa && g << 12 != b->fgpa + i * PG) b->fgpa = 0;
+        }
         b->ref0 = a->gref_ids[0];
         b->gpa = GRANT_BIT | ((uint64_t)b->ref0 << 12);
         for (unsigned i = 0; i < pages; i++)
@@ -201,14 +219,14 @@ static void publish(unsigned s, int type, unsigned block, uint64_t data_gpa)
     struct slot *sl = &slots[s];
     uint8_t *h = sl->hdr.p + HDR_OFF;
     uint32_t t = (uint32_t)type, z = 0;
-    uint64_t sector = (uint64_t)block * (data_bytes / 512);
+    uint64_t sector = (uint64_t)block * (block_bytes / 512);
     memcpy(h, &t, 4); memcpy(h + 4, &z, 4); memcpy(h + 8, &sector, 8);
     sl->status.p[STATUS_OFF] = 0xee;
     uint16_t d0 = (uint16_t)(s * 3);
-    desc[d0].addr = sl->hdr.gpa + HDR_OFF; desc[d0].len = 16; desc[d0].flags = F_NEXT; desc[d0].next = d0 + 1;
+    desc[d0].addr = A(&sl->hdr) + HDR_OFF; desc[d0].len = 16; desc[d0].flags = F_NEXT; desc[d0].next = d0 + 1;
     desc[d0 + 1].addr = data_gpa; desc[d0 + 1].len = data_bytes;
     desc[d0 + 1].flags = F_NEXT | (type == T_IN ? F_WRITE : 0); desc[d0 + 1].next = d0 + 2;
-    desc[d0 + 2].addr = sl->status.gpa + STATUS_OFF; desc[d0 + 2].len = 1; desc[d0 + 2].flags = F_WRITE; desc[d0 + 2].next = 0;
+    desc[d0 + 2].addr = A(&sl->status) + STATUS_OFF; desc[d0 + 2].len = 1; desc[d0 + 2].flags = F_WRITE; desc[d0 + 2].next = 0;
     avail[2 + avail_idx % QSIZE] = d0;
     __atomic_thread_fence(__ATOMIC_RELEASE);
     avail_idx++;
@@ -247,7 +265,7 @@ static int check(unsigned phase, struct slot *sl, int type, unsigned block, uint
     uint8_t st = sl->status.p[STATUS_OFF];
     uint32_t t; uint64_t sector;
     memcpy(&t, sl->hdr.p + HDR_OFF, 4); memcpy(&sector, sl->hdr.p + HDR_OFF + 8, 8);
-    if (t != (uint32_t)type || sector != (uint64_t)block * (data_bytes / 512)) {
+    if (t != (uint32_t)type || sector != (uint64_t)block * (block_bytes / 512)) {
         snprintf(err, n, "block %u: the read-only header changed", block);
         return -1;
     }
@@ -292,7 +310,7 @@ static double run_phase(unsigned phase, unsigned depth, char *err, size_t n)
                 memset(sl->rdata.p, 0, data_bytes);
             }
             blk[s] = block; typ[s] = type;
-            publish(s, type, block, type == T_OUT ? sl->wdata.gpa : sl->rdata.gpa);
+            publish(s, type, block, type == T_OUT ? A(&sl->wdata) : A(&sl->rdata));
             next++; inflight++; published++;
         }
         if (published) notify();
@@ -412,20 +430,85 @@ static int fault_reconnect(unsigned phase, char *err, size_t n)
     return 0;
 }
 
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return (x > y) - (x < y);
+}
+
+static double median(double *v, unsigned n)
+{
+    qsort(v, n, sizeof(*v), cmp_double);
+    return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+/* GRANT (descriptors at grant addresses: on-demand regions) against FOREIGN (the same
+ * buffers at their guest-physical addresses: FOREIGN regions dom0's frontend made from our
+ * gfns, mapped up front: the ceiling), in interleaved rounds (order flipped each round), at
+ * depths 1, 8 and 32: 4 KiB writes then reads of 128 blocks, checked as always. Per depth:
+ * medians and the spread of the per-round ratios FOREIGN/GRANT. */
+static int bench(unsigned phase, unsigned rounds, char *summary, size_t slen)
+{
+    static const unsigned depths[] = {1, 8, 32};
+    unsigned saved_len = data_bytes, saved_blocks = nblocks;
+    int failed = 0;
+    char err[256];
+    if (rounds > 16) rounds = 16;
+    for (unsigned s = 0; s < nslots; s++)
+        if (!slots[s].hdr.fgpa || !slots[s].wdata.fgpa || !slots[s].rdata.fgpa || !slots[s].status.fgpa) {
+            printf("XVM-DOMU-VQ-RESULT bench FAIL slot %u has a buffer without a contiguous gfn run\n", s);
+            return 1;
+        }
+    data_bytes = 4096;
+    nblocks = saved_blocks < 128 ? saved_blocks : 128;
+    for (unsigned di = 0; di < 3 && depths[di] <= nslots; di++) {
+        double g[16], f[16], ratio[16];
+        for (unsigned r = 0; r < rounds; r++) {
+            for (unsigned k = 0; k < 2; k++) {
+                int foreign = (int)((k + r) % 2);
+                use_foreign = foreign;
+                double rps = run_phase(phase++, depths[di], err, sizeof(err));
+                use_foreign = 0;
+                if (rps < 0) {
+                    printf("XVM-DOMU-VQ-RESULT bench-depth=%u FAIL %s round %u: %s\n", depths[di],
+                           foreign ? "FOREIGN" : "GRANT", r, err);
+                    data_bytes = saved_len; nblocks = saved_blocks;
+                    return 1;
+                }
+                (foreign ? f : g)[r] = rps;
+            }
+            ratio[r] = f[r] / g[r];
+            printf("XVM-DOMU-VQ-BENCH depth=%u round=%u grant=%.0f foreign=%.0f\n", depths[di], r, g[r], f[r]);
+        }
+        double mg = median(g, rounds), mf = median(f, rounds), mr = median(ratio, rounds);
+        printf("XVM-DOMU-VQ-RESULT bench-depth=%u PASS %u interleaved rounds of %u 4 KiB writes and reads, all "
+               "checked: GRANT (on demand) median %.0f req/s, FOREIGN (ceiling) median %.0f req/s; FOREIGN/GRANT "
+               "per round median %.2f (min %.2f, max %.2f)\n", depths[di], rounds, nblocks, mg, mf, mr,
+               ratio[0], ratio[rounds - 1]);
+        size_t l = strlen(summary);
+        snprintf(summary + l, slen - l, "; bench depth %u: GRANT %.0f, FOREIGN %.0f req/s", depths[di], mg, mf);
+    }
+    data_bytes = saved_len; nblocks = saved_blocks;
+    return failed;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IONBF, 0);
     const char *dir = NULL, *depths = "1,8,32";
     int fault = 1;
+    unsigned bench_rounds = 5;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--host") && i + 1 < argc) { host = 1; dir = argv[++i]; }
         else if (!strcmp(argv[i], "--depths") && i + 1 < argc) depths = argv[++i];
         else if (!strcmp(argv[i], "--blocks") && i + 1 < argc) nblocks = (unsigned)atoi(argv[++i]);
         else if (!strcmp(argv[i], "--data") && i + 1 < argc) data_bytes = (unsigned)atoi(argv[++i]);
         else if (!strcmp(argv[i], "--no-fault")) fault = 0;
+        else if (!strcmp(argv[i], "--bench") && i + 1 < argc) bench_rounds = (unsigned)atoi(argv[++i]);
         else { printf("XVM-DOMU-VQ-VERDICT FAIL usage: %s [--host DIR] [--depths 1,8,32] [--blocks K] [--data BYTES] [--no-fault]\n", argv[0]); return 2; }
     }
     if (!data_bytes || data_bytes % 512) { errno = EINVAL; die("--data must be a multiple of 512"); }
+    block_bytes = data_bytes;
     unsigned maxd = 0;
     for (const char *p = depths; *p;) {
         unsigned d = (unsigned)strtoul(p, (char **)&p, 10);
@@ -443,6 +526,7 @@ int main(int argc, char **argv)
         hnext = PG; /* gpa 0 stays unused */
     } else {
         if ((fa = open("/dev/xen/gntalloc", O_RDWR)) < 0) die("open /dev/xen/gntalloc");
+        if ((pagemap = open("/proc/self/pagemap", O_RDONLY)) < 0) die("open /proc/self/pagemap");
     }
     bell_open(&data_bell, dir, "kick", "call");
     bell_open(&ctl_bell, dir, "ctl-up", "ctl-down");
@@ -454,7 +538,7 @@ int main(int argc, char **argv)
     avail = (volatile uint16_t *)(ring.p + aoff);
     used = ring.p + uoff;
     desc_gpa = ring.gpa + RING_OFF; avail_gpa = ring.gpa + aoff; used_gpa = ring.gpa + uoff;
-    unsigned dpages = (data_bytes + PG - 1) / PG;
+    unsigned dpages = (block_bytes + PG - 1) / PG;
     uint32_t first_buf_ref = 0;
     for (unsigned s = 0; s < nslots; s++) {
         grant(&slots[s].hdr, 1, 0);
@@ -463,14 +547,19 @@ int main(int argc, char **argv)
         grant(&slots[s].status, 1, 1);
         if (!s) first_buf_ref = slots[s].hdr.ref0;
     }
+    if (!host) {
+        printf("XVM-DOMU-VQ-GFNS ");
+        for (unsigned i = 0; i < ngfns; i++) printf("%s%#llx", i ? "," : "", (unsigned long long)gfns[i]);
+        printf("\n");
+    }
     if (host)
         printf("XVM-DOMU-VQ mode=host pid=%d memfd=%d size=%zu dir=%s", getpid(), memfd, hsize, dir);
     else
         printf("XVM-DOMU-VQ mode=xen port=%u ctl_port=%u", data_bell.port, ctl_bell.port);
-    printf(" qsize=%u desc=%#llx avail=%#llx used=%#llx ring_refs=%u-%u bufs=%u buf_refs=%u-%u data=%u slots=%u blocks=%u depths=%s faults=%d\n",
+    printf(" qsize=%u desc=%#llx avail=%#llx used=%#llx ring_refs=%u-%u bufs=%u buf_refs=%u-%u data=%u slots=%u blocks=%u depths=%s faults=%d bench=%u\n",
            QSIZE, (unsigned long long)desc_gpa, (unsigned long long)avail_gpa, (unsigned long long)used_gpa,
            ring.ref0, ring.ref0 + 1, nbufs - 1, first_buf_ref, host ? (unsigned)(hnext / PG) - 1 : max_ref,
-           data_bytes, nslots, nblocks, depths, fault);
+           data_bytes, nslots, nblocks, depths, fault, bench_rounds);
     /* dom0's frontend says it is ready with a first event. */
     if (!wait_event(600 * 1000)) { errno = ETIMEDOUT; die("no event from dom0 in 600 s"); }
 
@@ -507,6 +596,7 @@ int main(int argc, char **argv)
         printf("XVM-DOMU-VQ-RESULT fault-reconnect %s %s\n", r ? "FAIL" : "PASS", err);
         failed += r != 0;
     }
+    if (bench_rounds && !failed) failed += bench(phase + 2, bench_rounds, summary, sizeof(summary));
     if (failed)
         printf("XVM-DOMU-VQ-VERDICT FAIL %d case(s) failed (%s)\n", failed, summary);
     else

@@ -37,6 +37,9 @@ const PAGE: u64 = 4096;
 const GRANT_BIT: u64 = 1 << 63;
 const XEN_GRANT: u32 = 0x2;
 const XEN_NO_ADVANCE: u32 = 0x8;
+const XEN_FOREIGN: u32 = 0x1;
+/// Where the FOREIGN regions are announced (their own range of frontend addresses).
+const FAKE_VA_FOREIGN: u64 = 0x7e00_0000_0000;
 /// Frontend virtual address the rings are announced at: only its relation to the regions'
 /// `userspace_addr` matters.
 const FAKE_VA: u64 = 0x7f00_0000_0000;
@@ -250,6 +253,8 @@ struct Vq {
     call: EventFd,
     _fd: Option<File>,
     regions: usize,
+    /// FOREIGN regions added for the benchmark.
+    foreign: usize,
 }
 
 impl Vq {
@@ -261,6 +266,7 @@ impl Vq {
             call: EventFd::new(0).map_err(|e| format!("eventfd: {e}"))?,
             _fd: None,
             regions: 0,
+            foreign: 0,
         })
     }
 }
@@ -354,6 +360,45 @@ fn setup(mut fe: Frontend, offered: u64, lay: &Layout, host: bool, domid: u32) -
         })
         .collect();
     fe.set_mem_table(&infos).map_err(ve("SET_MEM_TABLE"))?;
+    // The same buffers at their guest-physical addresses, as FOREIGN regions (one per run of
+    // contiguous gfns; ADD_MEM_REG, since there are more than SET_MEM_TABLE carries): the
+    // benchmark's ceiling. Disjoint from the grant space, so both live in one table.
+    let mut foreign = 0;
+    if let (false, Ok(list)) = (host, lay.get("gfns")) {
+        let privcmd = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/xen/privcmd")
+            .map_err(|e| format!("open /dev/xen/privcmd: {e}"))?;
+        let mut gfns = list
+            .split(',')
+            .map(|g| u64::from_str_radix(g.trim_start_matches("0x"), 16))
+            .collect::<Result<Vec<u64>, _>>()
+            .map_err(|e| format!("gfns: {e}"))?;
+        gfns.sort_unstable();
+        gfns.dedup();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for g in gfns {
+            match runs.last_mut() {
+                Some((start, n)) if *start + *n == g => *n += 1,
+                _ => runs.push((g, 1)),
+            }
+        }
+        for (g, n) in &runs {
+            let info = VhostUserMemoryRegionInfo {
+                guest_phys_addr: g * PAGE,
+                memory_size: n * PAGE,
+                userspace_addr: FAKE_VA_FOREIGN + g * PAGE,
+                mmap_offset: 0,
+                mmap_handle: privcmd.as_raw_fd(),
+                xen_mmap_flags: XEN_FOREIGN,
+                xen_mmap_data: domid,
+            };
+            fe.add_mem_region(&info)
+                .map_err(|e| format!("ADD_MEM_REG FOREIGN gfn {g:#x} x{n}: {e}"))?;
+        }
+        foreign = runs.len();
+    }
     // Rings as frontend virtual addresses, through the regions' userspace_addr.
     let uaddr = |gpa: u64| -> Res<u64> {
         regions
@@ -386,6 +431,7 @@ fn setup(mut fe: Frontend, offered: u64, lay: &Layout, host: bool, domid: u32) -
         call,
         _fd: Some(fd),
         regions: infos.len(),
+        foreign,
     })
 }
 
@@ -588,7 +634,13 @@ fn run(r: &mut Report) -> Res<()> {
         }
     };
     let line = wait_line(&console, "XVM-DOMU-VQ ", Duration::from_secs(120))?;
-    let lay = Layout::parse(&line);
+    let mut lay = Layout::parse(&line);
+    if !a.host {
+        // The domU's buffer pages by gfn, for the FOREIGN regions of the benchmark.
+        let g = wait_line(&console, "XVM-DOMU-VQ-GFNS ", Duration::from_secs(1))?;
+        lay.0
+            .push(("gfns".into(), g["XVM-DOMU-VQ-GFNS ".len()..].trim().into()));
+    }
     std::fs::create_dir_all(&a.work).map_err(|e| format!("{}: {e}", a.work.display()))?;
     let disk = a.work.join("vq.img");
     let bytes = (lay.num("blocks")? * lay.num("data")?).max(1 << 20);
@@ -654,8 +706,9 @@ fn run(r: &mut Report) -> Res<()> {
     r.case(
         "setup",
         Ok(format!(
-            "domid {domid}: {} regions (rings in advance, the rest on demand), {line}",
-            vq.regions
+            "domid {domid}: {} GRANT regions (rings in advance, the rest on demand) and {} \
+             FOREIGN regions over the buffers' gfns; {line}",
+            vq.regions, vq.foreign
         )),
     );
     let bridged = bridge(
