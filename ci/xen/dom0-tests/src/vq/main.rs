@@ -752,7 +752,14 @@ fn run(r: &mut Report) -> Res<()> {
     drop(vq);
     let st = wait_child(&mut daemon, Duration::from_secs(20));
     let dlog = read_text(&log_path);
-    let last = dlog.lines().last().unwrap_or("").to_string();
+    // The daemon's own account: per connection (requests, Xen system calls), then the total.
+    let last = dlog
+        .lines()
+        .filter(|l| l.contains("] connection ") && l.contains("requests in"))
+        .chain(dlog.lines().last())
+        .map(|l| l.split_once("] ").map_or(l, |(_, m)| m))
+        .collect::<Vec<_>>()
+        .join("; ");
     r.case(
         "daemon-exit",
         match st {
