@@ -85,7 +85,7 @@ static volatile uint16_t *avail; /* flags, idx, ring[QSIZE] */
 static volatile uint8_t *used;   /* flags, idx, ring[QSIZE] of {u32 id, u32 len} */
 static uint64_t desc_gpa, avail_gpa, used_gpa;
 static uint16_t avail_idx, used_seen;
-static struct buf ring;
+static struct buf ring, ring2; /* mid-page vring; page-aligned pieces (for the peer) */
 static struct slot slots[MAX_SLOTS];
 static unsigned nslots, data_bytes = 8192, nblocks = 256;
 static unsigned block_bytes;  /* the stride of blocks on the disk: --data */
@@ -492,12 +492,86 @@ static int bench(unsigned phase, unsigned rounds, char *summary, size_t slen)
     return failed;
 }
 
+/* Asks dom0's frontend to serve the queue with daemon `to` from now on: the frontend
+ * disconnects, connects to that daemon, has us reset the queue, now on the page-aligned vring
+ * (vm-memory reads a mid-page GRANT region at its page's offset 0), and says ready. */
+static int switch_to(const char *to, unsigned seq, char *err, size_t n)
+{
+    printf("XVM-DOMU-VQ-SWITCH seq=%u to=%s\n", seq, to);
+    bell_notify(&ctl_bell);
+    if (!bell_wait(&ctl_bell, WAIT_MS)) {
+        snprintf(err, n, "switch %u to %s: no reset from dom0 in %d s", seq, to, WAIT_MS / 1000);
+        return -1;
+    }
+    desc = (volatile struct desc *)ring2.p;
+    avail = (volatile uint16_t *)(ring2.p + PG);
+    used = ring2.p + 2 * PG;
+    memset(ring2.p, 0, 3 * PG);
+    avail_idx = used_seen = 0;
+    for (unsigned s = 0; s < nslots; s++) slots[s].busy = 0;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    bell_notify(&ctl_bell);
+    if (!bell_wait(&ctl_bell, WAIT_MS)) {
+        snprintf(err, n, "switch %u to %s: no ready from dom0 in %d s", seq, to, WAIT_MS / 1000);
+        return -1;
+    }
+    return 0;
+}
+
+/* Our daemon against the peer (vhost-user-backend 0.24 on vm-memory `xen`), both GRANT
+ * (rings in advance, buffers on demand), in interleaved rounds (order flipped each round): each
+ * turn runs 4 KiB writes and reads of 64 blocks at depths 1, 8 and 32, all checked. Per
+ * depth: medians and the spread of the per-round ratios ours/peer. */
+static int peer_bench(unsigned phase, unsigned rounds, char *summary, size_t slen)
+{
+    static const unsigned depths[] = {1, 8, 32};
+    static const char *impls[] = {"ours", "peer"};
+    unsigned saved_len = data_bytes, saved_blocks = nblocks, seq = 0;
+    double rps[2][3][16];
+    char err[256];
+    if (rounds > 16) rounds = 16;
+    data_bytes = 4096;
+    nblocks = saved_blocks < 64 ? saved_blocks : 64;
+    for (unsigned r = 0; r < rounds; r++)
+        for (unsigned k = 0; k < 2; k++) {
+            unsigned im = (k + r) % 2;
+            if (switch_to(impls[im], ++seq, err, sizeof(err))) {
+                printf("XVM-DOMU-VQ-RESULT peer-bench FAIL %s\n", err);
+                return 1;
+            }
+            for (unsigned di = 0; di < 3 && depths[di] <= nslots; di++) {
+                double v = run_phase(phase++, depths[di], err, sizeof(err));
+                if (v < 0) {
+                    printf("XVM-DOMU-VQ-RESULT peer-bench-depth=%u FAIL %s round %u: %s\n", depths[di], impls[im], r, err);
+                    return 1;
+                }
+                rps[im][di][r] = v;
+            }
+        }
+    data_bytes = saved_len; nblocks = saved_blocks;
+    for (unsigned di = 0; di < 3 && depths[di] <= nslots; di++) {
+        double ratio[16];
+        for (unsigned r = 0; r < rounds; r++) {
+            ratio[r] = rps[0][di][r] / rps[1][di][r];
+            printf("XVM-DOMU-VQ-PEER depth=%u round=%u ours=%.0f peer=%.0f\n", depths[di], r, rps[0][di][r], rps[1][di][r]);
+        }
+        double mo = median(rps[0][di], rounds), mp = median(rps[1][di], rounds), mr = median(ratio, rounds);
+        printf("XVM-DOMU-VQ-RESULT peer-depth=%u PASS %u interleaved rounds of 64 4 KiB writes and reads, all checked, "
+               "both GRANT: ours median %.0f req/s, peer (vhost-user-backend + vm-memory xen) median %.0f req/s; "
+               "ours/peer per round median %.2f (min %.2f, max %.2f)\n", depths[di], rounds, mo, mp, mr,
+               ratio[0], ratio[rounds - 1]);
+        size_t l = strlen(summary);
+        snprintf(summary + l, slen - l, "; depth %u ours/peer %.2fx", depths[di], mr);
+    }
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     setvbuf(stdout, NULL, _IONBF, 0);
     const char *dir = NULL, *depths = "1,8,32";
     int fault = 1;
-    unsigned bench_rounds = 5;
+    unsigned bench_rounds = 5, peer_rounds = 5;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--host") && i + 1 < argc) { host = 1; dir = argv[++i]; }
         else if (!strcmp(argv[i], "--depths") && i + 1 < argc) depths = argv[++i];
@@ -505,6 +579,7 @@ int main(int argc, char **argv)
         else if (!strcmp(argv[i], "--data") && i + 1 < argc) data_bytes = (unsigned)atoi(argv[++i]);
         else if (!strcmp(argv[i], "--no-fault")) fault = 0;
         else if (!strcmp(argv[i], "--bench") && i + 1 < argc) bench_rounds = (unsigned)atoi(argv[++i]);
+        else if (!strcmp(argv[i], "--peer-rounds") && i + 1 < argc) peer_rounds = (unsigned)atoi(argv[++i]);
         else { printf("XVM-DOMU-VQ-VERDICT FAIL usage: %s [--host DIR] [--depths 1,8,32] [--blocks K] [--data BYTES] [--no-fault]\n", argv[0]); return 2; }
     }
     if (!data_bytes || data_bytes % 512) { errno = EINVAL; die("--data must be a multiple of 512"); }
@@ -538,6 +613,9 @@ int main(int argc, char **argv)
     avail = (volatile uint16_t *)(ring.p + aoff);
     used = ring.p + uoff;
     desc_gpa = ring.gpa + RING_OFF; avail_gpa = ring.gpa + aoff; used_gpa = ring.gpa + uoff;
+    /* The second vring: each piece at the start of its own page (3 pages, consecutive refs). */
+    grant(&ring2, 3, 1);
+    memset(ring2.p, 0, 3 * PG);
     unsigned dpages = (block_bytes + PG - 1) / PG;
     uint32_t first_buf_ref = 0;
     for (unsigned s = 0; s < nslots; s++) {
@@ -556,6 +634,8 @@ int main(int argc, char **argv)
         printf("XVM-DOMU-VQ mode=host pid=%d memfd=%d size=%zu dir=%s", getpid(), memfd, hsize, dir);
     else
         printf("XVM-DOMU-VQ mode=xen port=%u ctl_port=%u", data_bell.port, ctl_bell.port);
+    printf(" desc2=%#llx avail2=%#llx used2=%#llx peer_rounds=%u", (unsigned long long)ring2.gpa,
+           (unsigned long long)(ring2.gpa + PG), (unsigned long long)(ring2.gpa + 2 * PG), peer_rounds);
     printf(" qsize=%u desc=%#llx avail=%#llx used=%#llx ring_refs=%u-%u bufs=%u buf_refs=%u-%u data=%u slots=%u blocks=%u depths=%s faults=%d bench=%u\n",
            QSIZE, (unsigned long long)desc_gpa, (unsigned long long)avail_gpa, (unsigned long long)used_gpa,
            ring.ref0, ring.ref0 + 1, nbufs - 1, first_buf_ref, host ? (unsigned)(hnext / PG) - 1 : max_ref,
@@ -597,6 +677,7 @@ int main(int argc, char **argv)
         failed += r != 0;
     }
     if (bench_rounds && !failed) failed += bench(phase + 2, bench_rounds, summary, sizeof(summary));
+    if (peer_rounds && !failed) failed += peer_bench(phase + 200, peer_rounds, summary, sizeof(summary));
     if (failed)
         printf("XVM-DOMU-VQ-VERDICT FAIL %d case(s) failed (%s)\n", failed, summary);
     else

@@ -293,9 +293,21 @@ fn connect(socket: &Path) -> Res<(Frontend, u64)> {
 }
 
 /// The rest of the setup over a connected frontend.
-fn setup(mut fe: Frontend, offered: u64, lay: &Layout, host: bool, domid: u32) -> Res<Vq> {
+/// `ring`: "" for the domU's first (mid-page) vring, "2" for its page-aligned one.
+fn setup(
+    mut fe: Frontend,
+    offered: u64,
+    lay: &Layout,
+    host: bool,
+    domid: u32,
+    ring: &str,
+) -> Res<Vq> {
     let qsize = lay.num("qsize")? as u16;
-    let (desc, avail, used) = (lay.num("desc")?, lay.num("avail")?, lay.num("used")?);
+    let (desc, avail, used) = (
+        lay.num(&format!("desc{ring}"))?,
+        lay.num(&format!("avail{ring}"))?,
+        lay.num(&format!("used{ring}"))?,
+    );
     if offered & VHOST_USER_F_PROTOCOL_FEATURES == 0 {
         return Err("the daemon offers no protocol features".into());
     }
@@ -364,7 +376,8 @@ fn setup(mut fe: Frontend, offered: u64, lay: &Layout, host: bool, domid: u32) -
     // contiguous gfns; ADD_MEM_REG, since there are more than SET_MEM_TABLE carries): the
     // benchmark's ceiling. Disjoint from the grant space, so both live in one table.
     let mut foreign = 0;
-    if let (false, Ok(list)) = (host, lay.get("gfns")) {
+    let slots = proto.contains(VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS);
+    if let (false, true, Ok(list)) = (host, slots, lay.get("gfns")) {
         let privcmd = OpenOptions::new()
             .read(true)
             .write(true)
@@ -473,6 +486,7 @@ struct Bridged {
     kicks: u64,
     calls: u64,
     reconnects: u64,
+    switches: u64,
 }
 
 /// Bridges notifications until the domU's verdict shows up on `console`. When the domU
@@ -483,8 +497,8 @@ fn bridge(
     vq: &mut Vq,
     data: &mut Bell,
     ctl: &mut Bell,
-    reconnect: &mut dyn FnMut() -> Res<(Frontend, u64)>,
-    finish: &mut dyn FnMut(Frontend, u64) -> Res<Vq>,
+    reconnect: &mut dyn FnMut(Option<&str>) -> Res<(Frontend, u64)>,
+    finish: &mut dyn FnMut(Frontend, u64, &str) -> Res<Vq>,
     console: &Path,
     wait: Duration,
 ) -> Res<Bridged> {
@@ -492,6 +506,7 @@ fn bridge(
     let t = Instant::now();
     let mut last_check = Instant::now();
     let mut armed = false;
+    let mut ring = "";
     data.notify()?; // ready: the domU starts
     loop {
         let mut fds = [
@@ -505,9 +520,14 @@ fn bridge(
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: ctl.fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
-        // SAFETY: two valid pollfds.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, 100) };
+        // SAFETY: three valid pollfds.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 3, 100) };
         if r < 0 {
             let e = std::io::Error::last_os_error();
             if e.kind() != std::io::ErrorKind::Interrupted {
@@ -523,12 +543,12 @@ fn bridge(
                 b.reconnects += 1;
                 // Mid-batch: the daemon has the kick; the socket closes now.
                 drop(std::mem::replace(vq, Vq::placeholder()?));
-                let (fe, offered) = reconnect()?;
+                let (fe, offered) = reconnect(None)?;
                 ctl.notify()?; // reset your queue
                 if !ctl.wait(Duration::from_secs(30))? {
                     return Err("the domU did not acknowledge the queue reset in 30 s".into());
                 }
-                *vq = finish(fe, offered)?;
+                *vq = finish(fe, offered, ring)?;
                 ctl.notify()?; // ready
                 continue;
             }
@@ -537,6 +557,26 @@ fn bridge(
             let _ = vq.call.read();
             data.notify()?;
             b.calls += 1;
+        }
+        if fds[2].revents & libc::POLLIN != 0 {
+            // The domU asks for another daemon (`XVM-DOMU-VQ-SWITCH seq=N to=ours|peer`).
+            ctl.ack()?;
+            b.switches += 1;
+            let tag = format!("XVM-DOMU-VQ-SWITCH seq={} ", b.switches);
+            let line = wait_line(console, &tag, Duration::from_secs(10))?;
+            let to = Layout::parse(&line).get("to")?.to_string();
+            drop(std::mem::replace(vq, Vq::placeholder()?));
+            let (fe, offered) = reconnect(Some(&to))?;
+            ctl.notify()?; // reset your queue
+            if !ctl.wait(Duration::from_secs(30))? {
+                return Err(format!(
+                    "switch {}: no reset from the domU in 30 s",
+                    b.switches
+                ));
+            }
+            ring = "2";
+            *vq = finish(fe, offered, ring)?;
+            ctl.notify()?; // ready
         }
         if last_check.elapsed() > Duration::from_millis(200) || r == 0 {
             last_check = Instant::now();
@@ -577,6 +617,7 @@ fn wait_child(child: &mut Child, wait: Duration) -> Res<std::process::ExitStatus
 struct Args {
     host: bool,
     daemon_bin: PathBuf,
+    peer_bin: PathBuf,
     console: Option<PathBuf>,
     domid: Option<u32>,
     work: PathBuf,
@@ -586,6 +627,7 @@ fn args() -> Res<Args> {
     let mut a = Args {
         host: false,
         daemon_bin: PathBuf::from("/tests/vhost-user-blk"),
+        peer_bin: PathBuf::from("/tests/peer-blk-xen"),
         console: None,
         domid: None,
         work: PathBuf::from("/tmp/xen-vq"),
@@ -596,6 +638,7 @@ fn args() -> Res<Args> {
         match k.as_str() {
             "--host" => a.host = true,
             "--daemon-bin" => a.daemon_bin = val()?.into(),
+            "--peer-bin" => a.peer_bin = val()?.into(),
             "--console" => a.console = Some(val()?.into()),
             "--work" => a.work = val()?.into(),
             "--domid" => a.domid = Some(val()?.parse().map_err(|e| format!("--domid: {e}"))?),
@@ -648,6 +691,8 @@ fn run(r: &mut Report) -> Res<()> {
         .and_then(|f| f.set_len(bytes))
         .map_err(|e| format!("{}: {e}", disk.display()))?;
     let faults = lay.num("faults")? != 0;
+    let peer_rounds = lay.num("peer_rounds").unwrap_or(0);
+    let connections = 1 + u64::from(faults) + peer_rounds;
     let socket = a.work.join("vq.sock");
     let _ = std::fs::remove_file(&socket);
     let log_path = a.work.join("daemon.log");
@@ -658,7 +703,7 @@ fn run(r: &mut Report) -> Res<()> {
         .arg("--blk-file")
         .arg(&disk)
         .args(["--num-queues", "1", "--connections"])
-        .arg(if faults { "2" } else { "1" })
+        .arg(connections.to_string())
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
         .stderr(log);
@@ -694,7 +739,7 @@ fn run(r: &mut Report) -> Res<()> {
         )
     };
     let host = a.host;
-    let setup_all = || connect(&socket).and_then(|(fe, f)| setup(fe, f, &lay, host, domid));
+    let setup_all = || connect(&socket).and_then(|(fe, f)| setup(fe, f, &lay, host, domid, ""));
     let mut vq = match setup_all() {
         Ok(vq) => vq,
         Err(e) => {
@@ -711,15 +756,62 @@ fn run(r: &mut Report) -> Res<()> {
             vq.regions, vq.foreign
         )),
     );
+    // The peer daemon: one process per turn of the domU's peer benchmark.
+    let mut peer: Option<(Child, PathBuf)> = None;
+    let mut peer_logs: Vec<String> = Vec::new();
+    let mut peers = 0;
+    let mut current = "ours".to_string();
+    let mut reconnect = |to: Option<&str>| -> Res<(Frontend, u64)> {
+        if let Some((mut child, log)) = peer.take() {
+            let st = wait_child(&mut child, Duration::from_secs(20));
+            let text = read_text(&log);
+            let line = text.lines().rfind(|l| l.contains("peer-blk-xen:"));
+            peer_logs.push(format!("{st:?}: {}", line.unwrap_or(text.trim())));
+        }
+        let to = to.unwrap_or(&current).to_string();
+        current = to.clone();
+        if to != "peer" {
+            return connect(&socket);
+        }
+        peers += 1;
+        let sock = a.work.join(format!("peer-{peers}.sock"));
+        let log = a.work.join(format!("peer-{peers}.log"));
+        let _ = std::fs::remove_file(&sock);
+        let f = File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
+        let child = Command::new(&a.peer_bin)
+            .arg("--socket-path")
+            .arg(&sock)
+            .arg("--blk-file")
+            .arg(&disk)
+            .stdin(Stdio::null())
+            .stderr(f)
+            .spawn()
+            .map_err(|e| format!("{}: {e}", a.peer_bin.display()))?;
+        peer = Some((child, log.clone()));
+        let t = Instant::now();
+        while !sock.exists() {
+            if t.elapsed() > Duration::from_secs(20) {
+                return Err(format!("the peer never listened: {}", read_text(&log)));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        connect(&sock)
+    };
     let bridged = bridge(
         &mut vq,
         &mut data,
         &mut ctl,
-        &mut || connect(&socket),
-        &mut |fe, f| setup(fe, f, &lay, host, domid),
+        &mut reconnect,
+        &mut |fe, f, ring| setup(fe, f, &lay, host, domid, ring),
         &console,
-        Duration::from_secs(300),
+        Duration::from_secs(270),
     );
+    drop(reconnect);
+    if let Some((mut child, log)) = peer.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+        peer_logs.push(read_text(&log));
+    }
     let text = read_text(&console);
     for l in text.lines() {
         let Some(i) = l.find("XVM-DOMU-VQ-RESULT ") else {
@@ -740,8 +832,9 @@ fn run(r: &mut Report) -> Res<()> {
             let v = &v["XVM-DOMU-VQ-VERDICT ".len()..];
             match v.strip_prefix("PASS ") {
                 Some(d) => Ok(format!(
-                    "domU says: {d}; {} events bridged to kicks, {} calls to events, {} reconnect(s)",
-                    b.kicks, b.calls, b.reconnects
+                    "domU says: {d}; {} events bridged to kicks, {} calls to events, {} \
+                     reconnect(s), {} switch(es) of daemon",
+                    b.kicks, b.calls, b.reconnects, b.switches
                 )),
                 None => Err(format!("domU says: {v}")),
             }
@@ -760,6 +853,41 @@ fn run(r: &mut Report) -> Res<()> {
         .map(|l| l.split_once("] ").map_or(l, |(_, m)| m))
         .collect::<Vec<_>>()
         .join("; ");
+    if peer_rounds > 0 {
+        // System calls per request, each daemon's own count: ours from its per-connection
+        // lines (the connections after the fault cases are the benchmark's), the peer's by
+        // interposition.
+        let per_req = |l: &str| -> Option<f64> {
+            let i = l.find(" per request")?;
+            l[..i].rsplit('(').next()?.trim().parse().ok()
+        };
+        let mut ours: Vec<f64> = dlog
+            .lines()
+            .filter(|l| l.contains("] connection ") && l.contains("requests in"))
+            .skip(1 + usize::from(faults))
+            .filter_map(per_req)
+            .collect();
+        let mut theirs: Vec<f64> = peer_logs.iter().filter_map(|l| per_req(l)).collect();
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied()
+        };
+        r.case(
+            "peer-syscalls",
+            match (med(&mut ours), med(&mut theirs)) {
+                (Some(o), Some(p)) => Ok(format!(
+                    "system calls per request in the peer benchmark (median over {} turns \
+                     each): ours {o:.2}, peer {p:.2}; peer turns: {}",
+                    ours.len(),
+                    peer_logs.join(" | ")
+                )),
+                _ => Err(format!(
+                    "no counts: ours {ours:?}, peer {}",
+                    peer_logs.join(" | ")
+                )),
+            },
+        );
+    }
     r.case(
         "daemon-exit",
         match st {
