@@ -121,10 +121,14 @@ impl Bell {
                 std::io::Error::last_os_error()
             ));
         }
-        Ok(Bell::Evtchn {
+        let mut bell = Bell::Evtchn {
             fd,
             port: port as u32,
-        })
+        };
+        // Xen sets the new local port pending on BIND_INTERDOMAIN (notifications lost while
+        // the remote port was unbound): consume that one, it is not from the domU.
+        bell.wait(Duration::ZERO)?;
+        Ok(bell)
     }
 
     fn fifos(dir: &Path, rx: &str, tx: &str) -> Res<Self> {
