@@ -484,6 +484,9 @@ fn wait_line(path: &Path, tag: &str, wait: Duration) -> Res<String> {
     }
 }
 
+/// Connects to the daemon named (`ours`, `peer`; `None`: the current one again).
+type Reconnect<'a> = dyn FnMut(Option<&str>) -> Res<(Frontend, u64)> + 'a;
+
 /// What the bridge did.
 #[derive(Default)]
 struct Bridged {
@@ -501,7 +504,7 @@ fn bridge(
     vq: &mut Vq,
     data: &mut Bell,
     ctl: &mut Bell,
-    reconnect: &mut dyn FnMut(Option<&str>) -> Res<(Frontend, u64)>,
+    reconnect: &mut Reconnect<'_>,
     finish: &mut dyn FnMut(Frontend, u64, &str) -> Res<Vq>,
     console: &Path,
     wait: Duration,
@@ -810,7 +813,6 @@ fn run(r: &mut Report) -> Res<()> {
         &console,
         Duration::from_secs(270),
     );
-    drop(reconnect);
     if let Some((mut child, log)) = peer.take() {
         let _ = child.kill();
         let _ = child.wait();
