@@ -424,7 +424,8 @@ static int fault_reconnect(unsigned phase, char *err, size_t n)
     unsigned long k0 = kicks;
     double rps = run_phase(phase + 1, 8, err, n);
     if (rps < 0) return -1;
-    snprintf(err, n, "%u of %u writes had completed when dom0's frontend disconnected mid-batch; after "
+    snprintf(err, n, "%u of %u writes had completed when dom0's frontend disconnected right after forwarding their kick "
+             "(the daemon finishes the batch it holds before the connection ends); after "
              "the reconnect and a queue reset, %u writes and %u reads at depth 8 checked byte for byte "
              "(%lu notifications) rps=%.0f", completed, batch, nblocks, nblocks, kicks - k0, rps);
     return 0;
@@ -645,7 +646,7 @@ int main(int argc, char **argv)
 
     int failed = 0;
     unsigned phase = 0;
-    char err[256], summary[512] = "";
+    char err[512], summary[768] = "";
     for (const char *p = depths; *p; phase++) {
         unsigned depth = (unsigned)strtoul(p, (char **)&p, 10);
         if (*p == ',') p++;
