@@ -14,6 +14,7 @@ use clap::Parser;
 
 mod common;
 use xen_vhost_mem::daemon::VhostUserDaemon;
+use xen_vhost_mem::device::CounterSnapshot;
 use xen_vhost_mem::devices::blk::{BlkConfig, BlkDevice};
 use xen_vhost_mem::{RealXen, XenHandle};
 
@@ -46,6 +47,13 @@ struct Args {
     connections: Option<usize>,
 }
 
+fn xen_counters(daemon: &VhostUserDaemon<BlkDevice>) -> CounterSnapshot {
+    daemon
+        .xen()
+        .map(|x| x.counters().snapshot())
+        .unwrap_or_default()
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::init();
     common::exit_on_stop_signals()?;
@@ -72,7 +80,29 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let _ = std::fs::remove_file(&a.socket_path);
     let listener = UnixListener::bind(&a.socket_path)?;
-    daemon.serve(&listener, a.connections)?;
+    match a.connections {
+        None => daemon.serve(&listener, None)?,
+        // One at a time, to log what each connection cost (requests, Xen system calls).
+        Some(n) => {
+            for i in 1..=n {
+                let (st0, x0) = (daemon.stats().snapshot(), xen_counters(&daemon));
+                daemon.serve(&listener, Some(1))?;
+                let (st, x) = (daemon.stats().snapshot(), xen_counters(&daemon));
+                let (req, d) = (st.requests - st0.requests, x.since(&x0));
+                log::info!(
+                    "connection {i}: {req} requests in {} batches; Xen system calls {} \
+                     ({:.2} per request: {} ioctls of which {} grant copies, {} mmaps, {} munmaps)",
+                    st.batches - st0.batches,
+                    d.syscalls(),
+                    d.syscalls() as f64 / req.max(1) as f64,
+                    d.ioctls,
+                    d.grant_copies,
+                    d.mmaps,
+                    d.munmaps
+                );
+            }
+        }
+    }
     // Only reached with --connections: say what was served, and fail if anything leaked.
     let st = daemon.stats().snapshot();
     let live = daemon.xen().map_or(0, |x| x.counters().live_mappings());

@@ -1,8 +1,9 @@
 //! A guest played by dom0 itself on real Xen: dom0 grants its own pages to itself (domid 0)
 //! through `/dev/xen/gntalloc`, and the backend maps or grant-copies them like any guest's
 //! grants. For demos and tests in a dom0 with no domU. A buffer needs consecutive refs, as a
-//! Linux guest's does; gntalloc hands out a consecutive set, but freed refs come back in
-//! reverse order, so page `i` of the gntalloc mapping is found by its ref.
+//! Linux guest's does; gntalloc usually hands out a consecutive set (else the guest tries
+//! again), but freed refs come back in reverse order, so page `i` of the gntalloc mapping is
+//! found by its ref.
 
 use std::cell::RefCell;
 use std::os::fd::AsRawFd;
@@ -171,27 +172,47 @@ impl Guest for GntallocGuest {
             len: pages * XEN_PAGE_SIZE,
             pages,
         })?;
-        let (index, refs) = self
-            .gntalloc
-            .alloc_gref(0, count, !readonly)
-            .map_err(|source| GntallocGuestError::Gntalloc {
-                call: "IOCTL_GNTALLOC_ALLOC_GREF",
-                source,
-            })?;
+        // gntalloc takes refs off the grant table's free list, which after frees (some
+        // deferred while a backend still maps them) need not hold a consecutive run: keep a
+        // set that is not one allocated while trying again (so the next try gets other
+        // refs), then give them all back.
+        let mut held = Vec::new();
+        let got = loop {
+            let (index, refs) = match self.gntalloc.alloc_gref(0, count, !readonly) {
+                Ok(r) => r,
+                Err(source) => {
+                    break Err(GntallocGuestError::Gntalloc {
+                        call: "IOCTL_GNTALLOC_ALLOC_GREF",
+                        source,
+                    })
+                }
+            };
+            let first = refs.iter().copied().min().unwrap_or_default();
+            let mut page_of = vec![usize::MAX; pages];
+            let consecutive = refs.iter().enumerate().all(|(page, r)| {
+                match page_of.get_mut((r - first) as usize) {
+                    Some(slot) if *slot == usize::MAX => {
+                        *slot = page;
+                        true
+                    }
+                    _ => false,
+                }
+            });
+            if consecutive {
+                break Ok((index, refs, first, page_of));
+            }
+            held.push(index);
+            if held.len() >= 8 {
+                break Err(GntallocGuestError::NotConsecutive { refs });
+            }
+        };
+        for i in held {
+            let _ = self.gntalloc.dealloc_gref(i, count);
+        }
+        let (index, refs, first, page_of) = got?;
         let dealloc = || {
             let _ = self.gntalloc.dealloc_gref(index, count);
         };
-        let first = refs.iter().copied().min().unwrap_or_default();
-        let mut page_of = vec![usize::MAX; pages];
-        for (page, r) in refs.iter().enumerate() {
-            match page_of.get_mut((r - first) as usize) {
-                Some(slot) if *slot == usize::MAX => *slot = page,
-                _ => {
-                    dealloc();
-                    return Err(GntallocGuestError::NotConsecutive { refs });
-                }
-            }
-        }
         let off = libc::off_t::try_from(index).unwrap_or(libc::off_t::MAX);
         // SAFETY: a fresh shared mapping of our own granted pages at a kernel-chosen address;
         // checked for MAP_FAILED below.
