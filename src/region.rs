@@ -196,6 +196,25 @@ impl GuestMemoryRegion for XenRegion {
 }
 
 impl XenRegion {
+    /// `get_slice` without its error: None exactly where `get_slice` fails. For callers that
+    /// build the error out of line (the request scope's slice iterator), so that the slice
+    /// is returned in registers.
+    #[inline(always)]
+    pub(crate) fn try_slice(
+        &self,
+        offset: MemoryRegionAddress,
+        count: usize,
+    ) -> Option<VolatileSlice<'_, BS<'_, ()>>> {
+        match offset.0.checked_add(count as u64) {
+            Some(end) if end <= self.mapped_len && self.mapped_len != 0 => {}
+            _ => return None,
+        }
+        // SAFETY: as in `get_slice`: `mapped_len` is not 0, so `host` is the first byte of the
+        // mapping, which covers `mapped_len` bytes and lives as long as `self`;
+        // `offset..offset+count` lies inside them; the slice borrows `self`.
+        Some(unsafe { VolatileSlice::new(self.host.0.add(offset.0 as usize), count) })
+    }
+
     /// Why `get_slice` at `offset` failed: an on-demand region, or out of bounds.
     #[cold]
     #[inline(never)]

@@ -30,8 +30,8 @@ mod error;
 mod pages;
 
 use std::cell::RefCell;
-use std::iter::FusedIterator;
 
+use direct::RequestSlices;
 use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::GuestMemorySliceIterator;
 use vm_memory::{
@@ -145,6 +145,8 @@ struct ScopeState {
     piece_buf: Vec<access::Piece>,
     maps: Vec<LiveMap>,
     tmp: Scratch,
+    /// Slices `get_slices` collected, until their iterators take them.
+    collected: direct::Collected,
 }
 
 /// Guest memory for the life of one request or batch. See the module docs.
@@ -318,6 +320,21 @@ impl<'t> RequestMemory<'t> {
     }
 }
 
+impl RequestMemory<'_> {
+    /// `get_slices` over a table with on-demand regions: out of line, so that the direct path
+    /// stays as small as vm-memory's.
+    #[inline(never)]
+    fn collected_slices(
+        &self,
+        addr: GuestAddress,
+        count: usize,
+        access: Permissions,
+    ) -> RequestSlices<'_> {
+        let buf = self.slices(addr, count, access);
+        RequestSlices::collected(&self.state, buf)
+    }
+}
+
 impl Drop for RequestMemory<'_> {
     #[inline]
     fn drop(&mut self) {
@@ -375,6 +392,7 @@ impl ScopeState {
         st.piece_buf.clear();
         st.maps.clear();
         st.tmp.clear();
+        st.collected.clear();
         let _ = STATES.try_with(|s| {
             let mut s = s.borrow_mut();
             // Keep a few ordinary ones; a scope that grew huge gives its memory back.
@@ -386,19 +404,6 @@ impl ScopeState {
 }
 
 type SliceResult<'a> = Result<VolatileSlice<'a>, GuestMemoryError>;
-
-/// The slices of one `get_slices` call; most calls have one, which needs no allocation.
-#[derive(Debug)]
-pub struct RequestSlices<'a>(Slices<'a>);
-
-/// Where a `get_slices` call's slices come from.
-#[derive(Debug)]
-enum Slices<'a> {
-    /// Fast path, a table without on-demand regions: straight from the table, lazily.
-    Direct(direct::DirectSlices<'a>),
-    /// Collected by `RequestMemory::slices`.
-    Buf(SliceBuf<'a>),
-}
 
 /// Slices collected for one access.
 #[derive(Debug)]
@@ -425,30 +430,6 @@ impl<'a> SliceBuf<'a> {
     }
 }
 
-impl<'a> Iterator for RequestSlices<'a> {
-    type Item = SliceResult<'a>;
-    #[inline]
-    fn next(&mut self) -> Option<Self::Item> {
-        let buf = match &mut self.0 {
-            Slices::Direct(d) => return d.next(),
-            Slices::Buf(b) => b,
-        };
-        match std::mem::replace(buf, SliceBuf::Empty) {
-            SliceBuf::Empty => None,
-            SliceBuf::One(s) => Some(s),
-            SliceBuf::Many(mut v) => {
-                let s = v.pop_front();
-                *buf = SliceBuf::Many(v);
-                s
-            }
-        }
-    }
-}
-
-impl FusedIterator for RequestSlices<'_> {}
-
-impl<'a> GuestMemorySliceIterator<'a, ()> for RequestSlices<'a> {}
-
 impl GuestMemory for RequestMemory<'_> {
     type PhysicalMemory = RegionTable;
     type Bitmap = ();
@@ -468,10 +449,8 @@ impl GuestMemory for RequestMemory<'_> {
         access: Permissions,
     ) -> vm_memory::guest_memory::Result<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
         if !self.table.has_on_demand() {
-            return Ok(RequestSlices(Slices::Direct(direct::DirectSlices::new(
-                self.table, addr, count,
-            ))));
+            return Ok(RequestSlices::direct(self.table, addr, count));
         }
-        Ok(RequestSlices(Slices::Buf(self.slices(addr, count, access))))
+        Ok(self.collected_slices(addr, count, access))
     }
 }
