@@ -26,23 +26,24 @@ use crate::table::RegionTable;
 
 /// The slices of one `get_slices` call: a slice per region (or per run of on-demand pages),
 /// then at most one error, after which it is exhausted.
+///
+/// Plain scalar fields, no enum: moved around whole (into [`OkSlices`], through vm-memory's
+/// adapters), an enum's payload went through the stack with mismatched load and store widths
+/// (store-forwarding stalls were the hottest instructions of `read_slice` over a scope).
 #[derive(Debug)]
 pub(crate) struct RequestSlices<'a> {
-    src: Source<'a>,
-    /// [`Source::Table`]: next guest address. [`Source::Collected`]: index of the next entry.
+    table: &'a RegionTable,
+    /// The scope's state, when the slices were collected there (a table with on-demand
+    /// regions); None: straight from `table`.
+    collected: Option<&'a RefCell<ScopeState>>,
+    /// From the table: next guest address. Collected: index of the next entry.
     cur: u64,
-    /// [`Source::Table`]: bytes left. [`Source::Collected`]: entries left. 0 when done.
+    /// From the table: bytes left below the top of the address space. Collected: entries
+    /// left. 0 when done.
     left: u64,
-}
-
-#[derive(Clone, Copy, Debug)]
-enum Source<'a> {
-    /// A table whose regions are all mapped in advance: slices straight from it.
-    Table(&'a RegionTable),
-    /// The scope's [`Collected`] list, for a table with on-demand regions.
-    Collected(&'a RefCell<ScopeState>),
-    /// The guest address overflowed with bytes left: yields that error.
-    Overflow,
+    /// The range runs past the top of the address space: once `left` is 0, one
+    /// `GuestAddressOverflow`.
+    overflow: bool,
 }
 
 impl<'a> RequestSlices<'a> {
@@ -50,58 +51,73 @@ impl<'a> RequestSlices<'a> {
     /// advance (computed as they are taken).
     #[inline(always)]
     pub(crate) fn direct(table: &'a RegionTable, addr: GuestAddress, count: usize) -> Self {
+        let count = count as u64;
+        let (left, overflow) = match addr.0.checked_add(count) {
+            Some(_) => (count, false),
+            // Bytes up to the top (`addr` is not 0 here); ending exactly at the top is fine.
+            None => (addr.0.wrapping_neg(), count != addr.0.wrapping_neg()),
+        };
         RequestSlices {
-            src: Source::Table(table),
+            table,
+            collected: None,
             cur: addr.0,
-            left: count as u64,
+            left,
+            overflow,
         }
     }
 
     /// The slices in `buf`, moved to the scope's [`Collected`] list in `state`.
-    pub(crate) fn collected(state: &'a RefCell<ScopeState>, buf: SliceBuf<'a>) -> Self {
+    pub(crate) fn collected(
+        table: &'a RegionTable,
+        state: &'a RefCell<ScopeState>,
+        buf: SliceBuf<'a>,
+    ) -> Self {
         let mut st = state.borrow_mut();
         let (cur, left) = st.collected.add(buf);
         RequestSlices {
-            src: Source::Collected(state),
+            table,
+            collected: Some(state),
             cur,
             left,
+            overflow: false,
         }
     }
 
-    /// The next slice; None at the end, or (with `left` not 0) at an error, which
-    /// [`RequestSlices::take_error`] then returns. The fast path builds no error: a lookup
-    /// either yields a slice or leaves the state as it was, so the error can be found again
-    /// out of line, and the slice stays in registers.
+    /// Whether [`RequestSlices::next_ok`]'s None was an error (for
+    /// [`RequestSlices::take_error`]) rather than the end.
+    #[inline(always)]
+    fn error_pending(&self) -> bool {
+        self.left != 0 || self.overflow
+    }
+
+    /// The next slice; None at the end, or (then [`RequestSlices::error_pending`]) at an
+    /// error, which [`RequestSlices::take_error`] returns. The fast path builds no error: a
+    /// lookup either yields a slice or leaves the state as it was, so the error can be found
+    /// again out of line, and the slice stays in registers.
     #[inline(always)]
     fn next_ok(&mut self) -> Option<VolatileSlice<'a>> {
         if self.left == 0 {
             return None;
         }
-        let Source::Table(table) = self.src else {
-            return self.next_ok_slow();
-        };
+        if self.collected.is_some() {
+            return self.next_collected();
+        }
         let cur = self.cur;
         // A call, as in vm-memory's own iterator (see `RegionTable::to_region_addr`).
-        let (region, off) = table.to_region_addr(GuestAddress(cur))?;
+        let (region, off) = self.table.to_region_addr(GuestAddress(cur))?;
         let n = (region.len() - off.0).min(self.left);
         let s = region.try_slice(off, n as usize)?;
         self.left -= n;
-        match cur.checked_add(n) {
-            Some(c) => self.cur = c,
-            None if self.left > 0 => self.src = Source::Overflow,
-            None => {}
-        }
+        // Wraps only to 0, at the end of the range (see `direct`).
+        self.cur = cur.wrapping_add(n);
         Some(s)
     }
 
-    /// [`RequestSlices::next_ok`] for the collected list and the overflow error.
+    /// [`RequestSlices::next_ok`] for collected slices.
     #[cold]
     #[inline(never)]
-    fn next_ok_slow(&mut self) -> Option<VolatileSlice<'a>> {
-        let Source::Collected(state) = self.src else {
-            return None;
-        };
-        let mut st = state.borrow_mut();
+    fn next_collected(&mut self) -> Option<VolatileSlice<'a>> {
+        let mut st = self.collected?.borrow_mut();
         // An error stays in the list for `take_error`.
         let s = st.collected.take_slice(self.cur)?;
         self.cur += 1;
@@ -109,14 +125,24 @@ impl<'a> RequestSlices<'a> {
         Some(s)
     }
 
-    /// The error that stopped [`RequestSlices::next_ok`] (with `left` not 0); ends the
-    /// iteration.
+    /// The error that stopped [`RequestSlices::next_ok`]; ends the iteration.
     #[cold]
     #[inline(never)]
     fn take_error(&mut self) -> GuestMemoryError {
         let cur = self.cur;
-        let e = match self.src {
-            Source::Table(table) => match table.to_region_addr(GuestAddress(cur)) {
+        let e = if self.left == 0 {
+            GuestMemoryError::GuestAddressOverflow
+        } else if let Some(state) = self.collected {
+            let e = state.borrow_mut().collected.take(cur);
+            self.cur += 1;
+            self.left -= 1;
+            match e {
+                Some(Err(e)) => e,
+                // Not reached: a missing entry would be our bug.
+                _ => GuestMemoryError::InvalidGuestAddress(GuestAddress(0)),
+            }
+        } else {
+            match self.table.to_region_addr(GuestAddress(cur)) {
                 None => GuestMemoryError::InvalidGuestAddress(GuestAddress(cur)),
                 Some((region, off)) => {
                     let n = (region.len() - off.0).min(self.left);
@@ -125,17 +151,6 @@ impl<'a> RequestSlices<'a> {
                         // Not reached: `next_ok` failed on this very lookup.
                         Ok(_) => GuestMemoryError::InvalidGuestAddress(GuestAddress(cur)),
                     }
-                }
-            },
-            Source::Overflow => GuestMemoryError::GuestAddressOverflow,
-            Source::Collected(state) => {
-                let e = state.borrow_mut().collected.take(cur);
-                self.cur += 1;
-                self.left -= 1;
-                match e {
-                    Some(Err(e)) => e,
-                    // Not reached: a missing entry would be our bug.
-                    _ => GuestMemoryError::InvalidGuestAddress(GuestAddress(0)),
                 }
             }
         };
@@ -147,12 +162,13 @@ impl<'a> RequestSlices<'a> {
     #[cold]
     #[inline(never)]
     fn stop(&mut self) {
-        if let Source::Collected(state) = self.src {
+        if let Some(state) = self.collected {
             if let Ok(mut st) = state.try_borrow_mut() {
                 st.collected.discard(self.cur, self.left);
             }
         }
         self.left = 0;
+        self.overflow = false;
     }
 }
 
@@ -163,7 +179,7 @@ impl<'a> Iterator for RequestSlices<'a> {
     fn next(&mut self) -> Option<SliceResult<'a>> {
         match self.next_ok() {
             Some(s) => Some(Ok(s)),
-            None if self.left == 0 => None,
+            None if !self.error_pending() => None,
             None => Some(Err(self.take_error())),
         }
     }
@@ -180,7 +196,7 @@ impl<'a> GuestMemorySliceIterator<'a, ()> for RequestSlices<'a> {
         mut self,
     ) -> Result<impl Iterator<Item = VolatileSlice<'a>>, GuestMemoryError> {
         let first = self.next_ok();
-        if first.is_none() && self.left != 0 {
+        if first.is_none() && self.error_pending() {
             return Err(self.take_error());
         }
         Ok(OkSlices { first, rest: self })
@@ -202,7 +218,7 @@ impl<'a> Iterator for OkSlices<'a> {
             return Some(s);
         }
         let s = self.rest.next_ok();
-        if s.is_none() && self.rest.left != 0 {
+        if s.is_none() && self.rest.error_pending() {
             self.rest.stop();
         }
         s

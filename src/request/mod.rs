@@ -331,7 +331,7 @@ impl RequestMemory<'_> {
         access: Permissions,
     ) -> RequestSlices<'_> {
         let buf = self.slices(addr, count, access);
-        RequestSlices::collected(&self.state, buf)
+        RequestSlices::collected(self.table, &self.state, buf)
     }
 }
 
