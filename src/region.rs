@@ -196,23 +196,21 @@ impl GuestMemoryRegion for XenRegion {
 }
 
 impl XenRegion {
-    /// `get_slice` without its error: None exactly where `get_slice` fails. For callers that
-    /// build the error out of line (the request scope's slice iterator), so that the slice
-    /// is returned in registers.
+    /// Where `get_slice(offset, count)` points, None exactly where it fails: for callers that
+    /// build the slice themselves and the error out of line (the request scope's slice
+    /// iterator), so that the fast path passes two words in registers.
     #[inline(always)]
-    pub(crate) fn try_slice(
+    pub(crate) fn host_range(
         &self,
         offset: MemoryRegionAddress,
         count: usize,
-    ) -> Option<VolatileSlice<'_, BS<'_, ()>>> {
+    ) -> Option<std::ptr::NonNull<u8>> {
         match offset.0.checked_add(count as u64) {
             Some(end) if end <= self.mapped_len && self.mapped_len != 0 => {}
             _ => return None,
         }
-        // SAFETY: as in `get_slice`: `mapped_len` is not 0, so `host` is the first byte of the
-        // mapping, which covers `mapped_len` bytes and lives as long as `self`;
-        // `offset..offset+count` lies inside them; the slice borrows `self`.
-        Some(unsafe { VolatileSlice::new(self.host.0.add(offset.0 as usize), count) })
+        // In bounds of the mapping (checked above), which is not null.
+        std::ptr::NonNull::new(self.host.0.wrapping_add(offset.0 as usize))
     }
 
     /// Why `get_slice` at `offset` failed: an on-demand region, or out of bounds.

@@ -15,6 +15,7 @@
 //! 0.8x of vm-memory.
 
 use std::cell::RefCell;
+use std::ptr::NonNull;
 
 use vm_memory::guest_memory::GuestMemorySliceIterator;
 use vm_memory::{
@@ -66,19 +67,19 @@ impl<'a> RequestSlices<'a> {
         }
     }
 
-    /// The slices in `buf`, moved to the scope's [`Collected`] list in `state`.
+    /// The slices collected in `state` at entries `first..first + count` (see
+    /// [`Collected::add`]).
+    #[inline(always)]
     pub(crate) fn collected(
         table: &'a RegionTable,
         state: &'a RefCell<ScopeState>,
-        buf: SliceBuf<'a>,
+        (first, count): (u64, u64),
     ) -> Self {
-        let mut st = state.borrow_mut();
-        let (cur, left) = st.collected.add(buf);
         RequestSlices {
             table,
             collected: Some(state),
-            cur,
-            left,
+            cur: first,
+            left: count,
             overflow: false,
         }
     }
@@ -91,11 +92,17 @@ impl<'a> RequestSlices<'a> {
     }
 
     /// The next slice; None at the end, or (then [`RequestSlices::error_pending`]) at an
-    /// error, which [`RequestSlices::take_error`] returns. The fast path builds no error: a
-    /// lookup either yields a slice or leaves the state as it was, so the error can be found
-    /// again out of line, and the slice stays in registers.
+    /// error, which [`RequestSlices::take_error`] returns.
     #[inline(always)]
     fn next_ok(&mut self) -> Option<VolatileSlice<'a>> {
+        self.next_raw().map(slice)
+    }
+
+    /// [`RequestSlices::next_ok`] as (address, length). The fast path builds no error: a
+    /// lookup either yields a range or leaves the state as it was, so the error can be found
+    /// again out of line, and the range stays in registers.
+    #[inline(always)]
+    fn next_raw(&mut self) -> Option<Raw> {
         if self.left == 0 {
             return None;
         }
@@ -106,23 +113,23 @@ impl<'a> RequestSlices<'a> {
         // A call, as in vm-memory's own iterator (see `RegionTable::to_region_addr`).
         let (region, off) = self.table.to_region_addr(GuestAddress(cur))?;
         let n = (region.len() - off.0).min(self.left);
-        let s = region.try_slice(off, n as usize)?;
+        let p = region.host_range(off, n as usize)?;
         self.left -= n;
         // Wraps only to 0, at the end of the range (see `direct`).
         self.cur = cur.wrapping_add(n);
-        Some(s)
+        Some((p, n as usize))
     }
 
     /// [`RequestSlices::next_ok`] for collected slices.
     #[cold]
     #[inline(never)]
-    fn next_collected(&mut self) -> Option<VolatileSlice<'a>> {
+    fn next_collected(&mut self) -> Option<Raw> {
         let mut st = self.collected?.borrow_mut();
         // An error stays in the list for `take_error`.
         let s = st.collected.take_slice(self.cur)?;
         self.cur += 1;
         self.left -= 1;
-        Some(s)
+        Some((NonNull::new(s.ptr_guard_mut().as_ptr())?, s.len()))
     }
 
     /// The error that stopped [`RequestSlices::next_ok`]; ends the iteration.
@@ -172,6 +179,18 @@ impl<'a> RequestSlices<'a> {
     }
 }
 
+/// A slice's address and length.
+type Raw = (NonNull<u8>, usize);
+
+/// The slice of a [`Raw`] range from [`RequestSlices::next_raw`].
+#[inline(always)]
+fn slice<'a>((p, n): Raw) -> VolatileSlice<'a> {
+    // SAFETY: `next_raw` returns only ranges of `'a` slices: `n` bytes inside a region's
+    // mapping (bounds checked by `XenRegion::host_range`), which lives as long as the table
+    // the iterator borrows for `'a`, or the range of a slice the scope collected for `'a`.
+    unsafe { VolatileSlice::new(p.as_ptr(), n) }
+}
+
 impl<'a> Iterator for RequestSlices<'a> {
     type Item = SliceResult<'a>;
 
@@ -195,7 +214,7 @@ impl<'a> GuestMemorySliceIterator<'a, ()> for RequestSlices<'a> {
     fn stop_on_error(
         mut self,
     ) -> Result<impl Iterator<Item = VolatileSlice<'a>>, GuestMemoryError> {
-        let first = self.next_ok();
+        let first = self.next_raw();
         if first.is_none() && self.error_pending() {
             return Err(self.take_error());
         }
@@ -205,7 +224,9 @@ impl<'a> GuestMemorySliceIterator<'a, ()> for RequestSlices<'a> {
 
 /// The slices of a [`RequestSlices`] up to its first error.
 struct OkSlices<'a> {
-    first: Option<VolatileSlice<'a>>,
+    /// The first slice, taken to see whether it is an error (two words, not a slice: kept
+    /// in registers where vm-memory's loops run).
+    first: Option<Raw>,
     rest: RequestSlices<'a>,
 }
 
@@ -214,14 +235,14 @@ impl<'a> Iterator for OkSlices<'a> {
 
     #[inline(always)]
     fn next(&mut self) -> Option<VolatileSlice<'a>> {
-        if let Some(s) = self.first.take() {
-            return Some(s);
+        if let Some(r) = self.first.take() {
+            return Some(slice(r));
         }
-        let s = self.rest.next_ok();
-        if s.is_none() && self.rest.error_pending() {
+        let r = self.rest.next_raw();
+        if r.is_none() && self.rest.error_pending() {
             self.rest.stop();
         }
-        s
+        r.map(slice)
     }
 }
 
@@ -240,7 +261,7 @@ pub(crate) struct Collected {
 
 impl Collected {
     /// Appends the slices of `buf`; returns their first index and count.
-    fn add(&mut self, buf: SliceBuf<'_>) -> (u64, u64) {
+    pub(crate) fn add(&mut self, buf: SliceBuf<'_>) -> (u64, u64) {
         if self.taken == self.entries.len() {
             self.entries.clear();
             self.taken = 0;

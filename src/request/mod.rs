@@ -321,17 +321,13 @@ impl<'t> RequestMemory<'t> {
 }
 
 impl RequestMemory<'_> {
-    /// `get_slices` over a table with on-demand regions: out of line, so that the direct path
-    /// stays as small as vm-memory's.
+    /// `get_slices` over a table with on-demand regions: collects the slices in the scope's
+    /// list and returns where (first entry, count). Out of line and returning two words in
+    /// registers, so that the direct path stays as small as vm-memory's.
     #[inline(never)]
-    fn collected_slices(
-        &self,
-        addr: GuestAddress,
-        count: usize,
-        access: Permissions,
-    ) -> RequestSlices<'_> {
+    fn collect_slices(&self, addr: GuestAddress, count: usize, access: Permissions) -> (u64, u64) {
         let buf = self.slices(addr, count, access);
-        RequestSlices::collected(self.table, &self.state, buf)
+        self.state.borrow_mut().collected.add(buf)
     }
 }
 
@@ -451,6 +447,7 @@ impl GuestMemory for RequestMemory<'_> {
         if !self.table.has_on_demand() {
             return Ok(RequestSlices::direct(self.table, addr, count));
         }
-        Ok(self.collected_slices(addr, count, access))
+        let at = self.collect_slices(addr, count, access);
+        Ok(RequestSlices::collected(self.table, &self.state, at))
     }
 }
