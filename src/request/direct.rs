@@ -106,8 +106,11 @@ impl<'a> RequestSlices<'a> {
         if self.left == 0 {
             return None;
         }
-        if self.collected.is_some() {
-            return self.next_collected();
+        if let Some(state) = self.collected {
+            let r = next_collected(state, self.cur)?;
+            self.cur += 1;
+            self.left -= 1;
+            return Some(r);
         }
         let cur = self.cur;
         // A call, as in vm-memory's own iterator (see `RegionTable::to_region_addr`).
@@ -120,62 +123,79 @@ impl<'a> RequestSlices<'a> {
         Some((p, n as usize))
     }
 
-    /// [`RequestSlices::next_ok`] for collected slices.
-    #[cold]
-    #[inline(never)]
-    fn next_collected(&mut self) -> Option<Raw> {
-        let mut st = self.collected?.borrow_mut();
-        // An error stays in the list for `take_error`.
-        let s = st.collected.take_slice(self.cur)?;
-        self.cur += 1;
-        self.left -= 1;
-        Some((NonNull::new(s.ptr_guard_mut().as_ptr())?, s.len()))
-    }
-
-    /// The error that stopped [`RequestSlices::next_ok`]; ends the iteration.
-    #[cold]
-    #[inline(never)]
+    /// The error that stopped [`RequestSlices::next_ok`]; ends the iteration. Inline, with
+    /// the work in functions taking the fields by value: a `&mut self` call, even a cold
+    /// one, puts the iterator in memory, and every move of it then stalls on store
+    /// forwarding.
+    #[inline(always)]
     fn take_error(&mut self) -> GuestMemoryError {
-        let cur = self.cur;
-        let e = if self.left == 0 {
-            GuestMemoryError::GuestAddressOverflow
-        } else if let Some(state) = self.collected {
-            let e = state.borrow_mut().collected.take(cur);
-            self.cur += 1;
-            self.left -= 1;
-            match e {
-                Some(Err(e)) => e,
-                // Not reached: a missing entry would be our bug.
-                _ => GuestMemoryError::InvalidGuestAddress(GuestAddress(0)),
-            }
-        } else {
-            match self.table.to_region_addr(GuestAddress(cur)) {
-                None => GuestMemoryError::InvalidGuestAddress(GuestAddress(cur)),
-                Some((region, off)) => {
-                    let n = (region.len() - off.0).min(self.left);
-                    match region.get_slice(off, n as usize) {
-                        Err(e) => e,
-                        // Not reached: `next_ok` failed on this very lookup.
-                        Ok(_) => GuestMemoryError::InvalidGuestAddress(GuestAddress(cur)),
-                    }
-                }
-            }
+        let e = match self.collected {
+            _ if self.left == 0 => GuestMemoryError::GuestAddressOverflow,
+            Some(state) => collected_error(state, self.cur, self.left),
+            None => table_error(self.table, self.cur, self.left),
         };
-        self.stop();
+        self.left = 0;
+        self.overflow = false;
         e
     }
 
     /// Ends the iteration, giving back the collected entries not taken.
-    #[cold]
-    #[inline(never)]
+    #[inline(always)]
     fn stop(&mut self) {
         if let Some(state) = self.collected {
-            if let Ok(mut st) = state.try_borrow_mut() {
-                st.collected.discard(self.cur, self.left);
-            }
+            discard(state, self.cur, self.left);
         }
         self.left = 0;
         self.overflow = false;
+    }
+}
+
+/// [`RequestSlices::next_raw`] for collected slices: entry `i`, None if it is an error (left
+/// in the list for [`collected_error`]).
+#[cold]
+#[inline(never)]
+fn next_collected(state: &RefCell<ScopeState>, i: u64) -> Option<Raw> {
+    let s = state.borrow_mut().collected.take_slice(i)?;
+    Some((NonNull::new(s.ptr_guard_mut().as_ptr())?, s.len()))
+}
+
+/// The error at collected entry `i`, giving back the `left - 1` entries after it.
+#[cold]
+#[inline(never)]
+fn collected_error(state: &RefCell<ScopeState>, i: u64, left: u64) -> GuestMemoryError {
+    let mut st = state.borrow_mut();
+    let e = st.collected.take(i);
+    st.collected.discard(i + 1, left - 1);
+    match e {
+        Some(Err(e)) => e,
+        // Not reached: a missing entry would be our bug.
+        _ => GuestMemoryError::InvalidGuestAddress(GuestAddress(0)),
+    }
+}
+
+/// Why the table yields no slice at `cur` (`left` bytes asked for).
+#[cold]
+#[inline(never)]
+fn table_error(table: &RegionTable, cur: u64, left: u64) -> GuestMemoryError {
+    match table.to_region_addr(GuestAddress(cur)) {
+        None => GuestMemoryError::InvalidGuestAddress(GuestAddress(cur)),
+        Some((region, off)) => {
+            let n = (region.len() - off.0).min(left);
+            match region.get_slice(off, n as usize) {
+                Err(e) => e,
+                // Not reached: `next_raw` failed on this very lookup.
+                Ok(_) => GuestMemoryError::InvalidGuestAddress(GuestAddress(cur)),
+            }
+        }
+    }
+}
+
+/// Gives back `n` collected entries from `i` that their iterator did not take.
+#[cold]
+#[inline(never)]
+fn discard(state: &RefCell<ScopeState>, i: u64, n: u64) {
+    if let Ok(mut st) = state.try_borrow_mut() {
+        st.collected.discard(i, n);
     }
 }
 
