@@ -95,17 +95,22 @@ impl RegionTable {
     /// when the regions overlap or mix devices, the error is the one inserting them one by
     /// one in the given order reports ([`RegionTable::insert`]).
     pub fn from_regions(regions: Vec<XenRegion>) -> Result<Self, TableError> {
-        let mut sorted: Vec<Arc<XenRegion>> = regions.into_iter().map(Arc::new).collect();
-        let input = sorted.clone();
-        sorted.sort_by_key(|r| r.descriptor().guest_phys_addr);
-        let disjoint = sorted
-            .windows(2)
-            .all(|w| w[0].descriptor().last_addr() < w[1].descriptor().guest_phys_addr);
-        let mut devices = sorted.iter().filter_map(|r| xen_handle(r));
+        let input: Vec<Arc<XenRegion>> = regions.into_iter().map(Arc::new).collect();
+        let disjoint = |rs: &[Arc<XenRegion>]| {
+            rs.windows(2)
+                .all(|w| w[0].descriptor().last_addr() < w[1].descriptor().guest_phys_addr)
+        };
+        let mut devices = input.iter().filter_map(|r| xen_handle(r));
         let one_device = devices
             .next()
             .is_none_or(|first| devices.all(|d| d.same_device(first)));
-        if disjoint && one_device {
+        // Given sorted (as a frontend sends them, or a table's own list): built as given.
+        if one_device && disjoint(&input) {
+            return Ok(Self::build(input));
+        }
+        let mut sorted = input.clone();
+        sorted.sort_by_key(|r| r.descriptor().guest_phys_addr);
+        if one_device && disjoint(&sorted) {
             drop(input);
             return Ok(Self::build(sorted));
         }
@@ -267,10 +272,14 @@ impl Buckets {
         let bits = u64::BITS - span.leading_zeros();
         let shift = bits.saturating_sub(want);
         let buckets = (span >> shift) as usize + 1;
+        // Boundaries rise with `b`, so one sweep finds them all (as a partition point each).
+        let mut p = 0;
         let first = (0..=buckets)
             .map(|b| {
                 let at = base.saturating_add((b as u64) << shift);
-                let p = spans.partition_point(|&(first, _)| first <= at);
+                while spans.get(p).is_some_and(|&(first, _)| first <= at) {
+                    p += 1;
+                }
                 p.saturating_sub(1) as u32
             })
             .collect();
