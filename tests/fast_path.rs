@@ -1,7 +1,8 @@
-//! The request scope's slice iterator: over a table without on-demand regions it yields what
-//! the table's own (vm-memory's) iterator yields; over on-demand regions its slices stay
-//! right when iterators interleave or are dropped half-way, however many accesses a scope
-//! makes.
+//! The in-advance fast path keeps behaviour: the request scope's slice iterator over a table
+//! without on-demand regions yields what the table's own (vm-memory's) iterator yields; over
+//! on-demand regions its slices stay right when iterators interleave or are dropped half-way,
+//! however many accesses a scope makes; regions built with one file-length lookup per file
+//! are refused past the end of their file as with a lookup each.
 
 use vm_memory::guest_memory::GuestMemorySliceIterator;
 use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend, Permissions};
@@ -168,4 +169,70 @@ fn on_demand_slices_survive_interleaving_and_early_drops() {
     assert!(items[1].is_err(), "{items:?}");
     scope.finish().expect("finish");
     sim.assert_nothing_mapped();
+}
+
+fn memfd(len: u64) -> std::fs::File {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a NUL-terminated name; the result is checked.
+    let fd = unsafe { libc::memfd_create(c"fast-path".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create");
+    // SAFETY: a fresh descriptor nobody else owns.
+    let f = unsafe { std::fs::File::from_raw_fd(fd) };
+    f.set_len(len).expect("set_len");
+    f
+}
+
+#[test]
+fn file_lengths_looked_up_once_still_refuse_regions_past_the_end() {
+    use xen_vhost_mem::backend::BackendError;
+    use xen_vhost_mem::region::RegionError;
+    use xen_vhost_mem::FileLengths;
+    let (a, b) = (memfd(0x4000), memfd(0x1000));
+    let mut files = FileLengths::new();
+    let desc = |gpa: u64, size: u64, offset: u64| RegionDescriptor {
+        guest_phys_addr: gpa,
+        size,
+        userspace_addr: 0x7f00_0000_0000 + gpa,
+        mmap_offset: offset,
+        kind: RegionKind::Unix,
+    };
+    let r0 =
+        XenRegion::new_with_files(desc(0, 0x2000, 0), Some(&a), None, &mut files).expect("fits");
+    let r1 = XenRegion::new_with_files(desc(0x2000, 0x2000, 0x2000), Some(&a), None, &mut files)
+        .expect("fits");
+    // Each file's own length, however the lookups interleave.
+    let past =
+        XenRegion::new_with_files(desc(0x10_0000, 0x3000, 0x800), Some(&b), None, &mut files);
+    assert!(
+        matches!(
+            past,
+            Err(RegionError::Backend(BackendError::UnixBeyondFile {
+                gpa: 0x10_0000,
+                size: 0x3000,
+                offset: 0x800,
+                file_len: 0x1000,
+            }))
+        ),
+        "{past:?}"
+    );
+    let past = XenRegion::new_with_files(desc(0x8000, 0x1000, 0x3800), Some(&a), None, &mut files);
+    assert!(
+        matches!(
+            past,
+            Err(RegionError::Backend(BackendError::UnixBeyondFile {
+                file_len: 0x4000,
+                ..
+            }))
+        ),
+        "{past:?}"
+    );
+    let table = RegionTable::from_regions(vec![r0, r1]).expect("table");
+    table
+        .write_slice(b"both halves", GuestAddress(0x1ffa))
+        .expect("write");
+    let mut back = [0u8; 11];
+    table
+        .read_slice(&mut back, GuestAddress(0x1ffa))
+        .expect("read");
+    assert_eq!(&back, b"both halves");
 }
