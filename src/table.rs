@@ -231,11 +231,25 @@ impl RegionTable {
     fn index_of(&self, addr: u64) -> Option<usize> {
         let (lo, hi) = self.buckets.range(addr, self.spans.len());
         let candidates = self.spans.get(lo..hi)?;
-        let i = candidates
-            .partition_point(|&(first, _)| first <= addr)
-            .checked_sub(1)?;
-        let &(_, last) = candidates.get(i)?;
-        (addr <= last).then_some(lo + i)
+        // The last candidate starting at or before `addr`. A bucket leaves one to three
+        // candidates (a table of up to 8 regions has no buckets): stepping through them is a
+        // compare or two where a binary search is a loop; skewed buckets search.
+        let i = if candidates.len() <= 4 {
+            let mut i = 0;
+            while candidates
+                .get(i + 1)
+                .is_some_and(|&(first, _)| first <= addr)
+            {
+                i += 1;
+            }
+            i
+        } else {
+            candidates
+                .partition_point(|&(first, _)| first <= addr)
+                .checked_sub(1)?
+        };
+        let &(first, last) = candidates.get(i)?;
+        (first <= addr && addr <= last).then_some(lo + i)
     }
 }
 
