@@ -61,6 +61,8 @@ pub struct RegionTable {
     regions: Vec<Arc<XenRegion>>,
     /// `(first, last)` guest address of each region, in the same order: the lookup searches
     /// this flat list instead of dereferencing each region's separate allocation.
+    /// Followed by [`SENTINELS`] entries starting at `u64::MAX`, so a lookup can always read
+    /// the two spans after a candidate.
     spans: Vec<(u64, u64)>,
     /// Narrows the search in tables of many regions.
     buckets: Buckets,
@@ -77,12 +79,15 @@ impl RegionTable {
 
     /// The table of `regions`, already sorted, non-overlapping and on one device.
     fn build(regions: Vec<Arc<XenRegion>>) -> Self {
-        let spans: Vec<(u64, u64)> = regions
-            .iter()
-            .map(|r| (r.descriptor().guest_phys_addr, r.descriptor().last_addr()))
-            .collect();
-        let on_demand = regions.iter().any(|r| r.on_demand_domid().is_some());
+        let mut spans: Vec<(u64, u64)> = Vec::with_capacity(regions.len() + SENTINELS);
+        spans.extend(
+            regions
+                .iter()
+                .map(|r| (r.descriptor().guest_phys_addr, r.descriptor().last_addr())),
+        );
         let buckets = Buckets::new(&spans);
+        spans.extend([(u64::MAX, 0); SENTINELS]);
+        let on_demand = regions.iter().any(|r| r.on_demand_domid().is_some());
         RegionTable {
             regions,
             spans,
@@ -229,29 +234,44 @@ impl RegionTable {
     /// Index of the region holding `addr`.
     #[inline]
     fn index_of(&self, addr: u64) -> Option<usize> {
-        let (lo, hi) = self.buckets.range(addr, self.spans.len());
-        let candidates = self.spans.get(lo..hi)?;
-        // The last candidate starting at or before `addr`. A bucket leaves one to three
-        // candidates (a table of up to 8 regions has no buckets): stepping through them is a
-        // compare or two where a binary search is a loop; skewed buckets search.
-        let i = if candidates.len() <= 4 {
-            let mut i = 0;
-            while candidates
-                .get(i + 1)
-                .is_some_and(|&(first, _)| first <= addr)
+        let n = self.regions.len();
+        let (lo, hi) = self.buckets.range(addr, n);
+        // The last candidate starting at or before `addr`.
+        let i = if self.buckets.is_empty() && n <= 4 {
+            // A small table (one to four regions, as most frontends send): stepped through;
+            // its accesses go to a few regions in patterns the branch predictor learns.
+            let mut i = lo;
+            while i + 1 < hi
+                && self
+                    .spans
+                    .get(i + 1)
+                    .is_some_and(|&(first, _)| first <= addr)
             {
                 i += 1;
             }
             i
+        } else if hi - lo <= 3 {
+            // A bucket leaves one to three candidates: counted without a branch, as the two
+            // spans after `lo` that start at or before `addr` (spans past `hi` start past
+            // `addr`; the sentinels past the last region never do). A branch here mispredicted
+            // on every other access spread over many regions.
+            let starts = |j: usize| self.spans.get(j).is_some_and(|&(first, _)| first <= addr);
+            lo + usize::from(starts(lo + 1)) + usize::from(starts(lo + 2))
         } else {
-            candidates
+            // Skewed buckets, tables of 5 to 8 regions.
+            lo + self
+                .spans
+                .get(lo..hi)?
                 .partition_point(|&(first, _)| first <= addr)
                 .checked_sub(1)?
         };
-        let &(first, last) = candidates.get(i)?;
-        (first <= addr && addr <= last).then_some(lo + i)
+        let &(first, last) = self.spans.get(i)?;
+        (i < n && first <= addr && addr <= last).then_some(i)
     }
 }
+
+/// Entries past the last span (see `RegionTable::spans`).
+const SENTINELS: usize = 2;
 
 /// Tables of more than this many regions get [`Buckets`]; smaller ones are searched whole.
 const BUCKETS_FROM: usize = 8;
@@ -298,6 +318,12 @@ impl Buckets {
             })
             .collect();
         Buckets { base, shift, first }
+    }
+
+    /// Whether the table is small enough to go without buckets.
+    #[inline]
+    fn is_empty(&self) -> bool {
+        self.first.is_empty()
     }
 
     /// The index range of `spans` (of `len` regions) that can hold `addr`.
