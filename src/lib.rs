@@ -61,7 +61,7 @@ pub mod xen_page;
 
 pub use descriptor::{DescriptorError, GrantMapping, RegionDescriptor, RegionKind, WireRegion};
 pub use device::{real::RealXen, XenDriver, XenHandle};
-pub use region::XenRegion;
+pub use region::{FileLengths, XenRegion};
 pub use request::{RequestError, RequestMemory, Strategy, WritableBuffers};
 pub use table::RegionTable;
 pub use xen_flags::XenMmapFlags;

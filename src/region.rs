@@ -11,7 +11,7 @@ use vm_memory::{
 
 use crate::backend::foreign::map_foreign_region;
 use crate::backend::grant::map_grant_region;
-use crate::backend::unix::map_unix;
+use crate::backend::unix::{map_unix, FileLen};
 use crate::backend::{BackendError, HostMapping};
 use crate::descriptor::{GrantMapping, RegionDescriptor, RegionKind};
 use crate::device::XenHandle;
@@ -42,6 +42,34 @@ pub struct OnDemandAccess {
     pub gpa: u64,
     /// The region's domain.
     pub domid: u16,
+}
+
+/// The lengths of the files regions are built from, each looked up once
+/// ([`XenRegion::new_with_files`]). It borrows the files, so none of them can be closed (and
+/// its descriptor number reused for another file) while it holds their lengths; a file
+/// truncated after its lookup is caught no better or worse than after a lookup per region.
+#[derive(Debug, Default)]
+pub struct FileLengths<'f> {
+    seen: Vec<(&'f File, FileLen)>,
+}
+
+impl<'f> FileLengths<'f> {
+    /// No file looked up yet.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// `f`'s length: looked up the first time, remembered after.
+    fn of(&mut self, f: &'f File) -> std::io::Result<FileLen> {
+        use std::os::fd::AsRawFd;
+        let fd = f.as_raw_fd();
+        if let Some(&(_, len)) = self.seen.iter().find(|(g, _)| g.as_raw_fd() == fd) {
+            return Ok(len);
+        }
+        let len = FileLen::of(f)?;
+        self.seen.push((f, len));
+        Ok(len)
+    }
 }
 
 /// A region of the guest memory map.
@@ -80,11 +108,45 @@ impl XenRegion {
         file: Option<&File>,
         dev: Option<&XenHandle>,
     ) -> Result<Self, RegionError> {
+        Self::build(desc, file, dev, None)
+    }
+
+    /// As [`XenRegion::new`], looking the file's length up in `files` (once per file for all
+    /// the regions built with the same `files`), for a table of many regions of one file:
+    /// the check that a UNIX region fits its file stays, without one system call per region.
+    pub fn new_with_files<'f>(
+        desc: RegionDescriptor,
+        file: Option<&'f File>,
+        dev: Option<&XenHandle>,
+        files: &mut FileLengths<'f>,
+    ) -> Result<Self, RegionError> {
+        Self::build(desc, file, dev, Some(files))
+    }
+
+    fn build<'f>(
+        desc: RegionDescriptor,
+        file: Option<&'f File>,
+        dev: Option<&XenHandle>,
+        files: Option<&mut FileLengths<'f>>,
+    ) -> Result<Self, RegionError> {
         desc.check()?;
         let (gpa, size) = (desc.guest_phys_addr, desc.size);
         let need_dev = || dev.ok_or(RegionError::NoDevice { gpa });
         let mapping = match desc.kind {
-            RegionKind::Unix => Some(map_unix(gpa, size, file, desc.mmap_offset)?),
+            RegionKind::Unix => {
+                let known = match (file, files) {
+                    (Some(f), Some(files)) => {
+                        Some(files.of(f).map_err(|source| BackendError::UnixMmap {
+                            gpa,
+                            size,
+                            offset: desc.mmap_offset,
+                            source,
+                        })?)
+                    }
+                    _ => None,
+                };
+                Some(map_unix(gpa, size, file, desc.mmap_offset, known)?)
+            }
             RegionKind::Foreign { domid } => {
                 Some(map_foreign_region(need_dev()?, domid, gpa, size)?)
             }
@@ -196,6 +258,23 @@ impl GuestMemoryRegion for XenRegion {
 }
 
 impl XenRegion {
+    /// Where `get_slice(offset, count)` points, None exactly where it fails: for callers that
+    /// build the slice themselves and the error out of line (the request scope's slice
+    /// iterator), so that the fast path passes two words in registers.
+    #[inline(always)]
+    pub(crate) fn host_range(
+        &self,
+        offset: MemoryRegionAddress,
+        count: usize,
+    ) -> Option<std::ptr::NonNull<u8>> {
+        match offset.0.checked_add(count as u64) {
+            Some(end) if end <= self.mapped_len && self.mapped_len != 0 => {}
+            _ => return None,
+        }
+        // In bounds of the mapping (checked above), which is not null.
+        std::ptr::NonNull::new(self.host.0.wrapping_add(offset.0 as usize))
+    }
+
     /// Why `get_slice` at `offset` failed: an on-demand region, or out of bounds.
     #[cold]
     #[inline(never)]

@@ -76,6 +76,8 @@ pub struct RegionTable {
     regions: Vec<Arc<XenRegion>>,
     /// `(first, last)` guest address of each region, in the same order: the lookup searches
     /// this flat list instead of dereferencing each region's separate allocation.
+    /// Followed by [`SENTINELS`] entries starting at `u64::MAX`, so a lookup can always read
+    /// the two spans after a candidate.
     spans: Vec<(u64, u64)>,
     /// Narrows the search in tables of many regions.
     buckets: Buckets,
@@ -92,12 +94,15 @@ impl RegionTable {
 
     /// The table of `regions`, already sorted, non-overlapping and on one device.
     fn build(regions: Vec<Arc<XenRegion>>) -> Self {
-        let spans: Vec<(u64, u64)> = regions
-            .iter()
-            .map(|r| (r.descriptor().guest_phys_addr, r.descriptor().last_addr()))
-            .collect();
-        let on_demand = regions.iter().any(|r| r.on_demand_domid().is_some());
+        let mut spans: Vec<(u64, u64)> = Vec::with_capacity(regions.len() + SENTINELS);
+        spans.extend(
+            regions
+                .iter()
+                .map(|r| (r.descriptor().guest_phys_addr, r.descriptor().last_addr())),
+        );
         let buckets = Buckets::new(&spans);
+        spans.extend([(u64::MAX, 0); SENTINELS]);
+        let on_demand = regions.iter().any(|r| r.on_demand_domid().is_some());
         RegionTable {
             regions,
             spans,
@@ -111,22 +116,27 @@ impl RegionTable {
     /// is the one inserting them one by
     /// one in the given order reports ([`RegionTable::insert`]).
     pub fn from_regions(regions: Vec<XenRegion>) -> Result<Self, TableError> {
-        let mut sorted: Vec<Arc<XenRegion>> = regions.into_iter().map(Arc::new).collect();
-        let input = sorted.clone();
-        sorted.sort_by_key(|r| r.descriptor().guest_phys_addr);
-        let disjoint = sorted
-            .windows(2)
-            .all(|w| w[0].descriptor().last_addr() < w[1].descriptor().guest_phys_addr);
-        let mut devices = sorted.iter().filter_map(|r| xen_handle(r));
+        let input: Vec<Arc<XenRegion>> = regions.into_iter().map(Arc::new).collect();
+        let disjoint = |rs: &[Arc<XenRegion>]| {
+            rs.windows(2)
+                .all(|w| w[0].descriptor().last_addr() < w[1].descriptor().guest_phys_addr)
+        };
+        let mut devices = input.iter().filter_map(|r| xen_handle(r));
         let one_device = devices
             .next()
             .is_none_or(|first| devices.all(|d| d.same_device(first)));
-        let in_advance: u64 = sorted
+        let in_advance: u64 = input
             .iter()
             .map(|r| r.descriptor().in_advance_grant_pages())
             .sum();
-        let in_advance_ok = in_advance <= crate::descriptor::MAX_IN_ADVANCE_GRANT_PAGES_TOTAL;
-        if disjoint && one_device && in_advance_ok {
+        let ok = one_device && in_advance <= crate::descriptor::MAX_IN_ADVANCE_GRANT_PAGES_TOTAL;
+        // Given sorted (as a frontend sends them, or a table's own list): built as given.
+        if ok && disjoint(&input) {
+            return Ok(Self::build(input));
+        }
+        let mut sorted = input.clone();
+        sorted.sort_by_key(|r| r.descriptor().guest_phys_addr);
+        if ok && disjoint(&sorted) {
             drop(input);
             return Ok(Self::build(sorted));
         }
@@ -276,15 +286,44 @@ impl RegionTable {
     /// Index of the region holding `addr`.
     #[inline]
     fn index_of(&self, addr: u64) -> Option<usize> {
-        let (lo, hi) = self.buckets.range(addr, self.spans.len());
-        let candidates = self.spans.get(lo..hi)?;
-        let i = candidates
-            .partition_point(|&(first, _)| first <= addr)
-            .checked_sub(1)?;
-        let &(_, last) = candidates.get(i)?;
-        (addr <= last).then_some(lo + i)
+        let n = self.regions.len();
+        let (lo, hi) = self.buckets.range(addr, n);
+        // The last candidate starting at or before `addr`.
+        let i = if self.buckets.is_empty() && n <= 4 {
+            // A small table (one to four regions, as most frontends send): stepped through;
+            // its accesses go to a few regions in patterns the branch predictor learns.
+            let mut i = lo;
+            while i + 1 < hi
+                && self
+                    .spans
+                    .get(i + 1)
+                    .is_some_and(|&(first, _)| first <= addr)
+            {
+                i += 1;
+            }
+            i
+        } else if hi - lo <= 3 {
+            // A bucket leaves one to three candidates: counted without a branch, as the two
+            // spans after `lo` that start at or before `addr` (spans past `hi` start past
+            // `addr`; the sentinels past the last region never do). A branch here mispredicted
+            // on every other access spread over many regions.
+            let starts = |j: usize| self.spans.get(j).is_some_and(|&(first, _)| first <= addr);
+            lo + usize::from(starts(lo + 1)) + usize::from(starts(lo + 2))
+        } else {
+            // Skewed buckets, tables of 5 to 8 regions.
+            lo + self
+                .spans
+                .get(lo..hi)?
+                .partition_point(|&(first, _)| first <= addr)
+                .checked_sub(1)?
+        };
+        let &(first, last) = self.spans.get(i)?;
+        (i < n && first <= addr && addr <= last).then_some(i)
     }
 }
+
+/// Entries past the last span (see `RegionTable::spans`).
+const SENTINELS: usize = 2;
 
 /// Tables of more than this many regions get [`Buckets`]; smaller ones are searched whole.
 const BUCKETS_FROM: usize = 8;
@@ -319,14 +358,24 @@ impl Buckets {
         let bits = u64::BITS - span.leading_zeros();
         let shift = bits.saturating_sub(want);
         let buckets = (span >> shift) as usize + 1;
+        // Boundaries rise with `b`, so one sweep finds them all (as a partition point each).
+        let mut p = 0;
         let first = (0..=buckets)
             .map(|b| {
                 let at = base.saturating_add((b as u64) << shift);
-                let p = spans.partition_point(|&(first, _)| first <= at);
+                while spans.get(p).is_some_and(|&(first, _)| first <= at) {
+                    p += 1;
+                }
                 p.saturating_sub(1) as u32
             })
             .collect();
         Buckets { base, shift, first }
+    }
+
+    /// Whether the table is small enough to go without buckets.
+    #[inline]
+    fn is_empty(&self) -> bool {
+        self.first.is_empty()
     }
 
     /// The index range of `spans` (of `len` regions) that can hold `addr`.

@@ -24,7 +24,9 @@ use virtio_queue::{DescriptorChain, Queue, QueueT, Reader, Writer};
 use vm_memory::{
     Address, Bytes, FileOffset, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap,
 };
-use xen_vhost_mem::{RegionDescriptor, RegionKind, RegionTable, RequestMemory, XenRegion};
+use xen_vhost_mem::{
+    FileLengths, RegionDescriptor, RegionKind, RegionTable, RequestMemory, XenRegion,
+};
 
 use crate::{BlockWorkload, WorkloadError, DATA_LEN, HEADER_LEN};
 
@@ -67,16 +69,24 @@ pub fn memfd(size: u64) -> Result<File, BoxError> {
     Ok(f)
 }
 
-/// A UNIX region of `file`.
-pub fn unix_region(file: &File, gpa: u64, size: u64, offset: u64) -> Result<XenRegion, BoxError> {
-    let desc = RegionDescriptor {
+/// The descriptor of a UNIX region at `gpa` of `size` bytes, from `offset` of its file.
+pub fn unix_desc(gpa: u64, size: u64, offset: u64) -> RegionDescriptor {
+    RegionDescriptor {
         guest_phys_addr: gpa,
         size,
         userspace_addr: 0x7f00_0000_0000 + gpa,
         mmap_offset: offset,
         kind: RegionKind::Unix,
-    };
-    Ok(XenRegion::new(desc, Some(file), None)?)
+    }
+}
+
+/// A UNIX region of `file`.
+pub fn unix_region(file: &File, gpa: u64, size: u64, offset: u64) -> Result<XenRegion, BoxError> {
+    Ok(XenRegion::new(
+        unix_desc(gpa, size, offset),
+        Some(file),
+        None,
+    )?)
 }
 
 /// The block guest: one memfd, a low region for the rings and a high one for the buffers,
@@ -476,12 +486,22 @@ impl ManyRegions {
         })
     }
 
-    /// Our table of `n` regions covering the same bytes (1 or [`MANY_REGIONS`]).
+    /// Our table of `n` regions covering the same bytes (1 or [`MANY_REGIONS`]), the file's
+    /// length looked up once for all of them ([`FileLengths`]), as vm-memory's
+    /// `from_ranges_with_files` takes them all at once.
     pub fn ours(&self, n: usize) -> Result<RegionTable, BoxError> {
         let size = MANY_REGIONS as u64 * SMALL_REGION / n as u64;
+        let mut files = FileLengths::new();
         Ok(RegionTable::from_regions(
             (0..n as u64)
-                .map(|i| unix_region(&self.file, i * size, size, i * size))
+                .map(|i| {
+                    XenRegion::new_with_files(
+                        unix_desc(i * size, size, i * size),
+                        Some(&self.file),
+                        None,
+                        &mut files,
+                    )
+                })
                 .collect::<Result<_, _>>()?,
         )?)
     }

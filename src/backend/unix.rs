@@ -6,13 +6,35 @@ use std::ptr::NonNull;
 
 use super::{BackendError, HostMapping, Release};
 
+/// What the length check needs to know of a file: whether it is a regular file (or memfd),
+/// and its length.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct FileLen {
+    is_file: bool,
+    len: u64,
+}
+
+impl FileLen {
+    /// One `fstat` of `f`.
+    pub(crate) fn of(f: &File) -> std::io::Result<Self> {
+        let meta = f.metadata()?;
+        Ok(FileLen {
+            is_file: meta.is_file(),
+            len: meta.len(),
+        })
+    }
+}
+
 /// Maps `size` bytes of `file` from `offset` (any alignment), or anonymous zeroed memory when
-/// `file` is `None` (tests and demos).
+/// `file` is `None` (tests and demos). `known` is the file's length when the caller looked it
+/// up already (one lookup per file for a table of many regions of one file); otherwise it is
+/// looked up here.
 pub(crate) fn map_unix(
     gpa: u64,
     size: u64,
     file: Option<&File>,
     offset: u64,
+    known: Option<FileLen>,
 ) -> Result<HostMapping, BackendError> {
     let err = |source| BackendError::UnixMmap {
         gpa,
@@ -21,7 +43,11 @@ pub(crate) fn map_unix(
         source,
     };
     if let Some(f) = file {
-        check_file_len(f, gpa, size, offset)?;
+        let len = match known {
+            Some(len) => len,
+            None => FileLen::of(f).map_err(err)?,
+        };
+        check_file_len(len, gpa, size, offset)?;
     }
     let host_page = host_page_size();
     let in_page = (offset % host_page) as usize;
@@ -64,20 +90,14 @@ pub(crate) fn map_unix(
 
 /// Refuses a region that ends past the end of a regular file or memfd (devices such as
 /// hugetlbfs or DAX report no useful length and are left to the kernel).
-fn check_file_len(f: &File, gpa: u64, size: u64, offset: u64) -> Result<(), BackendError> {
-    let meta = f.metadata().map_err(|source| BackendError::UnixMmap {
-        gpa,
-        size,
-        offset,
-        source,
-    })?;
+fn check_file_len(f: FileLen, gpa: u64, size: u64, offset: u64) -> Result<(), BackendError> {
     let end = offset.checked_add(size);
-    if meta.is_file() && end.is_none_or(|e| e > meta.len()) {
+    if f.is_file && end.is_none_or(|e| e > f.len) {
         return Err(BackendError::UnixBeyondFile {
             gpa,
             size,
             offset,
-            file_len: meta.len(),
+            file_len: f.len,
         });
     }
     Ok(())

@@ -31,8 +31,8 @@ mod pages;
 mod writeback;
 
 use std::cell::RefCell;
-use std::iter::FusedIterator;
 
+use direct::RequestSlices;
 use vm_memory::bitmap::BS;
 use vm_memory::guest_memory::GuestMemorySliceIterator;
 use vm_memory::{
@@ -150,6 +150,8 @@ struct ScopeState {
     spill: KeyMap<Vec<pages::Span>>,
     /// Pieces the current access hands out for writing, written once it succeeds.
     written: Vec<(crate::device::GrantPage, pages::Span)>,
+    /// Slices `get_slices` collected, until their iterators take them.
+    collected: direct::Collected,
 }
 
 /// Guest memory for the life of one request or batch. See the module docs.
@@ -157,7 +159,34 @@ struct ScopeState {
 pub struct RequestMemory<'t> {
     table: &'t RegionTable,
     strategy: Strategy,
-    state: RefCell<ScopeState>,
+    /// The on-demand machinery's state; none over a table without on-demand regions.
+    state: StateBox,
+}
+
+/// A scope's state, boxed: a scope over a table without on-demand regions never needs one,
+/// and without it the scope is three words that move and drop for free (the state inline
+/// was 300 bytes, copied whole when the scope was made and again into `finish`).
+#[derive(Debug, Default)]
+struct StateBox(Option<Box<RefCell<ScopeState>>>);
+
+impl std::ops::Deref for StateBox {
+    type Target = RefCell<ScopeState>;
+
+    /// Only the on-demand paths use the state, and only over a table with on-demand
+    /// regions, whose scope always has one.
+    fn deref(&self) -> &RefCell<ScopeState> {
+        self.0
+            .as_deref()
+            .expect("scope state used over a table without on-demand regions")
+    }
+}
+
+impl std::ops::DerefMut for StateBox {
+    fn deref_mut(&mut self) -> &mut RefCell<ScopeState> {
+        self.0
+            .as_deref_mut()
+            .expect("scope state used over a table without on-demand regions")
+    }
 }
 
 impl<'t> RequestMemory<'t> {
@@ -173,14 +202,17 @@ impl<'t> RequestMemory<'t> {
         RequestMemory {
             table,
             strategy,
-            state: RefCell::new(ScopeState::fresh(table)),
+            state: ScopeState::fresh(table),
         }
     }
 
     /// Sets what the device may assume about buffers it writes (default
     /// [`WritableBuffers::CopyIn`]).
-    pub fn writable_buffers(self, w: WritableBuffers) -> Self {
-        self.state.borrow_mut().writable = w;
+    pub fn writable_buffers(mut self, w: WritableBuffers) -> Self {
+        // Only on-demand pages are copied in; without them there is nothing to set.
+        if let Some(st) = self.state.0.as_deref_mut() {
+            st.get_mut().writable = w;
+        }
         self
     }
 
@@ -201,13 +233,19 @@ impl<'t> RequestMemory<'t> {
     /// On-demand pages this scope holds right now (bounce pages plus mapped pages); at most
     /// [`MAX_SCOPE_PAGES`] (plus one bounce page per page whose fetch failed, reused on retry).
     pub fn held_pages(&self) -> usize {
-        let st = self.state.borrow();
+        let Some(st) = self.state.0.as_deref() else {
+            return 0;
+        };
+        let st = st.borrow();
         st.bounce_pages.len() + st.maps.iter().map(|m| m.pages).sum::<usize>()
     }
 
     /// Mappings this scope holds right now.
     pub fn live_mappings(&self) -> usize {
-        self.state.borrow().maps.len()
+        self.state
+            .0
+            .as_deref()
+            .map_or(0, |st| st.borrow().maps.len())
     }
 
     /// Ends the scope: copies written bytes back (one grant-copy ioctl) and unmaps everything.
@@ -319,6 +357,17 @@ impl<'t> RequestMemory<'t> {
     }
 }
 
+impl RequestMemory<'_> {
+    /// `get_slices` over a table with on-demand regions: collects the slices in the scope's
+    /// list and returns where (first entry, count). Out of line and returning two words in
+    /// registers, so that the direct path stays as small as vm-memory's.
+    #[inline(never)]
+    fn collect_slices(&self, addr: GuestAddress, count: usize, access: Permissions) -> (u64, u64) {
+        let buf = self.slices(addr, count, access);
+        self.state.borrow_mut().collected.add(buf)
+    }
+}
+
 impl Drop for RequestMemory<'_> {
     #[inline]
     fn drop(&mut self) {
@@ -333,7 +382,9 @@ impl RequestMemory<'_> {
     fn end_on_demand(&mut self) {
         // Errors here were counted by the device; `finish` is the way to see them.
         let _ = self.release();
-        ScopeState::recycle(std::mem::take(self.state.get_mut()));
+        if let Some(st) = self.state.0.take() {
+            ScopeState::recycle(st);
+        }
     }
 }
 
@@ -341,25 +392,29 @@ thread_local! {
     /// Emptied scope states, whose maps and lists keep their capacity for the next scope:
     /// a daemon opens one scope per request or batch, and allocating them afresh each time
     /// was a large part of a request's own cost.
-    static STATES: RefCell<Vec<ScopeState>> = const { RefCell::new(Vec::new()) };
+    // Boxes, kept whole: a scope holds its state boxed, and taking one from here costs no
+    // allocation.
+    #[allow(clippy::vec_box)]
+    static STATES: RefCell<Vec<Box<RefCell<ScopeState>>>> = const { RefCell::new(Vec::new()) };
 }
 
 impl ScopeState {
-    /// An empty state, reused if this thread has one.
+    /// An empty state, reused if this thread has one; none over a table without on-demand
+    /// regions.
     ///
     /// Fast path: a table without on-demand regions never gives the scope anything to hold, so
-    /// its scope takes an empty default state (no allocation) and leaves the per-thread
-    /// states alone; `finish` and drop then skip the release.
+    /// its scope has no state (no allocation) and leaves the per-thread states alone; `finish`
+    /// and drop then skip the release.
     #[inline]
-    fn fresh(table: &RegionTable) -> Self {
+    fn fresh(table: &RegionTable) -> StateBox {
         if table.has_on_demand() {
-            Self::reused()
+            StateBox(Some(Self::reused()))
         } else {
-            Self::default()
+            StateBox(None)
         }
     }
 
-    fn reused() -> Self {
+    fn reused() -> Box<RefCell<ScopeState>> {
         STATES
             .try_with(|s| s.borrow_mut().pop())
             .ok()
@@ -367,8 +422,9 @@ impl ScopeState {
             .unwrap_or_default()
     }
 
-    /// Empties `st` (released already) and keeps it for the next scope on this thread.
-    fn recycle(mut st: ScopeState) {
+    /// Empties `state` (released already) and keeps it for the next scope on this thread.
+    fn recycle(mut state: Box<RefCell<ScopeState>>) {
+        let st = state.get_mut();
         st.dev = None;
         st.writable = WritableBuffers::default();
         st.pages.clear();
@@ -378,30 +434,19 @@ impl ScopeState {
         st.tmp.clear();
         st.spill.clear();
         st.written.clear();
+        st.collected.clear();
+        let ordinary = st.pages.capacity() <= 4096;
         let _ = STATES.try_with(|s| {
             let mut s = s.borrow_mut();
             // Keep a few ordinary ones; a scope that grew huge gives its memory back.
-            if s.len() < 4 && st.pages.capacity() <= 4096 {
-                s.push(st);
+            if s.len() < 4 && ordinary {
+                s.push(state);
             }
         });
     }
 }
 
 type SliceResult<'a> = Result<VolatileSlice<'a>, GuestMemoryError>;
-
-/// The slices of one `get_slices` call; most calls have one, which needs no allocation.
-#[derive(Debug)]
-pub struct RequestSlices<'a>(Slices<'a>);
-
-/// Where a `get_slices` call's slices come from.
-#[derive(Debug)]
-enum Slices<'a> {
-    /// Fast path, a table without on-demand regions: straight from the table, lazily.
-    Direct(direct::DirectSlices<'a>),
-    /// Collected by `RequestMemory::slices`.
-    Buf(SliceBuf<'a>),
-}
 
 /// Slices collected for one access.
 #[derive(Debug)]
@@ -428,30 +473,6 @@ impl<'a> SliceBuf<'a> {
     }
 }
 
-impl<'a> Iterator for RequestSlices<'a> {
-    type Item = SliceResult<'a>;
-    #[inline]
-    fn next(&mut self) -> Option<Self::Item> {
-        let buf = match &mut self.0 {
-            Slices::Direct(d) => return d.next(),
-            Slices::Buf(b) => b,
-        };
-        match std::mem::replace(buf, SliceBuf::Empty) {
-            SliceBuf::Empty => None,
-            SliceBuf::One(s) => Some(s),
-            SliceBuf::Many(mut v) => {
-                let s = v.pop_front();
-                *buf = SliceBuf::Many(v);
-                s
-            }
-        }
-    }
-}
-
-impl FusedIterator for RequestSlices<'_> {}
-
-impl<'a> GuestMemorySliceIterator<'a, ()> for RequestSlices<'a> {}
-
 impl GuestMemory for RequestMemory<'_> {
     type PhysicalMemory = RegionTable;
     type Bitmap = ();
@@ -471,10 +492,9 @@ impl GuestMemory for RequestMemory<'_> {
         access: Permissions,
     ) -> vm_memory::guest_memory::Result<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
         if !self.table.has_on_demand() {
-            return Ok(RequestSlices(Slices::Direct(direct::DirectSlices::new(
-                self.table, addr, count,
-            ))));
+            return Ok(RequestSlices::direct(self.table, addr, count));
         }
-        Ok(RequestSlices(Slices::Buf(self.slices(addr, count, access))))
+        let at = self.collect_slices(addr, count, access);
+        Ok(RequestSlices::collected(self.table, &self.state, at))
     }
 }
