@@ -237,9 +237,9 @@ impl BlkDevice {
         // Device-writable bytes before the status byte.
         let data_out = without_last_byte(writable);
         match kind {
-            VIRTIO_BLK_T_IN => self.read(mem, sector, &data_out),
+            VIRTIO_BLK_T_IN => self.transfer(mem, sector, &data_out, true),
             VIRTIO_BLK_T_OUT if self.config.read_only => Outcome::status(VIRTIO_BLK_S_IOERR),
-            VIRTIO_BLK_T_OUT => self.write(mem, sector, &data_in),
+            VIRTIO_BLK_T_OUT => self.transfer(mem, sector, &data_in, false),
             VIRTIO_BLK_T_FLUSH => {
                 // SAFETY: fdatasync on a file descriptor we own.
                 let r = unsafe { libc::fdatasync(self.file.as_raw_fd()) };
@@ -261,52 +261,39 @@ impl BlkDevice {
         (end <= self.sectors * SECTOR).then_some(start)
     }
 
-    fn read(
+    /// Moves the data of a request between the disk at `sector` and guest `ranges`: into
+    /// the guest for IN (`to_guest`), out of it for OUT, in one positioned system call.
+    /// An IN request's used length counts the data it wrote.
+    fn transfer(
         &self,
         mem: &RequestMemory<'_>,
         sector: u64,
         ranges: &[(GuestAddress, usize)],
+        to_guest: bool,
     ) -> Outcome {
+        let access = if to_guest {
+            Permissions::Write
+        } else {
+            Permissions::Read
+        };
         let mut iov = GuestIov::default();
         for &(addr, len) in ranges {
-            if iov.push(mem, addr, len, Permissions::Write).is_err() {
+            if iov.push(mem, addr, len, access).is_err() {
                 return Outcome::status(VIRTIO_BLK_S_IOERR);
             }
         }
         let Some(offset) = self.offset(sector, iov.len()) else {
             return Outcome::status(VIRTIO_BLK_S_IOERR);
         };
-        match positioned_io(&self.file, &iov, offset, false) {
-            Ok(()) => Outcome {
+        match positioned_io(&self.file, &iov, offset, !to_guest) {
+            Ok(()) if to_guest => Outcome {
                 status: VIRTIO_BLK_S_OK,
                 written: u32::try_from(iov.len()).unwrap_or(u32::MAX),
             },
-            Err(e) => {
-                log::warn!("blk: read at sector {sector}: {e}");
-                Outcome::status(VIRTIO_BLK_S_IOERR)
-            }
-        }
-    }
-
-    fn write(
-        &self,
-        mem: &RequestMemory<'_>,
-        sector: u64,
-        ranges: &[(GuestAddress, usize)],
-    ) -> Outcome {
-        let mut iov = GuestIov::default();
-        for &(addr, len) in ranges {
-            if iov.push(mem, addr, len, Permissions::Read).is_err() {
-                return Outcome::status(VIRTIO_BLK_S_IOERR);
-            }
-        }
-        let Some(offset) = self.offset(sector, iov.len()) else {
-            return Outcome::status(VIRTIO_BLK_S_IOERR);
-        };
-        match positioned_io(&self.file, &iov, offset, true) {
             Ok(()) => Outcome::status(VIRTIO_BLK_S_OK),
             Err(e) => {
-                log::warn!("blk: write at sector {sector}: {e}");
+                let what = if to_guest { "read" } else { "write" };
+                log::warn!("blk: {what} at sector {sector}: {e}");
                 Outcome::status(VIRTIO_BLK_S_IOERR)
             }
         }

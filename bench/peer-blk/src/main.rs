@@ -19,7 +19,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let file = arg("--blk-file").ok_or("--blk-file missing")?;
     let queues: usize = arg("--num-queues").map_or(Ok(1), |q| q.parse())?;
     let f = std::fs::OpenOptions::new().read(true).write(true).open(file)?;
-    let backend = Arc::new(RwLock::new(peer::PeerBlk::new(f, queues)?));
+    let backend = Arc::new(RwLock::new(peer::PeerBlk::new(f, queues, false)?));
     let mut d = vhost_user_backend::VhostUserDaemon::new(
         "peer-blk".into(),
         backend,

@@ -1,11 +1,14 @@
 //! The peer: a minimal virtio-blk daemon as a user would write it today on
 //! vhost-user-backend 0.24 over vm-memory's `GuestMemoryMmap` (the shape of the vhost-device
 //! daemons): chains popped and served per kick, data copied through a buffer with virtio-queue's
-//! `Reader`/`Writer` and `pread`/`pwrite`, one notification per batch.
+//! `Reader`/`Writer` and `pread`/`pwrite`, one notification per batch. `ci/xen/peer-blk-xen`
+//! builds this same file with vm-memory's `xen` and has it offer XEN_MMAP, as a vhost-device
+//! daemon serving xen-vhost-frontend does.
 
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -17,24 +20,30 @@ use vmm_sys_util::epoll::EventSet;
 const T_IN: u32 = 0;
 const T_OUT: u32 = 1;
 
+/// Chains served (the Xen peer reports it).
+pub static REQUESTS: AtomicU64 = AtomicU64::new(0);
+
 /// The peer device.
 #[derive(Debug)]
 pub struct PeerBlk {
     file: Arc<File>,
     sectors: u64,
     queues: usize,
+    xen_mmap: bool,
     event_idx: bool,
     mem: Option<GuestMemoryAtomic<GuestMemoryMmap>>,
 }
 
 impl PeerBlk {
-    /// A device over `file` with `queues` queues.
-    pub fn new(file: File, queues: usize) -> std::io::Result<Self> {
+    /// A device over `file` with `queues` queues; `xen_mmap`: offer XEN_MMAP (only in a build
+    /// whose vhost parses the Xen region layout).
+    pub fn new(file: File, queues: usize, xen_mmap: bool) -> std::io::Result<Self> {
         let sectors = file.metadata()?.len() / 512;
         Ok(PeerBlk {
             file: Arc::new(file),
             sectors,
             queues,
+            xen_mmap,
             event_idx: false,
             mem: None,
         })
@@ -98,6 +107,7 @@ impl PeerBlk {
         for chain in chains {
             let head = chain.head_index();
             let len = self.serve_chain(&mem, chain);
+            REQUESTS.fetch_add(1, Ordering::Relaxed);
             vring.add_used(head, len).map_err(std::io::Error::other)?;
         }
         if vring.needs_notification().map_err(std::io::Error::other)? {
@@ -125,7 +135,12 @@ impl VhostUserBackendMut for PeerBlk {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ
+        let base = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ;
+        if self.xen_mmap {
+            base | VhostUserProtocolFeatures::XEN_MMAP
+        } else {
+            base
+        }
     }
 
     fn set_event_idx(&mut self, enabled: bool) {

@@ -7,6 +7,8 @@
 //! call made through the `libc` crate (vm-memory, vmm-sys-util, vhost); they count in atomics
 //! and forward with `syscall(2)`.
 
+// The same device as the stock peer of `bench/`, built here with vm-memory's `xen`.
+#[path = "../../../../bench/peer-blk/src/peer.rs"]
 mod peer;
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -85,7 +87,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .read(true)
         .write(true)
         .open(file)?;
-    let backend = Arc::new(RwLock::new(peer::PeerBlk::new(f, 1)?));
+    let backend = Arc::new(RwLock::new(peer::PeerBlk::new(f, 1, true)?));
     let mut d = vhost_user_backend::VhostUserDaemon::new(
         "peer-blk-xen".into(),
         backend,
