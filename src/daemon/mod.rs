@@ -9,7 +9,7 @@
 //!
 //! One build for every frontend: a frontend that acks `XEN_MMAP` sends 40-byte regions with
 //! Xen flags and a domid; one that does not (stock QEMU, cloud-hypervisor) sends the standard
-//! 32-byte layout, which [`layout`] widens for vhost's parser (UNIX regions). The layout is
+//! 32-byte layout, which an adapter (`layout.rs`) widens for vhost's parser (UNIX regions). The layout is
 //! decided per connection; the memory layer chooses per region.
 //!
 //! [`RegionTable`]: crate::RegionTable
@@ -66,7 +66,7 @@ impl<D: VhostUserDevice> VhostUserDaemon<D> {
         self
     }
 
-    /// Whether each connection goes through [`layout`]'s adapter (default: yes). Without it
+    /// Whether each connection goes through the layout adapter (default: yes). Without it
     /// the daemon speaks only the 40-byte XEN_MMAP layout and refuses a frontend that does
     /// not ack XEN_MMAP; it saves two relay threads and one socket hop per control message,
     /// for a daemon that only ever serves Xen frontends.
