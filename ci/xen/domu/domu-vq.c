@@ -22,7 +22,8 @@
  * every block back into zeroed writable buffers and checks every byte; prints
  *   XVM-DOMU-VQ-RESULT depth=D PASS|FAIL <detail> rps=R
  * then the fault cases (a descriptor at a ref it never granted: that request fails, the
- * others of its batch complete), and finally
+ * others of its batch complete; a data grant revoked while its request is published and not
+ * yet notified: the same, then a checked pass; the frontend disconnecting mid-batch), and finally
  *   XVM-DOMU-VQ-VERDICT PASS|FAIL <detail>
  *
  * `--host DIR` runs the same driver on a machine without Xen, for tests: memory is a memfd
@@ -65,7 +66,7 @@ struct desc { uint64_t addr; uint32_t len; uint16_t flags, next; };
 /* gpa: grant address (host mode: memfd offset); fgpa: guest-physical address of the first
  * page (gfn << 12; the pages' gfns need not be contiguous, so only the first page is used at
  * it: the benchmark's 4 KiB requests). */
-struct buf { uint8_t *p; uint64_t gpa, fgpa; unsigned pages; uint32_t ref0; };
+struct buf { uint8_t *p; uint64_t gpa, fgpa, index; unsigned pages; uint32_t ref0; };
 struct slot { struct buf hdr, wdata, rdata, status; int busy; unsigned req; };
 
 static int host;           /* --host: memfd and FIFOs instead of gntalloc and evtchn */
@@ -140,6 +141,7 @@ static void grant(struct buf *b, unsigned pages, int writable)
             if (!i) b->fgpa = g << 12;
         }
         b->ref0 = a->gref_ids[0];
+        b->index = a->index;
         b->gpa = GRANT_BIT | ((uint64_t)b->ref0 << 12);
         for (unsigned i = 0; i < pages; i++)
             if (a->gref_ids[i] > max_ref) max_ref = a->gref_ids[i];
@@ -332,21 +334,24 @@ static double run_phase(unsigned phase, unsigned depth, char *err, size_t n)
     return total / (now() - t0);
 }
 
-/* A batch of 8 writes, one of them with its data at a ref never granted: that one fails
- * (IOERR or used len 0), the other 7 complete and read back. */
-static int fault_ungranted(unsigned phase, char *err, size_t n)
+/* A batch of 8 writes (blocks first_block..), one of them (`bad`) with its data at `bad_gpa`
+ * that the daemon must not be able to reach: `before_notify` (if any) runs after the batch is
+ * published and before the notification. That one fails (IOERR or used len 0), the other 7
+ * complete and read back. `what` names the bad buffer in errors. */
+static int fault_batch(unsigned phase, unsigned first_block, unsigned bad, uint64_t bad_gpa,
+                       void (*before_notify)(void), const char *what, uint8_t *bad_status,
+                       uint32_t *bad_len, char *err, size_t n)
 {
-    unsigned batch = nslots < 8 ? nslots : 8, bad = batch / 2, done = 0;
-    uint64_t bad_gpa = host ? (uint64_t)hsize + (1u << 20) : GRANT_BIT | ((uint64_t)(max_ref + 1000) << 12);
+    unsigned batch = nslots < 8 ? nslots : 8, done = 0;
     unsigned blk[MAX_SLOTS];
     struct done d[QSIZE];
     for (unsigned s = 0; s < batch; s++) {
-        blk[s] = s;
-        for (unsigned j = 0; j < data_bytes; j++) slots[s].wdata.p[j] = pat(phase, s, j);
-        publish(s, T_OUT, s, s == bad ? bad_gpa : slots[s].wdata.gpa);
+        blk[s] = first_block + s;
+        for (unsigned j = 0; j < data_bytes; j++) slots[s].wdata.p[j] = pat(phase, blk[s], j);
+        publish(s, T_OUT, blk[s], s == bad ? bad_gpa : slots[s].wdata.gpa);
     }
+    if (before_notify) before_notify();
     notify();
-    uint8_t bad_status = 0; uint32_t bad_len = 0;
     while (done < batch) {
         int k = reap(d, err, n);
         if (k < 0) return -1;
@@ -357,10 +362,10 @@ static int fault_ungranted(unsigned phase, char *err, size_t n)
         for (int i = 0; i < k; i++, done++) {
             unsigned s = d[i].slot;
             if (s == bad) {
-                bad_status = slots[s].status.p[STATUS_OFF];
-                bad_len = d[i].len;
-                if (bad_status == 0) {
-                    snprintf(err, n, "the write at never-granted ref %u succeeded (used len %u)", max_ref + 1000, bad_len);
+                *bad_status = slots[s].status.p[STATUS_OFF];
+                *bad_len = d[i].len;
+                if (*bad_status == 0) {
+                    snprintf(err, n, "the write at %s succeeded (used len %u)", what, *bad_len);
                     return -1;
                 }
             } else if (check(phase, &slots[s], T_OUT, blk[s], d[i].len, err, n)) {
@@ -372,7 +377,7 @@ static int fault_ungranted(unsigned phase, char *err, size_t n)
     for (unsigned s = 0; s < batch; s++) {
         if (s == bad) continue;
         memset(slots[s].rdata.p, 0, data_bytes);
-        publish(s, T_IN, s, slots[s].rdata.gpa);
+        publish(s, T_IN, blk[s], slots[s].rdata.gpa);
     }
     notify();
     for (done = 0; done < batch - 1;) {
@@ -385,8 +390,81 @@ static int fault_ungranted(unsigned phase, char *err, size_t n)
         for (int i = 0; i < k; i++, done++)
             if (check(phase, &slots[d[i].slot], T_IN, blk[d[i].slot], d[i].len, err, n)) return -1;
     }
+    return 0;
+}
+
+/* A batch of 8 writes, one of them with its data at a ref never granted: that one fails
+ * (IOERR or used len 0), the other 7 complete and read back. */
+static int fault_ungranted(unsigned phase, char *err, size_t n)
+{
+    unsigned batch = nslots < 8 ? nslots : 8;
+    uint64_t bad_gpa = host ? (uint64_t)hsize + (1u << 20) : GRANT_BIT | ((uint64_t)(max_ref + 1000) << 12);
+    char what[64];
+    uint8_t bad_status = 0; uint32_t bad_len = 0;
+    snprintf(what, sizeof(what), "never-granted ref %u", max_ref + 1000);
+    if (fault_batch(phase, 0, batch / 2, bad_gpa, NULL, what, &bad_status, &bad_len, err, n)) return -1;
     snprintf(err, n, "the request at never-granted ref %u got status %u (0xee: not written), used len %u; "
              "the other %u of its batch completed and read back", max_ref + 1000, bad_status, bad_len, batch - 1);
+    return 0;
+}
+
+/* The revoke case's data buffer: granted read-only like a write's data, its own pages (its
+ * gfns are not reported: no FOREIGN region covers it), used by that one request only. */
+static struct buf victim;
+static int revoke_rc, revoke_errno;
+
+/* Ends foreign access to the victim's grants while its request sits published in the avail
+ * ring, not yet notified: munmap drops our mapping, DEALLOC_GREF the grant; gntalloc then
+ * ends foreign access (dom0 has not mapped it: the daemon maps on demand, per request) and
+ * frees the refs. Host mode has no grants: the request's data points outside the memfd. */
+static void revoke_victim(void)
+{
+    if (host) return;
+    revoke_rc = munmap(victim.p, victim.pages * PG);
+    if (revoke_rc) { revoke_errno = errno; return; }
+    victim.p = NULL;
+    struct ioctl_gntalloc_dealloc_gref dg = {.index = victim.index, .count = victim.pages};
+    revoke_rc = ioctl(fa, IOCTL_GNTALLOC_DEALLOC_GREF, &dg);
+    if (revoke_rc) revoke_errno = errno;
+}
+
+/* A batch of 8 writes published; before the notification, the domU revokes the grant of one
+ * request's data buffer (revoke_victim). That request fails (IOERR or used len 0), the other
+ * 7 complete and read back, and a full checked pass at depth 8 follows (the daemon keeps
+ * serving). That nothing stays mapped is the daemon's exit status (xen-vq/daemon-exit). */
+static int fault_revoked(unsigned phase, char *err, size_t n)
+{
+    unsigned batch = nslots < 8 ? nslots : 8, bad = batch / 2 + 1;
+    if (bad >= batch) bad = batch - 1;
+    uint64_t bad_gpa = host ? (uint64_t)hsize + (2u << 20) : victim.gpa;
+    for (unsigned j = 0; j < data_bytes && victim.p; j++) victim.p[j] = pat(phase, 8 + bad, j);
+    char what[96];
+    uint8_t bad_status = 0; uint32_t bad_len = 0;
+    snprintf(what, sizeof(what), "revoked refs %u-%u", victim.ref0, victim.ref0 + victim.pages - 1);
+    int r = fault_batch(phase, 8, bad, bad_gpa, revoke_victim, what, &bad_status, &bad_len, err, n);
+    if (revoke_rc) {
+        errno = revoke_errno;
+        snprintf(err, n, "revoking refs %u-%u (munmap, DEALLOC_GREF) failed: %s", victim.ref0,
+                 victim.ref0 + victim.pages - 1, strerror(errno));
+        return -1;
+    }
+    if (r) return -1;
+    char e2[256];
+    double rps = run_phase(phase + 1, 8, e2, sizeof(e2));
+    if (rps < 0) {
+        snprintf(err, n, "after the revoked request, the checked pass failed: %s", e2);
+        return -1;
+    }
+    if (host)
+        snprintf(err, n, "host mode (no grants to revoke): the request with data outside the memory got status %u, "
+                 "used len %u; the other %u of its batch completed and read back; then %u writes and %u reads at "
+                 "depth 8 checked byte for byte rps=%.0f", bad_status, bad_len, batch - 1, nblocks, nblocks, rps);
+    else
+        snprintf(err, n, "the write whose data grant (refs %u-%u) the domU revoked (munmap + DEALLOC_GREF) after "
+                 "publishing it and before notifying got status %u (0xee: not written), used len %u; the other %u "
+                 "of its batch completed and read back; then %u writes and %u reads at depth 8 checked byte for "
+                 "byte rps=%.0f", victim.ref0, victim.ref0 + victim.pages - 1, bad_status, bad_len, batch - 1,
+                 nblocks, nblocks, rps);
     return 0;
 }
 
@@ -626,6 +704,11 @@ int main(int argc, char **argv)
         grant(&slots[s].status, 1, 1);
         if (!s) first_buf_ref = slots[s].hdr.ref0;
     }
+    if (fault) { /* fault-revoked's data buffer; its gfns stay out of the report */
+        unsigned g = ngfns;
+        grant(&victim, dpages, 0);
+        ngfns = g;
+    }
     if (!host) {
         printf("XVM-DOMU-VQ-GFNS ");
         for (unsigned i = 0; i < ngfns; i++) printf("%s%#llx", i ? "," : "", (unsigned long long)gfns[i]);
@@ -670,6 +753,13 @@ int main(int argc, char **argv)
         printf("XVM-DOMU-VQ-RESULT fault-ungranted %s %s\n", r ? "FAIL" : "PASS", err);
         failed += r != 0;
         phase++;
+    }
+    if (fault && !failed) {
+        err[0] = 0;
+        int r = fault_revoked(phase, err, sizeof(err));
+        printf("XVM-DOMU-VQ-RESULT fault-revoked %s %s\n", r ? "FAIL" : "PASS", err);
+        failed += r != 0;
+        phase += 2;
     }
     if (fault && !failed) {
         err[0] = 0;

@@ -14,7 +14,10 @@
 //! a nonzero status if any mapping is still live.
 //!
 //! Prints `XVM-TEST xen-vq/<case> PASS|FAIL ...`: setup, one case per domU result line (each
-//! queue depth, the fault cases), the domU's verdict, and the daemon's exit.
+//! queue depth, the fault cases: `fault-ungranted`, `fault-revoked` (the domU revokes a data
+//! grant between publishing its request and notifying; the frontend does nothing special, the
+//! daemon's failed map or copy of the revoked ref is the case), `fault-reconnect`), the domU's
+//! verdict, and the daemon's exit (nonzero if any mapping is still live: covers the faults too).
 //!
 //! `xen-vq [--host] [--daemon-bin PATH] [--console FILE] [--domid N] [--work DIR]`
 //! `--host`: the domU driver runs on this machine (`domu-vq --host DIR`): one UNIX region over
