@@ -6,14 +6,19 @@ Exit status 1 if a test failed, XVM-DONE is missing (crash or timeout), no test
 ran, or a binary reported no test case.
 
 Block bench rows (`"bench":"block"`) of our implementation (`"impl":"ours"`)
-get two ratios to the peer row (`"impl":"vm-memory-xen"`, from the
-vm-memory-peer binary) of the same batch, stored in the row:
-  ratio_requests_per_s = ours.requests_per_s / peer.requests_per_s   (speed-up)
-  ratio_syscalls       = peer.syscalls_per_request / ours.syscalls_per_request
-                         (syscalls saved); null when ours makes 0 syscalls
-                         per request (e.g. "premapped"), since the ratio is
-                         infinite and JSON has no infinity.
-Both are null when no peer row with that batch exists (or its rate is 0).
+get two ratios to vm-memory 0.18 `xen` (the vm-memory-peer binary), stored in the row:
+  ratio_requests_per_s  ours' speed-up. From interleaved rounds when the row has
+                        them (xen-dom0-tests' bench drives `vm-memory-peer serve`,
+                        one peer round next to each of ours, A B B A ...): the
+                        median of the per-round ratios (peer ns/request over ours),
+                        with ratio_min / ratio_max, the spread, in the row too.
+                        Otherwise ours.requests_per_s over the peer's own run
+                        (`"impl":"vm-memory-xen"`) at the same batch.
+  ratio_syscalls        peer syscalls/request over ours (exact counts on both
+                        sides); null when ours makes 0 syscalls per request (e.g.
+                        "premapped"), since the ratio is infinite and JSON has no
+                        infinity.
+Both are null when no peer figure exists (or its rate is 0).
 A markdown table of every block row and its ratios closes the output.
 """
 import json
@@ -52,32 +57,43 @@ def add_ratios(bench):
     for b in bench:
         if b.get("bench") != "block" or b.get("impl") != "ours":
             continue
-        p = peer.get(b.get("batch"))
         rps, spr = b.get("requests_per_s"), b.get("syscalls_per_request")
-        b["ratio_requests_per_s"] = (round(rps / p["requests_per_s"], 3)
-                                     if p and rps is not None and p.get("requests_per_s") else None)
-        b["ratio_syscalls"] = (round(p["syscalls_per_request"] / spr, 3)
-                               if p and spr and p.get("syscalls_per_request") is not None else None)
+        if b.get("ratio_median") is not None:  # interleaved rounds
+            b["ratio_requests_per_s"] = b["ratio_median"]
+            pspr = b.get("peer_syscalls_per_request")
+        else:
+            p = peer.get(b.get("batch"))
+            b["ratio_requests_per_s"] = (round(rps / p["requests_per_s"], 3)
+                                         if p and rps is not None and p.get("requests_per_s") else None)
+            pspr = p.get("syscalls_per_request") if p else None
+        b["ratio_syscalls"] = round(pspr / spr, 3) if spr and pspr is not None else None
 
 
 def block_table(bench):
-    """Markdown table of the block rows: ours (with ratios to vm-memory-xen) and the peer."""
+    """Markdown table of the block rows: ours (with ratios to vm-memory-xen) and the peer's own run."""
     rows = [b for b in bench if b.get("bench") == "block"]
     if not rows:
         return ""
     fmt = lambda v, f: "-" if v is None else format(v, f)  # noqa: E731
-    out = ["| impl | strategy | batch | requests/s | syscalls/request | x requests/s vs vm-memory | x fewer syscalls vs vm-memory |",
-           "|---|---|---:|---:|---:|---:|---:|"]
-    key = lambda b: (b.get("impl") != "vm-memory-xen", str(b.get("strategy")), b.get("batch") or 0)  # noqa: E731
-    for b in sorted(rows, key=key):
-        peer = b.get("impl") == "vm-memory-xen"
-        r_rps = "1 (peer)" if peer else fmt(b.get("ratio_requests_per_s"), ".2f")
-        r_sys = "1 (peer)" if peer else (
-            "inf (0 syscalls)" if b.get("syscalls_per_request") == 0 and b.get("ratio_syscalls") is None
-            and any(p.get("impl") == "vm-memory-xen" and p.get("batch") == b.get("batch") for p in rows)
-            else fmt(b.get("ratio_syscalls"), ".1f"))
+    out = ["| impl | strategy | batch | requests/s | syscalls/request | vm-memory requests/s, same rounds "
+           "| vm-memory syscalls/request | x requests/s vs vm-memory: median (min-max) | x fewer syscalls vs vm-memory |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    key = lambda b: (b.get("impl") != "vm-memory-xen", b.get("batch") or 0)  # noqa: E731
+    for b in sorted(rows, key=key):  # stable: ours in the order measured
+        if b.get("impl") == "vm-memory-xen":
+            out.append(f"| vm-memory-xen (own run) | - | {b.get('batch')} | {fmt(b.get('requests_per_s'), '.0f')} "
+                       f"| {fmt(b.get('syscalls_per_request'), '.3g')} | - | - | 1 | 1 |")
+            continue
+        r_rps = fmt(b.get("ratio_requests_per_s"), ".2f")
+        if b.get("ratio_min") is not None:
+            r_rps += f" ({b['ratio_min']:.2f}-{b['ratio_max']:.2f})"
+        r_sys = ("inf (0 syscalls)" if b.get("syscalls_per_request") == 0 and b.get("ratio_syscalls") is None
+                 and (b.get("peer_syscalls_per_request") is not None
+                      or any(p.get("impl") == "vm-memory-xen" and p.get("batch") == b.get("batch") for p in rows))
+                 else fmt(b.get("ratio_syscalls"), ".1f"))
         out.append(f"| {b.get('impl')} | {b.get('strategy')} | {b.get('batch')} | {fmt(b.get('requests_per_s'), '.0f')} "
-                   f"| {fmt(b.get('syscalls_per_request'), '.3g')} | {r_rps} | {r_sys} |")
+                   f"| {fmt(b.get('syscalls_per_request'), '.3g')} | {fmt(b.get('peer_requests_per_s'), '.0f')} "
+                   f"| {fmt(b.get('peer_syscalls_per_request'), '.3g')} | {r_rps} | {r_sys} |")
     return "\n".join(out)
 
 

@@ -79,8 +79,115 @@ fn real_block_guest(
 /// guest's view.
 type BlockGuest = (RegionTable, u64, Vec<BlockBuffers>, Vec<(GuestBuf, usize)>);
 
-/// Rounds per row; the best one counts.
+/// Rounds per row of `device_share`; the best one counts.
 const ROUNDS: usize = 5;
+/// Rounds per row of the main table, each paired with a round of the vm-memory peer.
+const PEER_ROUNDS: usize = 7;
+/// Requests per peer round (a multiple of every batch; the peer serves ~900 requests/s
+/// under TCG).
+const PEER_REQUESTS: usize = 64;
+
+/// The vm-memory peer (`/tests/vm-memory-peer serve`, its own process: vm-memory's `xen`
+/// feature cannot share our build), one round of one row per request line.
+struct Peer {
+    child: std::process::Child,
+    stdin: std::process::ChildStdin,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
+}
+
+/// One peer round: wall ns and exact syscalls (counted in the peer by interposition).
+#[derive(Clone, Copy)]
+struct PeerRound {
+    ns: u64,
+    syscalls: u64,
+}
+
+impl Peer {
+    fn spawn() -> Result<Peer, String> {
+        use std::io::BufRead;
+        use std::process::{Command, Stdio};
+        let exe = std::env::var("XVM_PEER").unwrap_or_else(|_| "/tests/vm-memory-peer".into());
+        let mut child = Command::new(&exe)
+            .arg("serve")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawn {exe} serve: {e}"))?;
+        let stdin = child.stdin.take().expect("piped");
+        let mut stdout = std::io::BufReader::new(child.stdout.take().expect("piped"));
+        let mut line = String::new();
+        stdout
+            .read_line(&mut line)
+            .map_err(|e| format!("peer: {e}"))?;
+        if line.trim() != "READY" {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("peer did not start: {:?}", line.trim()));
+        }
+        Ok(Peer {
+            child,
+            stdin,
+            stdout,
+        })
+    }
+
+    fn round(&mut self, batch: usize, requests: usize) -> Result<PeerRound, String> {
+        use std::io::{BufRead, Write};
+        writeln!(self.stdin, "{batch} {requests}").map_err(|e| format!("peer: {e}"))?;
+        self.stdin.flush().map_err(|e| format!("peer: {e}"))?;
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .map_err(|e| format!("peer: {e}"))?;
+        let f: Vec<&str> = line.split_whitespace().collect();
+        match f.as_slice() {
+            ["ROUND", ns, sys] => Ok(PeerRound {
+                ns: ns.parse().map_err(|_| format!("peer: {line:?}"))?,
+                syscalls: sys.parse().map_err(|_| format!("peer: {line:?}"))?,
+            }),
+            _ => Err(format!("peer: {:?}", line.trim())),
+        }
+    }
+
+    /// Closes its stdin; the peer checks its guest pages hold the data and exits.
+    fn finish(self) -> Result<(), String> {
+        let Peer {
+            mut child,
+            stdin,
+            stdout,
+        } = self;
+        drop(stdin);
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut stdout.into_inner(), &mut rest);
+        let st = child.wait().map_err(|e| format!("peer: {e}"))?;
+        if st.success() {
+            Ok(())
+        } else {
+            Err(format!("peer exited {st}: {}", rest.trim()))
+        }
+    }
+}
+
+/// Per round: the peer's ns per request over ours (ours' speed-up in that round).
+fn ratios(row: &Row) -> Vec<f64> {
+    row.round_ns
+        .iter()
+        .zip(&row.peer_rounds)
+        .map(|(ours, p)| p.ns as f64 / PEER_REQUESTS as f64 / ours)
+        .collect()
+}
+
+/// Median of a non-empty list.
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    let n = v.len();
+    if n % 2 == 1 {
+        v[n / 2]
+    } else {
+        (v[n / 2 - 1] + v[n / 2]) / 2.0
+    }
+}
 
 struct Row {
     label: &'static str,
@@ -90,6 +197,10 @@ struct Row {
     /// Of which inside device calls (kernel + hypervisor).
     device_ns_per_request: f64,
     syscalls_per_request: f64,
+    /// Per round, ours: ns per request.
+    round_ns: Vec<f64>,
+    /// Per round, the peer's round next to ours (with a peer).
+    peer_rounds: Vec<PeerRound>,
 }
 
 /// Requests per row: at least `min`, then until `budget` is spent or `max` is reached.
@@ -161,14 +272,18 @@ impl XenDriver for Timed {
     }
 }
 
-/// One row: best of five rounds (the host under QEMU/TCG is noisy; the vm-memory peer is
-/// measured the same way). With `timed`, every device call is clocked too — which adds a
-/// clock read around each call, so timed rows are reported apart from the main table.
+/// One row in `rounds` rounds; `ns_per_request` is the best round's. With `peer`, each round
+/// of ours is paired with a round of the peer at the same batch, in the order A B B A ...
+/// (ours first in even rounds, the peer first in odd ones). With `timed`, every device call
+/// is clocked too — which adds a clock read around each call, so timed rows are reported
+/// apart from the main table.
 fn measure(
     bench_row: BenchRow,
     batch: usize,
     size: Size,
     clock_calls: bool,
+    rounds: usize,
+    mut peer: Option<&mut Peer>,
 ) -> Result<(Row, String), String> {
     let real = || RealXen::open().map_err(|e| format!("RealXen::open: {e}"));
     let timed = Arc::new(Timed {
@@ -199,18 +314,28 @@ fn measure(
         let mut n = 0;
         let mut best = f64::INFINITY;
         let mut total_ns = 0.0;
-        for _ in 0..ROUNDS {
+        let mut round_ns = Vec::with_capacity(rounds);
+        let mut peer_rounds = Vec::with_capacity(rounds);
+        for round in 0..rounds {
+            if let (Some(p), 1) = (peer.as_deref_mut(), round % 2) {
+                peer_rounds.push(p.round(batch, PEER_REQUESTS)?);
+            }
             let t = Instant::now();
             let mut k = 0;
-            while k < size.min / ROUNDS
-                || (k < size.max / ROUNDS && t.elapsed() < size.budget / ROUNDS as u32)
+            while k < size.min / rounds
+                || (k < size.max / rounds && t.elapsed() < size.budget / rounds as u32)
             {
                 w.run_batch(mode, batch).map_err(|e| format!("run: {e}"))?;
                 k += batch;
             }
-            best = best.min(t.elapsed().as_nanos() as f64 / k as f64);
-            total_ns += t.elapsed().as_nanos() as f64;
+            let el = t.elapsed().as_nanos() as f64;
+            best = best.min(el / k as f64);
+            round_ns.push(el / k as f64);
+            total_ns += el;
             n += k;
+            if let (Some(p), 0) = (peer.as_deref_mut(), round % 2) {
+                peer_rounds.push(p.round(batch, PEER_REQUESTS)?);
+            }
         }
         let ns = best * n as f64;
         let device_ns = (timed.ns.load(Ordering::Relaxed) - device_before) as f64;
@@ -241,6 +366,8 @@ fn measure(
             // Scaled to the best round: the device's share of all rounds.
             device_ns_per_request: device_ns / total_ns * best,
             syscalls_per_request: d.syscalls() as f64 / n as f64,
+            round_ns,
+            peer_rounds,
         })
     })();
     let fin = guest.release_all();
@@ -252,16 +379,27 @@ fn measure(
 }
 
 pub fn run_all(report: &mut Report) {
+    // Per round: at least 64 requests (slow rows), or ~150 ms (fast rows).
     let slow = Size {
-        min: 320,
-        max: 640,
+        min: 64 * PEER_ROUNDS,
+        max: 64 * PEER_ROUNDS,
         budget: Duration::from_millis(1000),
     };
     let fast = Size {
-        min: 640,
-        max: 50_000,
-        budget: Duration::from_millis(1500),
+        min: 64 * PEER_ROUNDS,
+        max: 5000 * PEER_ROUNDS,
+        budget: Duration::from_millis(150 * PEER_ROUNDS as u64),
     };
+    // The vm-memory peer, in rounds interleaved with ours (its whole run, with its syscall
+    // checks and defect probes, comes later as its own test binary).
+    let mut peer = None;
+    report.case("bench/peer-interleaved-start", || {
+        let p = Peer::spawn()?;
+        peer = Some(p);
+        Ok(format!(
+            "vm-memory-peer serve: {PEER_ROUNDS} rounds of {PEER_REQUESTS} requests per row, interleaved with ours"
+        ))
+    });
     let mut rows: Vec<Row> = Vec::new();
     for batch in [1, 8, DRAIN_BATCH] {
         for bench_row in BenchRow::all() {
@@ -281,27 +419,68 @@ pub fn run_all(report: &mut Report) {
             };
             let mut out = None;
             report.case(&name, || {
-                let (row, fin) = measure(bench_row, batch, size, false)?;
-                let d = format!(
-                    "{} requests, {:.3} syscalls/request, {:.0} ns/request; cleanup: {fin}",
-                    row.requests, row.syscalls_per_request, row.ns_per_request
+                let (row, fin) =
+                    measure(bench_row, batch, size, false, PEER_ROUNDS, peer.as_mut())?;
+                let mut d = format!(
+                    "{} requests, {:.3} syscalls/request, {:.0} ns/request (median of {} rounds)",
+                    row.requests,
+                    row.syscalls_per_request,
+                    median(&row.round_ns),
+                    row.round_ns.len()
                 );
+                if !row.peer_rounds.is_empty() {
+                    let r = ratios(&row);
+                    d += &format!(
+                        "; x{:.2} vs vm-memory (median of per-round ratios, {:.2}-{:.2})",
+                        median(&r),
+                        r.iter().copied().fold(f64::INFINITY, f64::min),
+                        r.iter().copied().fold(0.0, f64::max)
+                    );
+                }
                 out = Some(row);
-                Ok(d)
+                Ok(format!("{d}; cleanup: {fin}"))
             });
             if let Some(row) = out {
+                let mut peer_json = String::new();
+                if !row.peer_rounds.is_empty() {
+                    let r = ratios(&row);
+                    let peer_ns: Vec<f64> = row
+                        .peer_rounds
+                        .iter()
+                        .map(|p| p.ns as f64 / PEER_REQUESTS as f64)
+                        .collect();
+                    let peer_sys: u64 = row.peer_rounds.iter().map(|p| p.syscalls).sum();
+                    peer_json = format!(
+                        ",\"rounds\":{},\"round_ratios\":[{}],\"ratio_median\":{:.3},\"ratio_min\":{:.3},\"ratio_max\":{:.3},\"peer_requests\":{},\"peer_requests_per_s\":{:.1},\"peer_syscalls_per_request\":{:?}",
+                        r.len(),
+                        r.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(","),
+                        median(&r),
+                        r.iter().copied().fold(f64::INFINITY, f64::min),
+                        r.iter().copied().fold(0.0, f64::max),
+                        PEER_REQUESTS * row.peer_rounds.len(),
+                        1e9 / median(&peer_ns),
+                        peer_sys as f64 / (PEER_REQUESTS * row.peer_rounds.len()) as f64
+                    );
+                }
                 println!(
-                    "XVM-JSON {{\"bench\":\"block\",\"impl\":\"ours\",\"strategy\":\"{}\",\"batch\":{},\"requests\":{},\"requests_per_s\":{:.1},\"syscalls_per_request\":{:?},\"ns_per_request\":{:.1}}}",
+                    "XVM-JSON {{\"bench\":\"block\",\"impl\":\"ours\",\"strategy\":\"{}\",\"batch\":{},\"requests\":{},\"requests_per_s\":{:.1},\"best_requests_per_s\":{:.1},\"syscalls_per_request\":{:?},\"ns_per_request\":{:.1}{peer_json}}}",
                     row.label,
                     row.batch,
                     row.requests,
+                    1e9 / median(&row.round_ns),
                     1e9 / row.ns_per_request,
                     row.syscalls_per_request,
-                    row.ns_per_request
+                    median(&row.round_ns)
                 );
                 rows.push(row);
             }
         }
+    }
+    if let Some(p) = peer {
+        report.case("bench/peer-interleaved-finish", || {
+            p.finish()?;
+            Ok("the peer's guest pages hold the data it wrote; it exited 0".into())
+        });
     }
     eprintln!("| strategy | batch | requests | syscalls/request | ns/request | vs per-access |");
     for r in &rows {
@@ -335,7 +514,7 @@ pub fn device_share(report: &mut Report) {
         for bench_row in grant_copies {
             let name = format!("bench/device-share/{}/batch-{batch}", bench_row.label);
             report.case(&name, || {
-                let (row, fin) = measure(bench_row, batch, size, true)?;
+                let (row, fin) = measure(bench_row, batch, size, true, ROUNDS, None)?;
                 println!(
                     "XVM-JSON {{\"bench\":\"device-share\",\"strategy\":\"{}\",\"batch\":{},\"ns_per_request\":{:.0},\"device_ns_per_request\":{:.0}}}",
                     row.label, batch, row.ns_per_request, row.device_ns_per_request

@@ -493,12 +493,26 @@ fn probe_midpage(rep: &mut Report, guest: &mut Guest, gntdev: &File) -> Res<()> 
     Ok(())
 }
 
-fn run(rep: &mut Report) -> Res<()> {
-    let gntdev = gntdev()?;
-    let mut guest = Guest::new()?;
+/// The guest's pages and vm-memory's view of them, as the benchmark uses them.
+struct Setup {
+    ring: Vec<GrantedPage>,
+    data: Vec<GrantedPage>,
+    status: Vec<GrantedPage>,
+    first_buf_ref: u32,
+    last_ref: u32,
+    max_ring: u32,
+    all: usize,
+    consecutive: bool,
+    ring_gpa: u64,
+    reqs: Vec<BlockBuffers>,
+    mem: GuestMemoryMmap,
+}
 
-    // --- the guest: ring pages, then per request a read-only header page
-    // with content and writable data and status pages.
+/// The guest: ring pages, then per request a read-only header page with content and
+/// writable data and status pages; vm-memory: the ring in a GRANT region mapped in advance
+/// (odd size, as xen-vhost-frontend sends it), the buffers in an on-demand GRANT region
+/// from the next page boundary up, covering refs far past the last one.
+fn setup(guest: &mut Guest, gntdev: &File) -> Res<Setup> {
     let ring_pages = ring_bytes(QUEUE_SIZE).div_ceil(PG as u64) as usize;
     let ring = guest.grant(ring_pages, true)?;
     let mut hdr = Vec::new();
@@ -539,12 +553,58 @@ fn run(rep: &mut Report) -> Res<()> {
     let mut sorted = all.clone();
     sorted.sort_unstable();
     let consecutive = sorted.windows(2).all(|w| w[1] == w[0] + 1);
+    let ring_gpa = grant_addr(ring[0].gref, 0);
+    let ring_size = ring_bytes(QUEUE_SIZE) as usize;
+    let bufs_gpa = grant_addr(first_buf_ref, 0);
+    let bufs_size = ((last_ref - first_buf_ref) as usize + 4096) * PG;
+    let mem = GuestMemoryMmap::from_regions(vec![
+        grant_region(gntdev, ring_gpa, ring_size, false)?,
+        grant_region(gntdev, bufs_gpa, bufs_size, true)?,
+    ])
+    .map_err(|e| format!("GuestMemoryMmap::from_regions: {e}"))?;
+    let reqs: Vec<BlockBuffers> = (0..REQUESTS)
+        .map(|i| BlockBuffers {
+            header: grant_addr(hdr[i].gref, 0),
+            data: grant_addr(data[i].gref, 0),
+            status: grant_addr(status[i].gref, 0),
+        })
+        .collect();
+    Ok(Setup {
+        ring,
+        data,
+        status,
+        first_buf_ref,
+        last_ref,
+        max_ring,
+        all: all.len(),
+        consecutive,
+        ring_gpa,
+        reqs,
+        mem,
+    })
+}
+
+fn run(rep: &mut Report) -> Res<()> {
+    let gntdev = gntdev()?;
+    let mut guest = Guest::new()?;
+    let Setup {
+        ring,
+        data,
+        status,
+        first_buf_ref,
+        last_ref,
+        max_ring,
+        all,
+        consecutive,
+        ring_gpa,
+        reqs,
+        mem,
+    } = setup(&mut guest, &gntdev)?;
     rep.case(
         "guest-grants",
         true,
         format!(
-            "{} pages granted to domid 0: ring refs {}..={}, buffer refs {}..={}{}",
-            all.len(),
+            "{all} pages granted to domid 0: ring refs {}..={}, buffer refs {}..={}{}",
             ring[0].gref,
             max_ring,
             first_buf_ref,
@@ -556,26 +616,6 @@ fn run(rep: &mut Report) -> Res<()> {
             }
         ),
     );
-
-    // --- vm-memory: the ring in a GRANT region mapped in advance (odd size, as
-    // xen-vhost-frontend sends it), the buffers in an on-demand GRANT region
-    // from the next page boundary up, covering refs far past the last one.
-    let ring_gpa = grant_addr(ring[0].gref, 0);
-    let ring_size = ring_bytes(QUEUE_SIZE) as usize;
-    let bufs_gpa = grant_addr(first_buf_ref, 0);
-    let bufs_size = ((last_ref - first_buf_ref) as usize + 4096) * PG;
-    let mem = GuestMemoryMmap::from_regions(vec![
-        grant_region(&gntdev, ring_gpa, ring_size, false)?,
-        grant_region(&gntdev, bufs_gpa, bufs_size, true)?,
-    ])
-    .map_err(|e| format!("GuestMemoryMmap::from_regions: {e}"))?;
-    let reqs: Vec<BlockBuffers> = (0..REQUESTS)
-        .map(|i| BlockBuffers {
-            header: grant_addr(hdr[i].gref, 0),
-            data: grant_addr(data[i].gref, 0),
-            status: grant_addr(status[i].gref, 0),
-        })
-        .collect();
 
     // --- the counter sees vm-memory's calls: one 16-byte read on demand.
     let c0 = Counts::now();
@@ -710,8 +750,74 @@ fn atomic_probe(gpa: &str) -> ! {
     std::process::exit(0)
 }
 
+/// `serve`: one round of one bench row per stdin line `BATCH REQUESTS`, answered on stdout
+/// with `ROUND <ns> <syscalls>` (wall ns for REQUESTS requests, exact syscalls counted by
+/// interposition) or `ERR <reason>`; ends at EOF. xen-dom0-tests' bench drives it, its own
+/// rounds interleaved with these (ci/xen/dom0-tests/src/bench.rs). One workload per batch:
+/// a new batch rebuilds the ring (and warms up once), as `run`'s benchmark does.
+fn serve() -> ! {
+    let out = (|| -> Res<()> {
+        let gntdev = gntdev()?;
+        let mut guest = Guest::new()?;
+        let s = setup(&mut guest, &gntdev)?;
+        let mut stdout = std::io::stdout();
+        writeln!(stdout, "READY").map_err(|e| e.to_string())?;
+        stdout.flush().map_err(|e| e.to_string())?;
+        let mut wl: Option<(usize, BlockWorkload<'_>)> = None;
+        for line in std::io::stdin().lines() {
+            let line = line.map_err(|e| format!("stdin: {e}"))?;
+            let reply = (|| -> Res<String> {
+                let mut it = line.split_whitespace().map(str::parse::<usize>);
+                let (Some(Ok(batch)), Some(Ok(n))) = (it.next(), it.next()) else {
+                    return Err(format!("bad request {line:?}"));
+                };
+                if batch == 0 || n % batch != 0 || batch > REQUESTS {
+                    return Err(format!("bad request {line:?}"));
+                }
+                if wl.as_ref().map(|w| w.0) != Some(batch) {
+                    wl = None; // the old workload's queue state goes before the ring is rewritten
+                    let mut w = BlockWorkload::new(&s.mem, s.ring_gpa, &s.reqs)?;
+                    w.run_batch(batch)?; // warm-up
+                    wl = Some((batch, w));
+                }
+                let w = &mut wl.as_mut().unwrap().1;
+                let c0 = Counts::now();
+                let t0 = Instant::now();
+                for _ in 0..n / batch {
+                    w.run_batch(batch)?;
+                }
+                let ns = t0.elapsed().as_nanos();
+                Ok(format!("ROUND {ns} {}", c0.since().total()))
+            })();
+            let reply = reply.unwrap_or_else(|e| format!("ERR {e}"));
+            writeln!(stdout, "{reply}").map_err(|e| e.to_string())?;
+            stdout.flush().map_err(|e| e.to_string())?;
+        }
+        let landed = s
+            .data
+            .iter()
+            .all(|p| peek(p, 0, PG).iter().all(|&b| b == 0xd5))
+            && s.status.iter().all(|p| peek(p, 0, 1) == [0]);
+        drop(s);
+        if !landed {
+            return Err("data not written to the guest's pages".into());
+        }
+        Ok(())
+    })();
+    match out {
+        Ok(()) => std::process::exit(0),
+        Err(e) => {
+            println!("ERR {e}");
+            std::process::exit(1)
+        }
+    }
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.len() == 2 && args[1] == "serve" {
+        serve();
+    }
     if args.len() == 3 && args[1] == "atomic-probe" {
         atomic_probe(&args[2]);
     }
