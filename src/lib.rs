@@ -59,6 +59,7 @@ pub mod testing;
 pub mod xen_flags;
 pub mod xen_page;
 
+pub use backend::foreign::ForeignMapping;
 pub use descriptor::{DescriptorError, GrantMapping, RegionDescriptor, RegionKind, WireRegion};
 pub use device::{real::RealXen, XenDriver, XenHandle};
 pub use region::{FileLengths, XenRegion};

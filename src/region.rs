@@ -9,7 +9,7 @@ use vm_memory::{
     MemoryRegionAddress, VolatileSlice,
 };
 
-use crate::backend::foreign::map_foreign_region;
+use crate::backend::foreign::{map_foreign_region, ForeignMapping, LazyForeign};
 use crate::backend::grant::map_grant_region;
 use crate::backend::unix::{map_unix, FileLen};
 use crate::backend::{BackendError, HostMapping};
@@ -34,9 +34,10 @@ pub enum RegionError {
 }
 
 /// Error returned (inside vm-memory's `IOError`) by a plain-table access to an on-demand grant
-/// region: those bytes are only reachable through request-scoped memory.
+/// region or a lazily mapped FOREIGN region: those bytes are only reachable through
+/// request-scoped memory.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
-#[error("gpa {gpa:#x} is in an on-demand grant region (domain {domid}); access it through RequestMemory")]
+#[error("gpa {gpa:#x} is in an on-demand region (domain {domid}); access it through RequestMemory")]
 pub struct OnDemandAccess {
     /// The address accessed.
     pub gpa: u64,
@@ -84,6 +85,8 @@ pub struct XenRegion {
     mapped_len: u64,
     /// Owns the mapping, released when the region is dropped.
     _mapping: Option<HostMapping>,
+    /// A lazily mapped FOREIGN region's reservation and buckets (then `host` is null).
+    lazy: Option<LazyForeign>,
     dev: Option<XenHandle>,
 }
 
@@ -108,7 +111,19 @@ impl XenRegion {
         file: Option<&File>,
         dev: Option<&XenHandle>,
     ) -> Result<Self, RegionError> {
-        Self::build(desc, file, dev, None)
+        Self::build(desc, file, dev, None, ForeignMapping::Eager)
+    }
+
+    /// As [`XenRegion::new`], with `policy` for a FOREIGN region (other kinds ignore it).
+    /// [`ForeignMapping::Lazy`] reserves address space only: the region's bytes are then
+    /// reachable through [`crate::RequestMemory`] alone, which maps buckets on first touch.
+    pub fn with_foreign_mapping(
+        desc: RegionDescriptor,
+        file: Option<&File>,
+        dev: Option<&XenHandle>,
+        policy: ForeignMapping,
+    ) -> Result<Self, RegionError> {
+        Self::build(desc, file, dev, None, policy)
     }
 
     /// As [`XenRegion::new`], looking the file's length up in `files` (once per file for all
@@ -120,7 +135,7 @@ impl XenRegion {
         dev: Option<&XenHandle>,
         files: &mut FileLengths<'f>,
     ) -> Result<Self, RegionError> {
-        Self::build(desc, file, dev, Some(files))
+        Self::build(desc, file, dev, Some(files), ForeignMapping::Eager)
     }
 
     fn build<'f>(
@@ -128,10 +143,12 @@ impl XenRegion {
         file: Option<&'f File>,
         dev: Option<&XenHandle>,
         files: Option<&mut FileLengths<'f>>,
+        policy: ForeignMapping,
     ) -> Result<Self, RegionError> {
         desc.check()?;
         let (gpa, size) = (desc.guest_phys_addr, desc.size);
         let need_dev = || dev.ok_or(RegionError::NoDevice { gpa });
+        let mut lazy = None;
         let mapping = match desc.kind {
             RegionKind::Unix => {
                 let known = match (file, files) {
@@ -147,9 +164,19 @@ impl XenRegion {
                 };
                 Some(map_unix(gpa, size, file, desc.mmap_offset, known)?)
             }
-            RegionKind::Foreign { domid } => {
-                Some(map_foreign_region(need_dev()?, domid, gpa, size)?)
-            }
+            RegionKind::Foreign { domid } => match policy {
+                ForeignMapping::Eager => Some(map_foreign_region(need_dev()?, domid, gpa, size)?),
+                ForeignMapping::Lazy { bucket_frames } => {
+                    lazy = Some(LazyForeign::reserve(
+                        need_dev()?,
+                        domid,
+                        gpa,
+                        size,
+                        bucket_frames,
+                    )?);
+                    None
+                }
+            },
             RegionKind::Grant {
                 domid,
                 mapping: GrantMapping::InAdvance,
@@ -173,6 +200,7 @@ impl XenRegion {
             host,
             mapped_len,
             _mapping: mapping,
+            lazy,
             dev: dev.cloned(),
         })
     }
@@ -201,8 +229,25 @@ impl XenRegion {
         }
     }
 
+    /// Whether this is a lazily mapped FOREIGN region ([`ForeignMapping::Lazy`]): like an
+    /// on-demand grant region, only request-scoped memory reaches its bytes.
+    #[inline]
+    pub fn is_lazy_foreign(&self) -> bool {
+        self.lazy.is_some()
+    }
+
+    /// Buckets of a lazy FOREIGN region mapped so far (0 for other regions).
+    pub fn lazy_mapped_buckets(&self) -> usize {
+        self.lazy.as_ref().map_or(0, LazyForeign::mapped_buckets)
+    }
+
+    #[inline]
+    pub(crate) fn lazy(&self) -> Option<&LazyForeign> {
+        self.lazy.as_ref()
+    }
+
     /// Host address of the region's first byte, when the region is mapped in advance (None
-    /// for on-demand grant regions).
+    /// for on-demand grant regions and lazy FOREIGN regions).
     #[inline]
     pub fn host_address(&self) -> Option<*mut u8> {
         (!self.host.0.is_null()).then_some(self.host.0)
@@ -291,7 +336,10 @@ impl XenRegion {
     fn on_demand_error(&self, addr: MemoryRegionAddress) -> GuestMemoryError {
         GuestMemoryError::IOError(std::io::Error::other(OnDemandAccess {
             gpa: self.desc.guest_phys_addr.wrapping_add(addr.0),
-            domid: self.on_demand_domid().unwrap_or_default(),
+            domid: self
+                .on_demand_domid()
+                .or(self.lazy.as_ref().map(LazyForeign::domid))
+                .unwrap_or_default(),
         }))
     }
 }

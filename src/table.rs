@@ -102,7 +102,9 @@ impl RegionTable {
         );
         let buckets = Buckets::new(&spans);
         spans.extend([(u64::MAX, 0); SENTINELS]);
-        let on_demand = regions.iter().any(|r| r.on_demand_domid().is_some());
+        let on_demand = regions
+            .iter()
+            .any(|r| r.on_demand_domid().is_some() || r.is_lazy_foreign());
         RegionTable {
             regions,
             spans,
@@ -146,7 +148,7 @@ impl RegionTable {
             .try_fold(RegionTable::new(), |t, r| t.insert(r))
     }
 
-    /// Whether any region is an on-demand grant region. A request scope over a table without
+    /// Whether any region is an on-demand grant region or a lazy FOREIGN region. A request scope over a table without
     /// one is a plain wrapper: no system call, no allocation, no per-thread state.
     #[inline]
     pub fn has_on_demand(&self) -> bool {

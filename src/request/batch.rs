@@ -60,12 +60,21 @@ impl RequestMemory<'_> {
             let Some(region) = self.table.find_region(addr) else {
                 continue;
             };
+            let room = region.len() - (addr.0 - region.start_addr().0);
+            if let Some(lz) = region.lazy() {
+                // A lazy FOREIGN region: map its buckets now (best effort; an error comes
+                // back at the touch).
+                let n = (len as u64).min(room);
+                if n > 0 {
+                    let _ = lz.ensure(addr.0 - region.start_addr().0, n);
+                }
+                continue;
+            }
             let Some(domid) = region.on_demand_domid() else {
                 continue;
             };
             // Only the part inside this region; a buffer crossing regions is rare and is
             // fetched on touch.
-            let room = region.len() - (addr.0 - region.start_addr().0);
             let n = (len as u64).min(room) as usize;
             // Over the scope's limit: leave it to the touch, which reports ScopeFull.
             if st.check_room(addr.0, n, copy.len() + map.len()).is_err() {

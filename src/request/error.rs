@@ -72,6 +72,10 @@ pub enum RequestError {
     /// A whole device call failed.
     #[error(transparent)]
     Device(#[from] DeviceError),
+    /// Mapping a bucket of a lazy FOREIGN region failed, or a frame the access touches is
+    /// missing from it (the error names the lowest such gfn).
+    #[error(transparent)]
+    Foreign(#[from] crate::backend::BackendError),
     /// The access would make the scope hold more on-demand pages than it may: a guest cannot
     /// make the daemon copy or map without bound.
     #[error("gpa {gpa:#x} len {len:#x}: scope would hold {pages} on-demand pages, limit {max}")]

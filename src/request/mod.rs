@@ -44,6 +44,7 @@ pub use error::RequestError;
 use pages::{BouncePage, KeyMap, LiveMap, PageSlot};
 
 use crate::device::{CopySegment, CounterSnapshot, XenHandle, GNTST_OKAY};
+use crate::region::XenRegion;
 use crate::table::RegionTable;
 
 /// Length (of a prefetched descriptor, or of an access on first touch) at and above which
@@ -328,6 +329,9 @@ impl<'t> RequestMemory<'t> {
                 Some(domid) => self
                     .on_demand(region, domid, cur, n as usize, access, &mut out)
                     .map_err(RequestError::into_guest_memory_error),
+                None if region.is_lazy_foreign() => lazy_slice(region, off, n as usize)
+                    .map(|s| out.push(Ok(s)))
+                    .map_err(RequestError::into_guest_memory_error),
                 None => region
                     .get_slice(MemoryRegionAddress(off), n as usize)
                     .map(|s| out.push(Ok(s))),
@@ -355,6 +359,24 @@ impl<'t> RequestMemory<'t> {
         }
         out
     }
+}
+
+/// The slice of `count` bytes at `off` in lazy FOREIGN region `region`, its buckets mapped
+/// first.
+fn lazy_slice(
+    region: &XenRegion,
+    off: u64,
+    count: usize,
+) -> Result<VolatileSlice<'_>, RequestError> {
+    let lz = region.lazy().ok_or(RequestError::NotFetched {
+        gpa: region.start_addr().0 + off,
+    })?;
+    lz.ensure(off, count as u64)
+        .inspect_err(|_| lz.count_error())?;
+    // SAFETY: `ensure` accepted `off..off+count` (inside the region: the caller clipped it),
+    // so those bytes are mapped and stay mapped until the region is dropped; the slice
+    // borrows the region. Guest memory is accessed volatilely by everyone who touches it.
+    Ok(unsafe { VolatileSlice::new(lz.host().add(off as usize), count) })
 }
 
 impl RequestMemory<'_> {
