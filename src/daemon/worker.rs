@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use vhost_user_backend::VringT;
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, Permissions};
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
@@ -20,9 +21,6 @@ use super::device::VhostUserDevice;
 use super::handler::{Memory, Vring};
 use crate::request::RequestMemory;
 use crate::table::RegionTable;
-
-/// `VRING_DESC_F_INDIRECT`.
-const VRING_DESC_F_INDIRECT: u16 = 4;
 
 /// Most chains served in one request scope. Bounds what one scope holds (pages, mappings)
 /// and how long used entries wait; a deeper queue is served in several batches per kick.
@@ -292,19 +290,16 @@ impl<D: VhostUserDevice> Worker<D> {
             }
             let Some(d) = desc
                 .checked_add(16 * u64::from(head))
-                .and_then(|a| table.read_obj::<[u8; 16]>(GuestAddress(a)).ok())
+                .and_then(|a| table.read_obj::<Descriptor>(GuestAddress(a)).ok())
             else {
                 continue;
             };
-            let flags = u16::from_le_bytes([d[12], d[13]]);
-            if flags & VRING_DESC_F_INDIRECT != 0 {
-                let addr = u64::from_le_bytes([d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]]);
-                let len = u32::from_le_bytes([d[8], d[9], d[10], d[11]]) as usize;
+            if d.refers_to_indirect_table() {
                 // No more than a queue's worth of descriptors: a guest claiming a huge table
                 // (virtio-queue walks up to 65535 entries) gets only what it uses fetched,
                 // one page per touch, not the size it claims.
-                let len = len.min(usize::from(size) * 16);
-                tables.push((GuestAddress(addr), len, Permissions::Read));
+                let len = (d.len() as usize).min(usize::from(size) * 16);
+                tables.push((d.addr(), len, Permissions::Read));
             }
         }
         if !tables.is_empty() {

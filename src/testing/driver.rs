@@ -21,6 +21,8 @@ use std::time::Duration;
 use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::ByteValued;
 use vmm_sys_util::eventfd::EventFd;
 
 use super::EmulatedXen;
@@ -858,18 +860,17 @@ impl VirtioDriver {
                 let next = (i + 1 < bufs.len()).then_some(i as u16 + 1);
                 self.mem.write(
                     table + 16 * i as u64,
-                    &raw_desc(b.gpa, b.len, b.write, next),
+                    desc(b.gpa, b.len, b.write, next).as_slice(),
                 )?;
             }
-            let mut d = raw_desc(table, 16 * bufs.len() as u32, false, None);
-            d[12..14].copy_from_slice(&F_INDIRECT.to_le_bytes());
-            self.mem.write(desc_at(first), &d)?;
+            let d = Descriptor::new(table, 16 * bufs.len() as u32, F_INDIRECT, 0);
+            self.mem.write(desc_at(first), d.as_slice())?;
         } else {
             for (i, b) in bufs.iter().enumerate() {
                 let next = (i + 1 < bufs.len()).then_some(first + i as u16 + 1);
                 self.mem.write(
                     desc_at(first + i as u16),
-                    &raw_desc(b.gpa, b.len, b.write, next),
+                    desc(b.gpa, b.len, b.write, next).as_slice(),
                 )?;
             }
         }
@@ -1032,18 +1033,8 @@ fn region_info(r: &RegionSpec) -> VhostUserMemoryRegionInfo {
     }
 }
 
-fn raw_desc(addr: u64, len: u32, write: bool, next: Option<u16>) -> [u8; 16] {
-    let mut d = [0u8; 16];
-    d[0..8].copy_from_slice(&addr.to_le_bytes());
-    d[8..12].copy_from_slice(&len.to_le_bytes());
-    let mut flags = 0u16;
-    if write {
-        flags |= F_WRITE;
-    }
-    if next.is_some() {
-        flags |= F_NEXT;
-    }
-    d[12..14].copy_from_slice(&flags.to_le_bytes());
-    d[14..16].copy_from_slice(&next.unwrap_or(0).to_le_bytes());
-    d
+/// A descriptor of one buffer, chained to `next` if any.
+fn desc(addr: u64, len: u32, write: bool, next: Option<u16>) -> Descriptor {
+    let flags = if write { F_WRITE } else { 0 } | if next.is_some() { F_NEXT } else { 0 };
+    Descriptor::new(addr, len, flags, next.unwrap_or(0))
 }
