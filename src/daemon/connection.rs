@@ -20,6 +20,7 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use super::device::VhostUserDevice;
 use super::handler::Handler;
+use super::layout::recv_with_fds;
 
 /// How a connection ended.
 #[derive(Debug)]
@@ -131,79 +132,38 @@ fn is_connection_error(e: &VhostError) -> bool {
 /// much of the body is there. `None` when the frontend closed the socket.
 fn peek(sock: &UnixStream) -> std::io::Result<Option<Peeked>> {
     let mut buf = vec![0u8; HDR + MAX_MSG_SIZE];
-    // Room for vhost's maximum of 32 descriptors.
-    let mut cmsg = [0u64; 40];
-    let mut wait = libc::MSG_WAITALL;
-    let mut want = HDR;
-    loop {
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: want,
-        };
-        // SAFETY: msghdr is plain data; all-zero is a valid empty value.
-        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
-        msg.msg_control = cmsg.as_mut_ptr().cast();
-        msg.msg_controllen = std::mem::size_of_val(&cmsg) as _;
-        let flags = libc::MSG_PEEK | libc::MSG_CMSG_CLOEXEC | wait;
-        // SAFETY: the iovec and control buffer point into live buffers of the given sizes.
-        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, flags) };
-        if n < 0 {
-            let e = std::io::Error::last_os_error();
-            match e.kind() {
-                std::io::ErrorKind::Interrupted => continue,
-                std::io::ErrorKind::WouldBlock if wait == 0 => {
-                    return Ok(None);
-                }
-                _ => return Err(e),
-            }
-        }
-        let n = n as usize;
-        if n < HDR {
-            // End of stream (a partial header only comes before the end).
-            return Ok(None);
-        }
-        let fds = close_peeked_fds(&msg);
-        let mut head = [0u8; HDR];
-        head.copy_from_slice(&buf[..HDR]);
-        let hdr = Header::parse(&head);
-        let size = (hdr.size as usize).min(MAX_MSG_SIZE);
-        if want == HDR && size > 0 {
-            // Now the whole message, without waiting for a body that may never come.
-            want = HDR + size;
-            wait = libc::MSG_DONTWAIT;
-            continue;
-        }
-        return Ok(Some(Peeked {
-            hdr,
-            fds,
-            available: n,
-        }));
+    // A peek duplicates the attached descriptors; they are counted and closed on drop.
+    let mut fds = Vec::new();
+    let peek = libc::MSG_PEEK;
+    if recv_with_fds(sock, &mut buf[..HDR], peek | libc::MSG_WAITALL, &mut fds)? < HDR {
+        // End of stream (a partial header only comes before the end).
+        return Ok(None);
     }
-}
-
-/// Closes the duplicates a peek received; returns how many there were.
-fn close_peeked_fds(msg: &libc::msghdr) -> usize {
-    let mut count = 0;
-    // SAFETY: msg was filled by recvmsg; the CMSG_* macros walk its control buffer within
-    // msg_controllen.
-    unsafe {
-        let mut c = libc::CMSG_FIRSTHDR(msg);
-        while !c.is_null() {
-            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(c).cast::<libc::c_int>();
-                let len = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
-                let n = len / std::mem::size_of::<libc::c_int>();
-                for i in 0..n {
-                    libc::close(std::ptr::read_unaligned(data.add(i)));
-                }
-                count += n;
-            }
-            c = libc::CMSG_NXTHDR(msg, c);
+    let mut head = [0u8; HDR];
+    head.copy_from_slice(&buf[..HDR]);
+    let hdr = Header::parse(&head);
+    let size = (hdr.size as usize).min(MAX_MSG_SIZE);
+    // Now the whole message, without waiting for a body that may never come.
+    let available = if size == 0 {
+        HDR
+    } else {
+        fds.clear();
+        match recv_with_fds(
+            sock,
+            &mut buf[..HDR + size],
+            peek | libc::MSG_DONTWAIT,
+            &mut fds,
+        ) {
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => HDR,
+            Err(e) => return Err(e),
         }
-    }
-    count
+    };
+    Ok(Some(Peeked {
+        hdr,
+        fds: fds.len(),
+        available,
+    }))
 }
 
 /// Reads and drops up to `len` bytes that are already in the socket.

@@ -222,7 +222,9 @@ fn recv_message(sock: &UnixStream) -> io::Result<Option<Message>> {
     Ok(Some(m))
 }
 
-fn recv_with_fds(
+/// One `recvmsg` into `buf`, collecting any file descriptors into `fds` (owned, so a peek's
+/// duplicates close when dropped); retried on EINTR.
+pub(super) fn recv_with_fds(
     sock: &UnixStream,
     buf: &mut [u8],
     flags: libc::c_int,
