@@ -126,10 +126,8 @@ impl<D: VhostUserDevice> Handler<D> {
     /// Stops every worker, resets the rings and drops the memory table (its mappings go
     /// when the last in-flight batch holding it ends; all workers are joined, so now).
     pub(crate) fn shutdown(&mut self) {
-        self.stop_workers();
+        self.reset_vrings();
         for v in &self.vrings {
-            v.get_mut().get_queue_mut().reset();
-            v.set_enabled(false);
             v.set_kick(None);
             v.set_call(None);
             v.set_err(None);
@@ -139,12 +137,31 @@ impl<D: VhostUserDevice> Handler<D> {
         }
     }
 
+    /// Stops every worker and puts every ring back to its reset state, disabled.
+    fn reset_vrings(&mut self) {
+        self.stop_workers();
+        for v in &self.vrings {
+            v.get_mut().get_queue_mut().reset();
+            v.set_enabled(false);
+        }
+    }
+
     fn stop_workers(&mut self) {
-        for (i, w) in self.workers.iter_mut().enumerate() {
-            if let Some(w) = w.take() {
-                w.stop();
+        for i in 0..self.workers.len() {
+            if self.stop_worker(i) {
                 self.device.queue_stopped(i);
             }
+        }
+    }
+
+    /// Stops the worker of queue `index` after its current batch; false if it had none.
+    fn stop_worker(&mut self, index: usize) -> bool {
+        match self.workers.get_mut(index).and_then(Option::take) {
+            Some(w) => {
+                w.stop();
+                true
+            }
+            None => false,
         }
     }
 
@@ -242,9 +259,7 @@ impl<D: VhostUserDevice> Handler<D> {
     }
 
     fn start_worker(&mut self, index: usize) -> Result<(), DaemonError> {
-        if let Some(w) = self.workers.get_mut(index).and_then(Option::take) {
-            w.stop();
-        }
+        self.stop_worker(index);
         let Some(vring) = self.vrings.get(index) else {
             return Ok(());
         };
@@ -284,11 +299,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
 
     fn reset_owner(&mut self) -> VhostResult<()> {
         self.handled();
-        self.stop_workers();
-        for v in &self.vrings {
-            v.get_mut().get_queue_mut().reset();
-            v.set_enabled(false);
-        }
+        self.reset_vrings();
         self.acked_features = 0;
         Ok(())
     }
@@ -413,9 +424,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
 
     fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
         let vring = self.vring(index)?.clone();
-        if let Some(w) = self.workers.get_mut(index as usize).and_then(Option::take) {
-            w.stop();
-        }
+        self.stop_worker(index as usize);
         self.device.queue_stopped(index as usize);
         vring.set_queue_ready(false);
         let next_avail = vring.queue_next_avail();
@@ -427,13 +436,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
         self.handled();
         let vring = self.vring(u32::from(index))?.clone();
-        if let Some(w) = self
-            .workers
-            .get_mut(usize::from(index))
-            .and_then(Option::take)
-        {
-            w.stop();
-        }
+        self.stop_worker(usize::from(index));
         let Some(fd) = fd else {
             return Err(DaemonError::Unsupported("a vring without a kick fd (polling)").into());
         };
