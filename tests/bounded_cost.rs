@@ -14,6 +14,8 @@
 //!   (not one per descriptor); a claimed length past 65535 descriptors is refused by
 //!   virtio-queue before any read, and a long claimed length costs only the pages walked.
 
+mod common;
+
 use std::io::Write as _;
 
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -21,30 +23,17 @@ use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
 use vm_memory::GuestAddress;
 use xen_vhost_mem::device::CounterSnapshot;
-use xen_vhost_mem::testing::{Guest as _, GuestBuffer, GuestSim};
-use xen_vhost_mem::{RegionTable, RequestMemory, Strategy, XenRegion};
+use xen_vhost_mem::testing::GuestBuffer;
+use xen_vhost_mem::{RegionTable, RequestMemory, Strategy};
 
 const NEXT: u16 = 1;
 const WRITE: u16 = 2;
 const INDIRECT: u16 = 4;
 
-struct Setup {
-    sim: GuestSim,
-    ring: GuestBuffer,
-    table: RegionTable,
-}
+use common::GrantedRing as Setup;
 
 fn setup() -> Setup {
-    let sim = GuestSim::new(1, 512).unwrap();
-    let ring = sim.grant(2, false).unwrap();
-    let ring_desc = sim.in_advance_region(ring.gpa(0), 8192, 0x7000_0000);
-    let od = sim.on_demand_region(ring.first_ref + 2, 1 << 16);
-    let table = RegionTable::from_regions(vec![
-        XenRegion::new(ring_desc, None, Some(&sim.dev)).unwrap(),
-        XenRegion::new(od, None, Some(&sim.dev)).unwrap(),
-    ])
-    .unwrap();
-    Setup { sim, ring, table }
+    common::granted_ring(512)
 }
 
 impl Setup {

@@ -3,6 +3,8 @@
 //! order; a write access or request that fails part-way writes nothing it did not write, under
 //! every strategy and writable-buffer mode. See `request::writeback` for the rule.
 
+mod common;
+
 use std::io::Write as _;
 
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
@@ -11,10 +13,8 @@ use virtio_queue::{QueueT, Writer};
 use vm_memory::{Bytes, GuestAddress};
 use xen_vhost_mem::daemon::VhostUserDevice;
 use xen_vhost_mem::devices::blk::{BlkConfig, BlkDevice, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_T_IN};
-use xen_vhost_mem::testing::{Guest as _, GuestBuffer, GuestSim};
-use xen_vhost_mem::{
-    RegionTable, RequestError, RequestMemory, Strategy, WritableBuffers, XenRegion,
-};
+use xen_vhost_mem::testing::GuestBuffer;
+use xen_vhost_mem::{RequestError, RequestMemory, Strategy, WritableBuffers};
 
 const NEXT: u16 = 1;
 /// A guest address in no region of the test's table.
@@ -29,23 +29,10 @@ const STRATEGIES: [Strategy; 3] = [
 ];
 const MODES: [WritableBuffers; 2] = [WritableBuffers::CopyIn, WritableBuffers::Overwrite];
 
-struct Setup {
-    sim: GuestSim,
-    ring: GuestBuffer,
-    table: RegionTable,
-}
+use common::GrantedRing as Setup;
 
 fn setup() -> Setup {
-    let sim = GuestSim::new(1, 256).unwrap();
-    let ring = sim.grant(2, false).unwrap();
-    let ring_desc = sim.in_advance_region(ring.gpa(0), 8192, 0x7000_0000);
-    let od = sim.on_demand_region(ring.first_ref + 2, 1 << 16);
-    let table = RegionTable::from_regions(vec![
-        XenRegion::new(ring_desc, None, Some(&sim.dev)).unwrap(),
-        XenRegion::new(od, None, Some(&sim.dev)).unwrap(),
-    ])
-    .unwrap();
-    Setup { sim, ring, table }
+    common::granted_ring(256)
 }
 
 impl Setup {

@@ -4,8 +4,8 @@
 
 use std::fs::File;
 use std::os::fd::FromRawFd;
-use xen_vhost_mem::testing::GuestSim;
-use xen_vhost_mem::{RegionDescriptor, WireRegion, XenMmapFlags, XenRegion};
+use xen_vhost_mem::testing::{Guest as _, GuestBuffer, GuestSim};
+use xen_vhost_mem::{RegionDescriptor, RegionTable, WireRegion, XenMmapFlags, XenRegion};
 
 /// The emulated guest's domid.
 pub const DOMID: u16 = 1;
@@ -110,4 +110,26 @@ pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
     (0..len)
         .map(|i| seed.wrapping_mul(31).wrapping_add((i as u32 % 251) as u8) ^ 0x5a)
         .collect()
+}
+
+/// A guest with a two-page ring granted and mapped in advance, and every ref after it in an
+/// on-demand region: where request-scope tests put their buffers.
+pub struct GrantedRing {
+    pub sim: GuestSim,
+    pub ring: GuestBuffer,
+    pub table: RegionTable,
+}
+
+/// A [`GrantedRing`] on an emulation with room for `capacity_pages` pages.
+pub fn granted_ring(capacity_pages: usize) -> GrantedRing {
+    let sim = GuestSim::new(1, capacity_pages).expect("emulation setup");
+    let ring = sim.grant(2, false).expect("grant the ring");
+    let ring_desc = sim.in_advance_region(ring.gpa(0), 8192, 0x7000_0000);
+    let od = sim.on_demand_region(ring.first_ref + 2, 1 << 16);
+    let table = RegionTable::from_regions(vec![
+        XenRegion::new(ring_desc, None, Some(&sim.dev)).expect("ring region"),
+        XenRegion::new(od, None, Some(&sim.dev)).expect("on-demand region"),
+    ])
+    .expect("table");
+    GrantedRing { sim, ring, table }
 }
