@@ -4,8 +4,9 @@
 //! Porting from vhost-user-backend's `VhostUserBackend`: `num_queues`, `max_queue_size`,
 //! `features`, `protocol_features`, `get_config` and `set_config` keep their meaning;
 //! `handle_event` (which pops chains itself over `GuestMemoryMmap`) becomes
-//! [`VhostUserDevice::serve`], which receives the chains the worker popped and the
-//! request-scoped memory to read and write them through.
+//! [`VhostUserDevice::serve_chain`] (or [`VhostUserDevice::serve`] for a whole batch), which
+//! receives the chains the worker popped and the request-scoped memory to read and write
+//! them through.
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use virtio_queue::DescriptorChain;
@@ -65,18 +66,27 @@ pub trait VhostUserDevice: Send + Sync + 'static {
         WritableBuffers::CopyIn
     }
 
-    /// Serves one batch of chains popped from queue `queue`, all through `mem`. Sets
-    /// `used[i]` to the bytes written into `chains[i]` (the used length). A chain whose
-    /// memory fails is completed with the device's error status where it has one, or with
-    /// used length 0; one bad chain must not stop the others. Nothing here may panic on
-    /// guest input.
+    /// Serves one chain popped from queue `queue` through `mem`; returns the bytes written
+    /// into it (the used length). A chain whose memory fails is completed with the device's
+    /// error status where it has one, or with used length 0. Nothing here may panic on guest
+    /// input.
+    fn serve_chain(&self, queue: usize, mem: &RequestMemory<'_>, chain: &Chain<'_, '_>) -> u32;
+
+    /// Serves one batch of chains popped from queue `queue`, all through `mem`, setting
+    /// `used[i]` to the used length of `chains[i]`; one bad chain must not stop the others.
+    /// By default one [`VhostUserDevice::serve_chain`] each; a device that can do better
+    /// with the whole batch (merging adjacent block requests, say) overrides it.
     fn serve(
         &self,
         queue: usize,
         mem: &RequestMemory<'_>,
         chains: &mut [Chain<'_, '_>],
         used: &mut [u32],
-    );
+    ) {
+        for (chain, used) in chains.iter().zip(used.iter_mut()) {
+            *used = self.serve_chain(queue, mem, chain);
+        }
+    }
 
     /// The queue stopped (`GET_VRING_BASE`, reset or disconnect).
     fn queue_stopped(&self, _queue: usize) {}

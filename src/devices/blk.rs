@@ -425,15 +425,7 @@ impl VhostUserDevice for BlkDevice {
         c
     }
 
-    fn serve(
-        &self,
-        _queue: usize,
-        mem: &RequestMemory<'_>,
-        chains: &mut [Chain<'_, '_>],
-        used: &mut [u32],
-    ) {
-        for (chain, used) in chains.iter().zip(used.iter_mut()) {
-            *used = self.serve_one(mem, chain);
-        }
+    fn serve_chain(&self, _queue: usize, mem: &RequestMemory<'_>, chain: &Chain<'_, '_>) -> u32 {
+        self.serve_one(mem, chain)
     }
 }
