@@ -341,6 +341,20 @@ impl Pool {
     }
 }
 
+/// Where a driver's guest memory is and what the frontend announces for it.
+struct Layout {
+    mem: Memory,
+    /// Buffers the device only reads (granted read-only in GRANT mode).
+    ro: Pool,
+    /// Buffers the device writes.
+    rw: Pool,
+    /// Descriptor table, avail and used ring of each queue.
+    rings: Vec<[u64; 3]>,
+    regions: Vec<RegionSpec>,
+    /// Descriptors the region messages refer to, kept open for the connection.
+    fds: Vec<File>,
+}
+
 /// A region to announce, with the fd to send.
 #[derive(Debug)]
 struct RegionSpec {
@@ -461,7 +475,14 @@ impl VirtioDriver {
         let small_per_slot = 16 + 1 + 64;
         let slots_total = (config.queues * config.depth) as u64;
         let ring_bytes = [16 * qs, 6 + 2 * qs, 6 + 8 * qs];
-        let (mem, mut ro, mut rw, rings, regions, fds) = match config.mode {
+        let Layout {
+            mem,
+            mut ro,
+            mut rw,
+            rings,
+            regions,
+            fds,
+        } = match config.mode {
             GuestMode::Unix => {
                 let rings_len: u64 = config.queues as u64 * 3 * (16 * qs + PAGE);
                 let len = rings_len + slots_total * (2 * data + 4 * PAGE) + 4 * PAGE;
@@ -506,7 +527,14 @@ impl VirtioDriver {
                     next: split,
                     end: rest.end,
                 };
-                (mem, ro, rw, rings, regions, Vec::new())
+                Layout {
+                    mem,
+                    ro,
+                    rw,
+                    rings,
+                    regions,
+                    fds: Vec::new(),
+                }
             }
             GuestMode::Grant | GuestMode::Foreign => {
                 Self::emulated_layout(&config, guest, &ring_bytes, data, small_per_slot)?
@@ -617,24 +645,13 @@ impl VirtioDriver {
     }
 
     /// GRANT or FOREIGN layout over a fresh emulated Xen guest.
-    #[allow(clippy::type_complexity)]
     fn emulated_layout(
         config: &DriverConfig,
         guest: Option<Box<dyn GrantingGuest>>,
         ring_bytes: &[u64; 3],
         data: u64,
         small_per_slot: u64,
-    ) -> Result<
-        (
-            Memory,
-            Pool,
-            Pool,
-            Vec<[u64; 3]>,
-            Vec<RegionSpec>,
-            Vec<File>,
-        ),
-        DriverError,
-    > {
+    ) -> Result<Layout, DriverError> {
         let slots = (config.queues * config.depth) as u64;
         // Page-aligned data buffers; the small buffers of a slot share the page after them.
         let ro_pages = slots * (data / PAGE + 1) + small_per_slot.div_ceil(PAGE) + 2;
@@ -764,7 +781,14 @@ impl VirtioDriver {
             (None, Some(emu)) => Memory::Emulated { emu, spans },
             (None, None) => return Err(DriverError::Layout("no guest memory".into())),
         };
-        Ok((mem, ro, rw, rings, regions, vec![dummy]))
+        Ok(Layout {
+            mem,
+            ro,
+            rw,
+            rings,
+            regions,
+            fds: vec![dummy],
+        })
     }
 
     fn start_queue(&mut self, q: usize, rings: &[[u64; 3]]) -> Result<(), DriverError> {
