@@ -2,7 +2,7 @@
 //! so that nothing downstream has to trust the frontend.
 
 use crate::xen_flags::XenMmapFlags;
-use crate::xen_page::{frame_of, DOMID_MAX};
+use crate::xen_page::{frame_of, page_offset, pages_spanned, DOMID_MAX};
 
 /// Most pages an in-advance grant region may span: Linux gntdev's default per-map limit
 /// (65536 pages, 256 MiB), far above what vrings need.
@@ -241,12 +241,15 @@ impl RegionDescriptor {
                 mapping: GrantMapping::InAdvance,
                 ..
             } => {
-                if frame_of(gpa).max(frame_of(last)) > u64::from(u32::MAX)
+                // Pages as the mapper counts them (from the size): a range that crosses the
+                // grant-address bit would otherwise look small by its frame numbers.
+                let pages = pages_spanned(page_offset(gpa), size);
+                let last_ref = frame_of(gpa).checked_add(pages - 1);
+                if last_ref.is_none_or(|r| r > u64::from(u32::MAX))
                     || frame_of(gpa) > frame_of(last)
                 {
                     return Err(DescriptorError::GrantRefOverflow { gpa, size });
                 }
-                let pages = frame_of(last) - frame_of(gpa) + 1;
                 if pages > MAX_IN_ADVANCE_GRANT_PAGES {
                     return Err(DescriptorError::TooManyGrantPages {
                         gpa,
@@ -268,7 +271,7 @@ impl RegionDescriptor {
             RegionKind::Grant {
                 mapping: GrantMapping::InAdvance,
                 ..
-            } => (frame_of(self.last_addr()) + 1).saturating_sub(frame_of(self.guest_phys_addr)),
+            } => pages_spanned(page_offset(self.guest_phys_addr), self.size),
             _ => 0,
         }
     }
