@@ -525,3 +525,15 @@ fn in_advance_grant_crossing_bit_63_is_refused() {
         Err(DescriptorError::GrantRefOverflow { gpa, size: 0x2000 })
     );
 }
+
+/// An in-advance GRANT region whose range crosses the grant-address bit looked like one page
+/// by its frame numbers (the marker bit dropped) while the mapper counts pages from its size:
+/// the fuzzer's `regions` target made it collect refs until 2 GiB ran out. Refused now.
+#[test]
+fn in_advance_grant_region_crossing_the_grant_address_bit_is_refused() {
+    let (gpa, size) = (0xfffu64, isize::MAX as u64);
+    assert_eq!(
+        RegionDescriptor::from_wire(&wire(gpa, size, 0, 0, FLAG_GRANT, 1)),
+        Err(DescriptorError::GrantRefOverflow { gpa, size })
+    );
+}
