@@ -81,9 +81,11 @@ pub struct RegionTable {
     spans: Vec<(u64, u64)>,
     /// Narrows the search in tables of many regions.
     buckets: Buckets,
-    /// Whether any region is an on-demand grant region (the only kind a request scope has
-    /// work for).
+    /// Whether any region is an on-demand grant region (the kind a request scope keeps state
+    /// for).
     on_demand: bool,
+    /// Whether any region is a lazily mapped FOREIGN region (a request scope enters an epoch).
+    lazy: bool,
 }
 
 impl RegionTable {
@@ -102,14 +104,14 @@ impl RegionTable {
         );
         let buckets = Buckets::new(&spans);
         spans.extend([(u64::MAX, 0); SENTINELS]);
-        let on_demand = regions
-            .iter()
-            .any(|r| r.on_demand_domid().is_some() || r.is_lazy_foreign());
+        let on_demand = regions.iter().any(|r| r.on_demand_domid().is_some());
+        let lazy = regions.iter().any(|r| r.is_lazy_foreign());
         RegionTable {
             regions,
             spans,
             buckets,
             on_demand,
+            lazy,
         }
     }
 
@@ -148,11 +150,19 @@ impl RegionTable {
             .try_fold(RegionTable::new(), |t, r| t.insert(r))
     }
 
-    /// Whether any region is an on-demand grant region or a lazy FOREIGN region. A request scope over a table without
-    /// one is a plain wrapper: no system call, no allocation, no per-thread state.
+    /// Whether any region is an on-demand grant region. A request scope over a table without
+    /// one keeps no state: no system call, no allocation, no per-thread state (lazily mapped
+    /// FOREIGN regions only make it enter an epoch, see [`RegionTable::has_lazy`]).
     #[inline]
     pub fn has_on_demand(&self) -> bool {
         self.on_demand
+    }
+
+    /// Whether any region is a lazily mapped FOREIGN region ([`crate::ForeignMapping::Lazy`]):
+    /// only request scopes (and pinned ring buckets) reach its bytes.
+    #[inline]
+    pub fn has_lazy(&self) -> bool {
+        self.lazy
     }
 
     /// A new table with `region` added (hot add). Refused when it overlaps a region

@@ -49,7 +49,7 @@ fn one_gib_region_costs_no_device_call_and_first_touch_maps_one_bucket() {
     let before = snap(&g);
     let table = RegionTable::from_regions(vec![lazy_region(&g, 0, GIB)]).unwrap();
     assert_eq!(snap(&g).since(&before), CounterSnapshot::default());
-    assert!(table.has_on_demand());
+    assert!(table.has_lazy() && !table.has_on_demand());
     assert!(table.regions()[0].is_lazy_foreign());
     assert_eq!(table.regions()[0].lazy_mapped_buckets(), 0);
 

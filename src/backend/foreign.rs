@@ -1,9 +1,6 @@
 //! FOREIGN regions: privcmd reservation + MMAPBATCH_V2 in bounded chunks, every per-frame
 //! error checked, paged-out frames retried a bounded number of times.
 
-use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use super::{BackendError, HostMapping, Release};
@@ -120,7 +117,7 @@ impl Fault {
 /// # Safety
 /// `chunk` is a privcmd mapping of exactly `n` pages made through `dev` that no batch has
 /// filled yet and that nothing refers into.
-unsafe fn fill_chunk(
+pub(super) unsafe fn fill_chunk(
     dev: &XenHandle,
     domid: u16,
     chunk: NonNull<u8>,
@@ -197,7 +194,7 @@ unsafe fn fill_chunk(
 }
 
 /// Reserves address space for a region's privcmd mappings (no access, no memory).
-fn reserve(pages: usize) -> Result<NonNull<u8>, DeviceError> {
+pub(super) fn reserve(pages: usize) -> Result<NonNull<u8>, DeviceError> {
     const CALL: &str = "mmap(reserve)";
     let len = pages
         .checked_mul(XEN_PAGE_SIZE)
@@ -278,223 +275,5 @@ impl ForeignMapping {
         ForeignMapping::Lazy {
             bucket_frames: DEFAULT_BUCKET_FRAMES,
         }
-    }
-}
-
-/// Bucket states (`LazyForeign::states`).
-const UNMAPPED: u8 = 0;
-/// Mapped, every frame present.
-const CLEAN: u8 = 1;
-/// Mapped, some frames missing (listed in `Inner::faults`), or the batch failed as a whole.
-const FAULTY: u8 = 2;
-
-/// A lazily mapped FOREIGN region: a reservation whose buckets are mapped on first touch.
-///
-/// Mapped buckets are only unmapped when this value is dropped, i.e. when the region is; a
-/// slice into them borrows the region (through the table and the request scope), so it never
-/// outlives the mapping.
-#[derive(Debug)]
-pub(crate) struct LazyForeign {
-    dev: XenHandle,
-    domid: u16,
-    /// Gfn of the reservation's first page.
-    first_gfn: u64,
-    /// The reservation, `pages` pages.
-    base: NonNull<u8>,
-    pages: usize,
-    /// Offset of the region's first byte in the reservation.
-    offset: usize,
-    /// log2 of frames per bucket.
-    shift: u32,
-    /// One state per bucket; written under `inner`'s lock, read without it.
-    states: Box<[AtomicU8]>,
-    inner: Mutex<Inner>,
-}
-
-#[derive(Debug, Default)]
-struct Inner {
-    /// Pages of mapped buckets that stayed unmapped, by page index in the reservation.
-    faults: BTreeMap<usize, Fault>,
-    /// Buckets whose MMAPBATCH failed as a whole: the errno (sticky for the region's life).
-    broken: BTreeMap<usize, i32>,
-    /// Reused per-frame error buffer.
-    errs: Vec<i32>,
-}
-
-// SAFETY: `base` is a reservation owned by this value, released only in Drop; the bucket
-// states are atomics and the rest is behind a mutex.
-unsafe impl Send for LazyForeign {}
-// SAFETY: as above.
-unsafe impl Sync for LazyForeign {}
-
-impl LazyForeign {
-    /// Reserves `[gpa, gpa + size)` of `domid` (one anonymous `mmap`, no device call).
-    pub(crate) fn reserve(
-        dev: &XenHandle,
-        domid: u16,
-        gpa: u64,
-        size: u64,
-        bucket_frames: usize,
-    ) -> Result<Self, BackendError> {
-        let map_err = |source| BackendError::ForeignMap {
-            domid,
-            gpa,
-            size,
-            source,
-        };
-        if !bucket_frames.is_power_of_two() || bucket_frames > BATCH_FRAMES {
-            return Err(map_err(DeviceError::sys("lazy bucket size", libc::EINVAL)));
-        }
-        let pages = pages_spanned(page_offset(gpa), size) as usize;
-        let base = reserve(pages).map_err(map_err)?;
-        let shift = bucket_frames.trailing_zeros();
-        let buckets = pages.div_ceil(bucket_frames);
-        Ok(LazyForeign {
-            dev: dev.clone(),
-            domid,
-            first_gfn: gpa >> XEN_PAGE_SHIFT,
-            base,
-            pages,
-            offset: page_offset(gpa) as usize,
-            shift,
-            states: (0..buckets).map(|_| AtomicU8::new(UNMAPPED)).collect(),
-            inner: Mutex::new(Inner::default()),
-        })
-    }
-
-    /// The domain.
-    pub(crate) fn domid(&self) -> u16 {
-        self.domid
-    }
-
-    /// Host address of the region's first byte (inside the reservation; only the bytes that
-    /// [`LazyForeign::ensure`] accepted may be accessed).
-    pub(crate) fn host(&self) -> *mut u8 {
-        self.base.as_ptr().wrapping_add(self.offset)
-    }
-
-    /// Counts a refused access on the device (as the grant path does).
-    pub(crate) fn count_error(&self) {
-        self.dev.counters().add_errors(1);
-    }
-
-    /// Buckets mapped so far.
-    pub(crate) fn mapped_buckets(&self) -> usize {
-        self.states
-            .iter()
-            .filter(|s| s.load(Ordering::Acquire) != UNMAPPED)
-            .count()
-    }
-
-    /// Maps the buckets holding region bytes `[off, off + len)` (`len > 0`, inside the region)
-    /// that are not mapped yet, and checks that every frame of that range is present: on
-    /// success those bytes are accessible at `host() + off` until `self` is dropped. Otherwise
-    /// the error names the lowest missing frame of the range.
-    pub(crate) fn ensure(&self, off: u64, len: u64) -> Result<(), BackendError> {
-        let first = (self.offset as u64 + off) as usize / XEN_PAGE_SIZE;
-        let last = (self.offset as u64 + off + len - 1) as usize / XEN_PAGE_SIZE;
-        let (b0, b1) = (first >> self.shift, last >> self.shift);
-        // Warm path: every bucket mapped with all its frames; no lock.
-        if self.states[b0..=b1]
-            .iter()
-            .all(|s| s.load(Ordering::Acquire) == CLEAN)
-        {
-            return Ok(());
-        }
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-        for b in b0..=b1 {
-            if self.states[b].load(Ordering::Acquire) == UNMAPPED {
-                self.map_bucket(&mut inner, b)?;
-            }
-        }
-        for b in b0..=b1 {
-            if let Some(&errno) = inner.broken.get(&b) {
-                let (start, n) = self.bucket_range(b);
-                return Err(BackendError::ForeignMap {
-                    domid: self.domid,
-                    gpa: (self.first_gfn + start as u64) << XEN_PAGE_SHIFT,
-                    size: (n * XEN_PAGE_SIZE) as u64,
-                    source: DeviceError::sys("IOCTL_PRIVCMD_MMAPBATCH_V2", errno),
-                });
-            }
-        }
-        match inner.faults.range(first..=last).next() {
-            Some((_, fault)) => Err(fault.error(self.domid)),
-            None => Ok(()),
-        }
-    }
-
-    /// First page and pages of bucket `b`.
-    fn bucket_range(&self, b: usize) -> (usize, usize) {
-        let start = b << self.shift;
-        (start, (1usize << self.shift).min(self.pages - start))
-    }
-
-    /// Maps bucket `b` (unmapped; `inner` locked).
-    fn map_bucket(&self, inner: &mut Inner, b: usize) -> Result<(), BackendError> {
-        let (start, n) = self.bucket_range(b);
-        let map_err = |source| BackendError::ForeignMap {
-            domid: self.domid,
-            gpa: (self.first_gfn + start as u64) << XEN_PAGE_SHIFT,
-            size: (n * XEN_PAGE_SIZE) as u64,
-            source,
-        };
-        // In bounds: `start + n <= pages`, the size of the reservation.
-        let chunk = NonNull::new(self.base.as_ptr().wrapping_add(start * XEN_PAGE_SIZE))
-            .ok_or_else(|| map_err(DeviceError::sys("mmap(privcmd)", libc::EFAULT)))?;
-        // SAFETY: the bucket's pages are still the reservation's (its state is UNMAPPED and we
-        // hold the lock), which nothing refers into.
-        unsafe { self.dev.foreign_mmap_at(chunk, n) }.map_err(map_err)?;
-        // From here the bucket holds a privcmd mapping, released in Drop whatever happens.
-        let mut errs = std::mem::take(&mut inner.errs);
-        // SAFETY: `chunk` is the fresh privcmd mapping of `n` pages made above.
-        let r = unsafe {
-            fill_chunk(
-                &self.dev,
-                self.domid,
-                chunk,
-                self.first_gfn + start as u64,
-                n,
-                &mut errs,
-                false,
-            )
-        };
-        inner.errs = errs;
-        let state = match r {
-            Ok(faults) if faults.is_empty() => CLEAN,
-            Ok(faults) => {
-                inner
-                    .faults
-                    .extend(faults.into_iter().map(|(slot, f)| (start + slot, f)));
-                FAULTY
-            }
-            Err(e) => {
-                inner.broken.insert(b, e.errno().unwrap_or(libc::EIO));
-                FAULTY
-            }
-        };
-        self.states[b].store(state, Ordering::Release);
-        Ok(())
-    }
-}
-
-impl Drop for LazyForeign {
-    fn drop(&mut self) {
-        for b in 0..self.states.len() {
-            if self.states[b].load(Ordering::Acquire) == UNMAPPED {
-                continue;
-            }
-            let (start, n) = self.bucket_range(b);
-            // SAFETY: exactly the privcmd mapping made for bucket `b`; nothing refers into it
-            // any more (slices borrow the region).
-            let _ = unsafe {
-                self.dev.foreign_munmap(
-                    NonNull::new_unchecked(self.base.as_ptr().add(start * XEN_PAGE_SIZE)),
-                    n,
-                )
-            };
-        }
-        // SAFETY: our own reservation; nothing refers into it any more.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.pages * XEN_PAGE_SIZE) };
     }
 }

@@ -6,6 +6,7 @@
 
 pub mod foreign;
 pub mod grant;
+pub(crate) mod lazy;
 pub mod unix;
 
 use std::ptr::NonNull;
@@ -72,6 +73,20 @@ pub enum BackendError {
         gfn: u64,
         /// Attempts made.
         attempts: u32,
+    },
+    /// Mapping another lazily mapped FOREIGN bucket would pass the handle's bound
+    /// ([`crate::XenHandle::set_lazy_bucket_limit`]) and every mapped bucket is in use.
+    #[error(
+        "lazy foreign bucket at gfn {gfn:#x} of domain {domid}: all {max} buckets the bound \
+         allows are in use"
+    )]
+    LazyBucketLimit {
+        /// Guest domain.
+        domid: u16,
+        /// First frame of the access that needed the bucket.
+        gfn: u64,
+        /// The bound.
+        max: usize,
     },
     /// A grant region whose pages would need refs above `u32::MAX`.
     #[error("grant region gpa {gpa:#x} size {size:#x} needs refs above u32::MAX")]

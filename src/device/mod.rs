@@ -6,6 +6,7 @@
 //! `test-utils` feature, `testing::EmulatedXen`, a memfd-backed grant table and frame table
 //! that enforces what Xen enforces, so every layer above runs and is tested on any machine.
 
+pub(crate) mod budget;
 pub mod counters;
 pub mod real;
 
@@ -186,6 +187,19 @@ pub trait XenDriver: Send + Sync + std::fmt::Debug {
     /// # Safety
     /// As for [`XenDriver::grant_munmap`].
     unsafe fn foreign_munmap(&self, addr: NonNull<u8>, pages: usize) -> Result<(), DeviceError>;
+
+    /// Replaces the privcmd mapping of `pages` pages at `addr` (made by
+    /// [`XenDriver::foreign_mmap_at`]) with an inaccessible reservation, in one `mmap`
+    /// (`MAP_FIXED`, `PROT_NONE`): the address range never has a hole another mapping could
+    /// land in. Unmaps a lazily mapped bucket that is evicted.
+    ///
+    /// # Safety
+    /// `addr` must be exactly such a mapping, with no references into it.
+    unsafe fn foreign_unmap_to_reserve(
+        &self,
+        addr: NonNull<u8>,
+        pages: usize,
+    ) -> Result<(), DeviceError>;
 }
 
 /// A device plus the counters of every call made through it. Cheap to clone.
@@ -193,6 +207,8 @@ pub trait XenDriver: Send + Sync + std::fmt::Debug {
 pub struct XenHandle {
     dev: Arc<dyn XenDriver>,
     counters: Arc<Counters>,
+    /// The lazy FOREIGN buckets of every region on this handle and its clones.
+    budget: Arc<budget::LazyBudget>,
 }
 
 impl XenHandle {
@@ -201,7 +217,36 @@ impl XenHandle {
         XenHandle {
             dev,
             counters: Arc::new(Counters::default()),
+            budget: Arc::default(),
         }
+    }
+
+    /// Bounds the lazily mapped FOREIGN buckets ([`crate::ForeignMapping::Lazy`]) of all the
+    /// regions on this handle and its clones (a daemon's every connection) to `max`. Mapping
+    /// a bucket past it first unmaps buckets no request scope is using (the least recently
+    /// stamped first); if none can go, the access fails with
+    /// [`crate::backend::BackendError::LazyBucketLimit`]. Unbounded by default.
+    pub fn set_lazy_bucket_limit(&self, max: usize) {
+        self.budget.set_max(max);
+    }
+
+    /// The bound set by [`XenHandle::set_lazy_bucket_limit`] (`usize::MAX`: none).
+    pub fn lazy_bucket_limit(&self) -> usize {
+        self.budget.max()
+    }
+
+    /// Lazily mapped FOREIGN buckets mapped now, over all regions on this handle.
+    pub fn lazy_buckets_mapped(&self) -> usize {
+        self.budget.mapped()
+    }
+
+    /// Lazily mapped buckets unmapped to make room so far.
+    pub fn lazy_evictions(&self) -> u64 {
+        self.budget.evictions()
+    }
+
+    pub(crate) fn budget(&self) -> &Arc<budget::LazyBudget> {
+        &self.budget
     }
 
     /// True when both are clones of one handle: they share its counters (and so its device).
@@ -321,6 +366,24 @@ impl XenHandle {
         self.counters.add_munmap();
         // SAFETY: forwarded contract.
         let r = self.count(unsafe { self.dev.foreign_munmap(addr, pages) });
+        if r.is_ok() {
+            self.counters.unmapped();
+        }
+        r
+    }
+
+    /// See [`XenDriver::foreign_unmap_to_reserve`].
+    ///
+    /// # Safety
+    /// As for [`XenDriver::foreign_unmap_to_reserve`].
+    pub unsafe fn foreign_unmap_to_reserve(
+        &self,
+        addr: NonNull<u8>,
+        pages: usize,
+    ) -> Result<(), DeviceError> {
+        self.counters.add_munmap();
+        // SAFETY: forwarded contract.
+        let r = self.count(unsafe { self.dev.foreign_unmap_to_reserve(addr, pages) });
         if r.is_ok() {
             self.counters.unmapped();
         }

@@ -22,7 +22,7 @@ impl RequestMemory<'_> {
         M::Target: GuestMemory,
     {
         // Fast path: nothing in the table is fetched on demand.
-        if !self.table.has_on_demand() {
+        if !self.table.has_on_demand() && !self.table.has_lazy() {
             return Ok(());
         }
         let buffers: Vec<(GuestAddress, usize, Permissions)> = chains
@@ -48,6 +48,9 @@ impl RequestMemory<'_> {
     ) -> Result<(), RequestError> {
         // Fast path: nothing in the table is fetched on demand.
         if !self.table.has_on_demand() {
+            if self.table.has_lazy() {
+                self.prefetch_lazy(buffers);
+            }
             return Ok(());
         }
         let mut copy: Vec<Piece> = Vec::new();
@@ -66,7 +69,7 @@ impl RequestMemory<'_> {
                 // back at the touch).
                 let n = (len as u64).min(room);
                 if n > 0 {
-                    let _ = lz.ensure(addr.0 - region.start_addr().0, n);
+                    let _ = lz.ensure(addr.0 - region.start_addr().0, n, self.epoch());
                 }
                 continue;
             }
@@ -116,5 +119,20 @@ impl RequestMemory<'_> {
         st.fetch_by_map(&dev, &ro, false, false)?;
         st.fetch_by_map(&dev, &rw, true, false)?;
         Ok(())
+    }
+
+    /// [`RequestMemory::prefetch`] over a table whose only fetched-on-touch regions are lazy
+    /// FOREIGN ones: maps the buckets the buffers need (best effort, as there).
+    fn prefetch_lazy(&self, buffers: &[(GuestAddress, usize, Permissions)]) {
+        for &(addr, len, _) in buffers {
+            let Some(region) = self.table.find_region(addr) else {
+                continue;
+            };
+            let off = addr.0 - region.start_addr().0;
+            let n = (len as u64).min(region.len() - off);
+            if let (Some(lz), true) = (region.lazy(), n > 0) {
+                let _ = lz.ensure(off, n, self.epoch());
+            }
+        }
     }
 }

@@ -22,7 +22,8 @@ use vm_memory::{
     GuestAddress, GuestMemoryBackend, GuestMemoryError, GuestMemoryRegion, VolatileSlice,
 };
 
-use super::{ScopeState, SliceBuf, SliceResult};
+use super::{RequestError, ScopeState, SliceBuf, SliceResult};
+use crate::region::XenRegion;
 use crate::table::RegionTable;
 
 /// The slices of one `get_slices` call: a slice per region (or per run of on-demand pages),
@@ -45,13 +46,21 @@ pub(crate) struct RequestSlices<'a> {
     /// The range runs past the top of the address space: once `left` is 0, one
     /// `GuestAddressOverflow`.
     overflow: bool,
+    /// From the table: the scope's epoch for lazy FOREIGN buckets (0: the table has none).
+    epoch: u64,
 }
 
 impl<'a> RequestSlices<'a> {
     /// The slices of `[addr, addr + count)` of `table`, whose regions are all mapped in
-    /// advance (computed as they are taken).
+    /// advance or lazily mapped FOREIGN regions whose buckets the scope of `epoch` maps and
+    /// stamps as it goes (computed as they are taken).
     #[inline(always)]
-    pub(crate) fn direct(table: &'a RegionTable, addr: GuestAddress, count: usize) -> Self {
+    pub(crate) fn direct(
+        table: &'a RegionTable,
+        epoch: u64,
+        addr: GuestAddress,
+        count: usize,
+    ) -> Self {
         let count = count as u64;
         let (left, overflow) = match addr.0.checked_add(count) {
             Some(_) => (count, false),
@@ -64,6 +73,7 @@ impl<'a> RequestSlices<'a> {
             cur: addr.0,
             left,
             overflow,
+            epoch,
         }
     }
 
@@ -81,6 +91,7 @@ impl<'a> RequestSlices<'a> {
             cur: first,
             left: count,
             overflow: false,
+            epoch: 0,
         }
     }
 
@@ -116,7 +127,10 @@ impl<'a> RequestSlices<'a> {
         // A call, as in vm-memory's own iterator (see `RegionTable::to_region_addr`).
         let (region, off) = self.table.to_region_addr(GuestAddress(cur))?;
         let n = (region.len() - off.0).min(self.left);
-        let p = region.host_range(off, n as usize)?;
+        let p = match region.host_range(off, n as usize) {
+            Some(p) => p,
+            None => lazy_range(region, off.0, n, self.epoch)?,
+        };
         self.left -= n;
         // Wraps only to 0, at the end of the range (see `direct`).
         self.cur = cur.wrapping_add(n);
@@ -132,7 +146,7 @@ impl<'a> RequestSlices<'a> {
         let e = match self.collected {
             _ if self.left == 0 => GuestMemoryError::GuestAddressOverflow,
             Some(state) => collected_error(state, self.cur, self.left),
-            None => table_error(self.table, self.cur, self.left),
+            None => table_error(self.table, self.cur, self.left, self.epoch),
         };
         self.left = 0;
         self.overflow = false;
@@ -173,14 +187,35 @@ fn collected_error(state: &RefCell<ScopeState>, i: u64, left: u64) -> GuestMemor
     }
 }
 
+/// Where `n` bytes at `off` of `region` are, if it is a lazy FOREIGN region and the scope of
+/// `epoch` (not 0) could map and stamp them. Out of line: only lazy regions come here.
+#[inline(never)]
+fn lazy_range(region: &XenRegion, off: u64, n: u64, epoch: u64) -> Option<NonNull<u8>> {
+    let lz = region.lazy()?;
+    if epoch == 0 || lz.ensure(off, n, epoch).is_err() {
+        return None;
+    }
+    // Inside the reservation: the caller clipped `off + n` to the region.
+    NonNull::new(lz.host().wrapping_add(off as usize))
+}
+
 /// Why the table yields no slice at `cur` (`left` bytes asked for).
 #[cold]
 #[inline(never)]
-fn table_error(table: &RegionTable, cur: u64, left: u64) -> GuestMemoryError {
+fn table_error(table: &RegionTable, cur: u64, left: u64, epoch: u64) -> GuestMemoryError {
     match table.to_region_addr(GuestAddress(cur)) {
         None => GuestMemoryError::InvalidGuestAddress(GuestAddress(cur)),
         Some((region, off)) => {
             let n = (region.len() - off.0).min(left);
+            if let (Some(lz), true) = (region.lazy(), epoch != 0) {
+                // Ask again for the error (a frame missing, the bound reached), and count it.
+                let e = match lz.ensure(off.0, n, epoch) {
+                    Err(e) => RequestError::from(e),
+                    Ok(()) => RequestError::NotFetched { gpa: cur },
+                };
+                lz.count_error();
+                return e.into_guest_memory_error();
+            }
             match region.get_slice(off, n as usize) {
                 Err(e) => e,
                 // Not reached: `next_raw` failed on this very lookup.

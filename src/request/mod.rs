@@ -43,6 +43,7 @@ use vm_memory::{
 pub use error::RequestError;
 use pages::{BouncePage, KeyMap, LiveMap, PageSlot};
 
+use crate::device::budget::EpochGuard;
 use crate::device::{CopySegment, CounterSnapshot, XenHandle, GNTST_OKAY};
 use crate::region::XenRegion;
 use crate::table::RegionTable;
@@ -162,6 +163,9 @@ pub struct RequestMemory<'t> {
     strategy: Strategy,
     /// The on-demand machinery's state; none over a table without on-demand regions.
     state: StateBox,
+    /// The epoch this scope stamps lazy FOREIGN buckets with; none over a table without
+    /// lazy regions.
+    epoch: Option<EpochGuard<'t>>,
 }
 
 /// A scope's state, boxed: a scope over a table without on-demand regions never needs one,
@@ -204,7 +208,14 @@ impl<'t> RequestMemory<'t> {
             table,
             strategy,
             state: ScopeState::fresh(table),
+            epoch: enter_epoch(table),
         }
+    }
+
+    /// The scope's epoch, 0 when the table has no lazy regions.
+    #[inline(always)]
+    fn epoch(&self) -> u64 {
+        self.epoch.as_ref().map_or(0, EpochGuard::epoch)
     }
 
     /// Sets what the device may assume about buffers it writes (default
@@ -329,7 +340,7 @@ impl<'t> RequestMemory<'t> {
                 Some(domid) => self
                     .on_demand(region, domid, cur, n as usize, access, &mut out)
                     .map_err(RequestError::into_guest_memory_error),
-                None if region.is_lazy_foreign() => lazy_slice(region, off, n as usize)
+                None if region.is_lazy_foreign() => lazy_slice(region, off, n as usize, self.epoch())
                     .map(|s| out.push(Ok(s)))
                     .map_err(RequestError::into_guest_memory_error),
                 None => region
@@ -367,16 +378,29 @@ fn lazy_slice(
     region: &XenRegion,
     off: u64,
     count: usize,
+    epoch: u64,
 ) -> Result<VolatileSlice<'_>, RequestError> {
     let lz = region.lazy().ok_or(RequestError::NotFetched {
         gpa: region.start_addr().0 + off,
     })?;
-    lz.ensure(off, count as u64)
+    lz.ensure(off, count as u64, epoch)
         .inspect_err(|_| lz.count_error())?;
-    // SAFETY: `ensure` accepted `off..off+count` (inside the region: the caller clipped it),
-    // so those bytes are mapped and stay mapped until the region is dropped; the slice
-    // borrows the region. Guest memory is accessed volatilely by everyone who touches it.
+    // SAFETY: `ensure` accepted `off..off+count` (inside the region: the caller clipped it)
+    // for the scope of `epoch`, so those bytes stay mapped until that scope ends; the slice
+    // borrows the scope (see the module docs). Guest memory is accessed volatilely by
+    // everyone who touches it.
     Ok(unsafe { VolatileSlice::new(lz.host().add(off as usize), count) })
+}
+
+/// Enters the epoch of the table's lazy-bucket budget, if it has lazy regions.
+#[inline]
+fn enter_epoch(table: &RegionTable) -> Option<EpochGuard<'_>> {
+    if !table.has_lazy() {
+        return None;
+    }
+    table
+        .xen_device()
+        .map(|d| EpochGuard::enter(d.budget()))
 }
 
 impl RequestMemory<'_> {
@@ -514,7 +538,7 @@ impl GuestMemory for RequestMemory<'_> {
         access: Permissions,
     ) -> vm_memory::guest_memory::Result<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
         if !self.table.has_on_demand() {
-            return Ok(RequestSlices::direct(self.table, addr, count));
+            return Ok(RequestSlices::direct(self.table, self.epoch(), addr, count));
         }
         let at = self.collect_slices(addr, count, access);
         Ok(RequestSlices::collected(self.table, &self.state, at))

@@ -664,4 +664,22 @@ impl XenDriver for EmulatedXen {
         st.live.remove(&key);
         Ok(())
     }
+
+    unsafe fn foreign_unmap_to_reserve(
+        &self,
+        addr: NonNull<u8>,
+        pages: usize,
+    ) -> Result<(), DeviceError> {
+        const CALL: &str = "mmap(reserve over privcmd)";
+        let mut st = self.state();
+        let key = addr.as_ptr() as usize;
+        match st.live.get(&key) {
+            Some(Live::Foreign { pages: p, .. }) if *p == pages => {}
+            _ => return Err(DeviceError::sys(CALL, libc::EINVAL)),
+        }
+        // SAFETY: exactly a live privcmd mapping of ours; the caller promises no users.
+        unsafe { crate::device::real::reserve_fixed(CALL, addr, pages) }?;
+        st.live.remove(&key);
+        Ok(())
+    }
 }

@@ -270,6 +270,15 @@ impl XenDriver for Timed {
         // SAFETY: forwarded contract.
         self.time(|| unsafe { self.inner.foreign_munmap(addr, pages) })
     }
+
+    unsafe fn foreign_unmap_to_reserve(
+        &self,
+        addr: NonNull<u8>,
+        pages: usize,
+    ) -> Result<(), DeviceError> {
+        // SAFETY: forwarded contract.
+        self.time(|| unsafe { self.inner.foreign_unmap_to_reserve(addr, pages) })
+    }
 }
 
 /// One row in `rounds` rounds; `ns_per_request` is the best round's. With `peer`, each round

@@ -1,0 +1,419 @@
+//! Lazily mapped FOREIGN regions ([`super::foreign::ForeignMapping::Lazy`]): address space is
+//! reserved when the region is added; each bucket of frames is mapped (one privcmd mapping +
+//! one MMAPBATCH) the first time a request scope touches it, and may be unmapped again, when
+//! the handle's bound on mapped buckets needs room, once no live scope can be using it (see
+//! `crate::device::budget` for the epochs that tell).
+//!
+//! Each bucket has one state word: its state (unmapped, mapped clean, mapped with missing
+//! frames, being evicted), a pin bit (rings: mapped for the life of the region and reachable
+//! through the plain table), and the epoch of the last scope that touched it. A warm touch is
+//! one load of that word; a scope of a newer epoch stamps it once with a compare-and-swap.
+
+use std::collections::BTreeMap;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, TryLockError};
+
+use super::foreign::{fill_chunk, reserve, Fault, BATCH_FRAMES};
+use super::BackendError;
+use crate::device::budget::BucketOwner;
+use crate::device::{DeviceError, XenHandle};
+use crate::xen_page::{page_offset, pages_spanned, XEN_PAGE_SHIFT, XEN_PAGE_SIZE};
+
+/// The state bits of a bucket word.
+const STATE: u64 = 3;
+const UNMAPPED: u64 = 0;
+/// Mapped, every frame present.
+const CLEAN: u64 = 1;
+/// Mapped, some frames missing (listed in `Inner::faults`), or the batch failed as a whole.
+const FAULTY: u64 = 2;
+/// Claimed by an evictor, which holds the region's lock until the bucket is unmapped.
+const EVICTING: u64 = 3;
+/// Never evicted (ring buckets).
+const PINNED: u64 = 4;
+/// The epoch stamp sits above the state and pin bits.
+const STAMP_SHIFT: u32 = 3;
+
+fn stamp(w: u64) -> u64 {
+    w >> STAMP_SHIFT
+}
+
+/// A lazily mapped FOREIGN region: a reservation whose buckets are mapped on first touch.
+#[derive(Debug)]
+pub(crate) struct LazyForeign {
+    dev: XenHandle,
+    domid: u16,
+    /// Gfn of the reservation's first page.
+    first_gfn: u64,
+    /// The reservation, `pages` pages.
+    base: NonNull<u8>,
+    pages: usize,
+    /// Offset of the region's first byte in the reservation.
+    offset: usize,
+    /// log2 of frames per bucket.
+    shift: u32,
+    /// One word per bucket (see the module docs). Its state changes only under `inner`'s
+    /// lock; its stamp also by lock-free touches.
+    words: Box<[AtomicU64]>,
+    inner: Mutex<Inner>,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    /// Pages of mapped buckets that stayed unmapped, by page index in the reservation.
+    faults: BTreeMap<usize, Fault>,
+    /// Buckets whose MMAPBATCH failed as a whole: the errno (until the bucket is evicted).
+    broken: BTreeMap<usize, i32>,
+    /// Reused per-frame error buffer.
+    errs: Vec<i32>,
+    /// Where the next eviction sweep of this region starts.
+    hand: usize,
+}
+
+// SAFETY: `base` is a reservation owned by this value, released only in Drop; the bucket
+// words are atomics and the rest is behind a mutex.
+unsafe impl Send for LazyForeign {}
+// SAFETY: as above.
+unsafe impl Sync for LazyForeign {}
+
+impl LazyForeign {
+    /// Reserves `[gpa, gpa + size)` of `domid` (one anonymous `mmap`, no device call) and
+    /// registers the region with the handle's bucket budget.
+    pub(crate) fn reserve(
+        dev: &XenHandle,
+        domid: u16,
+        gpa: u64,
+        size: u64,
+        bucket_frames: usize,
+    ) -> Result<Arc<Self>, BackendError> {
+        let map_err = |source| BackendError::ForeignMap {
+            domid,
+            gpa,
+            size,
+            source,
+        };
+        if !bucket_frames.is_power_of_two() || bucket_frames > BATCH_FRAMES {
+            return Err(map_err(DeviceError::sys("lazy bucket size", libc::EINVAL)));
+        }
+        let pages = pages_spanned(page_offset(gpa), size) as usize;
+        let base = reserve(pages).map_err(map_err)?;
+        let shift = bucket_frames.trailing_zeros();
+        let buckets = pages.div_ceil(bucket_frames);
+        let lazy = Arc::new(LazyForeign {
+            dev: dev.clone(),
+            domid,
+            first_gfn: gpa >> XEN_PAGE_SHIFT,
+            base,
+            pages,
+            offset: page_offset(gpa) as usize,
+            shift,
+            words: (0..buckets).map(|_| AtomicU64::new(UNMAPPED)).collect(),
+            inner: Mutex::new(Inner::default()),
+        });
+        let weak = Arc::downgrade(&lazy);
+        dev.budget().register(weak);
+        Ok(lazy)
+    }
+
+    /// The domain.
+    pub(crate) fn domid(&self) -> u16 {
+        self.domid
+    }
+
+    /// Host address of the region's first byte (inside the reservation; only the bytes that
+    /// [`LazyForeign::ensure`] accepted may be accessed, while the scope that asked lives).
+    pub(crate) fn host(&self) -> *mut u8 {
+        self.base.as_ptr().wrapping_add(self.offset)
+    }
+
+    /// Counts a refused access on the device (as the grant path does).
+    pub(crate) fn count_error(&self) {
+        self.dev.counters().add_errors(1);
+    }
+
+    /// Buckets mapped now.
+    pub(crate) fn mapped_buckets(&self) -> usize {
+        self.words
+            .iter()
+            .filter(|w| w.load(SeqCst) & STATE != UNMAPPED)
+            .count()
+    }
+
+    /// Reservation pages and buckets of region bytes `[off, off + len)` (`len > 0`).
+    #[inline(always)]
+    fn span(&self, off: u64, len: u64) -> (usize, usize, usize, usize) {
+        let first = (self.offset as u64 + off) as usize / XEN_PAGE_SIZE;
+        let last = (self.offset as u64 + off + len - 1) as usize / XEN_PAGE_SIZE;
+        (first, last, first >> self.shift, last >> self.shift)
+    }
+
+    /// Warm touch of bucket `b` by a scope of epoch `e`: true if it is mapped with every frame
+    /// and now stamped with `e` or later (or pinned), so it stays mapped while that scope
+    /// lives.
+    #[inline(always)]
+    fn touch(&self, b: usize, e: u64) -> bool {
+        let Some(word) = self.words.get(b) else {
+            return false;
+        };
+        let w = word.load(SeqCst);
+        if w & STATE != CLEAN {
+            return false;
+        }
+        if w & PINNED != 0 || stamp(w) >= e {
+            return true;
+        }
+        word.compare_exchange(w, (w & !(u64::MAX << STAMP_SHIFT)) | (e << STAMP_SHIFT), SeqCst, SeqCst)
+            .is_ok()
+    }
+
+    /// Maps the buckets holding region bytes `[off, off + len)` (`len > 0`, inside the region)
+    /// that are not mapped yet and stamps them with epoch `e` (the caller's scope's, entered
+    /// before and left after every access to those bytes). Then checks that every frame of
+    /// the range is present: on success those bytes are accessible at `host() + off` until
+    /// that scope ends. Otherwise the error names the lowest missing frame of the range.
+    #[inline(always)]
+    pub(crate) fn ensure(&self, off: u64, len: u64, e: u64) -> Result<(), BackendError> {
+        let (first, last, b0, b1) = self.span(off, len);
+        if (b0..=b1).all(|b| self.touch(b, e)) {
+            return Ok(());
+        }
+        self.ensure_slow(first, last, e, false)
+    }
+
+    /// Maps the buckets holding region bytes `[off, off + len)` and pins them for the life of
+    /// the region (rings): from then on plain-table accesses reach them.
+    pub(crate) fn pin(&self, off: u64, len: u64) -> Result<(), BackendError> {
+        let (first, last, _, _) = self.span(off, len.max(1));
+        // The stamp matters not: pinned buckets are never evicted.
+        self.ensure_slow(first, last, 0, true)
+    }
+
+    /// Where region bytes `[off, off + count)` are, if every bucket holding them is pinned
+    /// and every frame of the range present: a plain-table access (rings) may use them.
+    pub(crate) fn pinned_host(&self, off: u64, count: usize) -> Option<NonNull<u8>> {
+        if count == 0 {
+            return None;
+        }
+        let (first, last, b0, b1) = self.span(off, count as u64);
+        let mut faulty = false;
+        for b in b0..=b1 {
+            let w = self.words.get(b)?.load(SeqCst);
+            if w & PINNED == 0 {
+                return None;
+            }
+            faulty |= w & STATE != CLEAN;
+        }
+        if faulty {
+            let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            if inner.faults.range(first..=last).next().is_some()
+                || (b0..=b1).any(|b| inner.broken.contains_key(&b))
+            {
+                return None;
+            }
+        }
+        NonNull::new(self.host().wrapping_add(off as usize))
+    }
+
+    /// The rest of [`LazyForeign::ensure`] (and [`LazyForeign::pin`]): map what is missing,
+    /// stamp (or pin) under the lock, check the frames.
+    #[cold]
+    #[inline(never)]
+    fn ensure_slow(&self, first: usize, last: usize, e: u64, pin: bool) -> Result<(), BackendError> {
+        let (b0, b1) = (first >> self.shift, last >> self.shift);
+        let budget = self.dev.budget();
+        let limit = |max| BackendError::LazyBucketLimit {
+            domid: self.domid,
+            gfn: self.first_gfn + first as u64,
+            max,
+        };
+        // Room first, without our lock: making it may unmap buckets of this region too.
+        let missing = (b0..=b1)
+            .filter(|&b| self.words[b].load(SeqCst) & STATE == UNMAPPED)
+            .count();
+        budget.reserve(missing).map_err(|f| limit(f.max))?;
+        let mut reserved = missing;
+        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let mut result = Ok(());
+        for b in b0..=b1 {
+            let word = &self.words[b];
+            if word.load(SeqCst) & STATE == UNMAPPED {
+                if reserved > 0 {
+                    reserved -= 1;
+                } else if let Err(f) = budget.reserve(1) {
+                    result = Err(limit(f.max));
+                    break;
+                }
+                if let Err(err) = self.map_bucket(&mut inner, b, e) {
+                    budget.release(1);
+                    result = Err(err);
+                    break;
+                }
+            }
+            // Mapped (the state only changes under our lock): stamp or pin it.
+            let _ = word.fetch_update(SeqCst, SeqCst, |w| {
+                let stamped = if stamp(w) < e {
+                    (w & !(u64::MAX << STAMP_SHIFT)) | (e << STAMP_SHIFT)
+                } else {
+                    w
+                };
+                Some(if pin { stamped | PINNED } else { stamped })
+            });
+        }
+        budget.release(reserved);
+        result?;
+        for b in b0..=b1 {
+            if let Some(&errno) = inner.broken.get(&b) {
+                let (start, n) = self.bucket_range(b);
+                return Err(BackendError::ForeignMap {
+                    domid: self.domid,
+                    gpa: (self.first_gfn + start as u64) << XEN_PAGE_SHIFT,
+                    size: (n * XEN_PAGE_SIZE) as u64,
+                    source: DeviceError::sys("IOCTL_PRIVCMD_MMAPBATCH_V2", errno),
+                });
+            }
+        }
+        match inner.faults.range(first..=last).next() {
+            Some((_, fault)) => Err(fault.error(self.domid)),
+            None => Ok(()),
+        }
+    }
+
+    /// First page and pages of bucket `b`.
+    fn bucket_range(&self, b: usize) -> (usize, usize) {
+        let start = b << self.shift;
+        (start, (1usize << self.shift).min(self.pages - start))
+    }
+
+    /// The first byte of bucket `b`'s pages in the reservation.
+    fn bucket_addr(&self, b: usize) -> Result<NonNull<u8>, DeviceError> {
+        let (start, _) = self.bucket_range(b);
+        // In bounds: `start < pages`, the size of the reservation.
+        NonNull::new(self.base.as_ptr().wrapping_add(start * XEN_PAGE_SIZE))
+            .ok_or(DeviceError::sys("mmap(privcmd)", libc::EFAULT))
+    }
+
+    /// Maps bucket `b` (unmapped; `inner` locked), stamped with `e`.
+    fn map_bucket(&self, inner: &mut Inner, b: usize, e: u64) -> Result<(), BackendError> {
+        let (start, n) = self.bucket_range(b);
+        let map_err = |source| BackendError::ForeignMap {
+            domid: self.domid,
+            gpa: (self.first_gfn + start as u64) << XEN_PAGE_SHIFT,
+            size: (n * XEN_PAGE_SIZE) as u64,
+            source,
+        };
+        let chunk = self.bucket_addr(b).map_err(map_err)?;
+        // SAFETY: the bucket's pages are still the reservation's (its state is UNMAPPED and we
+        // hold the lock), which nothing refers into.
+        unsafe { self.dev.foreign_mmap_at(chunk, n) }.map_err(map_err)?;
+        // From here the bucket holds a privcmd mapping, released by eviction or Drop.
+        let mut errs = std::mem::take(&mut inner.errs);
+        // SAFETY: `chunk` is the fresh privcmd mapping of `n` pages made above.
+        let r = unsafe {
+            fill_chunk(
+                &self.dev,
+                self.domid,
+                chunk,
+                self.first_gfn + start as u64,
+                n,
+                &mut errs,
+                false,
+            )
+        };
+        inner.errs = errs;
+        let state = match r {
+            Ok(faults) if faults.is_empty() => CLEAN,
+            Ok(faults) => {
+                inner
+                    .faults
+                    .extend(faults.into_iter().map(|(slot, f)| (start + slot, f)));
+                FAULTY
+            }
+            Err(err) => {
+                inner.broken.insert(b, err.errno().unwrap_or(libc::EIO));
+                FAULTY
+            }
+        };
+        self.words[b].store(state | (e << STAMP_SHIFT), SeqCst);
+        Ok(())
+    }
+
+    /// Unmaps bucket `b`, claimed (EVICTING) under `inner`'s lock; back to UNMAPPED, or to
+    /// `was` if the kernel refused (then it stays mapped).
+    fn unmap_bucket(&self, inner: &mut Inner, b: usize, was: u64) -> bool {
+        let (start, n) = self.bucket_range(b);
+        let done = match self.bucket_addr(b) {
+            // SAFETY: bucket `b` holds the privcmd mapping `map_bucket` made; no live scope
+            // can be using it (its stamp is older than every live scope's epoch, and the
+            // claim stops new touches) and pinned buckets are never claimed.
+            Ok(addr) => unsafe { self.dev.foreign_unmap_to_reserve(addr, n) }.is_ok(),
+            Err(_) => false,
+        };
+        if !done {
+            self.words[b].store(was, SeqCst);
+            return false;
+        }
+        let pages: Vec<usize> = inner
+            .faults
+            .range(start..start + n)
+            .map(|(&p, _)| p)
+            .collect();
+        for p in pages {
+            inner.faults.remove(&p);
+        }
+        inner.broken.remove(&b);
+        self.words[b].store(UNMAPPED, SeqCst);
+        true
+    }
+}
+
+impl BucketOwner for LazyForeign {
+    fn evict(&self, stamp_max: u64, want: usize) -> usize {
+        let mut inner = match self.inner.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return 0,
+        };
+        let n = self.words.len();
+        let mut got = 0;
+        for i in 0..n {
+            if got == want {
+                break;
+            }
+            let b = (inner.hand + i) % n;
+            let word = &self.words[b];
+            let w = word.load(SeqCst);
+            let state = w & STATE;
+            if (state == CLEAN || state == FAULTY)
+                && w & PINNED == 0
+                && stamp(w) <= stamp_max
+                && word.compare_exchange(w, EVICTING, SeqCst, SeqCst).is_ok()
+                && self.unmap_bucket(&mut inner, b, w)
+            {
+                got += 1;
+                inner.hand = (b + 1) % n;
+            }
+        }
+        got
+    }
+}
+
+impl Drop for LazyForeign {
+    fn drop(&mut self) {
+        let mut mapped = 0;
+        for b in 0..self.words.len() {
+            if self.words[b].load(SeqCst) & STATE == UNMAPPED {
+                continue;
+            }
+            mapped += 1;
+            let (_, n) = self.bucket_range(b);
+            if let Ok(addr) = self.bucket_addr(b) {
+                // SAFETY: exactly the privcmd mapping made for bucket `b`; nothing refers into
+                // it any more (slices borrow the region).
+                let _ = unsafe { self.dev.foreign_munmap(addr, n) };
+            }
+        }
+        self.dev.budget().release(mapped);
+        // SAFETY: our own reservation; nothing refers into it any more.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.pages * XEN_PAGE_SIZE) };
+    }
+}
