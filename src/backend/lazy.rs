@@ -11,8 +11,8 @@
 
 use std::collections::BTreeMap;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU64, Ordering::SeqCst};
-use std::sync::{Arc, Mutex, TryLockError};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
+use std::sync::{Arc, Mutex};
 
 use super::foreign::{fill_chunk, reserve, Fault, BATCH_FRAMES};
 use super::BackendError;
@@ -55,19 +55,22 @@ pub(crate) struct LazyForeign {
     /// One word per bucket (see the module docs). Its state changes only under `inner`'s
     /// lock; its stamp also by lock-free touches.
     words: Box<[AtomicU64]>,
+    /// Where the next eviction sweep of this region starts (evictors are serialized by the
+    /// budget).
+    hand: AtomicUsize,
+    /// Mapping (and the fault lists) under this lock; eviction does not take it.
     inner: Mutex<Inner>,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// Pages of mapped buckets that stayed unmapped, by page index in the reservation.
+    /// Pages of mapped buckets that stayed unmapped, by page index in the reservation (entries
+    /// of an evicted bucket stay until it is mapped again; only mapped buckets are asked).
     faults: BTreeMap<usize, Fault>,
     /// Buckets whose MMAPBATCH failed as a whole: the errno (until the bucket is evicted).
     broken: BTreeMap<usize, i32>,
     /// Reused per-frame error buffer.
     errs: Vec<i32>,
-    /// Where the next eviction sweep of this region starts.
-    hand: usize,
 }
 
 // SAFETY: `base` is a reservation owned by this value, released only in Drop; the bucket
@@ -108,6 +111,7 @@ impl LazyForeign {
             offset: page_offset(gpa) as usize,
             shift,
             words: (0..buckets).map(|_| AtomicU64::new(UNMAPPED)).collect(),
+            hand: AtomicUsize::new(0),
             inner: Mutex::new(Inner::default()),
         });
         let weak = Arc::downgrade(&lazy);
@@ -214,8 +218,8 @@ impl LazyForeign {
         NonNull::new(self.host().wrapping_add(off as usize))
     }
 
-    /// The rest of [`LazyForeign::ensure`] (and [`LazyForeign::pin`]): map what is missing,
-    /// stamp (or pin) under the lock, check the frames.
+    /// The rest of [`LazyForeign::ensure`] (and [`LazyForeign::pin`]): make room, map what
+    /// is missing, stamp (or pin) under the lock, check the frames.
     #[cold]
     #[inline(never)]
     fn ensure_slow(&self, first: usize, last: usize, e: u64, pin: bool) -> Result<(), BackendError> {
@@ -226,38 +230,67 @@ impl LazyForeign {
             gfn: self.first_gfn + first as u64,
             max,
         };
-        // Room first, without our lock: making it may unmap buckets of this region too.
-        let missing = (b0..=b1)
-            .filter(|&b| self.words[b].load(SeqCst) & STATE == UNMAPPED)
-            .count();
-        budget.reserve(missing).map_err(|f| limit(f.max))?;
-        let mut reserved = missing;
-        let mut inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        // Buckets that need mapping: unmapped, or being unmapped.
+        let unmapped = || {
+            (b0..=b1)
+                .filter(|&b| matches!(self.words[b].load(SeqCst) & STATE, UNMAPPED | EVICTING))
+                .count()
+        };
+        // Room first, without our lock (making room may unmap buckets of this region too).
+        // Then under the lock, if an evictor took more of ours meanwhile, start again.
+        let mut attempts = 0;
+        let mut inner = loop {
+            let want = unmapped();
+            budget.reserve(want).map_err(|f| limit(f.max))?;
+            let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+            if unmapped() <= want {
+                break (inner, want);
+            }
+            drop(inner);
+            budget.release(want);
+            attempts += 1;
+            if attempts == 4 {
+                return Err(limit(budget.max()));
+            }
+        };
+        let (ref mut inner, mut reserved) = inner;
         let mut result = Ok(());
         for b in b0..=b1 {
             let word = &self.words[b];
-            if word.load(SeqCst) & STATE == UNMAPPED {
-                if reserved > 0 {
-                    reserved -= 1;
-                } else if let Err(f) = budget.reserve(1) {
-                    result = Err(limit(f.max));
-                    break;
-                }
-                if let Err(err) = self.map_bucket(&mut inner, b, e) {
-                    budget.release(1);
-                    result = Err(err);
-                    break;
+            loop {
+                let w = word.load(SeqCst);
+                match w & STATE {
+                    // An evictor is unmapping it (without our lock): wait for the end.
+                    EVICTING => std::thread::yield_now(),
+                    UNMAPPED => {
+                        // Counted in `reserved`: only an evictor unmaps, and we counted
+                        // after it claimed.
+                        reserved = reserved.saturating_sub(1);
+                        if let Err(err) = self.map_bucket(inner, b, e) {
+                            budget.release(1);
+                            result = Err(err);
+                        } else if pin {
+                            word.fetch_or(PINNED, SeqCst);
+                        }
+                        break;
+                    }
+                    _ => {
+                        let stamped = if stamp(w) < e {
+                            (w & !(u64::MAX << STAMP_SHIFT)) | (e << STAMP_SHIFT)
+                        } else {
+                            w
+                        };
+                        let new = if pin { stamped | PINNED } else { stamped };
+                        // Fails if an evictor claimed it or a toucher stamped it meanwhile.
+                        if word.compare_exchange(w, new, SeqCst, SeqCst).is_ok() {
+                            break;
+                        }
+                    }
                 }
             }
-            // Mapped (the state only changes under our lock): stamp or pin it.
-            let _ = word.fetch_update(SeqCst, SeqCst, |w| {
-                let stamped = if stamp(w) < e {
-                    (w & !(u64::MAX << STAMP_SHIFT)) | (e << STAMP_SHIFT)
-                } else {
-                    w
-                };
-                Some(if pin { stamped | PINNED } else { stamped })
-            });
+            if result.is_err() {
+                break;
+            }
         }
         budget.release(reserved);
         result?;
@@ -301,6 +334,12 @@ impl LazyForeign {
             size: (n * XEN_PAGE_SIZE) as u64,
             source,
         };
+        // What an earlier mapping of this bucket left (evictors do not take our lock).
+        let stale: Vec<usize> = inner.faults.range(start..start + n).map(|(&p, _)| p).collect();
+        for p in stale {
+            inner.faults.remove(&p);
+        }
+        inner.broken.remove(&b);
         let chunk = self.bucket_addr(b).map_err(map_err)?;
         // SAFETY: the bucket's pages are still the reservation's (its state is UNMAPPED and we
         // hold the lock), which nothing refers into.
@@ -337,10 +376,11 @@ impl LazyForeign {
         Ok(())
     }
 
-    /// Unmaps bucket `b`, claimed (EVICTING) under `inner`'s lock; back to UNMAPPED, or to
-    /// `was` if the kernel refused (then it stays mapped).
-    fn unmap_bucket(&self, inner: &mut Inner, b: usize, was: u64) -> bool {
-        let (start, n) = self.bucket_range(b);
+    /// Unmaps bucket `b`, claimed (EVICTING) by the caller: back to UNMAPPED, or to `was`
+    /// if the kernel refused (then it stays mapped). Without the lock: the claim keeps mappers
+    /// off the bucket, and the next mapping clears what the old one left in `inner`.
+    fn unmap_bucket(&self, b: usize, was: u64) -> bool {
+        let (_, n) = self.bucket_range(b);
         let done = match self.bucket_addr(b) {
             // SAFETY: bucket `b` holds the privcmd mapping `map_bucket` made; no live scope
             // can be using it (its stamp is older than every live scope's epoch, and the
@@ -348,38 +388,21 @@ impl LazyForeign {
             Ok(addr) => unsafe { self.dev.foreign_unmap_to_reserve(addr, n) }.is_ok(),
             Err(_) => false,
         };
-        if !done {
-            self.words[b].store(was, SeqCst);
-            return false;
-        }
-        let pages: Vec<usize> = inner
-            .faults
-            .range(start..start + n)
-            .map(|(&p, _)| p)
-            .collect();
-        for p in pages {
-            inner.faults.remove(&p);
-        }
-        inner.broken.remove(&b);
-        self.words[b].store(UNMAPPED, SeqCst);
-        true
+        self.words[b].store(if done { UNMAPPED } else { was }, SeqCst);
+        done
     }
 }
 
 impl BucketOwner for LazyForeign {
     fn evict(&self, stamp_max: u64, want: usize) -> usize {
-        let mut inner = match self.inner.try_lock() {
-            Ok(g) => g,
-            Err(TryLockError::Poisoned(p)) => p.into_inner(),
-            Err(TryLockError::WouldBlock) => return 0,
-        };
         let n = self.words.len();
+        let hand = self.hand.load(SeqCst);
         let mut got = 0;
         for i in 0..n {
             if got == want {
                 break;
             }
-            let b = (inner.hand + i) % n;
+            let b = (hand + i) % n;
             let word = &self.words[b];
             let w = word.load(SeqCst);
             let state = w & STATE;
@@ -387,10 +410,10 @@ impl BucketOwner for LazyForeign {
                 && w & PINNED == 0
                 && stamp(w) <= stamp_max
                 && word.compare_exchange(w, EVICTING, SeqCst, SeqCst).is_ok()
-                && self.unmap_bucket(&mut inner, b, w)
+                && self.unmap_bucket(b, w)
             {
                 got += 1;
-                inner.hand = (b + 1) % n;
+                self.hand.store((b + 1) % n, SeqCst);
             }
         }
         got

@@ -21,7 +21,8 @@ use std::sync::{Mutex, Weak};
 /// FOREIGN region.
 pub(crate) trait BucketOwner: Send + Sync + Debug {
     /// Unmaps up to `want` buckets that are not pinned and stamped at most `stamp`; returns
-    /// how many. Must not block on a lock another evictor or mapper may hold (try only).
+    /// how many. Takes no lock a mapper may hold: the budget calls it while mappers of
+    /// the owner wait for room.
     fn evict(&self, stamp: u64, want: usize) -> usize;
 }
 

@@ -14,7 +14,7 @@
 //! returning its 40-byte item through memory, and the block workload through a scope ran at
 //! 0.8x of vm-memory.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::ptr::NonNull;
 
 use vm_memory::guest_memory::GuestMemorySliceIterator;
@@ -23,6 +23,7 @@ use vm_memory::{
 };
 
 use super::{RequestError, ScopeState, SliceBuf, SliceResult};
+use crate::backend::BackendError;
 use crate::region::XenRegion;
 use crate::table::RegionTable;
 
@@ -187,12 +188,24 @@ fn collected_error(state: &RefCell<ScopeState>, i: u64, left: u64) -> GuestMemor
     }
 }
 
+thread_local! {
+    /// The error of the last failed `lazy_range` on this thread, until `table_error` takes it
+    /// (an iterator that yields no slice asks for its error before anything else runs).
+    static LAZY_ERROR: Cell<Option<BackendError>> = const { Cell::new(None) };
+}
+
 /// Where `n` bytes at `off` of `region` are, if it is a lazy FOREIGN region and the scope of
 /// `epoch` (not 0) could map and stamp them. Out of line: only lazy regions come here.
 #[inline(never)]
 fn lazy_range(region: &XenRegion, off: u64, n: u64, epoch: u64) -> Option<NonNull<u8>> {
     let lz = region.lazy()?;
-    if epoch == 0 || lz.ensure(off, n, epoch).is_err() {
+    if epoch == 0 {
+        return None;
+    }
+    if let Err(e) = lz.ensure(off, n, epoch) {
+        // Kept for `table_error`: asking again could answer otherwise (the bound has room
+        // once another scope ended).
+        LAZY_ERROR.with(|c| c.set(Some(e)));
         return None;
     }
     // Inside the reservation: the caller clipped `off + n` to the region.
@@ -208,10 +221,11 @@ fn table_error(table: &RegionTable, cur: u64, left: u64, epoch: u64) -> GuestMem
         Some((region, off)) => {
             let n = (region.len() - off.0).min(left);
             if let (Some(lz), true) = (region.lazy(), epoch != 0) {
-                // Ask again for the error (a frame missing, the bound reached), and count it.
-                let e = match lz.ensure(off.0, n, epoch) {
-                    Err(e) => RequestError::from(e),
-                    Ok(()) => RequestError::NotFetched { gpa: cur },
+                // The error `lazy_range` just met on this thread (a frame missing, the bound
+                // reached), counted.
+                let e = match LAZY_ERROR.with(Cell::take) {
+                    Some(e) => RequestError::from(e),
+                    None => RequestError::NotFetched { gpa: cur },
                 };
                 lz.count_error();
                 return e.into_guest_memory_error();
