@@ -11,8 +11,8 @@ use vm_memory::{
 };
 
 use crate::backend::foreign::{map_foreign_region, ForeignMapping};
-use crate::backend::lazy::LazyForeign;
 use crate::backend::grant::map_grant_region;
+use crate::backend::lazy::LazyForeign;
 use crate::backend::unix::{map_unix, FileLen};
 use crate::backend::{BackendError, HostMapping};
 use crate::descriptor::{GrantMapping, RegionDescriptor, RegionKind};
@@ -249,16 +249,15 @@ impl XenRegion {
     }
 
     /// Maps the buckets of a lazy FOREIGN region that hold `[gpa, gpa + len)` and pins them
-    /// for the region's life, so that plain-table accesses (the rings a daemon reads through
-    /// its table) reach those bytes. Does nothing for other regions. The range must lie inside
-    /// the region.
+    /// for the region's life: never evicted, so ring accesses (through a request scope, as
+    /// for every lazy byte) cannot fail for want of room. Does nothing for other regions. The
+    /// range must lie inside the region.
     pub fn pin_lazy(&self, gpa: GuestAddress, len: u64) -> Result<(), BackendError> {
         let Some(lz) = &self.lazy else {
             return Ok(());
         };
         let off = gpa.0.wrapping_sub(self.desc.guest_phys_addr);
-        if gpa.0 < self.desc.guest_phys_addr || len > self.desc.size || off > self.desc.size - len
-        {
+        if gpa.0 < self.desc.guest_phys_addr || len > self.desc.size || off > self.desc.size - len {
             return Err(BackendError::ForeignFrame {
                 domid: lz.domid(),
                 gfn: gpa.0 >> crate::xen_page::XEN_PAGE_SHIFT,
@@ -299,14 +298,7 @@ impl GuestMemoryRegion for XenRegion {
     ) -> vm_memory::guest_memory::Result<*mut u8> {
         let host = self.host.0;
         if host.is_null() {
-            let pinned = match (self.lazy.as_ref(), self.check_address(addr)) {
-                (Some(lz), Some(a)) => lz.pinned_host(a.0, 1),
-                _ => None,
-            };
-            return match pinned {
-                Some(p) => Ok(p.as_ptr()),
-                None => Err(self.on_demand_error(addr)),
-            };
+            return Err(self.on_demand_error(addr));
         }
         self.check_address(addr)
             .ok_or(GuestMemoryError::InvalidBackendAddress)?;
@@ -321,7 +313,7 @@ impl GuestMemoryRegion for XenRegion {
     ) -> vm_memory::guest_memory::Result<VolatileSlice<'_, BS<'_, ()>>> {
         match offset.0.checked_add(count as u64) {
             Some(end) if end <= self.mapped_len && self.mapped_len != 0 => {}
-            _ => return self.slow_slice(offset, count),
+            _ => return Err(self.slice_error(offset)),
         }
         // SAFETY: `mapped_len` is not 0, so the region is mapped and `host` is the first byte
         // of its mapping, which covers `mapped_len` bytes and lives as long as `self`;
@@ -347,31 +339,6 @@ impl XenRegion {
         }
         // In bounds of the mapping (checked above), which is not null.
         std::ptr::NonNull::new(self.host.0.wrapping_add(offset.0 as usize))
-    }
-
-    /// `get_slice` where the region has no mapping of its own or `offset` is out of bounds:
-    /// pinned buckets of a lazy FOREIGN region (rings), or the error.
-    #[cold]
-    #[inline(never)]
-    fn slow_slice(
-        &self,
-        offset: MemoryRegionAddress,
-        count: usize,
-    ) -> vm_memory::guest_memory::Result<VolatileSlice<'_, BS<'_, ()>>> {
-        let inside = offset
-            .0
-            .checked_add(count as u64)
-            .is_some_and(|end| end <= self.desc.size);
-        match self.lazy.as_ref() {
-            Some(lz) if inside => match lz.pinned_host(offset.0, count) {
-                // SAFETY: `pinned_host` found every bucket holding these bytes pinned and every
-                // frame present: they stay mapped until the region is dropped, and the slice
-                // borrows the region.
-                Some(p) => Ok(unsafe { VolatileSlice::new(p.as_ptr(), count) }),
-                None => Err(self.on_demand_error(offset)),
-            },
-            _ => Err(self.slice_error(offset)),
-        }
     }
 
     /// Why `get_slice` at `offset` failed: an on-demand region, or out of bounds.

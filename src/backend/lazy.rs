@@ -5,8 +5,7 @@
 //! `crate::device::budget` for the epochs that tell).
 //!
 //! Each bucket has one state word: its state (unmapped, mapped clean, mapped with missing
-//! frames, being evicted), a pin bit (rings: mapped for the life of the region and reachable
-//! through the plain table), and the epoch of the last scope that touched it. A warm touch is
+//! frames, being evicted), a pin bit (rings: mapped for the life of the region), and the epoch of the last scope that touched it. A warm touch is
 //! one load of that word; a scope of a newer epoch stamps it once with a compare-and-swap.
 
 use std::collections::BTreeMap;
@@ -166,8 +165,13 @@ impl LazyForeign {
         if w & PINNED != 0 || stamp(w) >= e {
             return true;
         }
-        word.compare_exchange(w, (w & !(u64::MAX << STAMP_SHIFT)) | (e << STAMP_SHIFT), SeqCst, SeqCst)
-            .is_ok()
+        word.compare_exchange(
+            w,
+            (w & !(u64::MAX << STAMP_SHIFT)) | (e << STAMP_SHIFT),
+            SeqCst,
+            SeqCst,
+        )
+        .is_ok()
     }
 
     /// Maps the buckets holding region bytes `[off, off + len)` (`len > 0`, inside the region)
@@ -185,44 +189,24 @@ impl LazyForeign {
     }
 
     /// Maps the buckets holding region bytes `[off, off + len)` and pins them for the life of
-    /// the region (rings): from then on plain-table accesses reach them.
+    /// the region (rings): never evicted.
     pub(crate) fn pin(&self, off: u64, len: u64) -> Result<(), BackendError> {
         let (first, last, _, _) = self.span(off, len.max(1));
         // The stamp matters not: pinned buckets are never evicted.
         self.ensure_slow(first, last, 0, true)
     }
 
-    /// Where region bytes `[off, off + count)` are, if every bucket holding them is pinned
-    /// and every frame of the range present: a plain-table access (rings) may use them.
-    pub(crate) fn pinned_host(&self, off: u64, count: usize) -> Option<NonNull<u8>> {
-        if count == 0 {
-            return None;
-        }
-        let (first, last, b0, b1) = self.span(off, count as u64);
-        let mut faulty = false;
-        for b in b0..=b1 {
-            let w = self.words.get(b)?.load(SeqCst);
-            if w & PINNED == 0 {
-                return None;
-            }
-            faulty |= w & STATE != CLEAN;
-        }
-        if faulty {
-            let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            if inner.faults.range(first..=last).next().is_some()
-                || (b0..=b1).any(|b| inner.broken.contains_key(&b))
-            {
-                return None;
-            }
-        }
-        NonNull::new(self.host().wrapping_add(off as usize))
-    }
-
     /// The rest of [`LazyForeign::ensure`] (and [`LazyForeign::pin`]): make room, map what
     /// is missing, stamp (or pin) under the lock, check the frames.
     #[cold]
     #[inline(never)]
-    fn ensure_slow(&self, first: usize, last: usize, e: u64, pin: bool) -> Result<(), BackendError> {
+    fn ensure_slow(
+        &self,
+        first: usize,
+        last: usize,
+        e: u64,
+        pin: bool,
+    ) -> Result<(), BackendError> {
         let (b0, b1) = (first >> self.shift, last >> self.shift);
         let budget = self.dev.budget();
         let limit = |max| BackendError::LazyBucketLimit {
@@ -335,7 +319,11 @@ impl LazyForeign {
             source,
         };
         // What an earlier mapping of this bucket left (evictors do not take our lock).
-        let stale: Vec<usize> = inner.faults.range(start..start + n).map(|(&p, _)| p).collect();
+        let stale: Vec<usize> = inner
+            .faults
+            .range(start..start + n)
+            .map(|(&p, _)| p)
+            .collect();
         for p in stale {
             inner.faults.remove(&p);
         }

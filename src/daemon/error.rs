@@ -38,7 +38,7 @@ pub enum DaemonError {
     },
     /// A ring that is not wholly inside one region mapped in advance (on-demand memory, a
     /// gap, or past a region's end).
-    #[error("vring {queue}: {ring} at gpa {gpa:#x} ({len:#x} bytes) is not inside a region mapped in advance")]
+    #[error("vring {queue}: {ring} at gpa {gpa:#x} ({len:#x} bytes) is not inside a region mapped in advance or lazily mapped FOREIGN region")]
     RingNotMapped {
         /// Queue.
         queue: u32,
@@ -48,6 +48,19 @@ pub enum DaemonError {
         gpa: u64,
         /// Its length for the current queue size.
         len: u64,
+    },
+    /// A ring in a lazily mapped FOREIGN region whose buckets could not be mapped (a frame
+    /// missing, the handle's bucket bound reached).
+    #[error("vring {queue}: {ring} at gpa {gpa:#x}: {source}")]
+    RingPin {
+        /// Queue.
+        queue: u32,
+        /// Which part of the ring.
+        ring: &'static str,
+        /// Its guest address.
+        gpa: u64,
+        /// Why its buckets could not be mapped.
+        source: crate::backend::BackendError,
     },
     /// The ring addresses were refused by virtio-queue (alignment).
     #[error("vring {queue}: ring addresses desc {desc:#x} avail {avail:#x} used {used:#x} refused: {reason}")]

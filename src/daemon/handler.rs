@@ -19,12 +19,14 @@ use vhost::vhost_user::{Backend, GpuBackend, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 use vhost_user_backend::{VringRwLock, VringT};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
+use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
 use vm_memory::{GuestMemoryRegion, GuestUsize};
 
 use super::device::{VhostUserDevice, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_RING_F_EVENT_IDX};
 use super::error::DaemonError;
+use super::ring_mem::RingMem;
 use super::worker::{DaemonStats, QueueWorker};
+use crate::backend::foreign::ForeignMapping;
 use crate::descriptor::{RegionDescriptor, WireRegion};
 use crate::device::XenHandle;
 use crate::region::XenRegion;
@@ -59,6 +61,8 @@ pub(crate) struct Handler<D: VhostUserDevice> {
     acked_features: u64,
     acked_protocol_features: u64,
     features_queried: bool,
+    /// How FOREIGN regions are mapped.
+    foreign: ForeignMapping,
     pub(crate) trace: MessageTrace,
 }
 
@@ -102,8 +106,15 @@ impl<D: VhostUserDevice> Handler<D> {
             acked_features: 0,
             acked_protocol_features: 0,
             features_queried: false,
+            foreign: ForeignMapping::Eager,
             trace: MessageTrace::default(),
         })
+    }
+
+    /// Maps this connection's FOREIGN regions as `foreign` says (default: eagerly).
+    pub(crate) fn with_foreign_mapping(mut self, foreign: ForeignMapping) -> Self {
+        self.foreign = foreign;
+        self
     }
 
     /// Whether vhost answers `NEED_REPLY` messages with a REPLY_ACK (its own rule: the
@@ -207,11 +218,13 @@ impl<D: VhostUserDevice> Handler<D> {
         let desc = RegionDescriptor::from_wire(wire)
             .map_err(|source| DaemonError::Descriptor { index, source })?;
         table.check_in_advance_room(&desc)?;
-        XenRegion::new(desc, Some(file), self.xen.as_ref()).map_err(|source| DaemonError::Region {
-            index,
-            gpa: desc.guest_phys_addr,
-            source,
-        })
+        XenRegion::with_foreign_mapping(desc, Some(file), self.xen.as_ref(), self.foreign).map_err(
+            |source| DaemonError::Region {
+                index,
+                gpa: desc.guest_phys_addr,
+                source,
+            },
+        )
     }
 
     fn swap_table(&self, table: RegionTable) -> Result<(), DaemonError> {
@@ -221,12 +234,42 @@ impl<D: VhostUserDevice> Handler<D> {
                 max: MAX_MEM_SLOTS,
             });
         }
+        if table.has_lazy() {
+            self.pin_rings(&table);
+        }
         let guard = self
             .mem
             .lock()
             .map_err(|_| DaemonError::Poisoned("memory"))?;
         guard.replace(table);
         Ok(())
+    }
+
+    /// Pins the ring buckets of every queue whose rings are set in lazy FOREIGN regions of a
+    /// new table (its regions may be new mappings of the same guest memory). A ring that
+    /// cannot be pinned is logged; its accesses then report their errors as they happen.
+    fn pin_rings(&self, table: &RegionTable) {
+        for (queue, vring) in self.vrings.iter().enumerate() {
+            let state = vring.get_ref();
+            let q = state.get_queue();
+            let size = u64::from(q.size());
+            for (ring, gpa, len) in [
+                ("descriptor table", q.desc_table(), 16 * size),
+                ("avail ring", q.avail_ring(), 6 + 2 * size),
+                ("used ring", q.used_ring(), 6 + 8 * size),
+            ] {
+                if gpa == 0 {
+                    continue;
+                }
+                let Some(region) = table.find_region(GuestAddress(gpa)) else {
+                    continue;
+                };
+                let room = region.last_addr().0 - gpa + 1;
+                if let Err(e) = region.pin_lazy(GuestAddress(gpa), len.min(room)) {
+                    log::warn!("vq{queue}: {ring} at gpa {gpa:#x}: {e}");
+                }
+            }
+        }
     }
 
     /// Translates one ring address and checks that `len` bytes from it lie in one region
@@ -252,9 +295,18 @@ impl<D: VhostUserDevice> Handler<D> {
             return Err(not_mapped);
         };
         let room: GuestUsize = region.last_addr().0 - gpa.0 + 1;
-        if region.host_address().is_none() || len > room {
+        if len > room || (region.host_address().is_none() && !region.is_lazy_foreign()) {
             return Err(not_mapped);
         }
+        // A ring in a lazy FOREIGN region: its buckets are mapped now and never evicted.
+        region
+            .pin_lazy(gpa, len)
+            .map_err(|source| DaemonError::RingPin {
+                queue,
+                ring,
+                gpa: gpa.0,
+                source,
+            })?;
         Ok(gpa.0)
     }
 
@@ -407,8 +459,9 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
                 reason: e.to_string(),
             })?;
         // After a driver restart the used index starts where the guest's ring says.
-        if let Ok(idx) = vring.queue_used_idx() {
-            vring.set_queue_next_used(idx);
+        let used_idx = RingMem::of(&table).used_idx(vring.get_ref().get_queue());
+        if let Ok(idx) = used_idx {
+            vring.set_queue_next_used(idx.0);
         }
         Ok(())
     }

@@ -20,6 +20,7 @@ mod device;
 mod error;
 mod handler;
 pub(crate) mod layout;
+mod ring_mem;
 mod wire;
 mod worker;
 
@@ -38,6 +39,8 @@ pub use worker::{DaemonStats, StatsSnapshot, MAX_BATCH};
 use crate::device::XenHandle;
 use handler::Handler;
 
+use crate::backend::foreign::ForeignMapping;
+
 /// A vhost-user daemon serving one device, one frontend connection at a time.
 #[derive(Debug)]
 pub struct VhostUserDaemon<D: VhostUserDevice> {
@@ -45,6 +48,7 @@ pub struct VhostUserDaemon<D: VhostUserDevice> {
     xen: Option<XenHandle>,
     stats: Arc<DaemonStats>,
     adapt_layout: bool,
+    foreign: ForeignMapping,
 }
 
 impl<D: VhostUserDevice> VhostUserDaemon<D> {
@@ -56,7 +60,18 @@ impl<D: VhostUserDevice> VhostUserDaemon<D> {
             xen: None,
             stats: Arc::default(),
             adapt_layout: true,
+            foreign: ForeignMapping::Eager,
         }
+    }
+
+    /// How FOREIGN regions are mapped (default [`ForeignMapping::Eager`]: whole, at
+    /// `SET_MEM_TABLE` / `ADD_MEM_REG`). [`ForeignMapping::Lazy`] only reserves address space
+    /// there and maps each bucket when a request first touches it; rings in such a region
+    /// have their buckets mapped and pinned at `SET_VRING_ADDR`. Bound the mapped buckets of
+    /// all connections with [`XenHandle::set_lazy_bucket_limit`] on the daemon's handle.
+    pub fn with_foreign_mapping(mut self, foreign: ForeignMapping) -> Self {
+        self.foreign = foreign;
+        self
     }
 
     /// Maps FOREIGN and GRANT regions through `xen` (the real drivers, or the emulation in
@@ -94,11 +109,10 @@ impl<D: VhostUserDevice> VhostUserDaemon<D> {
     /// messages are answered and the connection goes on. At the end every worker is joined
     /// and the memory table dropped: nothing stays mapped.
     pub fn serve_connection(&self, stream: UnixStream) -> Result<ConnectionEnd, DaemonError> {
-        let handler = Arc::new(Mutex::new(Handler::new(
-            self.device.clone(),
-            self.xen.clone(),
-            self.stats.clone(),
-        )?));
+        let handler = Arc::new(Mutex::new(
+            Handler::new(self.device.clone(), self.xen.clone(), self.stats.clone())?
+                .with_foreign_mapping(self.foreign),
+        ));
         let (stream, relays) = if self.adapt_layout {
             match layout::adapt(stream) {
                 Ok((s, r)) => (s, r.into_iter().collect()),

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::device::VhostUserDevice;
 use super::handler::{Memory, Vring};
+use super::ring_mem::RingMem;
 use crate::request::RequestMemory;
 use crate::table::RegionTable;
 
@@ -220,7 +221,7 @@ impl<D: VhostUserDevice> Worker<D> {
             if self.stop.load(Ordering::Acquire) {
                 return;
             }
-            if let Err(e) = self.vring.disable_notification() {
+            if let Err(e) = self.ring(|q, m| m.disable_notification(q)) {
                 log::warn!("vq{}: disable notification: {e}", self.index);
                 return;
             }
@@ -232,7 +233,7 @@ impl<D: VhostUserDevice> Worker<D> {
                 served = self.serve_batch();
             }
             idle_rounds = if served == 0 { idle_rounds + 1 } else { 0 };
-            match self.vring.enable_notification() {
+            match self.ring(|q, m| m.enable_notification(q)) {
                 Ok(true) if idle_rounds >= 2 => {
                     log::warn!(
                         "vq{}: the avail ring announces chains that cannot be popped",
@@ -311,6 +312,17 @@ impl<D: VhostUserDevice> Worker<D> {
         usize::from(pending).max(1)
     }
 
+    /// Runs a ring operation on the queue, over the ring memory of the current table.
+    fn ring<R>(
+        &self,
+        op: impl FnOnce(&mut virtio_queue::Queue, &RingMem<'_>) -> Result<R, virtio_queue::Error>,
+    ) -> Result<R, virtio_queue::Error> {
+        let table = self.mem.memory();
+        let ring = RingMem::of(&table);
+        let mut state = self.vring.get_mut();
+        op(state.get_queue_mut(), &ring)
+    }
+
     /// Pops, serves and completes up to [`MAX_BATCH`] chains; returns how many.
     fn serve_batch(&self) -> usize {
         let table = self.mem.memory();
@@ -348,15 +360,16 @@ impl<D: VhostUserDevice> Worker<D> {
             log::warn!("vq{}: ending the request scope: {e}", self.index);
             self.stats.scope_errors.fetch_add(1, Ordering::Relaxed);
         }
+        let ring = RingMem::of(&table);
         let mut state = self.vring.get_mut();
         for (&head, &len) in heads.iter().zip(&used) {
-            if let Err(e) = state.add_used(head, len) {
+            if let Err(e) = ring.add_used(state.get_queue_mut(), head, len) {
                 log::warn!("vq{}: add_used({head}): {e}", self.index);
             }
         }
         self.stats.requests.fetch_add(n as u64, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
-        match state.needs_notification() {
+        match ring.needs_notification(state.get_queue_mut()) {
             Ok(true) => match state.signal_used_queue() {
                 Ok(()) => {
                     self.stats.calls.fetch_add(1, Ordering::Relaxed);

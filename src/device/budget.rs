@@ -115,11 +115,7 @@ impl LazyBudget {
             let (m, max) = (self.mapped.load(SeqCst), self.max.load(SeqCst));
             match m.checked_add(n) {
                 Some(t) if t <= max => {
-                    if self
-                        .mapped
-                        .compare_exchange(m, t, SeqCst, SeqCst)
-                        .is_ok()
-                    {
+                    if self.mapped.compare_exchange(m, t, SeqCst, SeqCst).is_ok() {
                         return Ok(());
                     }
                 }

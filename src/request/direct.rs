@@ -195,8 +195,8 @@ thread_local! {
 }
 
 /// Where `n` bytes at `off` of `region` are, if it is a lazy FOREIGN region and the scope of
-/// `epoch` (not 0) could map and stamp them. Out of line: only lazy regions come here.
-#[inline(never)]
+/// `epoch` (not 0) could map and stamp them.
+#[inline(always)]
 fn lazy_range(region: &XenRegion, off: u64, n: u64, epoch: u64) -> Option<NonNull<u8>> {
     let lz = region.lazy()?;
     if epoch == 0 {

@@ -340,9 +340,11 @@ impl<'t> RequestMemory<'t> {
                 Some(domid) => self
                     .on_demand(region, domid, cur, n as usize, access, &mut out)
                     .map_err(RequestError::into_guest_memory_error),
-                None if region.is_lazy_foreign() => lazy_slice(region, off, n as usize, self.epoch())
-                    .map(|s| out.push(Ok(s)))
-                    .map_err(RequestError::into_guest_memory_error),
+                None if region.is_lazy_foreign() => {
+                    lazy_slice(region, off, n as usize, self.epoch())
+                        .map(|s| out.push(Ok(s)))
+                        .map_err(RequestError::into_guest_memory_error)
+                }
                 None => region
                     .get_slice(MemoryRegionAddress(off), n as usize)
                     .map(|s| out.push(Ok(s))),
@@ -398,9 +400,7 @@ fn enter_epoch(table: &RegionTable) -> Option<EpochGuard<'_>> {
     if !table.has_lazy() {
         return None;
     }
-    table
-        .xen_device()
-        .map(|d| EpochGuard::enter(d.budget()))
+    table.xen_device().map(|d| EpochGuard::enter(d.budget()))
 }
 
 impl RequestMemory<'_> {

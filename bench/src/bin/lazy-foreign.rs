@@ -1,7 +1,8 @@
 //! Lazy FOREIGN mapping (issue 12 item 4) on the emulated device: creating a large FOREIGN
 //! region eagerly against lazily, in interleaved rounds (median and spread of per-round
 //! ratios), with the device's system calls beside them; then the cost of a first touch (one
-//! bucket mapped) and of a warm 8-byte read through `RequestMemory`.
+//! bucket mapped), and, interleaved against an eager region over the same frames, warm 8-byte
+//! reads in one scope and warm 4 KiB requests with a scope each (every bucket touched before).
 //!
 //! Emulated only: the emulation maps one page per frame with its own `mmap`, so the eager
 //! figure is not real Xen's; the system-call counts are exact. `--mib N` sets the region size
@@ -83,9 +84,25 @@ fn main() {
     let lazy_med = median(&mut lazy_t);
     let ratio_med = median(&mut ratios);
 
-    let warm_reads = |table: &RegionTable| {
+    // Warm accesses, both tables alive, every lazy bucket touched once before.
+    let eager_table =
+        RegionTable::from_regions(vec![region(&g, size, ForeignMapping::Eager)]).expect("table");
+    let table =
+        RegionTable::from_regions(vec![region(&g, size, ForeignMapping::lazy())]).expect("table");
+    let mem = RequestMemory::new(&table);
+    let c0 = g.dev.counters().snapshot();
+    let t = Instant::now();
+    let _: u64 = mem.read_obj(GuestAddress(0)).expect("first touch");
+    let first = t.elapsed();
+    let first_calls = g.dev.counters().snapshot().since(&c0).syscalls();
+    for b in 0..size >> 20 {
+        let _: u64 = mem.read_obj(GuestAddress(b << 20)).expect("touch");
+    }
+    drop(mem);
+
+    // 8-byte reads in one scope.
+    let reads = |table: &RegionTable| {
         let mem = RequestMemory::new(table);
-        let _: u64 = mem.read_obj(GuestAddress(0)).expect("first touch");
         let n = 1_000_000u32;
         let t = Instant::now();
         let mut sum = 0u64;
@@ -96,25 +113,62 @@ fn main() {
             sum = sum.wrapping_add(v);
         }
         std::hint::black_box(sum);
-        t.elapsed() / n
+        t.elapsed().as_secs_f64() / f64::from(n)
     };
-    let eager_table =
-        RegionTable::from_regions(vec![region(&g, size, ForeignMapping::Eager)]).expect("table");
-    let eager_warm = warm_reads(&eager_table);
-    drop(eager_table);
-
-    // First touch and warm reads through a lazy region.
-    let table =
-        RegionTable::from_regions(vec![region(&g, size, ForeignMapping::lazy())]).expect("table");
-    let mem = RequestMemory::new(&table);
+    // Block-sized requests: a scope each, 4 KiB read and a status byte written, at addresses
+    // spread over the whole region (every bucket).
+    let requests = |table: &RegionTable| {
+        let n = 100_000u64;
+        let mut buf = vec![0u8; 4096];
+        let t = Instant::now();
+        for i in 0..n {
+            let at = (i.wrapping_mul(0x9e37_79b9) % (size / 4096 - 1)) * 4096;
+            let mem = RequestMemory::new(table);
+            mem.read_slice(&mut buf, GuestAddress(at)).expect("read");
+            mem.write_obj(0u8, GuestAddress(at + 4096)).expect("status");
+            mem.finish().expect("finish");
+        }
+        std::hint::black_box(&buf);
+        t.elapsed().as_secs_f64() / n as f64
+    };
+    // One untimed pass each: the eager region's pages fault in on first use too.
+    requests(&table);
+    requests(&eager_table);
     let c0 = g.dev.counters().snapshot();
-    let t = Instant::now();
-    let _: u64 = mem.read_obj(GuestAddress(0)).expect("first touch");
-    let first = t.elapsed();
-    let first_calls = g.dev.counters().snapshot().since(&c0).syscalls();
-    drop(mem);
-    let warm = warm_reads(&table);
+    let (mut read_l, mut read_e, mut read_r) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut req_l, mut req_e, mut req_r) = (Vec::new(), Vec::new(), Vec::new());
+    for round in 0..rounds.max(5) {
+        let (l, e, lq, eq) = if round % 2 == 0 {
+            let l = reads(&table);
+            let e = reads(&eager_table);
+            let eq = requests(&eager_table);
+            let lq = requests(&table);
+            (l, e, lq, eq)
+        } else {
+            let e = reads(&eager_table);
+            let l = reads(&table);
+            let lq = requests(&table);
+            let eq = requests(&eager_table);
+            (l, e, lq, eq)
+        };
+        read_l.push(l);
+        read_e.push(e);
+        read_r.push(l / e);
+        req_l.push(lq);
+        req_e.push(eq);
+        req_r.push(lq / eq);
+    }
+    let warm_calls = g.dev.counters().snapshot().since(&c0).syscalls();
+    let (read_rlo, read_rhi) = spread(&read_r);
+    let (req_rlo, req_rhi) = spread(&req_r);
+    let (warm, eager_warm, read_ratio) = (
+        median(&mut read_l),
+        median(&mut read_e),
+        median(&mut read_r),
+    );
+    let (req, eager_req, req_ratio) = (median(&mut req_l), median(&mut req_e), median(&mut req_r));
     drop(table);
+    drop(eager_table);
 
     let ms = |s: f64| s * 1e3;
     println!("lazy FOREIGN, emulated, {mib} MiB region, {rounds} interleaved rounds");
@@ -127,14 +181,33 @@ fn main() {
         "| first touch (1 bucket, 8-byte read) | {:?} | {first_calls} |",
         first
     );
-    println!("| warm 8-byte read_obj via RequestMemory, lazy | {warm:?} | 0 |");
-    println!("| warm 8-byte read_obj via RequestMemory, eager | {eager_warm:?} | 0 |");
+    let ns = |s: f64| s * 1e9;
     println!(
-        "{{\"mib\":{mib},\"rounds\":{rounds},\"eager_ms\":{:.4},\"lazy_ms\":{:.4},\"ratio_median\":{ratio_med:.6},\"ratio_min\":{rlo:.6},\"ratio_max\":{rhi:.6},\"eager_syscalls\":{eager_calls},\"lazy_syscalls\":{lazy_calls},\"first_touch_us\":{:.2},\"first_touch_syscalls\":{first_calls},\"warm_read_ns\":{},\"eager_warm_read_ns\":{}}}",
+        "| warm 8-byte read_obj in one scope, lazy | {:.1} ns | 0 |",
+        ns(warm)
+    );
+    println!(
+        "| warm 8-byte read_obj in one scope, eager | {:.1} ns | 0 |",
+        ns(eager_warm)
+    );
+    println!("| lazy/eager read_obj (per-round ratio) | {read_ratio:.3}x (spread {read_rlo:.3}..{read_rhi:.3}) | |");
+    println!(
+        "| warm 4 KiB request (scope each), lazy | {:.1} ns | {warm_calls} in all warm rounds |",
+        ns(req)
+    );
+    println!(
+        "| warm 4 KiB request (scope each), eager | {:.1} ns | |",
+        ns(eager_req)
+    );
+    println!("| lazy/eager request (per-round ratio) | {req_ratio:.3}x (spread {req_rlo:.3}..{req_rhi:.3}) | |");
+    println!(
+        "{{\"mib\":{mib},\"rounds\":{rounds},\"eager_ms\":{:.4},\"lazy_ms\":{:.4},\"ratio_median\":{ratio_med:.6},\"ratio_min\":{rlo:.6},\"ratio_max\":{rhi:.6},\"eager_syscalls\":{eager_calls},\"lazy_syscalls\":{lazy_calls},\"first_touch_us\":{:.2},\"first_touch_syscalls\":{first_calls},\"warm_read_ns\":{:.2},\"eager_warm_read_ns\":{:.2},\"read_ratio\":{read_ratio:.4},\"read_ratio_min\":{read_rlo:.4},\"read_ratio_max\":{read_rhi:.4},\"warm_request_ns\":{:.1},\"eager_request_ns\":{:.1},\"request_ratio\":{req_ratio:.4},\"request_ratio_min\":{req_rlo:.4},\"request_ratio_max\":{req_rhi:.4},\"warm_syscalls\":{warm_calls}}}",
         ms(eager_med),
         ms(lazy_med),
         first.as_secs_f64() * 1e6,
-        warm.as_nanos(),
-        eager_warm.as_nanos()
+        ns(warm),
+        ns(eager_warm),
+        ns(req),
+        ns(eager_req),
     );
 }
