@@ -104,9 +104,15 @@ mod xen {
     use super::*;
     use xen_vhost_mem::testing::EmulatedXen;
     use xen_vhost_mem::testing::GuestSim;
-    use xen_vhost_mem::XenHandle;
+    use xen_vhost_mem::{ForeignMapping, XenHandle};
 
     fn run(mode: GuestMode, indirect: bool) {
+        run_with(mode, indirect, None);
+    }
+
+    /// With `lazy`: the daemon maps FOREIGN lazily in buckets of that many frames, at most
+    /// half the guest's buckets mapped at a time.
+    fn run_with(mode: GuestMode, indirect: bool, lazy: Option<usize>) {
         let cfg = DriverConfig {
             mode,
             queues: 2,
@@ -131,7 +137,15 @@ mod xen {
             },
         )
         .expect("blk");
-        let daemon = Arc::new(VhostUserDaemon::new(Arc::new(blk)).with_xen(dev.clone()));
+        let mut daemon = VhostUserDaemon::new(Arc::new(blk)).with_xen(dev.clone());
+        let mut limit = usize::MAX;
+        if let Some(bucket_frames) = lazy {
+            daemon = daemon.with_foreign_mapping(ForeignMapping::Lazy { bucket_frames });
+            limit = 32;
+            dev.set_lazy_bucket_limit(limit);
+            eprintln!("DBG pages {} limit {limit}", cfg.emulation_pages());
+        }
+        let daemon = Arc::new(daemon);
         let d = daemon.clone();
         let t = std::thread::spawn(move || d.serve(&listener, Some(1)).expect("serve"));
         let mut drv = if mode == GuestMode::Grant {
@@ -155,6 +169,7 @@ mod xen {
         let r = pass(&mut drv, 2, false, total, 4096, 3, &mut |_| {}).expect("read");
         assert_eq!((r.requests, r.bad), (256, 0));
         let used = dev.counters().snapshot().since(&before);
+        assert!(dev.lazy_buckets_mapped() <= limit);
         let img = std::fs::read(&image).expect("image");
         assert!(img[..total as usize]
             .iter()
@@ -166,7 +181,18 @@ mod xen {
         assert_eq!(dev.counters().live_mappings(), 0);
         assert_eq!(emu.live_mappings(), 0);
         assert_eq!(emu.live_grant_maps(), 0);
-        if mode == GuestMode::Grant {
+        assert_eq!(dev.lazy_buckets_mapped(), 0);
+        if lazy.is_some() {
+            // Buckets mapped on first touch (one mmap + one MMAPBATCH each) and evicted under
+            // the bound (one mmap each), never one call per request.
+            println!(
+                "lazy: {} syscalls for 512 requests, {} evictions, bound {limit}",
+                used.syscalls(),
+                dev.lazy_evictions()
+            );
+            assert!(dev.lazy_evictions() > 0, "the bound made room");
+            assert!(used.syscalls() > 0 && used.syscalls() < 512);
+        } else if mode == GuestMode::Grant {
             // Batched: one grant copy for the indirect tables, one for the buffers, one
             // copy-back per batch, never one per request.
             let batches = daemon.stats().snapshot().batches;
@@ -195,5 +221,10 @@ mod xen {
     #[test]
     fn foreign_blk_write_then_read() {
         run(GuestMode::Foreign, false);
+    }
+
+    #[test]
+    fn lazy_foreign_blk_write_then_read_under_a_bucket_bound() {
+        run_with(GuestMode::Foreign, false, Some(4));
     }
 }
