@@ -84,7 +84,7 @@ pub struct RegionTable {
     /// Whether any region is an on-demand grant region (the kind a request scope keeps state
     /// for).
     on_demand: bool,
-    /// Whether any region is a lazily mapped FOREIGN region (a request scope enters an epoch).
+    /// Whether any region is a lazily mapped FOREIGN region (a request scope holds the buckets it touches).
     lazy: bool,
 }
 
@@ -152,7 +152,7 @@ impl RegionTable {
 
     /// Whether any region is an on-demand grant region. A request scope over a table without
     /// one keeps no state: no system call, no allocation, no per-thread state (lazily mapped
-    /// FOREIGN regions only make it enter an epoch, see [`RegionTable::has_lazy`]).
+    /// FOREIGN regions only make it keep a list of the buckets it holds, see [`RegionTable::has_lazy`]).
     #[inline]
     pub fn has_on_demand(&self) -> bool {
         self.on_demand

@@ -1,13 +1,18 @@
 //! Lazily mapped FOREIGN regions ([`super::foreign::ForeignMapping::Lazy`]): address space is
 //! reserved when the region is added; each bucket of frames is mapped (one privcmd mapping +
-//! one MMAPBATCH) the first time a request scope touches it, and may be unmapped again, when
-//! the handle's bound on mapped buckets needs room, once no live scope can be using it (see
-//! `crate::device::budget` for the epochs that tell).
+//! one MMAPBATCH) the first time a request scope touches it, and may be unmapped again when
+//! the handle's bound on mapped buckets needs room (`crate::device::budget`), once no live
+//! scope holds it.
 //!
 //! Each bucket has one state word: its state (unmapped, mapped clean, mapped with missing
-//! frames, being evicted), a pin bit (rings: mapped for the life of the region), and the epoch of the last scope that touched it. A warm touch is
-//! one load of that word; a scope of a newer epoch stamps it once with a compare-and-swap.
+//! frames, being evicted), a pin bit (rings: mapped for the life of the region), how many live
+//! scopes hold it, and the id of the last scope that took a hold. A scope takes one hold per
+//! bucket it touches ([`ScopePins`]) and gives them all back when it ends; an evictor claims
+//! only a bucket with no hold, by one compare-and-swap on the word, which a new hold (also a
+//! compare-and-swap on that word) races against, so exactly one of them wins. A warm touch by
+//! the scope that took the last hold is one load.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::ptr::NonNull;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
@@ -30,11 +35,81 @@ const FAULTY: u64 = 2;
 const EVICTING: u64 = 3;
 /// Never evicted (ring buckets).
 const PINNED: u64 = 4;
-/// The epoch stamp sits above the state and pin bits.
-const STAMP_SHIFT: u32 = 3;
+/// Holds of live scopes: 16 bits above the state and pin bits.
+const HOLD_SHIFT: u32 = 3;
+const HOLD_ONE: u64 = 1 << HOLD_SHIFT;
+const HOLDS: u64 = 0xffff << HOLD_SHIFT;
+/// The id of the scope that took the last hold: the 45 bits above.
+const HOLDER_SHIFT: u32 = 19;
+const LOW: u64 = (1 << HOLDER_SHIFT) - 1;
 
-fn stamp(w: u64) -> u64 {
-    w >> STAMP_SHIFT
+fn holder(w: u64) -> u64 {
+    w >> HOLDER_SHIFT
+}
+
+/// The next scope id (45 bits: 3.5e13 scopes before it wraps).
+static NEXT_SCOPE: AtomicU64 = AtomicU64::new(1);
+
+/// The buckets one request scope holds, each once: counted in the bucket's word while the
+/// scope lives, given back by [`ScopePins::release`] when it ends.
+#[derive(Debug, Default)]
+pub(crate) struct ScopePins {
+    /// Unique among scopes (never 0).
+    id: u64,
+    held: RefCell<Vec<(NonNull<LazyForeign>, usize)>>,
+}
+
+thread_local! {
+    /// Emptied hold lists, kept with their capacity for the next scope on this thread.
+    #[allow(clippy::vec_box)]
+    static FREE_PINS: RefCell<Vec<Box<ScopePins>>> = const { RefCell::new(Vec::new()) };
+}
+
+impl ScopePins {
+    /// An empty list with a fresh id (reused from this thread when it has one).
+    pub(crate) fn take() -> Box<ScopePins> {
+        let mut p = FREE_PINS
+            .try_with(|f| f.borrow_mut().pop())
+            .ok()
+            .flatten()
+            .unwrap_or_default();
+        p.id = loop {
+            let id = NEXT_SCOPE.fetch_add(1, SeqCst) & (u64::MAX >> HOLDER_SHIFT);
+            if id != 0 {
+                break id;
+            }
+        };
+        p
+    }
+
+    /// Gives back every hold (the scope ends; no slice of it is alive) and keeps the list
+    /// for the next scope.
+    ///
+    /// # Safety
+    /// Every region whose bucket this list holds is still alive: the scope borrows the table
+    /// that owns them, and releases before that borrow ends.
+    pub(crate) unsafe fn release(mut self: Box<Self>) {
+        for (lz, b) in self.held.get_mut().drain(..) {
+            // SAFETY: alive per the contract.
+            let lz = unsafe { lz.as_ref() };
+            lz.words[b].fetch_sub(HOLD_ONE, SeqCst);
+        }
+        let _ = FREE_PINS.try_with(|f| {
+            let mut f = f.borrow_mut();
+            if f.len() < 4 && self.held.get_mut().capacity() <= 1024 {
+                f.push(self);
+            }
+        });
+    }
+
+    fn holds(&self, lz: &LazyForeign, b: usize) -> bool {
+        let lz = NonNull::from(lz);
+        self.held.borrow().iter().any(|&(l, x)| l == lz && x == b)
+    }
+
+    fn add(&self, lz: &LazyForeign, b: usize) {
+        self.held.borrow_mut().push((NonNull::from(lz), b));
+    }
 }
 
 /// A lazily mapped FOREIGN region: a reservation whose buckets are mapped on first touch.
@@ -51,8 +126,8 @@ pub(crate) struct LazyForeign {
     offset: usize,
     /// log2 of frames per bucket.
     shift: u32,
-    /// One word per bucket (see the module docs). Its state changes only under `inner`'s
-    /// lock; its stamp also by lock-free touches.
+    /// One word per bucket (see the module docs). It goes from unmapped to mapped only under
+    /// `inner`'s lock; holds and evictors' claims are compare-and-swaps without it.
     words: Box<[AtomicU64]>,
     /// Where the next eviction sweep of this region starts (evictors are serialized by the
     /// budget).
@@ -150,11 +225,10 @@ impl LazyForeign {
         (first, last, first >> self.shift, last >> self.shift)
     }
 
-    /// Warm touch of bucket `b` by a scope of epoch `e`: true if it is mapped with every frame
-    /// and now stamped with `e` or later (or pinned), so it stays mapped while that scope
-    /// lives.
+    /// Warm touch of bucket `b` by the scope of `pins`: true if it is mapped with every frame
+    /// and now held by that scope (or pinned), so it stays mapped while that scope lives.
     #[inline(always)]
-    fn touch(&self, b: usize, e: u64) -> bool {
+    fn touch(&self, b: usize, pins: &ScopePins) -> bool {
         let Some(word) = self.words.get(b) else {
             return false;
         };
@@ -162,50 +236,78 @@ impl LazyForeign {
         if w & STATE != CLEAN {
             return false;
         }
-        if w & PINNED != 0 || stamp(w) >= e {
+        if w & PINNED != 0 || holder(w) == pins.id {
             return true;
         }
-        word.compare_exchange(
-            w,
-            (w & !(u64::MAX << STAMP_SHIFT)) | (e << STAMP_SHIFT),
-            SeqCst,
-            SeqCst,
-        )
-        .is_ok()
+        self.hold(b, pins, false)
+    }
+
+    /// Takes the hold of the scope of `pins` on mapped bucket `b` (clean only, unless
+    /// `faulty_too`); false if the bucket is not mapped so (or is being evicted).
+    #[inline(never)]
+    fn hold(&self, b: usize, pins: &ScopePins, faulty_too: bool) -> bool {
+        let word = &self.words[b];
+        let mine = pins.holds(self, b);
+        let mut w = word.load(SeqCst);
+        loop {
+            let state = w & STATE;
+            if !(state == CLEAN || (faulty_too && state == FAULTY)) {
+                return false;
+            }
+            if w & PINNED != 0 || holder(w) == pins.id {
+                return true;
+            }
+            let new = if mine {
+                (w & LOW) | (pins.id << HOLDER_SHIFT)
+            } else if w & HOLDS == HOLDS {
+                // 65535 live scopes on one bucket: no room to count one more.
+                return false;
+            } else {
+                ((w & LOW) + HOLD_ONE) | (pins.id << HOLDER_SHIFT)
+            };
+            match word.compare_exchange(w, new, SeqCst, SeqCst) {
+                Ok(_) => {
+                    if !mine {
+                        pins.add(self, b);
+                    }
+                    return true;
+                }
+                Err(now) => w = now,
+            }
+        }
     }
 
     /// Maps the buckets holding region bytes `[off, off + len)` (`len > 0`, inside the region)
-    /// that are not mapped yet and stamps them with epoch `e` (the caller's scope's, entered
-    /// before and left after every access to those bytes). Then checks that every frame of
-    /// the range is present: on success those bytes are accessible at `host() + off` until
-    /// that scope ends. Otherwise the error names the lowest missing frame of the range.
+    /// that are not mapped yet and takes the hold of the scope of `pins` on each. Then checks
+    /// that every frame of the range is present: on success those bytes are accessible at
+    /// `host() + off` until that scope ends. Otherwise the error names the lowest missing frame
+    /// of the range.
     #[inline(always)]
-    pub(crate) fn ensure(&self, off: u64, len: u64, e: u64) -> Result<(), BackendError> {
+    pub(crate) fn ensure(&self, off: u64, len: u64, pins: &ScopePins) -> Result<(), BackendError> {
         let (first, last, b0, b1) = self.span(off, len);
-        if (b0..=b1).all(|b| self.touch(b, e)) {
+        if (b0..=b1).all(|b| self.touch(b, pins)) {
             return Ok(());
         }
-        self.ensure_slow(first, last, e, false)
+        self.ensure_slow(first, last, Some(pins))
     }
 
     /// Maps the buckets holding region bytes `[off, off + len)` and pins them for the life of
     /// the region (rings): never evicted.
     pub(crate) fn pin(&self, off: u64, len: u64) -> Result<(), BackendError> {
         let (first, last, _, _) = self.span(off, len.max(1));
-        // The stamp matters not: pinned buckets are never evicted.
-        self.ensure_slow(first, last, 0, true)
+        self.ensure_slow(first, last, None)
     }
 
-    /// The rest of [`LazyForeign::ensure`] (and [`LazyForeign::pin`]): make room, map what
-    /// is missing, stamp (or pin) under the lock, check the frames.
+    /// The rest of [`LazyForeign::ensure`] (with the scope's `pins`) and of
+    /// [`LazyForeign::pin`] (without): make room, map what is missing, hold (or pin) under the
+    /// lock, check the frames.
     #[cold]
     #[inline(never)]
     fn ensure_slow(
         &self,
         first: usize,
         last: usize,
-        e: u64,
-        pin: bool,
+        pins: Option<&ScopePins>,
     ) -> Result<(), BackendError> {
         let (b0, b1) = (first >> self.shift, last >> self.shift);
         let budget = self.dev.budget();
@@ -250,26 +352,29 @@ impl LazyForeign {
                         // Counted in `reserved`: only an evictor unmaps, and we counted
                         // after it claimed.
                         reserved = reserved.saturating_sub(1);
-                        if let Err(err) = self.map_bucket(inner, b, e) {
+                        if let Err(err) = self.map_bucket(inner, b, pins) {
                             budget.release(1);
                             result = Err(err);
-                        } else if pin {
-                            word.fetch_or(PINNED, SeqCst);
                         }
                         break;
                     }
-                    _ => {
-                        let stamped = if stamp(w) < e {
-                            (w & !(u64::MAX << STAMP_SHIFT)) | (e << STAMP_SHIFT)
-                        } else {
-                            w
-                        };
-                        let new = if pin { stamped | PINNED } else { stamped };
-                        // Fails if an evictor claimed it or a toucher stamped it meanwhile.
-                        if word.compare_exchange(w, new, SeqCst, SeqCst).is_ok() {
-                            break;
+                    _ => match pins {
+                        Some(p) => {
+                            if self.hold(b, p, true) {
+                                break;
+                            }
+                            // Claimed by an evictor meanwhile, or 65535 holds: look again.
+                            if word.load(SeqCst) & HOLDS == HOLDS {
+                                result = Err(limit(budget.max()));
+                                break;
+                            }
                         }
-                    }
+                        None => {
+                            if word.compare_exchange(w, w | PINNED, SeqCst, SeqCst).is_ok() {
+                                break;
+                            }
+                        }
+                    },
                 }
             }
             if result.is_err() {
@@ -309,8 +414,14 @@ impl LazyForeign {
             .ok_or(DeviceError::sys("mmap(privcmd)", libc::EFAULT))
     }
 
-    /// Maps bucket `b` (unmapped; `inner` locked), stamped with `e`.
-    fn map_bucket(&self, inner: &mut Inner, b: usize, e: u64) -> Result<(), BackendError> {
+    /// Maps bucket `b` (unmapped; `inner` locked), held by the scope of `pins`, or pinned
+    /// without.
+    fn map_bucket(
+        &self,
+        inner: &mut Inner,
+        b: usize,
+        pins: Option<&ScopePins>,
+    ) -> Result<(), BackendError> {
         let (start, n) = self.bucket_range(b);
         let map_err = |source| BackendError::ForeignMap {
             domid: self.domid,
@@ -360,7 +471,14 @@ impl LazyForeign {
                 FAULTY
             }
         };
-        self.words[b].store(state | (e << STAMP_SHIFT), SeqCst);
+        let word = match pins {
+            Some(p) => {
+                p.add(self, b);
+                state | HOLD_ONE | (p.id << HOLDER_SHIFT)
+            }
+            None => state | PINNED,
+        };
+        self.words[b].store(word, SeqCst);
         Ok(())
     }
 
@@ -371,8 +489,8 @@ impl LazyForeign {
         let (_, n) = self.bucket_range(b);
         let done = match self.bucket_addr(b) {
             // SAFETY: bucket `b` holds the privcmd mapping `map_bucket` made; no live scope
-            // can be using it (its stamp is older than every live scope's epoch, and the
-            // claim stops new touches) and pinned buckets are never claimed.
+            // holds it (the claim needed a hold count of 0 and stops new holds) and pinned
+            // buckets are never claimed.
             Ok(addr) => unsafe { self.dev.foreign_unmap_to_reserve(addr, n) }.is_ok(),
             Err(_) => false,
         };
@@ -382,7 +500,7 @@ impl LazyForeign {
 }
 
 impl BucketOwner for LazyForeign {
-    fn evict(&self, stamp_max: u64, want: usize) -> usize {
+    fn evict(&self, want: usize) -> usize {
         let n = self.words.len();
         let hand = self.hand.load(SeqCst);
         let mut got = 0;
@@ -395,8 +513,7 @@ impl BucketOwner for LazyForeign {
             let w = word.load(SeqCst);
             let state = w & STATE;
             if (state == CLEAN || state == FAULTY)
-                && w & PINNED == 0
-                && stamp(w) <= stamp_max
+                && w & (PINNED | HOLDS) == 0
                 && word.compare_exchange(w, EVICTING, SeqCst, SeqCst).is_ok()
                 && self.unmap_bucket(b, w)
             {

@@ -3,7 +3,7 @@
 //! Rings live in regions mapped in advance, reached through the plain table, or in lazily
 //! mapped FOREIGN regions, whose buckets only a request scope reaches (the plain table never
 //! dereferences a lazy region; the handler pins ring buckets at `SET_VRING_ADDR` so that they
-//! are never evicted). A scope costs nothing there but its epoch, so it is used only for
+//! are never evicted). A scope costs little there (its list of holds), so it is used only for
 //! tables with lazy regions: over a table with on-demand grants a scope would take the slower
 //! collected-slices path for every ring access.
 

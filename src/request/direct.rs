@@ -23,6 +23,7 @@ use vm_memory::{
 };
 
 use super::{RequestError, ScopeState, SliceBuf, SliceResult};
+use crate::backend::lazy::ScopePins;
 use crate::backend::BackendError;
 use crate::region::XenRegion;
 use crate::table::RegionTable;
@@ -47,18 +48,19 @@ pub(crate) struct RequestSlices<'a> {
     /// The range runs past the top of the address space: once `left` is 0, one
     /// `GuestAddressOverflow`.
     overflow: bool,
-    /// From the table: the scope's epoch for lazy FOREIGN buckets (0: the table has none).
-    epoch: u64,
+    /// From the table: the scope's holds on lazy FOREIGN buckets (none: the table has no
+    /// lazy region).
+    pins: Option<&'a ScopePins>,
 }
 
 impl<'a> RequestSlices<'a> {
     /// The slices of `[addr, addr + count)` of `table`, whose regions are all mapped in
-    /// advance or lazily mapped FOREIGN regions whose buckets the scope of `epoch` maps and
-    /// stamps as it goes (computed as they are taken).
+    /// advance or lazily mapped FOREIGN regions whose buckets the scope of `pins` maps and
+    /// holds as it goes (computed as they are taken).
     #[inline(always)]
     pub(crate) fn direct(
         table: &'a RegionTable,
-        epoch: u64,
+        pins: Option<&'a ScopePins>,
         addr: GuestAddress,
         count: usize,
     ) -> Self {
@@ -74,7 +76,7 @@ impl<'a> RequestSlices<'a> {
             cur: addr.0,
             left,
             overflow,
-            epoch,
+            pins,
         }
     }
 
@@ -92,7 +94,7 @@ impl<'a> RequestSlices<'a> {
             cur: first,
             left: count,
             overflow: false,
-            epoch: 0,
+            pins: None,
         }
     }
 
@@ -130,7 +132,7 @@ impl<'a> RequestSlices<'a> {
         let n = (region.len() - off.0).min(self.left);
         let p = match region.host_range(off, n as usize) {
             Some(p) => p,
-            None => lazy_range(region, off.0, n, self.epoch)?,
+            None => lazy_range(region, off.0, n, self.pins)?,
         };
         self.left -= n;
         // Wraps only to 0, at the end of the range (see `direct`).
@@ -147,7 +149,7 @@ impl<'a> RequestSlices<'a> {
         let e = match self.collected {
             _ if self.left == 0 => GuestMemoryError::GuestAddressOverflow,
             Some(state) => collected_error(state, self.cur, self.left),
-            None => table_error(self.table, self.cur, self.left, self.epoch),
+            None => table_error(self.table, self.cur, self.left, self.pins.is_some()),
         };
         self.left = 0;
         self.overflow = false;
@@ -195,14 +197,16 @@ thread_local! {
 }
 
 /// Where `n` bytes at `off` of `region` are, if it is a lazy FOREIGN region and the scope of
-/// `epoch` (not 0) could map and stamp them.
+/// `pins` could map and hold them.
 #[inline(always)]
-fn lazy_range(region: &XenRegion, off: u64, n: u64, epoch: u64) -> Option<NonNull<u8>> {
-    let lz = region.lazy()?;
-    if epoch == 0 {
-        return None;
-    }
-    if let Err(e) = lz.ensure(off, n, epoch) {
+fn lazy_range(
+    region: &XenRegion,
+    off: u64,
+    n: u64,
+    pins: Option<&ScopePins>,
+) -> Option<NonNull<u8>> {
+    let (lz, pins) = (region.lazy()?, pins?);
+    if let Err(e) = lz.ensure(off, n, pins) {
         // Kept for `table_error`: asking again could answer otherwise (the bound has room
         // once another scope ended).
         LAZY_ERROR.with(|c| c.set(Some(e)));
@@ -215,12 +219,12 @@ fn lazy_range(region: &XenRegion, off: u64, n: u64, epoch: u64) -> Option<NonNul
 /// Why the table yields no slice at `cur` (`left` bytes asked for).
 #[cold]
 #[inline(never)]
-fn table_error(table: &RegionTable, cur: u64, left: u64, epoch: u64) -> GuestMemoryError {
+fn table_error(table: &RegionTable, cur: u64, left: u64, lazy: bool) -> GuestMemoryError {
     match table.to_region_addr(GuestAddress(cur)) {
         None => GuestMemoryError::InvalidGuestAddress(GuestAddress(cur)),
         Some((region, off)) => {
             let n = (region.len() - off.0).min(left);
-            if let (Some(lz), true) = (region.lazy(), epoch != 0) {
+            if let (Some(lz), true) = (region.lazy(), lazy) {
                 // The error `lazy_range` just met on this thread (a frame missing, the bound
                 // reached), counted.
                 let e = match LAZY_ERROR.with(Cell::take) {

@@ -43,7 +43,7 @@ use vm_memory::{
 pub use error::RequestError;
 use pages::{BouncePage, KeyMap, LiveMap, PageSlot};
 
-use crate::device::budget::EpochGuard;
+use crate::backend::lazy::ScopePins;
 use crate::device::{CopySegment, CounterSnapshot, XenHandle, GNTST_OKAY};
 use crate::region::XenRegion;
 use crate::table::RegionTable;
@@ -163,9 +163,8 @@ pub struct RequestMemory<'t> {
     strategy: Strategy,
     /// The on-demand machinery's state; none over a table without on-demand regions.
     state: StateBox,
-    /// The epoch this scope stamps lazy FOREIGN buckets with; none over a table without
-    /// lazy regions.
-    epoch: Option<EpochGuard<'t>>,
+    /// The lazy FOREIGN buckets this scope holds; none over a table without lazy regions.
+    pins: Option<PinGuard>,
 }
 
 /// A scope's state, boxed: a scope over a table without on-demand regions never needs one,
@@ -208,14 +207,14 @@ impl<'t> RequestMemory<'t> {
             table,
             strategy,
             state: ScopeState::fresh(table),
-            epoch: enter_epoch(table),
+            pins: table.has_lazy().then(|| PinGuard(Some(ScopePins::take()))),
         }
     }
 
-    /// The scope's epoch, 0 when the table has no lazy regions.
+    /// The scope's holds on lazy FOREIGN buckets, when the table has lazy regions.
     #[inline(always)]
-    fn epoch(&self) -> u64 {
-        self.epoch.as_ref().map_or(0, EpochGuard::epoch)
+    fn pins(&self) -> Option<&ScopePins> {
+        self.pins.as_ref().and_then(|g| g.0.as_deref())
     }
 
     /// Sets what the device may assume about buffers it writes (default
@@ -341,7 +340,7 @@ impl<'t> RequestMemory<'t> {
                     .on_demand(region, domid, cur, n as usize, access, &mut out)
                     .map_err(RequestError::into_guest_memory_error),
                 None if region.is_lazy_foreign() => {
-                    lazy_slice(region, off, n as usize, self.epoch())
+                    lazy_slice(region, off, n as usize, self.pins())
                         .map(|s| out.push(Ok(s)))
                         .map_err(RequestError::into_guest_memory_error)
                 }
@@ -376,31 +375,41 @@ impl<'t> RequestMemory<'t> {
 
 /// The slice of `count` bytes at `off` in lazy FOREIGN region `region`, its buckets mapped
 /// first.
-fn lazy_slice(
-    region: &XenRegion,
+fn lazy_slice<'a>(
+    region: &'a XenRegion,
     off: u64,
     count: usize,
-    epoch: u64,
-) -> Result<VolatileSlice<'_>, RequestError> {
-    let lz = region.lazy().ok_or(RequestError::NotFetched {
+    pins: Option<&ScopePins>,
+) -> Result<VolatileSlice<'a>, RequestError> {
+    let not_fetched = RequestError::NotFetched {
         gpa: region.start_addr().0 + off,
-    })?;
-    lz.ensure(off, count as u64, epoch)
+    };
+    let (Some(lz), Some(pins)) = (region.lazy(), pins) else {
+        return Err(not_fetched);
+    };
+    lz.ensure(off, count as u64, pins)
         .inspect_err(|_| lz.count_error())?;
     // SAFETY: `ensure` accepted `off..off+count` (inside the region: the caller clipped it)
-    // for the scope of `epoch`, so those bytes stay mapped until that scope ends; the slice
-    // borrows the scope (see the module docs). Guest memory is accessed volatilely by
-    // everyone who touches it.
+    // and the scope of `pins` holds its buckets, so those bytes stay mapped until that scope
+    // ends; the slice borrows the scope (see the module docs). Guest memory is accessed
+    // volatilely by everyone who touches it.
     Ok(unsafe { VolatileSlice::new(lz.host().add(off as usize), count) })
 }
 
-/// Enters the epoch of the table's lazy-bucket budget, if it has lazy regions.
-#[inline]
-fn enter_epoch(table: &RegionTable) -> Option<EpochGuard<'_>> {
-    if !table.has_lazy() {
-        return None;
+/// A scope's holds on lazy FOREIGN buckets, given back when the scope ends: after
+/// `RequestMemory`'s own drop (its slices are gone by then), while its table, which owns the
+/// regions held, is still borrowed.
+#[derive(Debug)]
+struct PinGuard(Option<Box<ScopePins>>);
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            // SAFETY: the guard is a field of a `RequestMemory<'t>`, dropped with it while
+            // `'t`, the borrow of the table owning every region held, still lasts.
+            unsafe { p.release() };
+        }
     }
-    table.xen_device().map(|d| EpochGuard::enter(d.budget()))
 }
 
 impl RequestMemory<'_> {
@@ -538,7 +547,7 @@ impl GuestMemory for RequestMemory<'_> {
         access: Permissions,
     ) -> vm_memory::guest_memory::Result<impl GuestMemorySliceIterator<'a, BS<'a, ()>>> {
         if !self.table.has_on_demand() {
-            return Ok(RequestSlices::direct(self.table, self.epoch(), addr, count));
+            return Ok(RequestSlices::direct(self.table, self.pins(), addr, count));
         }
         let at = self.collect_slices(addr, count, access);
         Ok(RequestSlices::collected(self.table, &self.state, at))
