@@ -27,7 +27,7 @@ use xen_vhost_mem::devices::blk::{BlkConfig, BlkDevice};
 use xen_vhost_mem::testing::blk_workload::{pass, PassReport};
 use xen_vhost_mem::testing::driver::{DriverConfig, GuestMode, VirtioDriver};
 use xen_vhost_mem::testing::{EmulatedXen, GntallocGuest, GuestSim};
-use xen_vhost_mem::{RealXen, XenHandle};
+use xen_vhost_mem::{ForeignMapping, RealXen, XenHandle};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 enum Mode {
@@ -69,6 +69,10 @@ struct Args {
     /// Run the daemon as this program (the vhost-user-blk example) instead of in-process.
     #[arg(long)]
     daemon_bin: Option<PathBuf>,
+    /// --mode foreign: the daemon maps FOREIGN lazily, in buckets of 1 MiB mapped when a
+    /// request first touches them, at most this many buckets at a time (0: no bound).
+    #[arg(long, value_name = "BUCKETS")]
+    lazy_foreign: Option<usize>,
 }
 
 struct Row {
@@ -83,6 +87,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let a = Args::parse();
     if a.xen && a.mode != Mode::Grant {
         return Err("--xen runs --mode grant (FOREIGN needs a guest domain's frames)".into());
+    }
+    if a.lazy_foreign.is_some() && a.mode != Mode::Foreign {
+        return Err("--lazy-foreign needs --mode foreign".into());
     }
     if a.daemon_bin.is_some() && a.mode != Mode::Unix && !a.xen {
         return Err(
@@ -134,6 +141,12 @@ fn run(a: &Args, dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>
     let mut daemon = VhostUserDaemon::new(Arc::new(blk));
     if let Some(x) = &xen {
         daemon = daemon.with_xen(x.clone());
+    }
+    if let (Some(limit), Some(x)) = (a.lazy_foreign, &xen) {
+        daemon = daemon.with_foreign_mapping(ForeignMapping::lazy());
+        if limit > 0 {
+            x.set_lazy_bucket_limit(limit);
+        }
     }
     let daemon = Arc::new(daemon);
     let server = match &a.daemon_bin {
@@ -317,6 +330,16 @@ fn run(a: &Args, dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>
         println!(
             "verified: {verified} (every status and byte read back; the image holds exactly the pattern: {image_ok}); live mappings after the run: {live}"
         );
+        if let (Some(_), Some(x)) = (a.lazy_foreign, &xen) {
+            println!(
+                "lazy FOREIGN: {} buckets unmapped to stay within the bound (1 MiB buckets, bound {})",
+                x.lazy_evictions(),
+                match x.lazy_bucket_limit() {
+                    usize::MAX => "none".to_string(),
+                    n => n.to_string(),
+                }
+            );
+        }
     }
     if verified {
         Ok(())

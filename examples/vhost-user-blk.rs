@@ -16,7 +16,7 @@ mod common;
 use xen_vhost_mem::daemon::VhostUserDaemon;
 use xen_vhost_mem::device::CounterSnapshot;
 use xen_vhost_mem::devices::blk::{BlkConfig, BlkDevice};
-use xen_vhost_mem::{RealXen, XenHandle};
+use xen_vhost_mem::{ForeignMapping, RealXen, XenHandle};
 
 #[derive(Parser, Debug)]
 #[command(version, about = "vhost-user-blk backend on xen-vhost-mem")]
@@ -42,6 +42,15 @@ struct Args {
     /// Map Xen regions through the real /dev/xen drivers.
     #[arg(long)]
     xen: bool,
+    /// Map FOREIGN regions lazily, in buckets of this many MiB mapped when a request first
+    /// touches them, instead of whole at SET_MEM_TABLE: 1 (QEMU mapcache's bucket size), 2
+    /// or 4.
+    #[arg(long, value_name = "MIB", value_parser = clap::value_parser!(u32).range(1..=4))]
+    lazy_foreign: Option<u32>,
+    /// With --lazy-foreign: at most this many MiB of guest memory mapped at a time, over all
+    /// connections; buckets no request holds are unmapped to make room.
+    #[arg(long, value_name = "MIB", requires = "lazy_foreign")]
+    lazy_foreign_limit: Option<usize>,
     /// Exit after this many frontends (default: serve forever).
     #[arg(long)]
     connections: Option<usize>,
@@ -76,7 +85,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let mut daemon = VhostUserDaemon::new(Arc::new(dev));
     if a.xen {
-        daemon = daemon.with_xen(XenHandle::new(Arc::new(RealXen::open()?)));
+        let xen = XenHandle::new(Arc::new(RealXen::open()?));
+        if let Some(mib) = a.lazy_foreign {
+            if !mib.is_power_of_two() {
+                return Err("--lazy-foreign takes 1, 2 or 4 (MiB per bucket)".into());
+            }
+            let bucket_frames = mib as usize * 256;
+            daemon = daemon.with_foreign_mapping(ForeignMapping::Lazy { bucket_frames });
+            if let Some(limit) = a.lazy_foreign_limit {
+                xen.set_lazy_bucket_limit((limit / mib as usize).max(1));
+            }
+        }
+        daemon = daemon.with_xen(xen);
     }
     let _ = std::fs::remove_file(&a.socket_path);
     let listener = UnixListener::bind(&a.socket_path)?;

@@ -142,8 +142,8 @@ mod xen {
         if let Some(bucket_frames) = lazy {
             daemon = daemon.with_foreign_mapping(ForeignMapping::Lazy { bucket_frames });
             // Below the 40 buckets the driver's buffers and rings span, above what two
-            // batches in flight hold.
-            limit = 32;
+            // batches of 8 in flight (2 buckets per chain at most) and the pinned rings hold.
+            limit = 38;
             dev.set_lazy_bucket_limit(limit);
         }
         let daemon = Arc::new(daemon);

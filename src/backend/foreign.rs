@@ -257,9 +257,11 @@ pub enum ForeignMapping {
     Eager,
     /// Only address space is reserved when the region is added; each bucket of
     /// `bucket_frames` frames (a power of two, at most [`BATCH_FRAMES`]) is mapped the first
-    /// time request-scoped memory touches it (one privcmd mapping + one MMAPBATCH), and stays
-    /// mapped for the life of the region. The region then counts as on-demand: a plain-table
-    /// access to it fails with [`crate::region::OnDemandAccess`].
+    /// time a request scope touches it (one privcmd mapping + one MMAPBATCH), held by every
+    /// live scope that touched it, and unmapped again only when the handle's bound
+    /// ([`crate::XenHandle::set_lazy_bucket_limit`]) needs room and no scope holds it. Only
+    /// request scopes reach the region's bytes: a plain-table access fails with
+    /// [`crate::region::OnDemandAccess`].
     Lazy {
         /// Frames per bucket; [`DEFAULT_BUCKET_FRAMES`] is QEMU mapcache's 1 MiB.
         bucket_frames: usize,
