@@ -13,7 +13,7 @@ use vm_memory::{
 use crate::backend::foreign::{map_foreign_region, ForeignMapping};
 use crate::backend::grant::map_grant_region;
 use crate::backend::lazy::LazyForeign;
-use crate::backend::unix::{map_unix, FileLen};
+use crate::backend::unix::{check_fits, host_page_size, map_unix, map_unix_span, FileLen};
 use crate::backend::{BackendError, HostMapping};
 use crate::descriptor::{GrantMapping, RegionDescriptor, RegionKind};
 use crate::device::XenHandle;
@@ -85,11 +85,21 @@ pub struct XenRegion {
     /// Bytes reachable through `host`: the region's size, 0 for on-demand grant regions (so
     /// one bounds check also refuses them).
     mapped_len: u64,
-    /// Owns the mapping, released when the region is dropped.
-    _mapping: Option<HostMapping>,
+    /// Owns the mapping (or a share of one several regions of a file use), released when the
+    /// region (the last of them) is dropped.
+    _mapping: Option<Mapping>,
     /// A lazily mapped FOREIGN region's reservation and buckets (then `host` is null).
     lazy: Option<Arc<LazyForeign>>,
     dev: Option<XenHandle>,
+}
+
+/// A region's own mapping, or its share of one mapping of a file several regions use. Only
+/// held, for its Drop.
+#[derive(Debug)]
+#[allow(dead_code)]
+enum Mapping {
+    Own(HostMapping),
+    Shared(Arc<HostMapping>),
 }
 
 /// The host address of a region's mapping (null when it has none).
@@ -201,10 +211,119 @@ impl XenRegion {
             desc,
             host,
             mapped_len,
-            _mapping: mapping,
+            _mapping: mapping.map(Mapping::Own),
             lazy,
             dev: dev.cloned(),
         })
+    }
+
+    /// Builds the regions of `items` (each a descriptor and the fd the frontend sent with it)
+    /// as [`XenRegion::with_foreign_mapping`] would one by one, except that UNIX regions of
+    /// one file (told by device and inode: a frontend sends a new fd per region) share one
+    /// mapping of the file's span when the span is at most twice their bytes: one `fstat` per
+    /// fd and one `mmap` per file, where a region each costs an `mmap` (and a `munmap` when it
+    /// goes). The error names the index of the first item that failed.
+    pub fn new_many(
+        items: &[(RegionDescriptor, Option<&File>)],
+        dev: Option<&XenHandle>,
+        policy: ForeignMapping,
+    ) -> Result<Vec<Self>, (usize, RegionError)> {
+        let mut files = FileLengths::new();
+        // Per item: the file's identity and length, for UNIX regions with a shareable file.
+        let mut info: Vec<Option<FileLen>> = Vec::with_capacity(items.len());
+        for (i, (desc, file)) in items.iter().enumerate() {
+            let len = match (desc.kind, file) {
+                (RegionKind::Unix, Some(f)) => {
+                    desc.check().map_err(|e| (i, e.into()))?;
+                    let len = files.of(f).map_err(|source| {
+                        (
+                            i,
+                            RegionError::Backend(BackendError::UnixMmap {
+                                gpa: desc.guest_phys_addr,
+                                size: desc.size,
+                                offset: desc.mmap_offset,
+                                source,
+                            }),
+                        )
+                    })?;
+                    check_fits(len, desc.guest_phys_addr, desc.size, desc.mmap_offset)
+                        .map_err(|e| (i, e.into()))?;
+                    len.shareable().then_some(len)
+                }
+                _ => None,
+            };
+            info.push(len);
+        }
+        // One shared mapping per file with more than one region and a dense enough span.
+        let page = host_page_size();
+        let mut shared: Vec<((u64, u64), u64, Arc<HostMapping>)> = Vec::new();
+        for (i, len) in info.iter().enumerate() {
+            let Some(id) = len.map(|l| l.id) else {
+                continue;
+            };
+            if shared.iter().any(|(s, _, _)| *s == id) {
+                continue;
+            }
+            let group = || {
+                info.iter()
+                    .zip(items)
+                    .filter(move |(l, _)| l.is_some_and(|l| l.id == id))
+                    .map(|(_, (d, _))| d)
+            };
+            if group().nth(1).is_none() {
+                continue;
+            }
+            let start = group().map(|d| d.mmap_offset).min().unwrap_or(0) / page * page;
+            let end = group()
+                .map(|d| d.mmap_offset.saturating_add(d.size))
+                .max()
+                .unwrap_or(0);
+            let bytes: u64 = group().map(|d| d.size).fold(0, u64::saturating_add);
+            if end - start > bytes.saturating_mul(2) {
+                continue;
+            }
+            let Some(f) = items[i].1 else { continue };
+            let m = map_unix_span(f, start, end).map_err(|source| {
+                let d = &items[i].0;
+                (
+                    i,
+                    RegionError::Backend(BackendError::UnixMmap {
+                        gpa: d.guest_phys_addr,
+                        size: d.size,
+                        offset: d.mmap_offset,
+                        source,
+                    }),
+                )
+            })?;
+            shared.push((id, start, Arc::new(m)));
+        }
+        items
+            .iter()
+            .zip(&info)
+            .enumerate()
+            .map(|(i, ((desc, file), len))| {
+                let share = len.and_then(|l| shared.iter().find(|(id, _, _)| *id == l.id));
+                match share {
+                    Some((_, start, m)) => Ok(Self::in_shared(*desc, m, desc.mmap_offset - start)),
+                    None => Self::build(*desc, *file, dev, Some(&mut files), policy),
+                }
+                .map_err(|e| (i, e))
+            })
+            .collect()
+    }
+
+    /// A UNIX region (checked) whose bytes are `at` bytes into mapping `m` of its file.
+    fn in_shared(desc: RegionDescriptor, m: &Arc<HostMapping>, at: u64) -> Self {
+        XenRegion {
+            desc,
+            // In bounds: `m` maps the file from at most the region's offset to at least its
+            // end.
+            host: HostPtr(m.as_ptr().wrapping_add(at as usize)),
+            mapped_len: desc.size,
+            _mapping: Some(Mapping::Shared(m.clone())),
+            lazy: None,
+            dev: None,
+        }
     }
 
     /// The validated descriptor.

@@ -22,6 +22,28 @@ fn xen_handle(r: &XenRegion) -> Option<&XenHandle> {
     }
 }
 
+/// `so_far` in-advance grant pages plus `desc`'s, refused as
+/// [`TableError::InAdvanceGrantPages`] past
+/// [`MAX_IN_ADVANCE_GRANT_PAGES_TOTAL`](crate::descriptor::MAX_IN_ADVANCE_GRANT_PAGES_TOTAL):
+/// the running check of a whole `SET_MEM_TABLE`, before anything is mapped.
+pub fn add_in_advance_pages(so_far: u64, desc: &RegionDescriptor) -> Result<u64, TableError> {
+    let max = crate::descriptor::MAX_IN_ADVANCE_GRANT_PAGES_TOTAL;
+    let pages = desc.in_advance_grant_pages();
+    if pages == 0 {
+        return Ok(so_far);
+    }
+    let total = so_far.saturating_add(pages);
+    if total > max {
+        return Err(TableError::InAdvanceGrantPages {
+            gpa: desc.guest_phys_addr,
+            pages,
+            total,
+            max,
+        });
+    }
+    Ok(total)
+}
+
 /// Why a table could not be built or changed.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum TableError {
@@ -217,21 +239,7 @@ impl RegionTable {
     /// ([`TableError::InAdvanceGrantPages`]). The daemon asks before mapping the region;
     /// [`RegionTable::insert`] checks again.
     pub fn check_in_advance_room(&self, desc: &RegionDescriptor) -> Result<(), TableError> {
-        let max = crate::descriptor::MAX_IN_ADVANCE_GRANT_PAGES_TOTAL;
-        let pages = desc.in_advance_grant_pages();
-        if pages == 0 {
-            return Ok(());
-        }
-        let total = self.in_advance_grant_pages().saturating_add(pages);
-        if total > max {
-            return Err(TableError::InAdvanceGrantPages {
-                gpa: desc.guest_phys_addr,
-                pages,
-                total,
-                max,
-            });
-        }
-        Ok(())
+        add_in_advance_pages(self.in_advance_grant_pages(), desc).map(|_| ())
     }
 
     /// A new table without the region at exactly `gpa`/`size` (hot remove), and that region.

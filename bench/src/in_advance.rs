@@ -25,7 +25,7 @@ use vm_memory::{
     Address, Bytes, FileOffset, GuestAddress, GuestMemory, GuestMemoryBackend, GuestMemoryMmap,
 };
 use xen_vhost_mem::{
-    FileLengths, RegionDescriptor, RegionKind, RegionTable, RequestMemory, XenRegion,
+    ForeignMapping, RegionDescriptor, RegionKind, RegionTable, RequestMemory, XenRegion,
 };
 
 use crate::{BlockWorkload, WorkloadError, DATA_LEN, HEADER_LEN};
@@ -486,24 +486,17 @@ impl ManyRegions {
         })
     }
 
-    /// Our table of `n` regions covering the same bytes (1 or [`MANY_REGIONS`]), the file's
-    /// length looked up once for all of them ([`FileLengths`]), as vm-memory's
-    /// `from_ranges_with_files` takes them all at once.
+    /// Our table of `n` regions covering the same bytes (1 or [`MANY_REGIONS`]), built as
+    /// `SET_MEM_TABLE` builds it ([`XenRegion::new_many`]: regions of one file share one
+    /// mapping), as vm-memory's `from_ranges_with_files` takes them all at once.
     pub fn ours(&self, n: usize) -> Result<RegionTable, BoxError> {
         let size = MANY_REGIONS as u64 * SMALL_REGION / n as u64;
-        let mut files = FileLengths::new();
-        Ok(RegionTable::from_regions(
-            (0..n as u64)
-                .map(|i| {
-                    XenRegion::new_with_files(
-                        unix_desc(i * size, size, i * size),
-                        Some(&self.file),
-                        None,
-                        &mut files,
-                    )
-                })
-                .collect::<Result<_, _>>()?,
-        )?)
+        let items: Vec<(RegionDescriptor, Option<&std::fs::File>)> = (0..n as u64)
+            .map(|i| (unix_desc(i * size, size, i * size), Some(&*self.file)))
+            .collect();
+        let regions = XenRegion::new_many(&items, None, ForeignMapping::Eager)
+            .map_err(|(i, e)| format!("region {i}: {e}"))?;
+        Ok(RegionTable::from_regions(regions)?)
     }
 
     /// vm-memory's.

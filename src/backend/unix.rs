@@ -12,17 +12,61 @@ use super::{BackendError, HostMapping, Release};
 pub(crate) struct FileLen {
     is_file: bool,
     len: u64,
+    /// Device and inode: the same file behind different descriptors (a frontend sends one fd
+    /// per region, even for regions of one memfd).
+    pub(crate) id: (u64, u64),
 }
 
 impl FileLen {
     /// One `fstat` of `f`.
     pub(crate) fn of(f: &File) -> std::io::Result<Self> {
+        use std::os::unix::fs::MetadataExt;
         let meta = f.metadata()?;
         Ok(FileLen {
             is_file: meta.is_file(),
             len: meta.len(),
+            id: (meta.dev(), meta.ino()),
         })
     }
+
+    /// Whether the regions of this file may share one mapping (a regular file or memfd).
+    pub(crate) fn shareable(&self) -> bool {
+        self.is_file
+    }
+}
+
+/// Checks that UNIX region `[gpa, gpa + size)` at `offset` fits its file (`f`).
+pub(crate) fn check_fits(f: FileLen, gpa: u64, size: u64, offset: u64) -> Result<(), BackendError> {
+    check_file_len(f, gpa, size, offset)
+}
+
+/// Maps `[start, end)` of `file` (`start` host-page aligned) once, for several regions of
+/// that file to share: one `mmap` where vm-memory makes one per region.
+pub(crate) fn map_unix_span(file: &File, start: u64, end: u64) -> std::io::Result<HostMapping> {
+    let overflow = || std::io::Error::from_raw_os_error(libc::EOVERFLOW);
+    let len = usize::try_from(end - start).map_err(|_| overflow())?;
+    let off = libc::off_t::try_from(start).map_err(|_| overflow())?;
+    // SAFETY: a fresh mapping at a kernel-chosen address; checked for MAP_FAILED below.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED,
+            file.as_raw_fd(),
+            off,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let base = NonNull::new(p.cast::<u8>())
+        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EFAULT))?;
+    Ok(HostMapping {
+        base,
+        offset: 0,
+        release: Release::Munmap { len },
+    })
 }
 
 /// Maps `size` bytes of `file` from `offset` (any alignment), or anonymous zeroed memory when
@@ -103,7 +147,7 @@ fn check_file_len(f: FileLen, gpa: u64, size: u64, offset: u64) -> Result<(), Ba
     Ok(())
 }
 
-fn host_page_size() -> u64 {
+pub(crate) fn host_page_size() -> u64 {
     // SAFETY: sysconf has no memory-safety preconditions.
     let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if v > 0 {

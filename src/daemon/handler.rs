@@ -30,7 +30,7 @@ use crate::backend::foreign::ForeignMapping;
 use crate::descriptor::{RegionDescriptor, WireRegion};
 use crate::device::XenHandle;
 use crate::region::XenRegion;
-use crate::table::RegionTable;
+use crate::table::{add_in_advance_pages, RegionTable};
 
 /// Memory slots offered in `GET_MAX_MEM_SLOTS` (QEMU's and vhost-user-backend's limit).
 pub const MAX_MEM_SLOTS: usize = 509;
@@ -408,11 +408,24 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
             }
             .into());
         }
-        let mut table = RegionTable::new();
+        // Validate every descriptor first (and the in-advance grant budget, before anything
+        // is mapped), then map them all, then sort and build the table once.
+        let mut items = Vec::with_capacity(ctx.len());
+        let mut in_advance = 0;
         for (index, (r, file)) in ctx.iter().zip(&files).enumerate() {
-            let region = self.build_region(&table, index, &WireRegion::from(r), file)?;
-            table = table.insert(Arc::new(region)).map_err(DaemonError::from)?;
+            let desc = RegionDescriptor::from_wire(&WireRegion::from(r))
+                .map_err(|source| DaemonError::Descriptor { index, source })?;
+            in_advance = add_in_advance_pages(in_advance, &desc).map_err(DaemonError::from)?;
+            items.push((desc, Some(file)));
         }
+        let regions = XenRegion::new_many(&items, self.xen.as_ref(), self.foreign).map_err(
+            |(index, source)| DaemonError::Region {
+                index,
+                gpa: items[index].0.guest_phys_addr,
+                source,
+            },
+        )?;
+        let table = RegionTable::from_regions(regions).map_err(DaemonError::from)?;
         self.swap_table(table)?;
         Ok(None)
     }
