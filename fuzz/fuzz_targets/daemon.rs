@@ -10,6 +10,8 @@
 //! four body bytes (a lie) instead of the body length, bit 4 makes the code
 //! `code | 0x100 << (bits 5-6)` (unknown codes). `fdspec`: bits 0-1 the fd count, bits 2-3 the
 //! fd kind (memfd, eventfd, /dev/null, the socket itself), bits 4-7 the memfd size in MiB.
+//! Inputs of odd length go to a second daemon that maps FOREIGN regions lazily (4-frame
+//! buckets, at most 8 mapped), so rings and buffers in lazy regions are fuzzed too.
 #![no_main]
 
 use std::fs::File;
@@ -24,17 +26,23 @@ use libfuzzer_sys::fuzz_target;
 use xen_vhost_mem::daemon::VhostUserDaemon;
 use xen_vhost_mem::devices::blk::{BlkConfig, BlkDevice};
 use xen_vhost_mem::testing::EmulatedXen;
-use xen_vhost_mem::XenHandle;
+use xen_vhost_mem::{ForeignMapping, XenHandle};
 
 struct Served {
     path: PathBuf,
     daemon: Arc<VhostUserDaemon<BlkDevice>>,
 }
 
-fn served() -> &'static Served {
-    static S: OnceLock<Served> = OnceLock::new();
-    S.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("xvm-fuzz-daemon-{}", std::process::id()));
+fn served(lazy: bool) -> &'static Served {
+    static EAGER: OnceLock<Served> = OnceLock::new();
+    static LAZY: OnceLock<Served> = OnceLock::new();
+    let s = if lazy { &LAZY } else { &EAGER };
+    s.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!(
+            "xvm-fuzz-daemon-{}-{}",
+            std::process::id(),
+            if lazy { "lazy" } else { "eager" }
+        ));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
         let image = dir.join("disk.img");
@@ -52,8 +60,13 @@ fn served() -> &'static Served {
         )
         .expect("blk");
         let emu = Arc::new(EmulatedXen::new(64).expect("emulation"));
-        let daemon =
-            Arc::new(VhostUserDaemon::new(Arc::new(blk)).with_xen(XenHandle::new(emu)));
+        let xen = XenHandle::new(emu);
+        let mut daemon = VhostUserDaemon::new(Arc::new(blk)).with_xen(xen.clone());
+        if lazy {
+            daemon = daemon.with_foreign_mapping(ForeignMapping::Lazy { bucket_frames: 4 });
+            xen.set_lazy_bucket_limit(8);
+        }
+        let daemon = Arc::new(daemon);
         let d = daemon.clone();
         std::thread::spawn(move || {
             d.serve(&listener, None).expect("serve loop ended");
@@ -117,7 +130,7 @@ fn send(sock: &UnixStream, msg: &[u8], fds: &[RawFd]) -> bool {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let s = served();
+    let s = served(data.len() % 2 == 1);
     let before = s.daemon.stats().snapshot().connections;
     let sock = UnixStream::connect(&s.path).expect("connect: the serve loop must accept");
     sock.set_read_timeout(Some(Duration::from_secs(10)))
