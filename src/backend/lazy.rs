@@ -349,9 +349,15 @@ impl LazyForeign {
                     // An evictor is unmapping it (without our lock): wait for the end.
                     EVICTING => std::thread::yield_now(),
                     UNMAPPED => {
-                        // Counted in `reserved`: only an evictor unmaps, and we counted
-                        // after it claimed.
-                        reserved = reserved.saturating_sub(1);
+                        // Counted in `reserved`, unless an evictor took it after we counted
+                        // (between our look and our hold): then room is made now (evictors
+                        // take no region lock, so holding ours is fine).
+                        if reserved > 0 {
+                            reserved -= 1;
+                        } else if let Err(f) = budget.reserve(1) {
+                            result = Err(limit(f.max));
+                            break;
+                        }
                         if let Err(err) = self.map_bucket(inner, b, pins) {
                             budget.release(1);
                             result = Err(err);

@@ -58,6 +58,9 @@ pub(crate) struct BudgetFull {
 impl LazyBudget {
     /// Counts `n` new buckets, evicting unused ones first if the bound would be passed.
     pub(crate) fn reserve(&self, n: usize) -> Result<(), BudgetFull> {
+        if n == 0 {
+            return Ok(());
+        }
         loop {
             let (m, max) = (self.mapped.load(SeqCst), self.max.load(SeqCst));
             match m.checked_add(n) {
