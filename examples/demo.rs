@@ -145,7 +145,7 @@ fn run(a: &Args, dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>
     if let (Some(limit), Some(x)) = (a.lazy_foreign, &xen) {
         daemon = daemon.with_foreign_mapping(ForeignMapping::lazy());
         if limit > 0 {
-            x.set_lazy_bucket_limit(limit);
+            x.set_lazy_bucket_limit(limit)?;
         }
     }
     let daemon = Arc::new(daemon);

@@ -93,7 +93,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let bucket_frames = mib as usize * 256;
             daemon = daemon.with_foreign_mapping(ForeignMapping::Lazy { bucket_frames });
             if let Some(limit) = a.lazy_foreign_limit {
-                xen.set_lazy_bucket_limit((limit / mib as usize).max(1));
+                xen.set_lazy_bucket_limit((limit / mib as usize).max(1))?;
             }
         }
         daemon = daemon.with_xen(xen);

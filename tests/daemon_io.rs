@@ -144,7 +144,8 @@ mod xen {
             // Below the 40 buckets the driver's buffers and rings span, above what two
             // batches of 8 in flight (2 buckets per chain at most) and the pinned rings hold.
             limit = 38;
-            dev.set_lazy_bucket_limit(limit);
+            dev.set_lazy_bucket_limit(limit)
+                .expect("bound before any region");
         }
         let daemon = Arc::new(daemon);
         let d = daemon.clone();

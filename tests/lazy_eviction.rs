@@ -28,7 +28,9 @@ fn setup(limit: usize) -> (GuestSim, RegionTable) {
             .write_page(page + i, 0, &(i as u64).to_le_bytes())
             .unwrap();
     }
-    g.dev.set_lazy_bucket_limit(limit);
+    g.dev
+        .set_lazy_bucket_limit(limit)
+        .expect("bound before any region");
     let region = XenRegion::with_foreign_mapping(
         desc(wire(
             0,
@@ -230,4 +232,17 @@ fn threads_churning_under_a_tight_bound_always_read_the_right_frames() {
     drop(table);
     assert_eq!(g.dev.lazy_buckets_mapped(), 0);
     g.assert_nothing_mapped();
+}
+
+#[test]
+fn the_bound_is_set_before_lazy_regions_exist() {
+    let (g, table) = setup(4);
+    assert_eq!(
+        g.dev.set_lazy_bucket_limit(8),
+        Err(xen_vhost_mem::device::LazyLimitBusy { regions: 1 })
+    );
+    assert_eq!(g.dev.lazy_bucket_limit(), 4);
+    drop(table);
+    assert_eq!(g.dev.set_lazy_bucket_limit(8), Ok(()));
+    assert_eq!(g.dev.lazy_bucket_limit(), 8);
 }

@@ -64,7 +64,7 @@ fn served(lazy: bool) -> &'static Served {
         let mut daemon = VhostUserDaemon::new(Arc::new(blk)).with_xen(xen.clone());
         if lazy {
             daemon = daemon.with_foreign_mapping(ForeignMapping::Lazy { bucket_frames: 4 });
-            xen.set_lazy_bucket_limit(8);
+            xen.set_lazy_bucket_limit(8).expect("bound before any region");
         }
         let daemon = Arc::new(daemon);
         let d = daemon.clone();

@@ -47,8 +47,37 @@ fn holder(w: u64) -> u64 {
     w >> HOLDER_SHIFT
 }
 
-/// The next scope id (45 bits: 3.5e13 scopes before it wraps).
+/// The next block of scope ids (45 bits: 3.5e13 scopes before they wrap).
 static NEXT_SCOPE: AtomicU64 = AtomicU64::new(1);
+/// Scope ids a thread takes from [`NEXT_SCOPE`] at a time.
+const ID_BLOCK: u64 = 1024;
+
+thread_local! {
+    /// This thread's next scope id and the end of its block.
+    static SCOPE_IDS: std::cell::Cell<(u64, u64)> = const { std::cell::Cell::new((0, 0)) };
+}
+
+/// A scope id no other scope has (no shared atomic per scope: a block per thread).
+fn next_scope_id() -> u64 {
+    let mask = u64::MAX >> HOLDER_SHIFT;
+    let fresh = || loop {
+        let start = NEXT_SCOPE.fetch_add(ID_BLOCK, SeqCst) & mask;
+        // Skip a block holding id 0 (0 means no holder) or wrapping.
+        if start != 0 && start + ID_BLOCK <= mask {
+            break (start, start + ID_BLOCK);
+        }
+    };
+    SCOPE_IDS
+        .try_with(|c| {
+            let (mut next, mut end) = c.get();
+            if next == end {
+                (next, end) = fresh();
+            }
+            c.set((next + 1, end));
+            next
+        })
+        .unwrap_or_else(|_| fresh().0)
+}
 
 /// The buckets one request scope holds, each once: counted in the bucket's word while the
 /// scope lives, given back by [`ScopePins::release`] when it ends.
@@ -73,12 +102,7 @@ impl ScopePins {
             .ok()
             .flatten()
             .unwrap_or_default();
-        p.id = loop {
-            let id = NEXT_SCOPE.fetch_add(1, SeqCst) & (u64::MAX >> HOLDER_SHIFT);
-            if id != 0 {
-                break id;
-            }
-        };
+        p.id = next_scope_id();
         p
     }
 
@@ -110,6 +134,17 @@ impl ScopePins {
     fn add(&self, lz: &LazyForeign, b: usize) {
         self.held.borrow_mut().push((NonNull::from(lz), b));
     }
+}
+
+/// What a caller of [`LazyForeign::ensure_slow`] takes of the buckets.
+#[derive(Clone, Copy, Debug)]
+enum Claim<'a> {
+    /// A hold for the scope of these pins (the handle has a bound).
+    Hold(&'a ScopePins),
+    /// Nothing: the handle has no bound, so no bucket is ever evicted.
+    Use,
+    /// A pin for the region's life (rings).
+    Pin,
 }
 
 /// A lazily mapped FOREIGN region: a reservation whose buckets are mapped on first touch.
@@ -225,10 +260,11 @@ impl LazyForeign {
         (first, last, first >> self.shift, last >> self.shift)
     }
 
-    /// Warm touch of bucket `b` by the scope of `pins`: true if it is mapped with every frame
-    /// and now held by that scope (or pinned), so it stays mapped while that scope lives.
+    /// Warm touch of bucket `b` by a scope: true if it is mapped with every frame and stays
+    /// mapped while that scope lives: held by the scope (`pins`), or pinned, or (no `pins`: the
+    /// handle has no bound, so nothing is ever evicted) simply mapped.
     #[inline(always)]
-    fn touch(&self, b: usize, pins: &ScopePins) -> bool {
+    fn touch(&self, b: usize, pins: Option<&ScopePins>) -> bool {
         let Some(word) = self.words.get(b) else {
             return false;
         };
@@ -236,10 +272,11 @@ impl LazyForeign {
         if w & STATE != CLEAN {
             return false;
         }
-        if w & PINNED != 0 || holder(w) == pins.id {
-            return true;
+        match pins {
+            None => true,
+            Some(p) if w & PINNED != 0 || holder(w) == p.id => true,
+            Some(p) => self.hold(b, p, false),
         }
-        self.hold(b, pins, false)
     }
 
     /// Takes the hold of the scope of `pins` on mapped bucket `b` (clean only, unless
@@ -278,37 +315,41 @@ impl LazyForeign {
     }
 
     /// Maps the buckets holding region bytes `[off, off + len)` (`len > 0`, inside the region)
-    /// that are not mapped yet and takes the hold of the scope of `pins` on each. Then checks
-    /// that every frame of the range is present: on success those bytes are accessible at
-    /// `host() + off` until that scope ends. Otherwise the error names the lowest missing frame
-    /// of the range.
+    /// that are not mapped yet and, when the handle has a bound, takes the hold of the scope of
+    /// `pins` on each (no `pins` only without a bound: see [`crate::XenHandle::set_lazy_bucket_limit`]).
+    /// Then checks that every frame of the range is present: on success those bytes are
+    /// accessible at `host() + off` until that scope ends. Otherwise the error names the lowest
+    /// missing frame of the range.
     #[inline(always)]
-    pub(crate) fn ensure(&self, off: u64, len: u64, pins: &ScopePins) -> Result<(), BackendError> {
+    pub(crate) fn ensure(
+        &self,
+        off: u64,
+        len: u64,
+        pins: Option<&ScopePins>,
+    ) -> Result<(), BackendError> {
         let (first, last, b0, b1) = self.span(off, len);
         if (b0..=b1).all(|b| self.touch(b, pins)) {
             return Ok(());
         }
-        self.ensure_slow(first, last, Some(pins))
+        let claim = match pins {
+            Some(p) => Claim::Hold(p),
+            None => Claim::Use,
+        };
+        self.ensure_slow(first, last, claim)
     }
 
     /// Maps the buckets holding region bytes `[off, off + len)` and pins them for the life of
     /// the region (rings): never evicted.
     pub(crate) fn pin(&self, off: u64, len: u64) -> Result<(), BackendError> {
         let (first, last, _, _) = self.span(off, len.max(1));
-        self.ensure_slow(first, last, None)
+        self.ensure_slow(first, last, Claim::Pin)
     }
 
-    /// The rest of [`LazyForeign::ensure`] (with the scope's `pins`) and of
-    /// [`LazyForeign::pin`] (without): make room, map what is missing, hold (or pin) under the
-    /// lock, check the frames.
+    /// The rest of [`LazyForeign::ensure`] and of [`LazyForeign::pin`]: make room, map what
+    /// is missing, hold (or pin) under the lock, check the frames.
     #[cold]
     #[inline(never)]
-    fn ensure_slow(
-        &self,
-        first: usize,
-        last: usize,
-        pins: Option<&ScopePins>,
-    ) -> Result<(), BackendError> {
+    fn ensure_slow(&self, first: usize, last: usize, claim: Claim<'_>) -> Result<(), BackendError> {
         let (b0, b1) = (first >> self.shift, last >> self.shift);
         let budget = self.dev.budget();
         let limit = |max| BackendError::LazyBucketLimit {
@@ -358,14 +399,14 @@ impl LazyForeign {
                             result = Err(limit(f.max));
                             break;
                         }
-                        if let Err(err) = self.map_bucket(inner, b, pins) {
+                        if let Err(err) = self.map_bucket(inner, b, claim) {
                             budget.release(1);
                             result = Err(err);
                         }
                         break;
                     }
-                    _ => match pins {
-                        Some(p) => {
+                    _ => match claim {
+                        Claim::Hold(p) => {
                             if self.hold(b, p, true) {
                                 break;
                             }
@@ -375,7 +416,8 @@ impl LazyForeign {
                                 break;
                             }
                         }
-                        None => {
+                        Claim::Use => break,
+                        Claim::Pin => {
                             if word.compare_exchange(w, w | PINNED, SeqCst, SeqCst).is_ok() {
                                 break;
                             }
@@ -420,13 +462,12 @@ impl LazyForeign {
             .ok_or(DeviceError::sys("mmap(privcmd)", libc::EFAULT))
     }
 
-    /// Maps bucket `b` (unmapped; `inner` locked), held by the scope of `pins`, or pinned
-    /// without.
+    /// Maps bucket `b` (unmapped; `inner` locked), held, used or pinned as `claim` says.
     fn map_bucket(
         &self,
         inner: &mut Inner,
         b: usize,
-        pins: Option<&ScopePins>,
+        claim: Claim<'_>,
     ) -> Result<(), BackendError> {
         let (start, n) = self.bucket_range(b);
         let map_err = |source| BackendError::ForeignMap {
@@ -477,12 +518,13 @@ impl LazyForeign {
                 FAULTY
             }
         };
-        let word = match pins {
-            Some(p) => {
+        let word = match claim {
+            Claim::Hold(p) => {
                 p.add(self, b);
                 state | HOLD_ONE | (p.id << HOLDER_SHIFT)
             }
-            None => state | PINNED,
+            Claim::Use => state,
+            Claim::Pin => state | PINNED,
         };
         self.words[b].store(word, SeqCst);
         Ok(())

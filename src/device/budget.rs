@@ -111,8 +111,23 @@ impl LazyBudget {
         owners.list.push(owner);
     }
 
-    pub(crate) fn set_max(&self, max: usize) {
+    /// Sets the bound, unless a lazy region is alive: scopes over its tables decided at their
+    /// start whether to hold what they touch (only under a bound), so the bound may not
+    /// appear under them. Returns how many lazy regions are alive when refused.
+    pub(crate) fn set_max(&self, max: usize) -> Result<(), usize> {
+        let mut owners = self.owners.lock().unwrap_or_else(|e| e.into_inner());
+        owners.list.retain(|w| w.strong_count() > 0);
+        if !owners.list.is_empty() {
+            return Err(owners.list.len());
+        }
         self.max.store(max, SeqCst);
+        Ok(())
+    }
+
+    /// Whether a bound is set (then scopes hold the buckets they touch).
+    #[inline]
+    pub(crate) fn bounded(&self) -> bool {
+        self.max.load(SeqCst) != usize::MAX
     }
 
     pub(crate) fn max(&self) -> usize {

@@ -202,6 +202,14 @@ pub trait XenDriver: Send + Sync + std::fmt::Debug {
     ) -> Result<(), DeviceError>;
 }
 
+/// [`XenHandle::set_lazy_bucket_limit`] while lazy FOREIGN regions are alive on the handle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the lazy bucket bound cannot change while {regions} lazy FOREIGN regions are alive")]
+pub struct LazyLimitBusy {
+    /// Lazy regions alive on the handle.
+    pub regions: usize,
+}
+
 /// A device plus the counters of every call made through it. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct XenHandle {
@@ -223,11 +231,15 @@ impl XenHandle {
 
     /// Bounds the lazily mapped FOREIGN buckets ([`crate::ForeignMapping::Lazy`]) of all the
     /// regions on this handle and its clones (a daemon's every connection) to `max`. Mapping
-    /// a bucket past it first unmaps buckets no request scope is using (the least recently
-    /// stamped first); if none can go, the access fails with
-    /// [`crate::backend::BackendError::LazyBucketLimit`]. Unbounded by default.
-    pub fn set_lazy_bucket_limit(&self, max: usize) {
-        self.budget.set_max(max);
+    /// a bucket past it first unmaps buckets no request scope holds; if none can go, the
+    /// access fails with [`crate::backend::BackendError::LazyBucketLimit`]. Unbounded by
+    /// default, and then a scope takes no holds (nothing is ever evicted): a warm access to
+    /// a lazy bucket costs one load. Set it before the first lazy region is built (a daemon:
+    /// before serving); with lazy regions alive it is refused.
+    pub fn set_lazy_bucket_limit(&self, max: usize) -> Result<(), LazyLimitBusy> {
+        self.budget
+            .set_max(max)
+            .map_err(|regions| LazyLimitBusy { regions })
     }
 
     /// The bound set by [`XenHandle::set_lazy_bucket_limit`] (`usize::MAX`: none).

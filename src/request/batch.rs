@@ -68,8 +68,8 @@ impl RequestMemory<'_> {
                 // A lazy FOREIGN region: map its buckets now (best effort; an error comes
                 // back at the touch).
                 let n = (len as u64).min(room);
-                if let (true, Some(pins)) = (n > 0, self.pins()) {
-                    let _ = lz.ensure(addr.0 - region.start_addr().0, n, pins);
+                if n > 0 {
+                    let _ = lz.ensure(addr.0 - region.start_addr().0, n, self.pins());
                 }
                 continue;
             }
@@ -130,8 +130,8 @@ impl RequestMemory<'_> {
             };
             let off = addr.0 - region.start_addr().0;
             let n = (len as u64).min(region.len() - off);
-            if let (Some(lz), Some(pins), true) = (region.lazy(), self.pins(), n > 0) {
-                let _ = lz.ensure(off, n, pins);
+            if let (Some(lz), true) = (region.lazy(), n > 0) {
+                let _ = lz.ensure(off, n, self.pins());
             }
         }
     }

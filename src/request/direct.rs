@@ -49,7 +49,7 @@ pub(crate) struct RequestSlices<'a> {
     /// `GuestAddressOverflow`.
     overflow: bool,
     /// From the table: the scope's holds on lazy FOREIGN buckets (none: the table has no
-    /// lazy region).
+    /// lazy region, or its handle no bound, so that nothing is ever evicted).
     pins: Option<&'a ScopePins>,
 }
 
@@ -149,7 +149,7 @@ impl<'a> RequestSlices<'a> {
         let e = match self.collected {
             _ if self.left == 0 => GuestMemoryError::GuestAddressOverflow,
             Some(state) => collected_error(state, self.cur, self.left),
-            None => table_error(self.table, self.cur, self.left, self.pins.is_some()),
+            None => table_error(self.table, self.cur, self.left),
         };
         self.left = 0;
         self.overflow = false;
@@ -196,8 +196,8 @@ thread_local! {
     static LAZY_ERROR: Cell<Option<BackendError>> = const { Cell::new(None) };
 }
 
-/// Where `n` bytes at `off` of `region` are, if it is a lazy FOREIGN region and the scope of
-/// `pins` could map and hold them.
+/// Where `n` bytes at `off` of `region` are, if it is a lazy FOREIGN region and the scope
+/// (holding with `pins` when the handle has a bound) could map them.
 #[inline(always)]
 fn lazy_range(
     region: &XenRegion,
@@ -205,7 +205,7 @@ fn lazy_range(
     n: u64,
     pins: Option<&ScopePins>,
 ) -> Option<NonNull<u8>> {
-    let (lz, pins) = (region.lazy()?, pins?);
+    let lz = region.lazy()?;
     if let Err(e) = lz.ensure(off, n, pins) {
         // Kept for `table_error`: asking again could answer otherwise (the bound has room
         // once another scope ended).
@@ -219,12 +219,12 @@ fn lazy_range(
 /// Why the table yields no slice at `cur` (`left` bytes asked for).
 #[cold]
 #[inline(never)]
-fn table_error(table: &RegionTable, cur: u64, left: u64, lazy: bool) -> GuestMemoryError {
+fn table_error(table: &RegionTable, cur: u64, left: u64) -> GuestMemoryError {
     match table.to_region_addr(GuestAddress(cur)) {
         None => GuestMemoryError::InvalidGuestAddress(GuestAddress(cur)),
         Some((region, off)) => {
             let n = (region.len() - off.0).min(left);
-            if let (Some(lz), true) = (region.lazy(), lazy) {
+            if let Some(lz) = region.lazy() {
                 // The error `lazy_range` just met on this thread (a frame missing, the bound
                 // reached), counted.
                 let e = match LAZY_ERROR.with(Cell::take) {

@@ -163,7 +163,8 @@ pub struct RequestMemory<'t> {
     strategy: Strategy,
     /// The on-demand machinery's state; none over a table without on-demand regions.
     state: StateBox,
-    /// The lazy FOREIGN buckets this scope holds; none over a table without lazy regions.
+    /// The lazy FOREIGN buckets this scope holds; none over a table without lazy regions or
+    /// whose handle has no bound (nothing is evicted then).
     pins: Option<PinGuard>,
 }
 
@@ -207,7 +208,7 @@ impl<'t> RequestMemory<'t> {
             table,
             strategy,
             state: ScopeState::fresh(table),
-            pins: table.has_lazy().then(|| PinGuard(Some(ScopePins::take()))),
+            pins: holds_needed(table).then(|| PinGuard(Some(ScopePins::take()))),
         }
     }
 
@@ -384,16 +385,23 @@ fn lazy_slice<'a>(
     let not_fetched = RequestError::NotFetched {
         gpa: region.start_addr().0 + off,
     };
-    let (Some(lz), Some(pins)) = (region.lazy(), pins) else {
+    let Some(lz) = region.lazy() else {
         return Err(not_fetched);
     };
     lz.ensure(off, count as u64, pins)
         .inspect_err(|_| lz.count_error())?;
     // SAFETY: `ensure` accepted `off..off+count` (inside the region: the caller clipped it)
-    // and the scope of `pins` holds its buckets, so those bytes stay mapped until that scope
-    // ends; the slice borrows the scope (see the module docs). Guest memory is accessed
+    // and the scope holds its buckets (or the handle has no bound and nothing is evicted), so
+    // those bytes stay mapped until that scope ends; the slice borrows the scope (see the module docs). Guest memory is accessed
     // volatilely by everyone who touches it.
     Ok(unsafe { VolatileSlice::new(lz.host().add(off as usize), count) })
+}
+
+/// Whether a scope over `table` must hold the lazy buckets it touches: the table has lazy
+/// regions and their handle a bound (which cannot change while lazy regions exist).
+#[inline]
+fn holds_needed(table: &RegionTable) -> bool {
+    table.has_lazy() && table.xen_device().is_some_and(|d| d.budget().bounded())
 }
 
 /// A scope's holds on lazy FOREIGN buckets, given back when the scope ends: after

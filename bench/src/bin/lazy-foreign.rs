@@ -99,6 +99,15 @@ fn main() {
         let _: u64 = mem.read_obj(GuestAddress(b << 20)).expect("touch");
     }
     drop(mem);
+    // The same region on a handle with a bound (above its buckets: no eviction, but scopes
+    // take holds): what the bound costs a warm request.
+    let gb = GuestSim::new(DOMID, pages).expect("emulation");
+    gb.frames(0, pages).expect("frames");
+    gb.dev
+        .set_lazy_bucket_limit(pages)
+        .expect("bound before regions");
+    let bounded =
+        RegionTable::from_regions(vec![region(&gb, size, ForeignMapping::lazy())]).expect("table");
 
     // 8-byte reads in one scope.
     let reads = |table: &RegionTable| {
@@ -134,23 +143,29 @@ fn main() {
     // One untimed pass each: the eager region's pages fault in on first use too.
     requests(&table);
     requests(&eager_table);
+    requests(&bounded);
     let c0 = g.dev.counters().snapshot();
     let (mut read_l, mut read_e, mut read_r) = (Vec::new(), Vec::new(), Vec::new());
     let (mut req_l, mut req_e, mut req_r) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut req_b, mut req_br) = (Vec::new(), Vec::new());
     for round in 0..rounds.max(5) {
-        let (l, e, lq, eq) = if round % 2 == 0 {
+        let (l, e, lq, eq, bq) = if round % 2 == 0 {
             let l = reads(&table);
             let e = reads(&eager_table);
             let eq = requests(&eager_table);
             let lq = requests(&table);
-            (l, e, lq, eq)
+            let bq = requests(&bounded);
+            (l, e, lq, eq, bq)
         } else {
             let e = reads(&eager_table);
             let l = reads(&table);
+            let bq = requests(&bounded);
             let lq = requests(&table);
             let eq = requests(&eager_table);
-            (l, e, lq, eq)
+            (l, e, lq, eq, bq)
         };
+        req_b.push(bq);
+        req_br.push(bq / eq);
         read_l.push(l);
         read_e.push(e);
         read_r.push(l / e);
@@ -167,6 +182,9 @@ fn main() {
         median(&mut read_r),
     );
     let (req, eager_req, req_ratio) = (median(&mut req_l), median(&mut req_e), median(&mut req_r));
+    let (breq_lo, breq_hi) = spread(&req_br);
+    let (breq, breq_ratio) = (median(&mut req_b), median(&mut req_br));
+    drop(bounded);
     drop(table);
     drop(eager_table);
 
@@ -201,7 +219,12 @@ fn main() {
     );
     println!("| lazy/eager request (per-round ratio) | {req_ratio:.3}x (spread {req_rlo:.3}..{req_rhi:.3}) | |");
     println!(
-        "{{\"mib\":{mib},\"rounds\":{rounds},\"eager_ms\":{:.4},\"lazy_ms\":{:.4},\"ratio_median\":{ratio_med:.6},\"ratio_min\":{rlo:.6},\"ratio_max\":{rhi:.6},\"eager_syscalls\":{eager_calls},\"lazy_syscalls\":{lazy_calls},\"first_touch_us\":{:.2},\"first_touch_syscalls\":{first_calls},\"warm_read_ns\":{:.2},\"eager_warm_read_ns\":{:.2},\"read_ratio\":{read_ratio:.4},\"read_ratio_min\":{read_rlo:.4},\"read_ratio_max\":{read_rhi:.4},\"warm_request_ns\":{:.1},\"eager_request_ns\":{:.1},\"request_ratio\":{req_ratio:.4},\"request_ratio_min\":{req_rlo:.4},\"request_ratio_max\":{req_rhi:.4},\"warm_syscalls\":{warm_calls}}}",
+        "| warm 4 KiB request, lazy under a bound (scopes hold buckets) | {:.1} ns | |",
+        ns(breq)
+    );
+    println!("| bounded lazy/eager request (per-round ratio) | {breq_ratio:.3}x (spread {breq_lo:.3}..{breq_hi:.3}) | |");
+    println!(
+        "{{\"mib\":{mib},\"rounds\":{rounds},\"eager_ms\":{:.4},\"lazy_ms\":{:.4},\"ratio_median\":{ratio_med:.6},\"ratio_min\":{rlo:.6},\"ratio_max\":{rhi:.6},\"eager_syscalls\":{eager_calls},\"lazy_syscalls\":{lazy_calls},\"first_touch_us\":{:.2},\"first_touch_syscalls\":{first_calls},\"warm_read_ns\":{:.2},\"eager_warm_read_ns\":{:.2},\"read_ratio\":{read_ratio:.4},\"read_ratio_min\":{read_rlo:.4},\"read_ratio_max\":{read_rhi:.4},\"warm_request_ns\":{:.1},\"eager_request_ns\":{:.1},\"request_ratio\":{req_ratio:.4},\"request_ratio_min\":{req_rlo:.4},\"request_ratio_max\":{req_rhi:.4},\"warm_syscalls\":{warm_calls},\"bounded_request_ns\":{:.1},\"bounded_request_ratio\":{breq_ratio:.4},\"bounded_request_ratio_min\":{breq_lo:.4},\"bounded_request_ratio_max\":{breq_hi:.4}}}",
         ms(eager_med),
         ms(lazy_med),
         first.as_secs_f64() * 1e6,
@@ -209,5 +232,6 @@ fn main() {
         ns(eager_warm),
         ns(req),
         ns(eager_req),
+        ns(breq),
     );
 }
