@@ -423,11 +423,22 @@ fn guest_verdict(d: &Domu, m: &mut Model) -> CaseResult {
     }
 }
 
-pub fn run_all(r: &mut Report) {
-    let integrated = std::path::Path::new("/domu").exists()
+/// Whether this boot has a domU: the initramfs holds one (`/domu`) or init left a result file.
+pub fn integrated() -> bool {
+    std::path::Path::new("/domu").exists()
         || std::path::Path::new(INFO).exists()
-        || std::path::Path::new(FAILED).exists();
-    if !integrated || !r.wants("domu/") {
+        || std::path::Path::new(FAILED).exists()
+}
+
+/// The domU's domid (as a frontend sends it) and the path of its console log, once init
+/// reported them (waits as `domu/setup` does).
+pub fn domid_and_console() -> Result<(u32, String), String> {
+    let (d, _) = setup()?;
+    Ok((d.domid, d.log))
+}
+
+pub fn run_all(r: &mut Report) {
+    if !integrated() || !r.wants("domu/") {
         return;
     }
     let mut domu = None;
