@@ -19,7 +19,9 @@ get two ratios to vm-memory 0.18 `xen` (the vm-memory-peer binary), stored in th
                         "premapped"), since the ratio is infinite and JSON has no
                         infinity.
 Both are null when no peer figure exists (or its rate is 0).
-A markdown table of every block row and its ratios closes the output.
+A markdown table of every block row and its ratios closes the output, then one of the
+lazy FOREIGN rows (`"bench":"lazy-foreign"`): eager against lazy mapping of a 1 GiB FOREIGN
+region, ratios lazy over eager (median and min-max of interleaved rounds).
 """
 import json
 import re
@@ -48,6 +50,40 @@ if not done:
 for n in names:
     if not any(t["name"].startswith(n + "/") for t in tests):
         tests.append({"name": f"{n}/no-cases", "status": "FAIL", "detail": "binary printed no XVM-TEST line"})
+
+
+def lazy_table(bench):
+    """Markdown table of the lazy FOREIGN rows (xen-dom0-tests' lazy_foreign.rs): eager against lazy."""
+    rows = {b.get("row"): b for b in bench if b.get("bench") == "lazy-foreign"}
+    if not rows:
+        return ""
+    out = ["| lazy FOREIGN, 1 GiB of the domU's frames | eager | lazy | lazy ÷ eager: median (min-max) "
+           "| goal | device syscalls eager / lazy |",
+           "|---|---:|---:|---:|---:|---:|"]
+    spread = lambda b, f: f"{b['ratio_median']:{f}} ({b['ratio_min']:{f}}-{b['ratio_max']:{f}})"  # noqa: E731
+    goal = lambda b, s: f"{s} {'met' if b.get('goal_met') else 'NOT met'}"  # noqa: E731
+    if c := rows.get("create"):
+        out.append(f"| SET_MEM_TABLE: region creation, ms ({c['rounds']} interleaved rounds) | {c['eager_ms']:.1f} "
+                   f"| {c['lazy_ms']:.3f} | {spread(c, '.6f')} | {goal(c, '<= 0.02')} "
+                   f"| {c['eager_syscalls']} / {c['lazy_syscalls']} |")
+        out.append(f"| region teardown, ms | {c['eager_drop_ms']:.1f} | {c['lazy_drop_ms']:.3f} | - | - "
+                   f"| {c['eager_drop_syscalls']} / {c['lazy_drop_syscalls']} |")
+    if d := rows.get("teardown-touched"):
+        out.append(f"| region teardown after every bucket was touched, ms (one each) | {d['eager_ms']:.1f} "
+                   f"| {d['lazy_ms']:.1f} | - | - | {d['eager_syscalls']} / {d['lazy_syscalls']} |")
+    if t := rows.get("first-touch"):
+        out.append(f"| first touch of a {t['bucket_kib'] // 1024} MiB bucket, us: median ({t['us_min']:.0f}-{t['us_max']:.0f}); "
+                   f"all {t['buckets']} in {t['all_buckets_ms']:.0f} ms | - | {t['us_median']:.0f} | - | - "
+                   f"| - / {t['syscalls_per_touch']:g} |")
+    for key, what in [("warm-4k", "warm request: 4 KiB read + 4 KiB write"),
+                      ("warm-read-obj", "warm request: one 8-byte read_obj"),
+                      ("warm-scope-only", "warm request: scope opened and finished, no access")]:
+        if w := rows.get(key):
+            out.append(f"| {what}, requests/s ({w['rounds']} interleaved rounds x {w['requests_per_round']}) "
+                       f"| {w['eager_requests_per_s']:.0f} | {w['lazy_requests_per_s']:.0f} "
+                       f"| {spread(w, '.3f')} (time) | {goal(w, '<= 1.1')} "
+                       f"| {w['eager_syscalls_per_request']} / {w['lazy_syscalls_per_request']} |")
+    return "\n".join(out)
 
 
 def add_ratios(bench):
@@ -108,5 +144,7 @@ failed = sum(t["status"] == "FAIL" for t in tests)
 passed = len(tests) - failed
 if table := block_table(bench):
     print("\n" + table + "\n")
+if table := lazy_table(bench):
+    print(table + "\n")
 print(f"xen: {passed} passed, {failed} failed")
 sys.exit(1 if failed or not passed else 0)
