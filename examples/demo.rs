@@ -372,7 +372,7 @@ fn spawn_daemon(
     }
     let mut child = cmd.spawn()?;
     for _ in 0..1000 {
-        if socket.exists() {
+        if listening(socket) {
             return Ok(child);
         }
         if let Some(status) = child.try_wait()? {
@@ -382,6 +382,22 @@ fn spawn_daemon(
     }
     let _ = child.kill();
     Err(format!("{} did not listen on {}", bin.display(), socket.display()).into())
+}
+
+/// Whether a socket listens at `path`: the file appears at `bind`, before `listen`, and the
+/// daemon serves one connection only, so a probe connection is no way to ask. Linux lists
+/// listening Unix sockets in `/proc/net/unix` with flag `__SO_ACCEPTCON` (0x10000).
+fn listening(path: &std::path::Path) -> bool {
+    let Ok(table) = std::fs::read_to_string("/proc/net/unix") else {
+        return path.exists();
+    };
+    let path = path.to_string_lossy();
+    table.lines().skip(1).any(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        f.len() >= 8
+            && f[7] == path
+            && u32::from_str_radix(f[3], 16).is_ok_and(|flags| flags & 0x10000 != 0)
+    })
 }
 
 fn secs(d: Duration) -> f64 {
