@@ -68,6 +68,10 @@ def lazy_table(bench):
                    f"| {c['eager_syscalls']} / {c['lazy_syscalls']} |")
         out.append(f"| region teardown, ms | {c['eager_drop_ms']:.1f} | {c['lazy_drop_ms']:.3f} | - | - "
                    f"| {c['eager_drop_syscalls']} / {c['lazy_drop_syscalls']} |")
+    if m := rows.get("set-mem-table"):
+        out.append(f"| SET_MEM_TABLE through the protocol (blk daemon, REPLY_ACK), ms ({m['rounds']} interleaved rounds) "
+                   f"| {m['eager_ms']:.1f} | {m['lazy_ms']:.3f} | {spread(m, '.6f')} | {goal(m, '<= 0.02')} "
+                   f"| {m['eager_syscalls']} / {m['lazy_syscalls']} |")
     if d := rows.get("teardown-touched"):
         out.append(f"| region teardown after every bucket was touched, ms (one each) | {d['eager_ms']:.1f} "
                    f"| {d['lazy_ms']:.1f} | - | - | {d['eager_syscalls']} / {d['lazy_syscalls']} |")

@@ -734,6 +734,7 @@ pub fn run_all(r: &mut Report, bench: bool) {
         "domu/lazy-foreign/setup",
         "domu/lazy-foreign/1gib",
         "bench/lazy-foreign/create",
+        "bench/lazy-foreign/set-mem-table",
         "bench/lazy-foreign/first-touch",
         "bench/lazy-foreign/warm-4k",
         "bench/lazy-foreign/warm-read-obj",
@@ -756,7 +757,10 @@ pub fn run_all(r: &mut Report, bench: bool) {
     r.case("domu/lazy-foreign/1gib", || one_gib(&t));
     if bench {
         r.case("bench/lazy-foreign/create", || bench_create(&t));
-        if names[3..8].iter().any(|n| r.wants(n)) {
+        r.case("bench/lazy-foreign/set-mem-table", || {
+            crate::set_mem_table::bench(t.domid)
+        });
+        if names[4..9].iter().any(|n| r.wants(n)) {
             bench_touch_and_warm(&t, r);
         }
     }

@@ -15,6 +15,7 @@ mod domu;
 mod foreign;
 mod guest;
 mod lazy_foreign;
+mod set_mem_table;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;
