@@ -12,7 +12,7 @@ use vm_memory::{
 
 use crate::backend::foreign::{map_foreign_region, ForeignMapping};
 use crate::backend::grant::map_grant_region;
-use crate::backend::lazy::LazyForeign;
+use crate::backend::lazy::{LazyForeign, ScopePins};
 use crate::backend::unix::{check_fits, host_page_size, map_unix, map_unix_span, FileLen};
 use crate::backend::{BackendError, HostMapping};
 use crate::descriptor::{GrantMapping, RegionDescriptor, RegionKind};
@@ -91,6 +91,25 @@ pub struct XenRegion {
     /// A lazily mapped FOREIGN region's reservation and buckets (then `host` is null).
     lazy: Option<Arc<LazyForeign>>,
     dev: Option<XenHandle>,
+}
+
+/// Buckets of a lazy FOREIGN region held for a ring ([`XenRegion::pin_lazy`]) until dropped.
+#[derive(Debug)]
+pub struct LazyPin {
+    /// Keeps the region (whose buckets are held) alive.
+    _region: Arc<XenRegion>,
+    /// The holds; none without a bound or outside lazy regions.
+    pins: Option<Box<ScopePins>>,
+}
+
+impl Drop for LazyPin {
+    fn drop(&mut self) {
+        if let Some(p) = self.pins.take() {
+            // SAFETY: the list only holds buckets of `_region`'s lazy part, which the `Arc`
+            // keeps alive until after this.
+            unsafe { p.release() };
+        }
+    }
 }
 
 /// A region's own mapping, or its share of one mapping of a file several regions use. Only
@@ -367,13 +386,22 @@ impl XenRegion {
         self.lazy.as_deref()
     }
 
-    /// Maps the buckets of a lazy FOREIGN region that hold `[gpa, gpa + len)` and pins them
-    /// for the region's life: never evicted, so ring accesses (through a request scope, as
-    /// for every lazy byte) cannot fail for want of room. Does nothing for other regions. The
-    /// range must lie inside the region.
-    pub fn pin_lazy(&self, gpa: GuestAddress, len: u64) -> Result<(), BackendError> {
+    /// Maps the buckets of a lazy FOREIGN region that hold `[gpa, gpa + len)` and, when the
+    /// handle has a bound, holds them until the returned pin is dropped: never evicted, so ring
+    /// accesses (through a request scope, as for every lazy byte) cannot fail for want of room.
+    /// The daemon pins each vring at `SET_VRING_ADDR` and lets go when the ring moves or the
+    /// connection ends. Holds nothing for other regions. The range must lie inside the region.
+    pub fn pin_lazy(
+        self: &Arc<Self>,
+        gpa: GuestAddress,
+        len: u64,
+    ) -> Result<LazyPin, BackendError> {
+        let pin = |pins| LazyPin {
+            _region: self.clone(),
+            pins,
+        };
         let Some(lz) = &self.lazy else {
-            return Ok(());
+            return Ok(pin(None));
         };
         let off = gpa.0.wrapping_sub(self.desc.guest_phys_addr);
         if gpa.0 < self.desc.guest_phys_addr || len > self.desc.size || off > self.desc.size - len {
@@ -383,7 +411,10 @@ impl XenRegion {
                 errno: libc::EFAULT,
             });
         }
-        lz.pin(off, len)
+        if len == 0 {
+            return Ok(pin(None));
+        }
+        lz.pin(off, len).map(pin)
     }
 
     /// Host address of the region's first byte, when the region is mapped in advance (None

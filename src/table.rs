@@ -180,6 +180,12 @@ impl RegionTable {
         self.on_demand
     }
 
+    /// The region holding `addr`, shared (to keep it alive beyond the table, e.g. for
+    /// [`XenRegion::pin_lazy`]).
+    pub fn region_at(&self, addr: GuestAddress) -> Option<&Arc<XenRegion>> {
+        self.regions.get(self.index_of(addr.0)?)
+    }
+
     /// Whether any region is a lazily mapped FOREIGN region ([`crate::ForeignMapping::Lazy`]):
     /// only request scopes (and pinned ring buckets) reach its bytes.
     #[inline]

@@ -147,12 +147,12 @@ fn an_access_needing_more_buckets_than_the_bound_is_refused() {
 }
 
 #[test]
-fn pinned_ring_buckets_are_never_evicted() {
+fn pinned_ring_buckets_are_never_evicted_until_let_go() {
     let (g, table) = setup(3);
     let region = &table.regions()[0];
-    // A ring at gfn 9 + 0x100: bucket 2, pinned (mapped now, with no scope open).
+    // A ring at gfn 9 + 0x100: bucket 2, held by the pin (mapped now, with no scope open).
     let ring = GuestAddress(9 * PAGE as u64 + 0x100);
-    region.pin_lazy(ring, 0x200).unwrap();
+    let pin = region.pin_lazy(ring, 0x200).unwrap();
     assert_eq!(g.dev.lazy_buckets_mapped(), 1);
     assert_eq!(region.lazy_mapped_buckets(), 1);
     let mem = RequestMemory::new(&table);
@@ -160,15 +160,18 @@ fn pinned_ring_buckets_are_never_evicted() {
     mem.finish().unwrap();
     // The plain table still never dereferences a lazy region, pinned or not.
     assert!(table.read_obj::<u32>(ring).is_err());
-    // Scopes churn through every other bucket under a bound of 3.
-    for round in 0..3 {
-        for b in (0..16u64).filter(|&b| b != 2) {
-            let mem = RequestMemory::new(&table);
-            let gfn = b * BUCKET_FRAMES as u64 + round;
-            assert_eq!(gfn_at(&mem, gfn), gfn);
-            mem.finish().unwrap();
+    let churn = |rounds: u64| {
+        for round in 0..rounds {
+            for b in (0..16u64).filter(|&b| b != 2) {
+                let mem = RequestMemory::new(&table);
+                let gfn = b * BUCKET_FRAMES as u64 + round;
+                assert_eq!(gfn_at(&mem, gfn), gfn);
+                mem.finish().unwrap();
+            }
         }
-    }
+    };
+    // Scopes churn through every other bucket under a bound of 3.
+    churn(3);
     assert!(g.dev.lazy_evictions() >= 40, "{}", g.dev.lazy_evictions());
     // Bucket 2 was never unmapped: its one mapping is still the first one.
     let before = g.dev.counters().snapshot();
@@ -177,10 +180,27 @@ fn pinned_ring_buckets_are_never_evicted() {
     assert_eq!(gfn_at(&mem, 9), 9, "the pinned bucket's other frames too");
     mem.finish().unwrap();
     assert_eq!(g.dev.counters().snapshot().since(&before).syscalls(), 0);
-    // A pin past the region is an error, not a panic.
+    // Let go (the ring moved, or the connection ended): now it is evicted like any other.
+    drop(pin);
+    churn(1);
+    let before = g.dev.counters().snapshot();
+    let mem = RequestMemory::new(&table);
+    assert_eq!(mem.read_obj::<u32>(ring).unwrap(), 0xfeed);
+    mem.finish().unwrap();
+    let d = g.dev.counters().snapshot().since(&before);
+    assert_eq!(
+        (d.munmaps, d.mmaps, d.ioctls),
+        (1, 1, 1),
+        "one eviction to make room, then mapped again"
+    );
+    // A pin past the region is an error; an empty one at its very end holds nothing.
     assert!(region
         .pin_lazy(GuestAddress((PAGES * PAGE) as u64 - 4), 8)
         .is_err());
+    let end = region
+        .pin_lazy(GuestAddress((PAGES * PAGE) as u64), 0)
+        .unwrap();
+    drop(end);
     drop(table);
     assert_eq!(g.dev.lazy_buckets_mapped(), 0);
     g.assert_nothing_mapped();

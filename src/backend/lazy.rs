@@ -5,8 +5,8 @@
 //! scope holds it.
 //!
 //! Each bucket has one state word: its state (unmapped, mapped clean, mapped with missing
-//! frames, being evicted), a pin bit (rings: mapped for the life of the region), how many live
-//! scopes hold it, and the id of the last scope that took a hold. A scope takes one hold per
+//! frames, being evicted, dead), how many live scopes and ring pins hold it, and the id of the
+//! last holder (cleared by the last holder to let go). A scope takes one hold per
 //! bucket it touches ([`ScopePins`]) and gives them all back when it ends; an evictor claims
 //! only a bucket with no hold, by one compare-and-swap on the word, which a new hold (also a
 //! compare-and-swap on that word) races against, so exactly one of them wins. A warm touch by
@@ -31,11 +31,13 @@ const UNMAPPED: u64 = 0;
 const CLEAN: u64 = 1;
 /// Mapped, some frames missing (listed in `Inner::faults`), or the batch failed as a whole.
 const FAULTY: u64 = 2;
-/// Claimed by an evictor, which holds the region's lock until the bucket is unmapped.
+/// Claimed by an evictor, which unmaps it (without the region's lock) and then marks it
+/// unmapped.
 const EVICTING: u64 = 3;
-/// Never evicted (ring buckets).
-const PINNED: u64 = 4;
-/// Holds of live scopes: 16 bits above the state and pin bits.
+/// With EVICTING: the kernel refused to unmap it, so its address range is in an unknown state;
+/// every access to it fails from then on.
+const DEAD: u64 = 4;
+/// Holds of live scopes (and of ring pins): 16 bits above the state and dead bits.
 const HOLD_SHIFT: u32 = 3;
 const HOLD_ONE: u64 = 1 << HOLD_SHIFT;
 const HOLDS: u64 = 0xffff << HOLD_SHIFT;
@@ -113,10 +115,17 @@ impl ScopePins {
     /// Every region whose bucket this list holds is still alive: the scope borrows the table
     /// that owns them, and releases before that borrow ends.
     pub(crate) unsafe fn release(mut self: Box<Self>) {
+        let id = self.id;
         for (lz, b) in self.held.get_mut().drain(..) {
             // SAFETY: alive per the contract.
             let lz = unsafe { lz.as_ref() };
-            lz.words[b].fetch_sub(HOLD_ONE, SeqCst);
+            // Give the hold back, and the holder field too if it is ours: the last holder
+            // always clears it, so a bucket nobody holds names no holder, and an id that
+            // comes round again can never find a bucket it seems to hold already.
+            let _ = lz.words[b].fetch_update(SeqCst, SeqCst, |w| {
+                let w = w - HOLD_ONE;
+                Some(if holder(w) == id { w & LOW } else { w })
+            });
         }
         let _ = FREE_PINS.try_with(|f| {
             let mut f = f.borrow_mut();
@@ -143,8 +152,6 @@ enum Claim<'a> {
     Hold(&'a ScopePins),
     /// Nothing: the handle has no bound, so no bucket is ever evicted.
     Use,
-    /// A pin for the region's life (rings).
-    Pin,
 }
 
 /// A lazily mapped FOREIGN region: a reservation whose buckets are mapped on first touch.
@@ -274,7 +281,7 @@ impl LazyForeign {
         }
         match pins {
             None => true,
-            Some(p) if w & PINNED != 0 || holder(w) == p.id => true,
+            Some(p) if holder(w) == p.id => true,
             Some(p) => self.hold(b, p, false),
         }
     }
@@ -291,7 +298,7 @@ impl LazyForeign {
             if !(state == CLEAN || (faulty_too && state == FAULTY)) {
                 return false;
             }
-            if w & PINNED != 0 || holder(w) == pins.id {
+            if holder(w) == pins.id {
                 return true;
             }
             let new = if mine {
@@ -338,11 +345,24 @@ impl LazyForeign {
         self.ensure_slow(first, last, claim)
     }
 
-    /// Maps the buckets holding region bytes `[off, off + len)` and pins them for the life of
-    /// the region (rings): never evicted.
-    pub(crate) fn pin(&self, off: u64, len: u64) -> Result<(), BackendError> {
-        let (first, last, _, _) = self.span(off, len.max(1));
-        self.ensure_slow(first, last, Claim::Pin)
+    /// Maps the buckets holding region bytes `[off, off + len)` (`len > 0`, inside the
+    /// region) and, when the handle has a bound, holds them with a list of their own (a ring
+    /// pin: never evicted until the list is released). Without a bound nothing is evicted and
+    /// no list is needed.
+    pub(crate) fn pin(&self, off: u64, len: u64) -> Result<Option<Box<ScopePins>>, BackendError> {
+        let (first, last, _, _) = self.span(off, len);
+        if !self.dev.budget().bounded() {
+            return self.ensure_slow(first, last, Claim::Use).map(|()| None);
+        }
+        let pins = ScopePins::take();
+        match self.ensure_slow(first, last, Claim::Hold(&pins)) {
+            Ok(()) => Ok(Some(pins)),
+            Err(e) => {
+                // SAFETY: the list only holds buckets of `self`, alive here.
+                unsafe { pins.release() };
+                Err(e)
+            }
+        }
     }
 
     /// The rest of [`LazyForeign::ensure`] and of [`LazyForeign::pin`]: make room, map what
@@ -363,30 +383,29 @@ impl LazyForeign {
                 .filter(|&b| matches!(self.words[b].load(SeqCst) & STATE, UNMAPPED | EVICTING))
                 .count()
         };
-        // Room first, without our lock (making room may unmap buckets of this region too).
-        // Then under the lock, if an evictor took more of ours meanwhile, start again.
-        let mut attempts = 0;
-        let mut inner = loop {
-            let want = unmapped();
-            budget.reserve(want).map_err(|f| limit(f.max))?;
-            let inner = self.inner.lock().unwrap_or_else(|e| e.into_inner());
-            if unmapped() <= want {
-                break (inner, want);
-            }
-            drop(inner);
-            budget.release(want);
-            attempts += 1;
-            if attempts == 4 {
-                return Err(limit(budget.max()));
-            }
-        };
-        let (ref mut inner, mut reserved) = inner;
+        // Room first, without our lock (making room may unmap buckets of this region too);
+        // a bucket an evictor takes after this count gets its room under the lock below.
+        let want = unmapped();
+        budget.reserve(want).map_err(|f| limit(f.max))?;
+        let mut reserved = want;
+        let mut guard = self.inner.lock().unwrap_or_else(|e| e.into_inner());
+        let inner = &mut *guard;
         let mut result = Ok(());
         for b in b0..=b1 {
             let word = &self.words[b];
             loop {
                 let w = word.load(SeqCst);
                 match w & STATE {
+                    EVICTING if w & DEAD != 0 => {
+                        let (start, n) = self.bucket_range(b);
+                        result = Err(BackendError::ForeignMap {
+                            domid: self.domid,
+                            gpa: (self.first_gfn + start as u64) << XEN_PAGE_SHIFT,
+                            size: (n * XEN_PAGE_SIZE) as u64,
+                            source: DeviceError::sys("unmap of an evicted bucket", libc::EIO),
+                        });
+                        break;
+                    }
                     // An evictor is unmapping it (without our lock): wait for the end.
                     EVICTING => std::thread::yield_now(),
                     UNMAPPED => {
@@ -417,11 +436,6 @@ impl LazyForeign {
                             }
                         }
                         Claim::Use => break,
-                        Claim::Pin => {
-                            if word.compare_exchange(w, w | PINNED, SeqCst, SeqCst).is_ok() {
-                                break;
-                            }
-                        }
                     },
                 }
             }
@@ -524,25 +538,25 @@ impl LazyForeign {
                 state | HOLD_ONE | (p.id << HOLDER_SHIFT)
             }
             Claim::Use => state,
-            Claim::Pin => state | PINNED,
         };
         self.words[b].store(word, SeqCst);
         Ok(())
     }
 
-    /// Unmaps bucket `b`, claimed (EVICTING) by the caller: back to UNMAPPED, or to `was`
-    /// if the kernel refused (then it stays mapped). Without the lock: the claim keeps mappers
-    /// off the bucket, and the next mapping clears what the old one left in `inner`.
-    fn unmap_bucket(&self, b: usize, was: u64) -> bool {
+    /// Unmaps bucket `b`, claimed (EVICTING) by the caller: back to UNMAPPED, or dead if the
+    /// kernel refused. Without the lock: the claim keeps mappers off the bucket, and the next
+    /// mapping clears what the old one left in `inner`.
+    fn unmap_bucket(&self, b: usize) -> bool {
         let (_, n) = self.bucket_range(b);
         let done = match self.bucket_addr(b) {
-            // SAFETY: bucket `b` holds the privcmd mapping `map_bucket` made; no live scope
-            // holds it (the claim needed a hold count of 0 and stops new holds) and pinned
-            // buckets are never claimed.
+            // SAFETY: bucket `b` holds the privcmd mapping `map_bucket` made; no live scope or
+            // ring pin holds it (the claim needed a hold count of 0 and stops new holds).
             Ok(addr) => unsafe { self.dev.foreign_unmap_to_reserve(addr, n) }.is_ok(),
             Err(_) => false,
         };
-        self.words[b].store(if done { UNMAPPED } else { was }, SeqCst);
+        // Refused: the kernel may have unmapped part of it, so it is neither mapped nor safely
+        // reusable; it stays claimed, and accesses to it fail.
+        self.words[b].store(if done { UNMAPPED } else { EVICTING | DEAD }, SeqCst);
         done
     }
 }
@@ -561,9 +575,9 @@ impl BucketOwner for LazyForeign {
             let w = word.load(SeqCst);
             let state = w & STATE;
             if (state == CLEAN || state == FAULTY)
-                && w & (PINNED | HOLDS) == 0
+                && w & HOLDS == 0
                 && word.compare_exchange(w, EVICTING, SeqCst, SeqCst).is_ok()
-                && self.unmap_bucket(b, w)
+                && self.unmap_bucket(b)
             {
                 got += 1;
                 self.hand.store((b + 1) % n, SeqCst);

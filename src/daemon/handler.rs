@@ -29,7 +29,7 @@ use super::worker::{DaemonStats, QueueWorker};
 use crate::backend::foreign::ForeignMapping;
 use crate::descriptor::{RegionDescriptor, WireRegion};
 use crate::device::XenHandle;
-use crate::region::XenRegion;
+use crate::region::{LazyPin, XenRegion};
 use crate::table::{add_in_advance_pages, RegionTable};
 
 /// Memory slots offered in `GET_MAX_MEM_SLOTS` (QEMU's and vhost-user-backend's limit).
@@ -63,6 +63,9 @@ pub(crate) struct Handler<D: VhostUserDevice> {
     features_queried: bool,
     /// How FOREIGN regions are mapped.
     foreign: ForeignMapping,
+    /// Per queue, the lazy FOREIGN buckets its rings sit in, held until the rings move, the
+    /// table changes or the connection ends.
+    ring_pins: Vec<Vec<LazyPin>>,
     pub(crate) trace: MessageTrace,
 }
 
@@ -96,6 +99,7 @@ impl<D: VhostUserDevice> Handler<D> {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let workers = vrings.iter().map(|_| None).collect();
+        let ring_pins = vrings.iter().map(|_| Vec::new()).collect();
         Ok(Handler {
             device,
             xen,
@@ -107,6 +111,7 @@ impl<D: VhostUserDevice> Handler<D> {
             acked_protocol_features: 0,
             features_queried: false,
             foreign: ForeignMapping::Eager,
+            ring_pins,
             trace: MessageTrace::default(),
         })
     }
@@ -151,6 +156,7 @@ impl<D: VhostUserDevice> Handler<D> {
     /// Stops every worker and puts every ring back to its reset state, disabled.
     fn reset_vrings(&mut self) {
         self.stop_workers();
+        self.ring_pins.iter_mut().for_each(Vec::clear);
         for v in &self.vrings {
             v.get_mut().get_queue_mut().reset();
             v.set_enabled(false);
@@ -227,7 +233,7 @@ impl<D: VhostUserDevice> Handler<D> {
         )
     }
 
-    fn swap_table(&self, table: RegionTable) -> Result<(), DaemonError> {
+    fn swap_table(&mut self, table: RegionTable) -> Result<(), DaemonError> {
         if table.num_regions() > MAX_MEM_SLOTS {
             return Err(DaemonError::TooManyRegions {
                 count: table.num_regions(),
@@ -245,14 +251,16 @@ impl<D: VhostUserDevice> Handler<D> {
         Ok(())
     }
 
-    /// Pins the ring buckets of every queue whose rings are set in lazy FOREIGN regions of a
-    /// new table (its regions may be new mappings of the same guest memory). A ring that
-    /// cannot be pinned is logged; its accesses then report their errors as they happen.
-    fn pin_rings(&self, table: &RegionTable) {
+    /// Holds the ring buckets of every queue whose rings are set in lazy FOREIGN regions of a
+    /// new table (its regions may be new mappings of the same guest memory), letting go of
+    /// those in the old one. A ring that cannot be pinned is logged; its accesses then report
+    /// their errors as they happen.
+    fn pin_rings(&mut self, table: &RegionTable) {
         for (queue, vring) in self.vrings.iter().enumerate() {
             let state = vring.get_ref();
             let q = state.get_queue();
             let size = u64::from(q.size());
+            let mut pins = Vec::new();
             for (ring, gpa, len) in [
                 ("descriptor table", q.desc_table(), 16 * size),
                 ("avail ring", q.avail_ring(), 6 + 2 * size),
@@ -261,26 +269,30 @@ impl<D: VhostUserDevice> Handler<D> {
                 if gpa == 0 {
                     continue;
                 }
-                let Some(region) = table.find_region(GuestAddress(gpa)) else {
+                let Some(region) = table.region_at(GuestAddress(gpa)) else {
                     continue;
                 };
                 let room = region.last_addr().0 - gpa + 1;
-                if let Err(e) = region.pin_lazy(GuestAddress(gpa), len.min(room)) {
-                    log::warn!("vq{queue}: {ring} at gpa {gpa:#x}: {e}");
+                match region.pin_lazy(GuestAddress(gpa), len.min(room)) {
+                    Ok(p) => pins.push(p),
+                    Err(e) => log::warn!("vq{queue}: {ring} at gpa {gpa:#x}: {e}"),
                 }
+            }
+            if let Some(slot) = self.ring_pins.get_mut(queue) {
+                *slot = pins;
             }
         }
     }
 
     /// Translates one ring address and checks that `len` bytes from it lie in one region
-    /// mapped in advance.
+    /// mapped in advance or lazily mapped FOREIGN region, whose buckets it then pins.
     fn ring_gpa(
         table: &RegionTable,
         queue: u32,
         ring: &'static str,
         uaddr: u64,
         len: u64,
-    ) -> Result<u64, DaemonError> {
+    ) -> Result<(u64, LazyPin), DaemonError> {
         let gpa =
             table
                 .uaddr_to_gpa(uaddr)
@@ -291,15 +303,15 @@ impl<D: VhostUserDevice> Handler<D> {
             gpa: gpa.0,
             len,
         };
-        let Some(region) = table.find_region(gpa) else {
+        let Some(region) = table.region_at(gpa) else {
             return Err(not_mapped);
         };
         let room: GuestUsize = region.last_addr().0 - gpa.0 + 1;
         if len > room || (region.host_address().is_none() && !region.is_lazy_foreign()) {
             return Err(not_mapped);
         }
-        // A ring in a lazy FOREIGN region: its buckets are mapped now and never evicted.
-        region
+        // A ring in a lazy FOREIGN region: its buckets are mapped now and held.
+        let pin = region
             .pin_lazy(gpa, len)
             .map_err(|source| DaemonError::RingPin {
                 queue,
@@ -307,7 +319,7 @@ impl<D: VhostUserDevice> Handler<D> {
                 gpa: gpa.0,
                 source,
             })?;
-        Ok(gpa.0)
+        Ok((gpa.0, pin))
     }
 
     fn start_worker(&mut self, index: usize) -> Result<(), DaemonError> {
@@ -459,9 +471,9 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
         let vring = self.vring(index)?;
         let size = u64::from(vring.get_ref().get_queue().size());
         let table = self.table();
-        let desc = Self::ring_gpa(&table, index, "descriptor table", descriptor, 16 * size)?;
-        let avail = Self::ring_gpa(&table, index, "avail ring", available, 6 + 2 * size)?;
-        let used_gpa = Self::ring_gpa(&table, index, "used ring", used, 6 + 8 * size)?;
+        let (desc, p0) = Self::ring_gpa(&table, index, "descriptor table", descriptor, 16 * size)?;
+        let (avail, p1) = Self::ring_gpa(&table, index, "avail ring", available, 6 + 2 * size)?;
+        let (used_gpa, p2) = Self::ring_gpa(&table, index, "used ring", used, 6 + 8 * size)?;
         vring
             .set_queue_info(desc, avail, used_gpa)
             .map_err(|e| DaemonError::RingAlignment {
@@ -475,6 +487,10 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
         let used_idx = RingMem::of(&table).used_idx(vring.get_ref().get_queue());
         if let Ok(idx) = used_idx {
             vring.set_queue_next_used(idx.0);
+        }
+        // Accepted: these rings' buckets stay held, the old rings' are let go.
+        if let Some(slot) = self.ring_pins.get_mut(index as usize) {
+            *slot = vec![p0, p1, p2];
         }
         Ok(())
     }

@@ -70,7 +70,7 @@ impl LazyBudget {
                     }
                 }
                 _ => {
-                    if n > max || self.evict((m + n).saturating_sub(max)) == 0 {
+                    if n > max || self.evict(m.saturating_add(n).saturating_sub(max)) == 0 {
                         return Err(BudgetFull { max });
                     }
                 }
@@ -80,7 +80,8 @@ impl LazyBudget {
 
     /// Gives back `n` buckets' worth (unmapped, or reserved and not mapped).
     pub(crate) fn release(&self, n: usize) {
-        self.mapped.fetch_sub(n, SeqCst);
+        let was = self.mapped.fetch_sub(n, SeqCst);
+        debug_assert!(was >= n, "lazy bucket count underflow: {was} - {n}");
     }
 
     /// Unmaps up to `want` buckets no live scope holds; returns how many.
