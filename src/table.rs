@@ -106,8 +106,11 @@ pub struct RegionTable {
     /// Whether any region is an on-demand grant region (the kind a request scope keeps state
     /// for).
     on_demand: bool,
-    /// Whether any region is a lazily mapped FOREIGN region (a request scope holds the buckets it touches).
+    /// Whether any region is a lazily mapped FOREIGN region.
     lazy: bool,
+    /// Whether a request scope must hold the lazy buckets it touches: lazy regions on a
+    /// handle with a bound (which cannot change while they exist).
+    lazy_holds: bool,
 }
 
 impl RegionTable {
@@ -128,12 +131,18 @@ impl RegionTable {
         spans.extend([(u64::MAX, 0); SENTINELS]);
         let on_demand = regions.iter().any(|r| r.on_demand_domid().is_some());
         let lazy = regions.iter().any(|r| r.is_lazy_foreign());
+        let lazy_holds = lazy
+            && regions
+                .iter()
+                .find_map(|r| xen_handle(r))
+                .is_some_and(|d| d.budget().bounded());
         RegionTable {
             regions,
             spans,
             buckets,
             on_demand,
             lazy,
+            lazy_holds,
         }
     }
 
@@ -178,6 +187,12 @@ impl RegionTable {
     #[inline]
     pub fn has_on_demand(&self) -> bool {
         self.on_demand
+    }
+
+    /// Whether a request scope over this table holds the lazy buckets it touches.
+    #[inline]
+    pub(crate) fn lazy_holds(&self) -> bool {
+        self.lazy_holds
     }
 
     /// The region holding `addr`, shared (to keep it alive beyond the table, e.g. for

@@ -85,7 +85,7 @@ def lazy_table(bench):
         if w := rows.get(key):
             out.append(f"| {what}, requests/s ({w['rounds']} interleaved rounds x {w['requests_per_round']}) "
                        f"| {w['eager_requests_per_s']:.0f} | {w['lazy_requests_per_s']:.0f} "
-                       f"| {spread(w, '.3f')} (time) | {goal(w, '<= 1.1')} "
+                       f"| {spread(w, '.3f')} (time) | {goal(w, '<= 1.1') if key == 'warm-4k' else '- (parts of a request)'} "
                        f"| {w['eager_syscalls_per_request']} / {w['lazy_syscalls_per_request']} |")
     return "\n".join(out)
 

@@ -208,7 +208,9 @@ impl<'t> RequestMemory<'t> {
             table,
             strategy,
             state: ScopeState::fresh(table),
-            pins: holds_needed(table).then(|| PinGuard(Some(ScopePins::take()))),
+            pins: table
+                .lazy_holds()
+                .then(|| PinGuard(Some(ScopePins::take()))),
         }
     }
 
@@ -395,13 +397,6 @@ fn lazy_slice<'a>(
     // those bytes stay mapped until that scope ends; the slice borrows the scope (see the module docs). Guest memory is accessed
     // volatilely by everyone who touches it.
     Ok(unsafe { VolatileSlice::new(lz.host().add(off as usize), count) })
-}
-
-/// Whether a scope over `table` must hold the lazy buckets it touches: the table has lazy
-/// regions and their handle a bound (which cannot change while lazy regions exist).
-#[inline]
-fn holds_needed(table: &RegionTable) -> bool {
-    table.has_lazy() && table.xen_device().is_some_and(|d| d.budget().bounded())
 }
 
 /// A scope's holds on lazy FOREIGN buckets, given back when the scope ends: after
