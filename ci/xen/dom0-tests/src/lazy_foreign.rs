@@ -597,6 +597,37 @@ fn bench_touch_and_warm(t: &Target, r: &mut Report) {
     r.case("bench/lazy-foreign/warm-4k", || {
         warm(&dev, &eager, &lazy, "warm-4k", 16384, &mut req_4k)
     });
+    // The same over a lazy region on a handle with a bound (every bucket fits: no eviction,
+    // but each scope holds the buckets it touches and lets go at its end).
+    r.case("bench/lazy-foreign/warm-4k-bounded", || {
+        let bdev = open_dev()?;
+        bdev.set_lazy_bucket_limit(BUCKETS)
+            .map_err(|e| format!("bound: {e}"))?;
+        let bounded = table(&bdev, t.domid, ForeignMapping::lazy())?;
+        for b in 0..BUCKETS {
+            let mem = RequestMemory::new(&bounded);
+            let v: Result<u64, _> = mem.read_obj(page_addr(b * BUCKET_FRAMES));
+            v.map_err(|e| format!("bounded: first touch of bucket {b}: {e}"))?;
+            mem.finish().map_err(|e| format!("finish: {e}"))?;
+        }
+        let res = warm(
+            &dev,
+            &eager,
+            &bounded,
+            "warm-4k-bounded",
+            16384,
+            &mut req_4k,
+        );
+        let (mapped, evicted) = (bdev.lazy_buckets_mapped(), bdev.lazy_evictions());
+        drop(bounded);
+        let c = snap(&bdev);
+        if mapped != BUCKETS || evicted != 0 || c.live_mappings != 0 || c.errors != 0 {
+            return Err(format!(
+                "bounded handle: {mapped} buckets mapped, {evicted} evicted, then {c:?}"
+            ));
+        }
+        res
+    });
     let mut sum = 0u64;
     let mut req_obj = |tbl: &RegionTable, i: usize| -> Result<(), String> {
         let mem = RequestMemory::new(tbl);
@@ -737,6 +768,7 @@ pub fn run_all(r: &mut Report, bench: bool) {
         "bench/lazy-foreign/set-mem-table",
         "bench/lazy-foreign/first-touch",
         "bench/lazy-foreign/warm-4k",
+        "bench/lazy-foreign/warm-4k-bounded",
         "bench/lazy-foreign/warm-read-obj",
         "bench/lazy-foreign/warm-scope-only",
         "bench/lazy-foreign/released",
@@ -760,7 +792,7 @@ pub fn run_all(r: &mut Report, bench: bool) {
         r.case("bench/lazy-foreign/set-mem-table", || {
             crate::set_mem_table::bench(t.domid)
         });
-        if names[4..9].iter().any(|n| r.wants(n)) {
+        if names[4..10].iter().any(|n| r.wants(n)) {
             bench_touch_and_warm(&t, r);
         }
     }
