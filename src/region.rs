@@ -94,20 +94,20 @@ pub struct XenRegion {
 }
 
 /// Buckets of a lazy FOREIGN region held for a ring ([`XenRegion::pin_lazy`]) until dropped.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct LazyPin {
-    /// Keeps the region (whose buckets are held) alive.
-    _region: Arc<XenRegion>,
-    /// The holds; none without a bound or outside lazy regions.
-    pins: Option<Box<ScopePins>>,
+    /// The region (kept alive while its buckets are held) and the holds; none without a
+    /// bound or outside lazy regions, so that a pin never keeps a removed region mapped for
+    /// nothing.
+    held: Option<(Arc<XenRegion>, Box<ScopePins>)>,
 }
 
 impl Drop for LazyPin {
     fn drop(&mut self) {
-        if let Some(p) = self.pins.take() {
+        if let Some((_region, pins)) = self.held.take() {
             // SAFETY: the list only holds buckets of `_region`'s lazy part, which the `Arc`
             // keeps alive until after this.
-            unsafe { p.release() };
+            unsafe { pins.release() };
         }
     }
 }
@@ -396,12 +396,8 @@ impl XenRegion {
         gpa: GuestAddress,
         len: u64,
     ) -> Result<LazyPin, BackendError> {
-        let pin = |pins| LazyPin {
-            _region: self.clone(),
-            pins,
-        };
         let Some(lz) = &self.lazy else {
-            return Ok(pin(None));
+            return Ok(LazyPin::default());
         };
         let off = gpa.0.wrapping_sub(self.desc.guest_phys_addr);
         if gpa.0 < self.desc.guest_phys_addr || len > self.desc.size || off > self.desc.size - len {
@@ -412,9 +408,11 @@ impl XenRegion {
             });
         }
         if len == 0 {
-            return Ok(pin(None));
+            return Ok(LazyPin::default());
         }
-        lz.pin(off, len).map(pin)
+        Ok(LazyPin {
+            held: lz.pin(off, len)?.map(|pins| (self.clone(), pins)),
+        })
     }
 
     /// Host address of the region's first byte, when the region is mapped in advance (None

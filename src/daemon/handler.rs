@@ -240,9 +240,8 @@ impl<D: VhostUserDevice> Handler<D> {
                 max: MAX_MEM_SLOTS,
             });
         }
-        if table.has_lazy() {
-            self.pin_rings(&table);
-        }
+        // Ring pins follow the table: held in its lazy regions, let go of in the old one.
+        self.pin_rings(&table);
         let guard = self
             .mem
             .lock()
