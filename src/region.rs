@@ -1,6 +1,7 @@
 //! One guest memory region: its validated descriptor and, unless it is an on-demand grant
 //! region, its host mapping. Implements vm-memory's `GuestMemoryRegion`.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::sync::Arc;
 
@@ -13,7 +14,7 @@ use vm_memory::{
 use crate::backend::foreign::{map_foreign_region, ForeignMapping};
 use crate::backend::grant::map_grant_region;
 use crate::backend::lazy::{LazyForeign, ScopePins};
-use crate::backend::unix::{check_fits, host_page_size, map_unix, map_unix_span, FileLen};
+use crate::backend::unix::{check_file_len, host_page_size, map_unix, FileLen};
 use crate::backend::{BackendError, HostMapping};
 use crate::descriptor::{GrantMapping, RegionDescriptor, RegionKind};
 use crate::device::XenHandle;
@@ -265,7 +266,7 @@ impl XenRegion {
                             }),
                         )
                     })?;
-                    check_fits(len, desc.guest_phys_addr, desc.size, desc.mmap_offset)
+                    check_file_len(len, desc.guest_phys_addr, desc.size, desc.mmap_offset)
                         .map_err(|e| (i, e.into()))?;
                     len.shareable().then_some(len)
                 }
@@ -273,57 +274,64 @@ impl XenRegion {
             };
             info.push(len);
         }
-        // One shared mapping per file with more than one region and a dense enough span.
+        // Per file: its regions' span and bytes, then one mapping of the span for a file
+        // with more than one region and a dense enough span.
+        #[derive(Debug)]
+        struct Span {
+            first: usize,
+            regions: usize,
+            start: u64,
+            end: u64,
+            bytes: u64,
+            len: FileLen,
+            mapping: Option<Arc<HostMapping>>,
+        }
+        let mut spans: BTreeMap<(u64, u64), Span> = BTreeMap::new();
+        for (i, (len, (d, _))) in info.iter().zip(items).enumerate() {
+            let Some(len) = *len else { continue };
+            let end = d.mmap_offset.saturating_add(d.size);
+            let s = spans.entry(len.id).or_insert(Span {
+                first: i,
+                regions: 0,
+                start: d.mmap_offset,
+                end,
+                bytes: 0,
+                len,
+                mapping: None,
+            });
+            s.regions += 1;
+            s.start = s.start.min(d.mmap_offset);
+            s.end = s.end.max(end);
+            s.bytes = s.bytes.saturating_add(d.size);
+        }
         let page = host_page_size();
-        let mut shared: Vec<((u64, u64), u64, Arc<HostMapping>)> = Vec::new();
-        for (i, len) in info.iter().enumerate() {
-            let Some(id) = len.map(|l| l.id) else {
+        for s in spans.values_mut() {
+            s.start = s.start / page * page;
+            let (Some(f), true) = (items[s.first].1, s.regions > 1) else {
                 continue;
             };
-            if shared.iter().any(|(s, _, _)| *s == id) {
+            if s.end - s.start > s.bytes.saturating_mul(2) {
                 continue;
             }
-            let group = || {
-                info.iter()
-                    .zip(items)
-                    .filter(move |(l, _)| l.is_some_and(|l| l.id == id))
-                    .map(|(_, (d, _))| d)
-            };
-            if group().nth(1).is_none() {
-                continue;
-            }
-            let start = group().map(|d| d.mmap_offset).min().unwrap_or(0) / page * page;
-            let end = group()
-                .map(|d| d.mmap_offset.saturating_add(d.size))
-                .max()
-                .unwrap_or(0);
-            let bytes: u64 = group().map(|d| d.size).fold(0, u64::saturating_add);
-            if end - start > bytes.saturating_mul(2) {
-                continue;
-            }
-            let Some(f) = items[i].1 else { continue };
-            let m = map_unix_span(f, start, end).map_err(|source| {
-                let d = &items[i].0;
-                (
-                    i,
-                    RegionError::Backend(BackendError::UnixMmap {
-                        gpa: d.guest_phys_addr,
-                        size: d.size,
-                        offset: d.mmap_offset,
-                        source,
-                    }),
-                )
-            })?;
-            shared.push((id, start, Arc::new(m)));
+            let d = &items[s.first].0;
+            let m = map_unix(
+                d.guest_phys_addr,
+                s.end - s.start,
+                Some(f),
+                s.start,
+                Some(s.len),
+            )
+            .map_err(|e| (s.first, e.into()))?;
+            s.mapping = Some(Arc::new(m));
         }
         items
             .iter()
             .zip(&info)
             .enumerate()
             .map(|(i, ((desc, file), len))| {
-                let share = len.and_then(|l| shared.iter().find(|(id, _, _)| *id == l.id));
-                match share {
-                    Some((_, start, m)) => Ok(Self::in_shared(*desc, m, desc.mmap_offset - start)),
+                let span = len.and_then(|l| spans.get(&l.id));
+                match span.and_then(|s| Some((s.start, s.mapping.as_ref()?))) {
+                    Some((start, m)) => Ok(Self::in_shared(*desc, m, desc.mmap_offset - start)),
                     None => Self::build(*desc, *file, dev, Some(&mut files), policy),
                 }
                 .map_err(|e| (i, e))

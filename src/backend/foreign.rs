@@ -195,25 +195,7 @@ pub(super) unsafe fn fill_chunk(
 
 /// Reserves address space for a region's privcmd mappings (no access, no memory).
 pub(super) fn reserve(pages: usize) -> Result<NonNull<u8>, DeviceError> {
-    const CALL: &str = "mmap(reserve)";
-    let len = pages
-        .checked_mul(XEN_PAGE_SIZE)
-        .ok_or(DeviceError::sys(CALL, libc::EOVERFLOW))?;
-    // SAFETY: a fresh anonymous mapping at a kernel-chosen address; checked below.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(DeviceError::last(CALL));
-    }
-    NonNull::new(p.cast()).ok_or(DeviceError::sys(CALL, libc::EFAULT))
+    crate::device::reserve::reserve("mmap(reserve)", pages)
 }
 
 /// Re-batches scattered frames one at a time at their own slots, so each lands at its gpa.

@@ -35,40 +35,6 @@ impl FileLen {
     }
 }
 
-/// Checks that UNIX region `[gpa, gpa + size)` at `offset` fits its file (`f`).
-pub(crate) fn check_fits(f: FileLen, gpa: u64, size: u64, offset: u64) -> Result<(), BackendError> {
-    check_file_len(f, gpa, size, offset)
-}
-
-/// Maps `[start, end)` of `file` (`start` host-page aligned) once, for several regions of
-/// that file to share: one `mmap` where vm-memory makes one per region.
-pub(crate) fn map_unix_span(file: &File, start: u64, end: u64) -> std::io::Result<HostMapping> {
-    let overflow = || std::io::Error::from_raw_os_error(libc::EOVERFLOW);
-    let len = usize::try_from(end - start).map_err(|_| overflow())?;
-    let off = libc::off_t::try_from(start).map_err(|_| overflow())?;
-    // SAFETY: a fresh mapping at a kernel-chosen address; checked for MAP_FAILED below.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            len,
-            libc::PROT_READ | libc::PROT_WRITE,
-            libc::MAP_SHARED,
-            file.as_raw_fd(),
-            off,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(std::io::Error::last_os_error());
-    }
-    let base = NonNull::new(p.cast::<u8>())
-        .ok_or_else(|| std::io::Error::from_raw_os_error(libc::EFAULT))?;
-    Ok(HostMapping {
-        base,
-        offset: 0,
-        release: Release::Munmap { len },
-    })
-}
-
 /// Maps `size` bytes of `file` from `offset` (any alignment), or anonymous zeroed memory when
 /// `file` is `None` (tests and demos). `known` is the file's length when the caller looked it
 /// up already (one lookup per file for a table of many regions of one file); otherwise it is
@@ -134,7 +100,12 @@ pub(crate) fn map_unix(
 
 /// Refuses a region that ends past the end of a regular file or memfd (devices such as
 /// hugetlbfs or DAX report no useful length and are left to the kernel).
-fn check_file_len(f: FileLen, gpa: u64, size: u64, offset: u64) -> Result<(), BackendError> {
+pub(crate) fn check_file_len(
+    f: FileLen,
+    gpa: u64,
+    size: u64,
+    offset: u64,
+) -> Result<(), BackendError> {
     let end = offset.checked_add(size);
     if f.is_file && end.is_none_or(|e| e > f.len) {
         return Err(BackendError::UnixBeyondFile {

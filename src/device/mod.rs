@@ -9,6 +9,7 @@
 pub(crate) mod budget;
 pub mod counters;
 pub mod real;
+pub(crate) mod reserve;
 
 use std::ptr::NonNull;
 use std::sync::Arc;

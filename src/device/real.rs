@@ -76,37 +76,6 @@ unsafe fn munmap(call: &'static str, addr: NonNull<u8>, pages: usize) -> Result<
     Ok(())
 }
 
-/// Puts an inaccessible anonymous reservation over `pages` pages at `addr`, replacing what
-/// was there in the same call.
-///
-/// # Safety
-/// The caller owns `addr..addr + pages` pages and nothing refers into them.
-pub(crate) unsafe fn reserve_fixed(
-    call: &'static str,
-    addr: NonNull<u8>,
-    pages: usize,
-) -> Result<(), DeviceError> {
-    let len = pages
-        .checked_mul(XEN_PAGE_SIZE)
-        .ok_or(DeviceError::sys(call, libc::EOVERFLOW))?;
-    // SAFETY: per the contract, MAP_FIXED replaces only a range the caller owns and nobody
-    // uses; the result is checked.
-    let p = unsafe {
-        libc::mmap(
-            addr.as_ptr().cast(),
-            len,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(DeviceError::last(call));
-    }
-    Ok(())
-}
-
 impl XenDriver for RealXen {
     fn grant_map_refs(&self, refs: &[GrantPage]) -> Result<u64, DeviceError> {
         let pairs: Vec<(u32, u32)> = refs.iter().map(|r| (u32::from(r.domid), r.gref)).collect();
@@ -217,6 +186,6 @@ impl XenDriver for RealXen {
         pages: usize,
     ) -> Result<(), DeviceError> {
         // SAFETY: forwarded contract: a privcmd mapping of ours that nobody uses.
-        unsafe { reserve_fixed("mmap(reserve over privcmd)", addr, pages) }
+        unsafe { super::reserve::reserve_fixed("mmap(reserve over privcmd)", addr, pages) }
     }
 }

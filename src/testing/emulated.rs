@@ -12,6 +12,7 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
 use std::sync::{Mutex, MutexGuard};
 
+use crate::device::reserve::{reserve, reserve_fixed};
 use crate::device::{
     CopyDirection, CopySegment, DeviceError, GrantPage, Protection, XenDriver, GNTST_BAD_COPY_ARG,
     GNTST_BAD_GNTREF, GNTST_GENERAL_ERROR, GNTST_OKAY,
@@ -369,25 +370,6 @@ fn errno() -> i32 {
         .unwrap_or(libc::EIO)
 }
 
-/// Reserves `pages` of address space with no access, for pages to be mapped into.
-fn reserve(pages: usize) -> Result<NonNull<u8>, i32> {
-    // SAFETY: a fresh anonymous mapping; checked for MAP_FAILED.
-    let p = unsafe {
-        libc::mmap(
-            std::ptr::null_mut(),
-            pages * XEN_PAGE_SIZE,
-            libc::PROT_NONE,
-            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-            -1,
-            0,
-        )
-    };
-    if p == libc::MAP_FAILED {
-        return Err(errno());
-    }
-    NonNull::new(p.cast()).ok_or(libc::EFAULT)
-}
-
 impl XenDriver for EmulatedXen {
     fn grant_map_refs(&self, refs: &[GrantPage]) -> Result<u64, DeviceError> {
         if refs.is_empty() {
@@ -441,7 +423,7 @@ impl XenDriver for EmulatedXen {
             }
             return Err(DeviceError::sys(CALL, libc::EINVAL));
         }
-        let base = reserve(pages).map_err(|e| DeviceError::sys(CALL, e))?;
+        let base = reserve(CALL, pages)?;
         for (i, page) in grants.iter().enumerate() {
             // SAFETY: `base + i` pages is inside the reservation just made.
             let r = unsafe {
@@ -545,25 +527,9 @@ impl XenDriver for EmulatedXen {
     }
 
     unsafe fn foreign_mmap_at(&self, addr: NonNull<u8>, pages: usize) -> Result<(), DeviceError> {
-        const CALL: &str = "mmap(privcmd)";
-        let len = pages
-            .checked_mul(XEN_PAGE_SIZE)
-            .ok_or(DeviceError::sys(CALL, libc::EOVERFLOW))?;
-        // SAFETY: the caller owns `addr..addr+len` with no references into it; an inaccessible
+        // SAFETY: the caller owns `addr..` with no references into it; an inaccessible
         // anonymous mapping stands for the empty privcmd VMA.
-        let p = unsafe {
-            libc::mmap(
-                addr.as_ptr().cast(),
-                len,
-                libc::PROT_NONE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(DeviceError::sys(CALL, errno()));
-        }
+        unsafe { reserve_fixed("mmap(privcmd)", addr, pages) }?;
         self.state().live.insert(
             addr.as_ptr() as usize,
             Live::Foreign {
@@ -650,19 +616,13 @@ impl XenDriver for EmulatedXen {
     }
 
     unsafe fn foreign_munmap(&self, addr: NonNull<u8>, pages: usize) -> Result<(), DeviceError> {
-        const CALL: &str = "munmap(privcmd)";
-        let mut st = self.state();
-        let key = addr.as_ptr() as usize;
-        match st.live.get(&key) {
-            Some(Live::Foreign { pages: p, .. }) if *p == pages => {}
-            _ => return Err(DeviceError::sys(CALL, libc::EINVAL)),
-        }
-        // SAFETY: exactly a live privcmd reservation of ours; the caller promises no users.
-        if unsafe { libc::munmap(addr.as_ptr().cast(), pages * XEN_PAGE_SIZE) } != 0 {
-            return Err(DeviceError::sys(CALL, errno()));
-        }
-        st.live.remove(&key);
-        Ok(())
+        self.release_foreign("munmap(privcmd)", addr, pages, |call| {
+            // SAFETY: exactly a live privcmd reservation of ours; the caller promises no users.
+            if unsafe { libc::munmap(addr.as_ptr().cast(), pages * XEN_PAGE_SIZE) } != 0 {
+                return Err(DeviceError::sys(call, errno()));
+            }
+            Ok(())
+        })
     }
 
     unsafe fn foreign_unmap_to_reserve(
@@ -670,15 +630,30 @@ impl XenDriver for EmulatedXen {
         addr: NonNull<u8>,
         pages: usize,
     ) -> Result<(), DeviceError> {
-        const CALL: &str = "mmap(reserve over privcmd)";
+        self.release_foreign("mmap(reserve over privcmd)", addr, pages, |call| {
+            // SAFETY: exactly a live privcmd mapping of ours; the caller promises no users.
+            unsafe { reserve_fixed(call, addr, pages) }
+        })
+    }
+}
+
+impl EmulatedXen {
+    /// Ends the emulated privcmd mapping of `pages` pages at `addr` with `release`, refusing
+    /// (EINVAL) anything that is not exactly one.
+    fn release_foreign(
+        &self,
+        call: &'static str,
+        addr: NonNull<u8>,
+        pages: usize,
+        release: impl FnOnce(&'static str) -> Result<(), DeviceError>,
+    ) -> Result<(), DeviceError> {
         let mut st = self.state();
         let key = addr.as_ptr() as usize;
         match st.live.get(&key) {
             Some(Live::Foreign { pages: p, .. }) if *p == pages => {}
-            _ => return Err(DeviceError::sys(CALL, libc::EINVAL)),
+            _ => return Err(DeviceError::sys(call, libc::EINVAL)),
         }
-        // SAFETY: exactly a live privcmd mapping of ours; the caller promises no users.
-        unsafe { crate::device::real::reserve_fixed(CALL, addr, pages) }?;
+        release(call)?;
         st.live.remove(&key);
         Ok(())
     }
