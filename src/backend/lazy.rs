@@ -397,13 +397,10 @@ impl LazyForeign {
                 let w = word.load(SeqCst);
                 match w & STATE {
                     EVICTING if w & DEAD != 0 => {
-                        let (start, n) = self.bucket_range(b);
-                        result = Err(BackendError::ForeignMap {
-                            domid: self.domid,
-                            gpa: (self.first_gfn + start as u64) << XEN_PAGE_SHIFT,
-                            size: (n * XEN_PAGE_SIZE) as u64,
-                            source: DeviceError::sys("unmap of an evicted bucket", libc::EIO),
-                        });
+                        result = Err(self.bucket_error(
+                            b,
+                            DeviceError::sys("unmap of an evicted bucket", libc::EIO),
+                        ));
                         break;
                     }
                     // An evictor is unmapping it (without our lock): wait for the end.
@@ -447,18 +444,25 @@ impl LazyForeign {
         result?;
         for b in b0..=b1 {
             if let Some(&errno) = inner.broken.get(&b) {
-                let (start, n) = self.bucket_range(b);
-                return Err(BackendError::ForeignMap {
-                    domid: self.domid,
-                    gpa: (self.first_gfn + start as u64) << XEN_PAGE_SHIFT,
-                    size: (n * XEN_PAGE_SIZE) as u64,
-                    source: DeviceError::sys("IOCTL_PRIVCMD_MMAPBATCH_V2", errno),
-                });
+                return Err(
+                    self.bucket_error(b, DeviceError::sys("IOCTL_PRIVCMD_MMAPBATCH_V2", errno))
+                );
             }
         }
         match inner.faults.range(first..=last).next() {
             Some((_, fault)) => Err(fault.error(self.domid)),
             None => Ok(()),
+        }
+    }
+
+    /// `source`, for bucket `b` as a whole.
+    fn bucket_error(&self, b: usize, source: DeviceError) -> BackendError {
+        let (start, n) = self.bucket_range(b);
+        BackendError::ForeignMap {
+            domid: self.domid,
+            gpa: (self.first_gfn + start as u64) << XEN_PAGE_SHIFT,
+            size: (n * XEN_PAGE_SIZE) as u64,
+            source,
         }
     }
 
@@ -484,12 +488,7 @@ impl LazyForeign {
         claim: Claim<'_>,
     ) -> Result<(), BackendError> {
         let (start, n) = self.bucket_range(b);
-        let map_err = |source| BackendError::ForeignMap {
-            domid: self.domid,
-            gpa: (self.first_gfn + start as u64) << XEN_PAGE_SHIFT,
-            size: (n * XEN_PAGE_SIZE) as u64,
-            source,
-        };
+        let map_err = |source| self.bucket_error(b, source);
         // What an earlier mapping of this bucket left (evictors do not take our lock).
         let stale: Vec<usize> = inner
             .faults

@@ -46,11 +46,11 @@ impl RequestMemory<'_> {
         &self,
         buffers: &[(GuestAddress, usize, Permissions)],
     ) -> Result<(), RequestError> {
+        if self.table.has_lazy() {
+            self.prefetch_lazy(buffers);
+        }
         // Fast path: nothing in the table is fetched on demand.
         if !self.table.has_on_demand() {
-            if self.table.has_lazy() {
-                self.prefetch_lazy(buffers);
-            }
             return Ok(());
         }
         let mut copy: Vec<Piece> = Vec::new();
@@ -64,15 +64,7 @@ impl RequestMemory<'_> {
                 continue;
             };
             let room = region.len() - (addr.0 - region.start_addr().0);
-            if let Some(lz) = region.lazy() {
-                // A lazy FOREIGN region: map its buckets now (best effort; an error comes
-                // back at the touch).
-                let n = (len as u64).min(room);
-                if n > 0 {
-                    let _ = lz.ensure(addr.0 - region.start_addr().0, n, self.pins());
-                }
-                continue;
-            }
+            // Lazy FOREIGN regions were mapped above; only on-demand grants from here.
             let Some(domid) = region.on_demand_domid() else {
                 continue;
             };
@@ -121,8 +113,8 @@ impl RequestMemory<'_> {
         Ok(())
     }
 
-    /// [`RequestMemory::prefetch`] over a table whose only fetched-on-touch regions are lazy
-    /// FOREIGN ones: maps the buckets the buffers need (best effort, as there).
+    /// The lazy FOREIGN part of [`RequestMemory::prefetch`]: maps the buckets the buffers
+    /// need (best effort: an error comes back at the touch).
     fn prefetch_lazy(&self, buffers: &[(GuestAddress, usize, Permissions)]) {
         for &(addr, len, _) in buffers {
             let Some(region) = self.table.find_region(addr) else {

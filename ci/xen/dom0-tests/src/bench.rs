@@ -17,6 +17,7 @@ use xen_vhost_mem::{GrantMapping, RegionTable, XenHandle};
 
 use crate::cases::{build_table, grant_region, on_demand_around, own_mappings};
 use crate::guest::{GuestBuf, RealGuest};
+use crate::stats::median;
 use crate::Report;
 
 /// A guest on real Xen ready for [`BlockWorkload`], like `emulated_block_guest`: a ring region
@@ -175,18 +176,6 @@ fn ratios(row: &Row) -> Vec<f64> {
         .zip(&row.peer_rounds)
         .map(|(ours, p)| p.ns as f64 / PEER_REQUESTS as f64 / ours)
         .collect()
-}
-
-/// Median of a non-empty list.
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    if n % 2 == 1 {
-        v[n / 2]
-    } else {
-        (v[n / 2 - 1] + v[n / 2]) / 2.0
-    }
 }
 
 struct Row {

@@ -29,6 +29,7 @@ use xen_vhost_mem::{
 
 use crate::cases::open_dev;
 use crate::domu;
+use crate::stats::{list, median, min_max};
 use crate::{CaseResult, Report};
 
 /// First byte of the region: 256 MiB, above the domU kernel's 128 MiB.
@@ -98,31 +99,6 @@ fn pattern(seed: u64) -> Vec<u8> {
             x as u8
         })
         .collect()
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    match n {
-        0 => f64::NAN,
-        _ if n % 2 == 1 => v[n / 2],
-        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-fn min_max(v: &[f64]) -> (f64, f64) {
-    (
-        v.iter().copied().fold(f64::INFINITY, f64::min),
-        v.iter().copied().fold(f64::NEG_INFINITY, f64::max),
-    )
-}
-
-fn list(v: &[f64], digits: usize) -> String {
-    v.iter()
-        .map(|x| format!("{x:.digits$}"))
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 /// `a-b` hex ranges, comma separated, as the domU's init prints them.

@@ -16,6 +16,7 @@ mod foreign;
 mod guest;
 mod lazy_foreign;
 mod set_mem_table;
+mod stats;
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Instant;

@@ -21,6 +21,7 @@ use xen_vhost_mem::{ForeignMapping, XenMmapFlags};
 
 use crate::cases::open_dev;
 use crate::lazy_foreign::{GPA, SIZE};
+use crate::stats::{median, min_max};
 use crate::CaseResult;
 
 /// Rounds per side.
@@ -141,12 +142,6 @@ fn round(side: &mut Side, domid: u32) -> Result<(), String> {
     Ok(())
 }
 
-fn median(v: &[f64]) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
-}
-
 /// `bench/lazy-foreign/set-mem-table`.
 pub fn bench(domid: u32) -> CaseResult {
     let dir = std::env::temp_dir().join("xvm-set-mem-table");
@@ -180,8 +175,7 @@ pub fn bench(domid: u32) -> CaseResult {
     }
     result?;
     let (em, lm, rm) = (median(&eager.ms), median(&lazy.ms), median(&ratios));
-    let lo = ratios.iter().copied().fold(f64::INFINITY, f64::min);
-    let hi = ratios.iter().copied().fold(0.0, f64::max);
+    let (lo, hi) = min_max(&ratios);
     let (es, ls) = (eager.syscalls.unwrap_or(0), lazy.syscalls.unwrap_or(0));
     let goal = 1.0 / 50.0;
     let met = rm <= goal;
