@@ -639,88 +639,76 @@ pub fn all_rows_processes(
     rounds: usize,
     requests: usize,
 ) -> Result<Vec<Row>, BoxError> {
-    let ours = std::cell::RefCell::new(Worker::spawn(&dir.join("in-advance-ours"))?);
-    let vm = std::cell::RefCell::new(Worker::spawn(&dir.join("in-advance-vm"))?);
+    let mut ours = Worker::spawn(&dir.join("in-advance-ours"))?;
+    let mut vm = Worker::spawn(&dir.join("in-advance-vm"))?;
     let mut rows = Vec::new();
     for batch in [1, 8, 64] {
         let cmd = |v: &str| format!("block {v} {batch} {requests}");
-        let (ct, cs, cv, cm) = (cmd("table"), cmd("scope"), cmd("vm"), cmd("memcpy"));
-        // First asks warm up.
-        for _ in 0..2 {
-            ours.borrow_mut().ask(&ct)?;
-            ours.borrow_mut().ask(&cs)?;
-            vm.borrow_mut().ask(&cv)?;
-            vm.borrow_mut().ask(&cm)?;
-        }
-        let t = interleave(
-            rounds,
-            &mut [
-                &mut || ours.borrow_mut().ask(&ct),
-                &mut || ours.borrow_mut().ask(&cs),
-                &mut || vm.borrow_mut().ask(&cv),
-                &mut || vm.borrow_mut().ask(&cm),
-            ],
-        )?;
+        let asks = [
+            (Side::Ours, cmd("table")),
+            (Side::Ours, cmd("scope")),
+            (Side::Vm, cmd("vm")),
+            (Side::Vm, cmd("memcpy")),
+        ];
+        let t = ask_interleaved(&mut ours, &mut vm, rounds, 2, &asks)?;
         rows.push(row("block", "table", "vm-memory", batch, &t[0], &t[2]));
         rows.push(row("block", "scope", "vm-memory", batch, &t[1], &t[2]));
         rows.push(row("block", "memcpy", "vm-memory", batch, &t[3], &t[2]));
     }
     let (r1, rm) = ("read 1 16".to_string(), format!("read {MANY_REGIONS} 16"));
-    for _ in 0..2 {
-        ours.borrow_mut().ask(&r1)?;
-        ours.borrow_mut().ask(&rm)?;
-        vm.borrow_mut().ask(&r1)?;
-        vm.borrow_mut().ask(&rm)?;
-    }
-    let t = interleave(
-        rounds,
-        &mut [
-            &mut || ours.borrow_mut().ask(&r1),
-            &mut || ours.borrow_mut().ask(&rm),
-            &mut || vm.borrow_mut().ask(&r1),
-            &mut || vm.borrow_mut().ask(&rm),
-        ],
-    )?;
+    let asks = [
+        (Side::Ours, r1.clone()),
+        (Side::Ours, rm.clone()),
+        (Side::Vm, r1),
+        (Side::Vm, rm),
+    ];
+    let t = ask_interleaved(&mut ours, &mut vm, rounds, 2, &asks)?;
+    let many = MANY_REGIONS;
     rows.push(row("read_obj", "ours", "vm-memory", 1, &t[0], &t[2]));
-    rows.push(row(
-        "read_obj",
-        "ours",
-        "vm-memory",
-        MANY_REGIONS,
-        &t[1],
-        &t[3],
-    ));
-    rows.push(row(
-        "read_obj",
-        "ours-509",
-        "ours-1",
-        MANY_REGIONS,
-        &t[1],
-        &t[0],
-    ));
-    rows.push(row(
-        "read_obj",
-        "vm-509",
-        "vm-1",
-        MANY_REGIONS,
-        &t[3],
-        &t[2],
-    ));
-    let t = interleave(
-        rounds,
-        &mut [&mut || ours.borrow_mut().ask("build"), &mut || {
-            vm.borrow_mut().ask("build")
-        }],
-    )?;
-    rows.push(row(
-        "build",
-        "ours",
-        "vm-memory",
-        MANY_REGIONS,
-        &t[0],
-        &t[1],
-    ));
+    rows.push(row("read_obj", "ours", "vm-memory", many, &t[1], &t[3]));
+    rows.push(row("read_obj", "ours-509", "ours-1", many, &t[1], &t[0]));
+    rows.push(row("read_obj", "vm-509", "vm-1", many, &t[3], &t[2]));
+    let asks = [
+        (Side::Ours, "build".to_string()),
+        (Side::Vm, "build".to_string()),
+    ];
+    let t = ask_interleaved(&mut ours, &mut vm, rounds, 0, &asks)?;
+    rows.push(row("build", "ours", "vm-memory", many, &t[0], &t[1]));
     Ok(rows)
+}
+
+/// Which worker a command goes to.
+#[derive(Clone, Copy, Debug)]
+enum Side {
+    Ours,
+    Vm,
+}
+
+/// Asks each command of `asks` `warm` times untimed, then in `rounds` interleaved rounds.
+fn ask_interleaved(
+    ours: &mut Worker,
+    vm: &mut Worker,
+    rounds: usize,
+    warm: usize,
+    asks: &[(Side, String)],
+) -> Result<Vec<Vec<f64>>, BoxError> {
+    let (ours, vm) = (std::cell::RefCell::new(ours), std::cell::RefCell::new(vm));
+    let ask = |side: Side, cmd: &str| match side {
+        Side::Ours => ours.borrow_mut().ask(cmd),
+        Side::Vm => vm.borrow_mut().ask(cmd),
+    };
+    for _ in 0..warm {
+        for (side, cmd) in asks {
+            ask(*side, cmd)?;
+        }
+    }
+    let mut variants: Vec<Box<dyn FnMut() -> Result<f64, BoxError> + '_>> = asks
+        .iter()
+        .map(|(side, cmd)| Box::new(move || ask(*side, cmd)) as Box<dyn FnMut() -> _>)
+        .collect();
+    let mut refs: Vec<&mut dyn FnMut() -> Result<f64, BoxError>> =
+        variants.iter_mut().map(|v| &mut **v as _).collect();
+    interleave(rounds, &mut refs)
 }
 
 /// A worker process holding one side's memory (ours or vm-memory's), so that each side's
