@@ -1,6 +1,10 @@
 //! The daemon end to end over a real Unix socket, with the vhost crate's `Frontend` as the
 //! peer and a virtio driver over guest memory: data written, read back and checked.
 
+mod common;
+
+use common::ScratchDir;
+
 use std::os::unix::net::UnixListener;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -11,36 +15,14 @@ use xen_vhost_mem::testing::blk_workload::{pass, pattern_byte};
 use xen_vhost_mem::testing::driver::{DriverConfig, GuestMode, VirtioDriver};
 
 struct Served {
-    _dir: tempdir::Dir,
+    _dir: ScratchDir,
     path: std::path::PathBuf,
     image: std::path::PathBuf,
     thread: Option<JoinHandle<Arc<VhostUserDaemon<BlkDevice>>>>,
 }
 
-mod tempdir {
-    /// A scratch directory removed on drop.
-    pub struct Dir(pub std::path::PathBuf);
-    impl Dir {
-        pub fn new(tag: &str) -> Self {
-            let p = std::env::temp_dir().join(format!(
-                "xvm-{tag}-{}-{:?}",
-                std::process::id(),
-                std::thread::current().id()
-            ));
-            let _ = std::fs::remove_dir_all(&p);
-            std::fs::create_dir_all(&p).expect("scratch dir");
-            Dir(p)
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-}
-
 fn serve_blk(tag: &str, mib: u64, queues: u16, connections: usize) -> Served {
-    let dir = tempdir::Dir::new(tag);
+    let dir = ScratchDir::new(tag);
     let image = dir.0.join("disk.img");
     let f = std::fs::File::create(&image).expect("image");
     f.set_len(mib << 20).expect("size");
@@ -122,7 +104,7 @@ mod xen {
         };
         let emu = Arc::new(EmulatedXen::new(cfg.emulation_pages()).expect("emulation"));
         let dev = XenHandle::new(emu.clone());
-        let dir = tempdir::Dir::new(&format!("{mode:?}-{indirect}"));
+        let dir = ScratchDir::new(&format!("{mode:?}-{indirect}"));
         let image = dir.0.join("disk.img");
         std::fs::File::create(&image)
             .and_then(|f| f.set_len(4 << 20))

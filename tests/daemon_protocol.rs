@@ -18,6 +18,10 @@
 //! frontend that disconnects with a batch in flight followed by a new one, with nothing left
 //! mapped in between (emulated Xen, GRANT mode).
 
+mod common;
+
+use common::ScratchDir;
+
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
@@ -53,27 +57,9 @@ const FREE_GPA: u64 = 0x1_0000_0000;
 // Daemon and driver setup
 // ---------------------------------------------------------------------------------------------
 
-/// A scratch directory removed on drop.
-struct Dir(PathBuf);
-
-impl Dir {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("xvm-proto-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("scratch dir");
-        Dir(p)
-    }
-}
-
-impl Drop for Dir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// A blk daemon serving a fixed number of connections on a scratch socket.
 struct Served {
-    _dir: Dir,
+    _dir: ScratchDir,
     path: PathBuf,
     daemon: Arc<VhostUserDaemon<BlkDevice>>,
     thread: Option<JoinHandle<()>>,
@@ -81,7 +67,7 @@ struct Served {
 
 impl Served {
     fn start(tag: &str, connections: usize, xen: Option<XenHandle>) -> Self {
-        let dir = Dir::new(tag);
+        let dir = ScratchDir::new(&format!("proto-{tag}"));
         let image = dir.0.join("disk.img");
         File::create(&image)
             .and_then(|f| f.set_len(4 << 20))
