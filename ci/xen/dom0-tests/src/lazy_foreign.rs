@@ -117,15 +117,29 @@ fn setup() -> Result<(Target, String), String> {
     let (domid, console) = domu::domid_and_console()?;
     let log = std::fs::read(&console).map_err(|e| format!("{console}: {e}"))?;
     let log = String::from_utf8_lossy(&log).replace('\r', "");
-    let line = log
+    // The first copy that reads whole (the domU prints it twice: a kernel message can cut
+    // one in two).
+    let parse = |line: &str| -> Result<Vec<(u64, u64)>, String> {
+        let ram = line
+            .split_whitespace()
+            .find_map(|f| f.strip_prefix("ram="))
+            .ok_or_else(|| format!("no ram= in {line:?}"))?;
+        ranges(ram)
+    };
+    let copies: Vec<&str> = log
         .lines()
-        .find_map(|l| l.split_once("XVM-DOMU-RAM ").map(|(_, r)| r.trim()))
-        .ok_or("no XVM-DOMU-RAM line on the domU's console")?;
-    let ram = line
-        .split_whitespace()
-        .find_map(|f| f.strip_prefix("ram="))
-        .ok_or_else(|| format!("no ram= in {line:?}"))?;
-    let ram = ranges(ram)?;
+        .filter_map(|l| l.split_once("XVM-DOMU-RAM ").map(|(_, r)| r.trim()))
+        .collect();
+    let (line, ram) = copies
+        .iter()
+        .find_map(|l| parse(l).ok().map(|r| (*l, r)))
+        .ok_or_else(|| match copies.first() {
+            None => "no XVM-DOMU-RAM line on the domU's console".to_string(),
+            Some(l) => format!(
+                "no XVM-DOMU-RAM line reads whole: {copies:?} ({})",
+                parse(l).err().unwrap_or_default()
+            ),
+        })?;
     let end = GPA + SIZE - 1;
     if let Some((a, b)) = ram.iter().find(|&&(a, b)| a <= end && b >= GPA) {
         return Err(format!(
