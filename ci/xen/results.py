@@ -152,4 +152,8 @@ if table := block_table(bench):
 if table := lazy_table(bench):
     print(table + "\n")
 print(f"xen: {passed} passed, {failed} failed")
+# The failures again, last: CI shows the end of a failed run's output.
+for t in tests:
+    if t["status"] == "FAIL":
+        print(f"FAILED: {t['name']}: {t['detail']}"[:2000])
 sys.exit(1 if failed or not passed else 0)

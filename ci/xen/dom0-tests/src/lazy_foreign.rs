@@ -16,7 +16,7 @@
 //! (eager and lazy alternated, the order flipped each round): the median and min-max of the
 //! per-round ratios, with exact device syscall counts (the `XenHandle` counters) beside them.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryError};
 use xen_vhost_mem::backend::foreign::{BATCH_FRAMES, DEFAULT_BUCKET_FRAMES};
@@ -112,34 +112,60 @@ fn ranges(text: &str) -> Result<Vec<(u64, u64)>, String> {
         .collect()
 }
 
-/// The domU, and proof that its kernel uses none of the range.
-fn setup() -> Result<(Target, String), String> {
-    let (domid, console) = domu::domid_and_console()?;
-    let log = std::fs::read(&console).map_err(|e| format!("{console}: {e}"))?;
-    let log = String::from_utf8_lossy(&log).replace('\r', "");
-    // The first copy that reads whole (the domU prints it twice: a kernel message can cut
-    // one in two).
+/// How long `setup` waits for a copy of the domU's RAM line that reads whole.
+const RAM_LINE_WAIT: Duration = Duration::from_secs(30);
+
+/// The first copy of the domU's `XVM-DOMU-RAM` line that reads whole, and its ranges. The domU
+/// prints it twice at boot and once more after `domu-grant` ends (two CI runs failed on a copy
+/// with no ranges; the cause was not seen), so this waits for a later copy before giving up,
+/// and then names every copy and any `XVM-DOMU-IOMEM` line the domU printed.
+fn ram_line(console: &str) -> Result<(String, Vec<(u64, u64)>), String> {
+    // Whole: from `ram=` to the last field, `tries=` (a cut copy may still hold whole ranges).
     let parse = |line: &str| -> Result<Vec<(u64, u64)>, String> {
+        if !line.split_whitespace().any(|f| f.starts_with("tries=")) {
+            return Err(format!("no tries= (the last field) in {line:?}"));
+        }
         let ram = line
             .split_whitespace()
             .find_map(|f| f.strip_prefix("ram="))
             .ok_or_else(|| format!("no ram= in {line:?}"))?;
         ranges(ram)
     };
-    let copies: Vec<&str> = log
-        .lines()
-        .filter_map(|l| l.split_once("XVM-DOMU-RAM ").map(|(_, r)| r.trim()))
-        .collect();
-    let (line, ram) = copies
-        .iter()
-        .find_map(|l| parse(l).ok().map(|r| (*l, r)))
-        .ok_or_else(|| match copies.first() {
-            None => "no XVM-DOMU-RAM line on the domU's console".to_string(),
-            Some(l) => format!(
-                "no XVM-DOMU-RAM line reads whole: {copies:?} ({})",
-                parse(l).err().unwrap_or_default()
-            ),
-        })?;
+    let t = Instant::now();
+    loop {
+        let log = std::fs::read(console).map_err(|e| format!("{console}: {e}"))?;
+        let log = String::from_utf8_lossy(&log).replace('\r', "");
+        let tagged = |tag: &str| -> Vec<String> {
+            log.lines()
+                .filter_map(|l| l.split_once(tag).map(|(_, r)| r.trim().to_string()))
+                .collect()
+        };
+        let copies = tagged("XVM-DOMU-RAM ");
+        if let Some(found) = copies
+            .iter()
+            .find_map(|l| parse(l).ok().map(|r| (l.clone(), r)))
+        {
+            return Ok(found);
+        }
+        if t.elapsed() > RAM_LINE_WAIT {
+            let why = copies
+                .first()
+                .map_or("no copy".to_string(), |l| parse(l).err().unwrap_or_default());
+            return Err(format!(
+                "no XVM-DOMU-RAM line reads whole after {} s: copies {copies:?} ({why}); \
+                 XVM-DOMU-IOMEM {:?}",
+                RAM_LINE_WAIT.as_secs(),
+                tagged("XVM-DOMU-IOMEM ")
+            ));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The domU, and proof that its kernel uses none of the range.
+fn setup() -> Result<(Target, String), String> {
+    let (domid, console) = domu::domid_and_console()?;
+    let (line, ram) = ram_line(&console)?;
     let end = GPA + SIZE - 1;
     if let Some((a, b)) = ram.iter().find(|&&(a, b)| a <= end && b >= GPA) {
         return Err(format!(
