@@ -148,9 +148,9 @@ fn ram_line(console: &str) -> Result<(String, Vec<(u64, u64)>), String> {
             return Ok(found);
         }
         if t.elapsed() > RAM_LINE_WAIT {
-            let why = copies
-                .first()
-                .map_or("no copy".to_string(), |l| parse(l).err().unwrap_or_default());
+            let why = copies.first().map_or("no copy".to_string(), |l| {
+                parse(l).err().unwrap_or_default()
+            });
             return Err(format!(
                 "no XVM-DOMU-RAM line reads whole after {} s: copies {copies:?} ({why}); \
                  XVM-DOMU-IOMEM {:?}",
