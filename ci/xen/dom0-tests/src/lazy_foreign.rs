@@ -115,10 +115,11 @@ fn ranges(text: &str) -> Result<Vec<(u64, u64)>, String> {
 /// How long `setup` waits for a copy of the domU's RAM line that reads whole.
 const RAM_LINE_WAIT: Duration = Duration::from_secs(30);
 
-/// The first copy of the domU's `XVM-DOMU-RAM` line that reads whole, and its ranges. The domU
-/// prints it twice at boot and once more after `domu-grant` ends (two CI runs failed on a copy
-/// with no ranges; the cause was not seen), so this waits for a later copy before giving up,
-/// and then names every copy and any `XVM-DOMU-IOMEM` line the domU printed.
+/// The first copy of the domU's `XVM-DOMU-RAM` line that reads whole, and its ranges. The
+/// domU's read of `/proc/iomem` came out empty now and then (two CI runs failed on it); the domU
+/// reads again when it does, prints the line twice at boot and once more after `domu-grant`
+/// ends, and this waits for a later copy before giving up, then names every copy and any
+/// `XVM-DOMU-IOMEM` line the domU printed.
 fn ram_line(console: &str) -> Result<(String, Vec<(u64, u64)>), String> {
     // Whole: from `ram=` to the last field, `tries=` (a cut copy may still hold whole ranges).
     let parse = |line: &str| -> Result<Vec<(u64, u64)>, String> {
