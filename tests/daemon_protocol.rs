@@ -240,6 +240,25 @@ type Case = (
     Box<dyn Fn(&mut VirtioDriver) -> Result<(), vhost::Error>>,
 );
 
+/// `fd` typed as the `EventFd` vhost's `Frontend` sends, without taking it over (the wrapper
+/// never closes it).
+fn not_an_eventfd(fd: &impl AsRawFd) -> std::mem::ManuallyDrop<vmm_sys_util::eventfd::EventFd> {
+    // SAFETY: the fd stays open while the borrow lives, and ManuallyDrop keeps the EventFd
+    // from closing it; the Frontend only reads its number to send it.
+    std::mem::ManuallyDrop::new(unsafe {
+        vmm_sys_util::eventfd::EventFd::from_raw_fd(fd.as_raw_fd())
+    })
+}
+
+/// Both ends of a new pipe.
+fn pipe() -> (File, File) {
+    let mut fds = [0; 2];
+    // SAFETY: fds has room for the two fds pipe(2) writes.
+    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
+    // SAFETY: both fds are new and owned by these Files alone.
+    unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
+}
+
 /// Cases every build and guest mode refuses.
 fn common_cases() -> Vec<Case> {
     let extra = Arc::new(memfd(2 << 20));
@@ -290,6 +309,27 @@ fn common_cases() -> Vec<Case> {
             Box::new(|d| {
                 let ev = vmm_sys_util::eventfd::EventFd::new(0).expect("eventfd");
                 d.frontend().set_vring_kick(7, &ev)
+            }),
+        ),
+        (
+            "SET_VRING_KICK queue 1 with a socket (not an eventfd)",
+            Box::new(|d| {
+                let (a, _b) = UnixStream::pair().expect("socketpair");
+                d.frontend().set_vring_kick(1, &not_an_eventfd(&a))
+            }),
+        ),
+        (
+            "SET_VRING_CALL queue 1 with a pipe (not an eventfd)",
+            Box::new(|d| {
+                let (r, _w) = pipe();
+                d.frontend().set_vring_call(1, &not_an_eventfd(&r))
+            }),
+        ),
+        (
+            "SET_VRING_ERR queue 0 with /dev/null (not an eventfd)",
+            Box::new(|d| {
+                let null = File::open("/dev/null").expect("/dev/null");
+                d.frontend().set_vring_err(0, &not_an_eventfd(&null))
             }),
         ),
         (

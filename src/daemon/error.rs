@@ -76,6 +76,17 @@ pub enum DaemonError {
         /// virtio-queue's reason.
         reason: String,
     },
+    /// A kick, call or error fd that is not an eventfd (a socket, a pipe, a file...): the
+    /// worker could block on it or get SIGPIPE from it.
+    #[error("vring {queue}: the {role} fd is not an eventfd but {kind}")]
+    NotAnEventFd {
+        /// Queue.
+        queue: u8,
+        /// `kick`, `call` or `err`.
+        role: &'static str,
+        /// What it is instead (procfs's name for it, e.g. `socket:[1234]`).
+        kind: String,
+    },
     /// `SET_VRING_BASE` with a base beyond 16 bits.
     #[error("vring {queue}: base {base:#x} does not fit a split ring index")]
     QueueBase {

@@ -24,6 +24,7 @@ use vm_memory::{GuestMemoryRegion, GuestUsize};
 
 use super::device::{VhostUserDevice, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_RING_F_EVENT_IDX};
 use super::error::DaemonError;
+use super::notify_fd::check_eventfd;
 use super::ring_mem::RingMem;
 use super::worker::{DaemonStats, QueueWorker};
 use crate::backend::foreign::ForeignMapping;
@@ -348,6 +349,15 @@ impl<D: VhostUserDevice> Handler<D> {
     }
 }
 
+/// `fd` as vring `index`'s `role` fd, or why not: it must be an eventfd (`notify_fd`).
+fn eventfd(index: u8, role: &'static str, fd: &File) -> Result<(), DaemonError> {
+    check_eventfd(fd).map_err(|kind| DaemonError::NotAnEventFd {
+        queue: index,
+        role,
+        kind,
+    })
+}
+
 impl<D: VhostUserDevice> Drop for Handler<D> {
     fn drop(&mut self) {
         self.stop_workers();
@@ -517,10 +527,12 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
     fn set_vring_kick(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
         self.handled();
         let vring = self.vring(u32::from(index))?.clone();
-        self.stop_worker(usize::from(index));
         let Some(fd) = fd else {
             return Err(DaemonError::Unsupported("a vring without a kick fd (polling)").into());
         };
+        // Refused before the worker stops: the queue keeps its kick fd and its worker.
+        eventfd(index, "kick", &fd)?;
+        self.stop_worker(usize::from(index));
         vring.set_kick(Some(fd));
         vring.set_queue_ready(true);
         self.start_worker(usize::from(index))?;
@@ -529,13 +541,21 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
 
     fn set_vring_call(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
         self.handled();
-        self.vring(u32::from(index))?.set_call(fd);
+        let vring = self.vring(u32::from(index))?;
+        if let Some(fd) = &fd {
+            eventfd(index, "call", fd)?;
+        }
+        vring.set_call(fd);
         Ok(())
     }
 
     fn set_vring_err(&mut self, index: u8, fd: Option<File>) -> VhostResult<()> {
         self.handled();
-        self.vring(u32::from(index))?.set_err(fd);
+        let vring = self.vring(u32::from(index))?;
+        if let Some(fd) = &fd {
+            eventfd(index, "err", fd)?;
+        }
+        vring.set_err(fd);
         Ok(())
     }
 

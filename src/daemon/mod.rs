@@ -20,6 +20,7 @@ mod device;
 mod error;
 mod handler;
 pub(crate) mod layout;
+mod notify_fd;
 mod ring_mem;
 mod wire;
 mod worker;
