@@ -689,10 +689,17 @@ fn run(r: &mut Report) -> Res<()> {
     let line = wait_line(&console, "XVM-DOMU-VQ ", Duration::from_secs(120))?;
     let mut lay = Layout::parse(&line);
     if !a.host {
-        // The domU's buffer pages by gfn, for the FOREIGN regions of the benchmark.
-        let g = wait_line(&console, "XVM-DOMU-VQ-GFNS ", Duration::from_secs(1))?;
-        lay.0
-            .push(("gfns".into(), g["XVM-DOMU-VQ-GFNS ".len()..].trim().into()));
+        // The domU's buffer pages by gfn, for the FOREIGN regions of the benchmark: the GFNS
+        // line of the run that announced itself, the last one before its XVM-DOMU-VQ line (the
+        // domU's init runs domu-vq again if a run dies before announcing itself).
+        let text = read_text(&console);
+        let before = text.find("XVM-DOMU-VQ ").unwrap_or(text.len());
+        let g = text[..before]
+            .lines()
+            .filter_map(|l| l.split_once("XVM-DOMU-VQ-GFNS ").map(|(_, g)| g.trim()))
+            .last()
+            .ok_or("no XVM-DOMU-VQ-GFNS line before the XVM-DOMU-VQ line")?;
+        lay.0.push(("gfns".into(), g.into()));
     }
     std::fs::create_dir_all(&a.work).map_err(|e| format!("{}: {e}", a.work.display()))?;
     let disk = a.work.join("vq.img");
