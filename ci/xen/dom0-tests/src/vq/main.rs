@@ -697,7 +697,7 @@ fn run(r: &mut Report) -> Res<()> {
         let g = text[..before]
             .lines()
             .filter_map(|l| l.split_once("XVM-DOMU-VQ-GFNS ").map(|(_, g)| g.trim()))
-            .last()
+            .next_back()
             .ok_or("no XVM-DOMU-VQ-GFNS line before the XVM-DOMU-VQ line")?;
         lay.0.push(("gfns".into(), g.into()));
     }
