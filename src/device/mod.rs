@@ -282,6 +282,20 @@ impl XenHandle {
         r
     }
 
+    /// One unmap through the device: counted as a munmap, and as one mapping fewer if it
+    /// worked.
+    fn count_unmap(
+        &self,
+        unmap: impl FnOnce() -> Result<(), DeviceError>,
+    ) -> Result<(), DeviceError> {
+        self.counters.add_munmap();
+        let r = self.count(unmap());
+        if r.is_ok() {
+            self.counters.unmapped();
+        }
+        r
+    }
+
     /// See [`XenDriver::grant_map_refs`].
     pub fn grant_map_refs(&self, refs: &[GrantPage]) -> Result<u64, DeviceError> {
         self.counters.add_ioctl();
@@ -308,13 +322,8 @@ impl XenHandle {
     /// # Safety
     /// As for [`XenDriver::grant_munmap`].
     pub unsafe fn grant_munmap(&self, addr: NonNull<u8>, pages: usize) -> Result<(), DeviceError> {
-        self.counters.add_munmap();
         // SAFETY: forwarded contract.
-        let r = self.count(unsafe { self.dev.grant_munmap(addr, pages) });
-        if r.is_ok() {
-            self.counters.unmapped();
-        }
-        r
+        self.count_unmap(|| unsafe { self.dev.grant_munmap(addr, pages) })
     }
 
     /// See [`XenDriver::grant_unmap_refs`].
@@ -376,13 +385,8 @@ impl XenHandle {
         addr: NonNull<u8>,
         pages: usize,
     ) -> Result<(), DeviceError> {
-        self.counters.add_munmap();
         // SAFETY: forwarded contract.
-        let r = self.count(unsafe { self.dev.foreign_munmap(addr, pages) });
-        if r.is_ok() {
-            self.counters.unmapped();
-        }
-        r
+        self.count_unmap(|| unsafe { self.dev.foreign_munmap(addr, pages) })
     }
 
     /// See [`XenDriver::foreign_unmap_to_reserve`].
@@ -394,12 +398,7 @@ impl XenHandle {
         addr: NonNull<u8>,
         pages: usize,
     ) -> Result<(), DeviceError> {
-        self.counters.add_munmap();
         // SAFETY: forwarded contract.
-        let r = self.count(unsafe { self.dev.foreign_unmap_to_reserve(addr, pages) });
-        if r.is_ok() {
-            self.counters.unmapped();
-        }
-        r
+        self.count_unmap(|| unsafe { self.dev.foreign_unmap_to_reserve(addr, pages) })
     }
 }
