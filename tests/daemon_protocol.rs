@@ -20,7 +20,7 @@
 
 mod common;
 
-use common::ScratchDir;
+use common::{memfd, ScratchDir};
 
 use std::fs::File;
 use std::io::Read;
@@ -189,16 +189,6 @@ fn assert_nack<T: std::fmt::Debug>(what: &str, r: Result<T, vhost::Error>) {
     }
 }
 
-fn memfd(len: u64) -> File {
-    // SAFETY: memfd_create with a valid C string.
-    let fd = unsafe { libc::memfd_create(c"xvm-proto-extra".as_ptr(), libc::MFD_CLOEXEC) };
-    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
-    // SAFETY: a new fd we own.
-    let f = unsafe { File::from_raw_fd(fd) };
-    f.set_len(len).expect("memfd size");
-    f
-}
-
 /// A region to announce. `flags`/`domid` are the Xen fields (ignored without `xen`).
 fn region(
     gpa: u64,
@@ -248,15 +238,6 @@ fn not_an_eventfd(fd: &impl AsRawFd) -> std::mem::ManuallyDrop<vmm_sys_util::eve
     std::mem::ManuallyDrop::new(unsafe {
         vmm_sys_util::eventfd::EventFd::from_raw_fd(fd.as_raw_fd())
     })
-}
-
-/// Both ends of a new pipe.
-fn pipe() -> (File, File) {
-    let mut fds = [0; 2];
-    // SAFETY: fds has room for the two fds pipe(2) writes.
-    assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0, "pipe");
-    // SAFETY: both fds are new and owned by these Files alone.
-    unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) }
 }
 
 /// Cases every build and guest mode refuses.
@@ -321,7 +302,7 @@ fn common_cases() -> Vec<Case> {
         (
             "SET_VRING_CALL queue 1 with a pipe (not an eventfd)",
             Box::new(|d| {
-                let (r, _w) = pipe();
+                let (r, _w) = std::io::pipe().expect("pipe");
                 d.frontend().set_vring_call(1, &not_an_eventfd(&r))
             }),
         ),

@@ -8,11 +8,11 @@ mod common;
 
 use std::sync::Arc;
 
-use common::{desc, frames, guest, wire, DOMID, FLAG_FOREIGN, PAGE};
+use common::{frames, guest, lazy_region, DOMID, PAGE};
 use vm_memory::{Bytes, GuestAddress, GuestMemory, Permissions};
 use xen_vhost_mem::backend::BackendError;
 use xen_vhost_mem::testing::GuestSim;
-use xen_vhost_mem::{ForeignMapping, RegionTable, RequestError, RequestMemory, XenRegion};
+use xen_vhost_mem::{RegionTable, RequestError, RequestMemory};
 
 /// 4 frames per bucket: 16 KiB.
 const BUCKET_FRAMES: usize = 4;
@@ -31,22 +31,7 @@ fn setup(limit: usize) -> (GuestSim, RegionTable) {
     g.dev
         .set_lazy_bucket_limit(limit)
         .expect("bound before any region");
-    let region = XenRegion::with_foreign_mapping(
-        desc(wire(
-            0,
-            (PAGES * PAGE) as u64,
-            0,
-            0,
-            FLAG_FOREIGN,
-            DOMID.into(),
-        )),
-        None,
-        Some(&g.dev),
-        ForeignMapping::Lazy {
-            bucket_frames: BUCKET_FRAMES,
-        },
-    )
-    .expect("reserve lazy region");
+    let region = lazy_region(&g, 0, (PAGES * PAGE) as u64, BUCKET_FRAMES);
     let table = RegionTable::from_regions(vec![region]).unwrap();
     (g, table)
 }

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{desc, frames, guest, wire, DOMID, FLAG_FOREIGN, PAGE};
+use common::{desc, frames, guest, lazy_region, wire, DOMID, FLAG_FOREIGN, PAGE};
 use vm_memory::{Bytes, GuestAddress};
 use xen_vhost_mem::backend::BackendError;
 use xen_vhost_mem::device::CounterSnapshot;
@@ -14,18 +14,6 @@ use xen_vhost_mem::{ForeignMapping, RegionTable, RequestError, RequestMemory, Xe
 
 const GIB: u64 = 1 << 30;
 const BUCKET: usize = 256;
-
-fn lazy_region(g: &GuestSim, gpa: u64, size: u64) -> XenRegion {
-    XenRegion::with_foreign_mapping(
-        desc(wire(gpa, size, 0, 0, FLAG_FOREIGN, DOMID.into())),
-        None,
-        Some(&g.dev),
-        ForeignMapping::Lazy {
-            bucket_frames: BUCKET,
-        },
-    )
-    .expect("reserve lazy foreign region")
-}
 
 fn snap(g: &GuestSim) -> CounterSnapshot {
     g.dev.counters().snapshot()
@@ -47,7 +35,7 @@ fn one_gib_region_costs_no_device_call_and_first_touch_maps_one_bucket() {
     g.emu.write_page(page + 3, 5, b"lazy hello").unwrap();
 
     let before = snap(&g);
-    let table = RegionTable::from_regions(vec![lazy_region(&g, 0, GIB)]).unwrap();
+    let table = RegionTable::from_regions(vec![lazy_region(&g, 0, GIB, BUCKET)]).unwrap();
     assert_eq!(snap(&g).since(&before), CounterSnapshot::default());
     assert!(table.has_lazy() && !table.has_on_demand());
     assert!(table.regions()[0].is_lazy_foreign());
@@ -100,7 +88,7 @@ fn access_across_buckets_maps_each_once() {
     for (i, chunk) in data.chunks(PAGE).enumerate() {
         g.emu.write_page(page + 0xff + i, 0, chunk).unwrap();
     }
-    let table = RegionTable::from_regions(vec![lazy_region(&g, 0, GIB)]).unwrap();
+    let table = RegionTable::from_regions(vec![lazy_region(&g, 0, GIB, BUCKET)]).unwrap();
     let before = snap(&g);
     let mem = RequestMemory::new(&table);
     let mut buf = vec![0u8; 3 * PAGE];
@@ -124,7 +112,7 @@ fn unknown_frame_inside_a_bucket_is_an_error_naming_it() {
     // Bucket 0x30 (gfns 0x3000..0x3100) has only its first half.
     let page = frames(&g, 0x3000, 0x80);
     g.emu.write_page(page + 0x7f, 0, b"good").unwrap();
-    let table = RegionTable::from_regions(vec![lazy_region(&g, 0, GIB)]).unwrap();
+    let table = RegionTable::from_regions(vec![lazy_region(&g, 0, GIB, BUCKET)]).unwrap();
     let mem = RequestMemory::new(&table);
 
     let before = snap(&g);
@@ -166,7 +154,7 @@ fn paged_out_frames_are_retried_at_first_touch() {
     g.emu.write_page(page + 7, 0, b"back").unwrap();
     g.emu.page_out(DOMID, 0x4007, 2);
     g.emu.page_out(DOMID, 0x4009, 99);
-    let table = RegionTable::from_regions(vec![lazy_region(&g, 0, GIB)]).unwrap();
+    let table = RegionTable::from_regions(vec![lazy_region(&g, 0, GIB, BUCKET)]).unwrap();
     let mem = RequestMemory::new(&table);
     let mut buf = [0u8; 4];
     mem.read_slice(&mut buf, GuestAddress(gpa_of(0x4007)))
@@ -190,7 +178,7 @@ fn paged_out_frames_are_retried_at_first_touch() {
 fn plain_table_access_to_a_lazy_region_is_an_error() {
     let g = guest(256);
     frames(&g, 0x5000, 256);
-    let table = RegionTable::from_regions(vec![lazy_region(&g, 0, GIB)]).unwrap();
+    let table = RegionTable::from_regions(vec![lazy_region(&g, 0, GIB, BUCKET)]).unwrap();
     let region = &table.regions()[0];
     assert!(region.host_address().is_none());
     let on_demand = |e: vm_memory::GuestMemoryError| match e {
@@ -233,7 +221,7 @@ fn plain_table_access_to_a_lazy_region_is_an_error() {
 fn prefetch_maps_the_buckets_of_the_buffers() {
     let g = guest(512);
     frames(&g, 0x6000, 512);
-    let table = RegionTable::from_regions(vec![lazy_region(&g, 0, GIB)]).unwrap();
+    let table = RegionTable::from_regions(vec![lazy_region(&g, 0, GIB, BUCKET)]).unwrap();
     let mem = RequestMemory::new(&table);
     let before = snap(&g);
     mem.prefetch(&[

@@ -67,11 +67,8 @@ mod tests {
         let kind = check_eventfd(&sock).expect_err("a socket is no eventfd");
         assert!(kind.starts_with("socket:["), "{kind}");
 
-        let mut fds = [0; 2];
-        // SAFETY: fds has room for the two fds pipe(2) writes.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        // SAFETY: both fds are new and owned by these Files alone.
-        let (r, _w) = unsafe { (File::from_raw_fd(fds[0]), File::from_raw_fd(fds[1])) };
+        let (r, _w) = std::io::pipe().expect("pipe");
+        let r = File::from(std::os::fd::OwnedFd::from(r));
         let kind = check_eventfd(&r).expect_err("a pipe is no eventfd");
         assert!(kind.starts_with("pipe:["), "{kind}");
 

@@ -62,6 +62,17 @@ pub fn foreign_region(g: &GuestSim, gpa: u64, size: u64) -> XenRegion {
     .expect("map foreign region")
 }
 
+/// A lazily mapped FOREIGN region of [`DOMID`] (buckets of `bucket_frames` frames).
+pub fn lazy_region(g: &GuestSim, gpa: u64, size: u64, bucket_frames: usize) -> XenRegion {
+    XenRegion::with_foreign_mapping(
+        desc(wire(gpa, size, 0, 0, FLAG_FOREIGN, DOMID.into())),
+        None,
+        Some(&g.dev),
+        xen_vhost_mem::ForeignMapping::Lazy { bucket_frames },
+    )
+    .expect("reserve lazy foreign region")
+}
+
 /// A GRANT region of [`DOMID`] mapped in advance, with a frontend virtual address.
 pub fn grant_region(g: &GuestSim, gpa: u64, size: u64, uaddr: u64) -> XenRegion {
     XenRegion::new(
