@@ -17,7 +17,7 @@ use xen_vhost_mem::{GrantMapping, RegionTable, XenHandle};
 
 use crate::cases::{build_table, grant_region, on_demand_around, own_mappings};
 use crate::guest::{GuestBuf, RealGuest};
-use crate::stats::median;
+use crate::stats::{list, median, min_max};
 use crate::Report;
 
 /// A guest on real Xen ready for [`BlockWorkload`], like `emulated_block_guest`: a ring region
@@ -428,11 +428,10 @@ pub fn run_all(report: &mut Report) {
                 );
                 if !row.peer_rounds.is_empty() {
                     let r = ratios(&row);
+                    let (lo, hi) = min_max(&r);
                     d += &format!(
-                        "; x{:.2} vs vm-memory (median of per-round ratios, {:.2}-{:.2})",
+                        "; x{:.2} vs vm-memory (median of per-round ratios, {lo:.2}-{hi:.2})",
                         median(&r),
-                        r.iter().copied().fold(f64::INFINITY, f64::min),
-                        r.iter().copied().fold(0.0, f64::max)
                     );
                 }
                 out = Some(row);
@@ -448,13 +447,12 @@ pub fn run_all(report: &mut Report) {
                         .map(|p| p.ns as f64 / PEER_REQUESTS as f64)
                         .collect();
                     let peer_sys: u64 = row.peer_rounds.iter().map(|p| p.syscalls).sum();
+                    let (lo, hi) = min_max(&r);
                     peer_json = format!(
-                        ",\"rounds\":{},\"round_ratios\":[{}],\"ratio_median\":{:.3},\"ratio_min\":{:.3},\"ratio_max\":{:.3},\"peer_requests\":{},\"peer_requests_per_s\":{:.1},\"peer_syscalls_per_request\":{:?}",
+                        ",\"rounds\":{},\"round_ratios\":[{}],\"ratio_median\":{:.3},\"ratio_min\":{lo:.3},\"ratio_max\":{hi:.3},\"peer_requests\":{},\"peer_requests_per_s\":{:.1},\"peer_syscalls_per_request\":{:?}",
                         r.len(),
-                        r.iter().map(|x| format!("{x:.3}")).collect::<Vec<_>>().join(","),
+                        list(&r, 3),
                         median(&r),
-                        r.iter().copied().fold(f64::INFINITY, f64::min),
-                        r.iter().copied().fold(0.0, f64::max),
                         PEER_REQUESTS * row.peer_rounds.len(),
                         1e9 / median(&peer_ns),
                         peer_sys as f64 / (PEER_REQUESTS * row.peer_rounds.len()) as f64

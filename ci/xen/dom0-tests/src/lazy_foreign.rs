@@ -112,6 +112,12 @@ fn ranges(text: &str) -> Result<Vec<(u64, u64)>, String> {
         .collect()
 }
 
+/// The domU's console log as text, without carriage returns.
+fn console_text(console: &str) -> Result<String, String> {
+    let log = std::fs::read(console).map_err(|e| format!("{console}: {e}"))?;
+    Ok(String::from_utf8_lossy(&log).replace('\r', ""))
+}
+
 /// How long `setup` waits for a copy of the domU's RAM line that reads whole.
 const RAM_LINE_WAIT: Duration = Duration::from_secs(30);
 
@@ -134,8 +140,7 @@ fn ram_line(console: &str) -> Result<(String, Vec<(u64, u64)>), String> {
     };
     let t = Instant::now();
     loop {
-        let log = std::fs::read(console).map_err(|e| format!("{console}: {e}"))?;
-        let log = String::from_utf8_lossy(&log).replace('\r', "");
+        let log = console_text(console)?;
         let tagged = |tag: &str| -> Vec<String> {
             log.lines()
                 .filter_map(|l| l.split_once(tag).map(|(_, r)| r.trim().to_string()))
@@ -182,8 +187,7 @@ fn setup() -> Result<(Target, String), String> {
 /// The domU's balloon driver, at boot and now (after our writes): the frames we mapped stayed
 /// the domU's (a balloon that gave frames back would have made the eager mapping fail).
 fn balloon(t: &Target) -> CaseResult {
-    let log = std::fs::read(&t.console).map_err(|e| format!("{}: {e}", t.console))?;
-    let log = String::from_utf8_lossy(&log).replace('\r', "");
+    let log = console_text(&t.console)?;
     let field = |tag: &str| {
         log.lines()
             .find_map(|l| l.split_once(tag).map(|(_, r)| r.trim().to_string()))
