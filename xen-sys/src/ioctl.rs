@@ -8,6 +8,8 @@
 
 use core::mem::size_of;
 
+use crate::dm_op::PrivcmdDmOp;
+use crate::evtchn::{IoctlEvtchnBindInterdomain, IoctlEvtchnNotify, IoctlEvtchnUnbind};
 use crate::gntalloc::{IoctlGntallocAllocGref, IoctlGntallocDeallocGref};
 use crate::gntdev::{
     IoctlGntdevGrantCopy, IoctlGntdevMapGrantRef, IoctlGntdevUnmapGrantRef, IoctlGntdevUnmapNotify,
@@ -55,6 +57,14 @@ pub const fn ioc_none<T>(ty: u8, nr: u8) -> u32 {
 pub const IOCTL_PRIVCMD_MMAPBATCH_V2: u32 = ioc_none::<PrivcmdMmapbatchV2>(b'P', 4);
 /// Map a domain resource such as its grant table (`0x205007`).
 pub const IOCTL_PRIVCMD_MMAP_RESOURCE: u32 = ioc_none::<PrivcmdMmapResource>(b'P', 7);
+/// Device-model operation on a guest (ioreq servers, interrupt lines) (`0x105005`).
+pub const IOCTL_PRIVCMD_DM_OP: u32 = ioc_none::<PrivcmdDmOp>(b'P', 5);
+/// Bind an interdomain event channel; returns the local port (`0x84501`).
+pub const IOCTL_EVTCHN_BIND_INTERDOMAIN: u32 = ioc_none::<IoctlEvtchnBindInterdomain>(b'E', 1);
+/// Unbind a local port (`0x44503`).
+pub const IOCTL_EVTCHN_UNBIND: u32 = ioc_none::<IoctlEvtchnUnbind>(b'E', 3);
+/// Signal a local port's remote end (`0x44504`).
+pub const IOCTL_EVTCHN_NOTIFY: u32 = ioc_none::<IoctlEvtchnNotify>(b'E', 4);
 /// Map grant refs; returns the mmap offset (`0x184700`).
 pub const IOCTL_GNTDEV_MAP_GRANT_REF: u32 = ioc_none::<IoctlGntdevMapGrantRef>(b'G', 0);
 /// Release a grant map made by `IOCTL_GNTDEV_MAP_GRANT_REF` (`0x104701`).
@@ -76,6 +86,9 @@ mod tests {
     fn numbers_match_the_ones_used_on_real_xen() {
         assert_eq!(IOCTL_PRIVCMD_MMAPBATCH_V2, 0x205004);
         assert_eq!(IOCTL_PRIVCMD_MMAP_RESOURCE, 0x205007);
+        assert_eq!(IOCTL_PRIVCMD_DM_OP, 0x105005);
+        assert_eq!(IOCTL_EVTCHN_BIND_INTERDOMAIN, 0x84501);
+        assert_eq!(IOCTL_EVTCHN_NOTIFY, 0x44504);
         assert_eq!(IOCTL_GNTDEV_MAP_GRANT_REF, 0x184700);
         assert_eq!(IOCTL_GNTDEV_UNMAP_GRANT_REF, 0x104701);
         assert_eq!(IOCTL_GNTDEV_SET_UNMAP_NOTIFY, 0x104707);

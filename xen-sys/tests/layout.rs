@@ -26,10 +26,14 @@ use std::mem::{offset_of, size_of};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use xen_sys::dm_op::*;
+use xen_sys::evtchn::*;
 use xen_sys::gntalloc::*;
 use xen_sys::gntdev::*;
 use xen_sys::ioctl::*;
+use xen_sys::ioreq::*;
 use xen_sys::privcmd::*;
+use xen_sys::xenbus::*;
 
 /// `(name, C expression, value in Rust)`.
 type Item = (&'static str, &'static str, u64);
@@ -73,12 +77,19 @@ macro_rules! constant {
     ($name:ident) => {
         (stringify!($name), stringify!($name), $name as u64)
     };
+    ($name:ident, $c:literal) => {
+        (stringify!($name), $c, $name as u64)
+    };
 }
 
 fn items() -> Vec<Item> {
     let mut v: Vec<Item> = vec![
         constant!(IOCTL_PRIVCMD_MMAPBATCH_V2),
         constant!(IOCTL_PRIVCMD_MMAP_RESOURCE),
+        constant!(IOCTL_PRIVCMD_DM_OP),
+        constant!(IOCTL_EVTCHN_BIND_INTERDOMAIN),
+        constant!(IOCTL_EVTCHN_UNBIND),
+        constant!(IOCTL_EVTCHN_NOTIFY),
         constant!(IOCTL_GNTDEV_MAP_GRANT_REF),
         constant!(IOCTL_GNTDEV_UNMAP_GRANT_REF),
         constant!(IOCTL_GNTDEV_SET_UNMAP_NOTIFY),
@@ -90,6 +101,11 @@ fn items() -> Vec<Item> {
         constant!(UNMAP_NOTIFY_SEND_EVENT),
         sizeof!("privcmd_mmapbatch_v2", PrivcmdMmapbatchV2),
         sizeof!("privcmd_mmap_resource", PrivcmdMmapResource),
+        sizeof!("privcmd_dm_op_buf", PrivcmdDmOpBuf),
+        sizeof!("privcmd_dm_op", PrivcmdDmOp),
+        sizeof!("ioctl_evtchn_bind_interdomain", IoctlEvtchnBindInterdomain),
+        sizeof!("ioctl_evtchn_unbind", IoctlEvtchnUnbind),
+        sizeof!("ioctl_evtchn_notify", IoctlEvtchnNotify),
         sizeof!("ioctl_gntdev_grant_ref", IoctlGntdevGrantRef),
         sizeof!("ioctl_gntdev_map_grant_ref", IoctlGntdevMapGrantRef),
         sizeof!("ioctl_gntdev_unmap_grant_ref", IoctlGntdevUnmapGrantRef),
@@ -111,6 +127,15 @@ fn items() -> Vec<Item> {
         field!("privcmd_mmap_resource"."idx", PrivcmdMmapResource, idx),
         field!("privcmd_mmap_resource"."num", PrivcmdMmapResource, num),
         field!("privcmd_mmap_resource"."addr", PrivcmdMmapResource, addr),
+        field!("privcmd_dm_op_buf"."uptr", PrivcmdDmOpBuf, uptr),
+        field!("privcmd_dm_op_buf"."size", PrivcmdDmOpBuf, size),
+        field!("privcmd_dm_op"."dom", PrivcmdDmOp, dom),
+        field!("privcmd_dm_op"."num", PrivcmdDmOp, num),
+        field!("privcmd_dm_op"."ubufs", PrivcmdDmOp, ubufs),
+        field!("ioctl_evtchn_bind_interdomain"."remote_domain", IoctlEvtchnBindInterdomain, remote_domain),
+        field!("ioctl_evtchn_bind_interdomain"."remote_port", IoctlEvtchnBindInterdomain, remote_port),
+        field!("ioctl_evtchn_notify"."port", IoctlEvtchnNotify, port),
+        field!("ioctl_evtchn_unbind"."port", IoctlEvtchnUnbind, port),
         field!("ioctl_gntdev_grant_ref"."domid", IoctlGntdevGrantRef, domid),
         field!("ioctl_gntdev_grant_ref"."ref", IoctlGntdevGrantRef, gref),
         field!("ioctl_gntdev_map_grant_ref"."count", IoctlGntdevMapGrantRef, count),
@@ -165,7 +190,7 @@ fn c_program(items: &[Item]) -> String {
         "#include <stdio.h>\n#include <stddef.h>\n#include <stdint.h>\n#include <linux/types.h>\n\
          #include <sys/ioctl.h>\n\
          typedef uint16_t domid_t;\ntypedef uint32_t grant_ref_t;\n\
-         #include <xen/gntdev.h>\n#include <xen/gntalloc.h>\n#include <xen/privcmd.h>\n\
+         #include <xen/gntdev.h>\n#include <xen/gntalloc.h>\n#include <xen/privcmd.h>\n#include <xen/evtchn.h>\n\
          int main(void) {\n",
     );
     for (name, expr, _) in items {
@@ -191,15 +216,39 @@ fn run_c(items: &[Item]) -> HashMap<String, u64> {
             path.display()
         );
     }
-    let dir = TempDir(std::env::temp_dir().join(format!("xen-sys-layout-{}", std::process::id())));
+    compile_and_run(items, "", "", &[], Some(XEN_H_STUB))
+}
+
+/// Compiles `items` into a C program (`header` included before `main`, the
+/// linux uapi set when empty; `prelude` after it) and returns what it prints.
+/// `stub`: the `xen/interface/xen.h` stand-in, first on the include path.
+fn compile_and_run(
+    items: &[Item],
+    header: &str,
+    prelude: &str,
+    cflags: &[&str],
+    stub: Option<&str>,
+) -> HashMap<String, u64> {
+    let tag = if stub.is_some() { "uapi" } else { "public" };
+    let dir =
+        TempDir(std::env::temp_dir().join(format!("xen-sys-layout-{tag}-{}", std::process::id())));
     fs::create_dir_all(dir.0.join("xen/interface")).unwrap();
-    fs::write(dir.0.join("xen/interface/xen.h"), XEN_H_STUB).unwrap();
+    if let Some(stub) = stub {
+        fs::write(dir.0.join("xen/interface/xen.h"), stub).unwrap();
+    }
     let src = dir.0.join("layout.c");
     let exe = dir.0.join("layout");
-    fs::write(&src, c_program(items)).unwrap();
+    let mut program = c_program(items);
+    if !header.is_empty() {
+        let body = &program[program.find("int main").unwrap()..];
+        program = format!("{header}{prelude}{body}");
+    }
+    fs::write(&src, program).unwrap();
 
     let out = Command::new("gcc")
-        .args(["-std=gnu11", "-Wall", "-Werror", "-I"])
+        .args(["-std=gnu11", "-Wall", "-Werror"])
+        .args(cflags)
+        .arg("-I")
         .arg(&dir.0)
         .arg(&src)
         .arg("-o")
@@ -230,6 +279,10 @@ fn run_c(items: &[Item]) -> HashMap<String, u64> {
 fn rust_definitions_match_the_linux_headers() {
     let items = items();
     let c = run_c(&items);
+    compare(&items, &c);
+}
+
+fn compare(items: &[Item], c: &HashMap<String, u64>) {
     assert_eq!(c.len(), items.len(), "duplicate names in the table");
     let mismatches: Vec<String> = items
         .iter()
@@ -242,4 +295,133 @@ fn rust_definitions_match_the_linux_headers() {
         mismatches.join("\n")
     );
     println!("{} items match the headers", items.len());
+}
+
+/// Items of Xen's public headers (libxen-dev: `xen/hvm/dm_op.h`,
+/// `xen/hvm/ioreq.h`, `xen/io/xs_wire.h`), compiled in a program of their own:
+/// they define `domid_t` themselves and clash with the stub above.
+fn xen_public_items() -> Vec<Item> {
+    let mut v: Vec<Item> = vec![
+        constant!(XEN_DMOP_CREATE_IOREQ_SERVER, "XEN_DMOP_create_ioreq_server"),
+        constant!(
+            XEN_DMOP_MAP_IO_RANGE_TO_IOREQ_SERVER,
+            "XEN_DMOP_map_io_range_to_ioreq_server"
+        ),
+        constant!(
+            XEN_DMOP_UNMAP_IO_RANGE_FROM_IOREQ_SERVER,
+            "XEN_DMOP_unmap_io_range_from_ioreq_server"
+        ),
+        constant!(
+            XEN_DMOP_SET_IOREQ_SERVER_STATE,
+            "XEN_DMOP_set_ioreq_server_state"
+        ),
+        constant!(
+            XEN_DMOP_DESTROY_IOREQ_SERVER,
+            "XEN_DMOP_destroy_ioreq_server"
+        ),
+        constant!(XEN_DMOP_SET_ISA_IRQ_LEVEL, "XEN_DMOP_set_isa_irq_level"),
+        constant!(XEN_DMOP_NR_VCPUS, "XEN_DMOP_nr_vcpus"),
+        constant!(HVM_IOREQSRV_BUFIOREQ_OFF),
+        constant!(XEN_DMOP_IO_RANGE_PORT),
+        constant!(XEN_DMOP_IO_RANGE_MEMORY),
+        constant!(XENMEM_RESOURCE_IOREQ_SERVER, "XENMEM_resource_ioreq_server"),
+        (
+            "XENMEM_RESOURCE_IOREQ_SERVER_FRAME_IOREQ0",
+            "XENMEM_resource_ioreq_server_frame_ioreq(0)",
+            XENMEM_RESOURCE_IOREQ_SERVER_FRAME_IOREQ0 as u64,
+        ),
+        constant!(IOREQ_READ),
+        constant!(IOREQ_WRITE),
+        constant!(STATE_IOREQ_NONE),
+        constant!(STATE_IOREQ_READY),
+        constant!(STATE_IOREQ_INPROCESS),
+        constant!(STATE_IORESP_READY),
+        constant!(IOREQ_TYPE_PIO),
+        constant!(IOREQ_TYPE_COPY),
+        constant!(IOREQ_TYPE_PCI_CONFIG),
+        constant!(IOREQ_TYPE_TIMEOFFSET),
+        constant!(IOREQ_TYPE_INVALIDATE),
+        constant!(XS_DIRECTORY),
+        constant!(XS_READ),
+        constant!(XS_ERROR),
+        constant!(XENSTORE_PAYLOAD_MAX),
+        sizeof!("xen_dm_op", XenDmOp),
+        sizeof!("xen_dm_op_create_ioreq_server", XenDmOpCreateIoreqServer),
+        sizeof!("xen_dm_op_ioreq_server_range", XenDmOpIoreqServerRange),
+        sizeof!(
+            "xen_dm_op_set_ioreq_server_state",
+            XenDmOpSetIoreqServerState
+        ),
+        sizeof!("xen_dm_op_destroy_ioreq_server", XenDmOpDestroyIoreqServer),
+        sizeof!("xen_dm_op_set_isa_irq_level", XenDmOpSetIsaIrqLevel),
+        sizeof!("xen_dm_op_nr_vcpus", XenDmOpNrVcpus),
+        sizeof!("ioreq", Ioreq),
+        sizeof!("xsd_sockmsg", XsdSockmsg),
+    ];
+    let fields = [
+        field!("xen_dm_op"."op", XenDmOp, op),
+        field!("xen_dm_op"."pad", XenDmOp, pad),
+        field!("xen_dm_op"."u", XenDmOp, u),
+        field!("xen_dm_op_create_ioreq_server"."handle_bufioreq", XenDmOpCreateIoreqServer, handle_bufioreq),
+        field!("xen_dm_op_create_ioreq_server"."id", XenDmOpCreateIoreqServer, id),
+        field!("xen_dm_op_ioreq_server_range"."id", XenDmOpIoreqServerRange, id),
+        field!("xen_dm_op_ioreq_server_range"."type", XenDmOpIoreqServerRange, type_),
+        field!("xen_dm_op_ioreq_server_range"."start", XenDmOpIoreqServerRange, start),
+        field!("xen_dm_op_ioreq_server_range"."end", XenDmOpIoreqServerRange, end),
+        field!("xen_dm_op_set_ioreq_server_state"."id", XenDmOpSetIoreqServerState, id),
+        field!("xen_dm_op_set_ioreq_server_state"."enabled", XenDmOpSetIoreqServerState, enabled),
+        field!("xen_dm_op_destroy_ioreq_server"."id", XenDmOpDestroyIoreqServer, id),
+        field!("xen_dm_op_set_isa_irq_level"."isa_irq", XenDmOpSetIsaIrqLevel, isa_irq),
+        field!("xen_dm_op_set_isa_irq_level"."level", XenDmOpSetIsaIrqLevel, level),
+        field!("xen_dm_op_nr_vcpus"."vcpus", XenDmOpNrVcpus, vcpus),
+        field!("ioreq"."addr", Ioreq, addr),
+        field!("ioreq"."data", Ioreq, data),
+        field!("ioreq"."count", Ioreq, count),
+        field!("ioreq"."size", Ioreq, size),
+        field!("ioreq"."vp_eport", Ioreq, vp_eport),
+        field!("ioreq"."type", Ioreq, type_),
+        field!("xsd_sockmsg"."type", XsdSockmsg, type_),
+        field!("xsd_sockmsg"."req_id", XsdSockmsg, req_id),
+        field!("xsd_sockmsg"."tx_id", XsdSockmsg, tx_id),
+        field!("xsd_sockmsg"."len", XsdSockmsg, len),
+    ];
+    v.extend(fields.into_iter().flatten());
+    v
+}
+
+/// The C bitfield byte of `struct ioreq`: set each field in C and read the
+/// byte at `IOREQ_BITS_OFFSET`, against `Ioreq::pack_bits`.
+const IOREQ_BITS_PROBE: &str = "\
+static unsigned long long ioreq_bits(unsigned s, unsigned p, unsigned d, unsigned f) {
+    struct ioreq r; memset(&r, 0, sizeof r);
+    r.state = s; r.data_is_ptr = p; r.dir = d; r.df = f;
+    return ((unsigned char *)&r)[30];
+}
+";
+
+#[test]
+fn rust_definitions_match_the_xen_public_headers() {
+    let mut items = xen_public_items();
+    for (s, p, d, f) in [
+        (1u8, false, 1u8, false),
+        (3, true, 0, true),
+        (2, false, 1, true),
+    ] {
+        let name: &'static str = Box::leak(format!("ioreq bits {s} {p} {d} {f}").into_boxed_str());
+        let expr: &'static str = Box::leak(
+            format!("ioreq_bits({s}, {}, {d}, {})", u8::from(p), u8::from(f)).into_boxed_str(),
+        );
+        items.push((name, expr, u64::from(Ioreq::pack_bits(s, p, d, f))));
+    }
+    let header = "#include <stdio.h>\n#include <stddef.h>\n#include <string.h>\n#include <stdint.h>\n\
+                  #include <xen/xen.h>\n#include <xen/hvm/dm_op.h>\n#include <xen/hvm/ioreq.h>\n\
+                  #include <xen/hvm/hvm_op.h>\n#include <xen/memory.h>\n#include <xen/io/xs_wire.h>\n";
+    let path = Path::new("/usr/include/xen/hvm/dm_op.h");
+    assert!(
+        path.exists(),
+        "{} is missing: install libxen-dev (this test checks the ABI and must not skip)",
+        path.display()
+    );
+    let c = compile_and_run(&items, header, IOREQ_BITS_PROBE, &["-D__XEN_TOOLS__"], None);
+    compare(&items, &c);
 }

@@ -1,12 +1,16 @@
 //! Owned file descriptors of the Xen devices, with one safe method per ioctl.
 
+mod evtchn;
 mod gntalloc;
 mod gntdev;
 mod privcmd;
+mod xenbus;
 
+pub use evtchn::Evtchn;
 pub use gntalloc::Gntalloc;
 pub use gntdev::Gntdev;
 pub use privcmd::Privcmd;
+pub use xenbus::Xenbus;
 
 use std::fs::OpenOptions;
 use std::io;

@@ -4,7 +4,8 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 
 use super::{fd_handle, invalid_input, ioctl};
-use crate::ioctl::{IOCTL_PRIVCMD_MMAPBATCH_V2, IOCTL_PRIVCMD_MMAP_RESOURCE};
+use crate::dm_op::{PrivcmdDmOp, PrivcmdDmOpBuf, XenDmOp};
+use crate::ioctl::{IOCTL_PRIVCMD_DM_OP, IOCTL_PRIVCMD_MMAPBATCH_V2, IOCTL_PRIVCMD_MMAP_RESOURCE};
 use crate::privcmd::{PrivcmdMmapResource, PrivcmdMmapbatchV2};
 use crate::xen::DomId;
 
@@ -81,5 +82,24 @@ impl Privcmd {
         // SAFETY: `res` is the struct this request takes; the caller vouches
         // for the target range.
         unsafe { ioctl(self.as_fd(), IOCTL_PRIVCMD_MMAP_RESOURCE, res) }.map(drop)
+    }
+
+    /// `IOCTL_PRIVCMD_DM_OP` with one buffer: Xen reads `op`, performs it on
+    /// domain `dom` and writes the results back into `op` (e.g. a new ioreq
+    /// server's id). `ESRCH` once the domain is gone.
+    pub fn dm_op(&self, dom: DomId, op: &mut XenDmOp) -> io::Result<()> {
+        let buf = PrivcmdDmOpBuf {
+            uptr: (op as *mut XenDmOp).cast(),
+            size: std::mem::size_of::<XenDmOp>(),
+        };
+        let mut arg = PrivcmdDmOp {
+            dom,
+            num: 1,
+            ubufs: &buf,
+        };
+        // SAFETY: `arg` is the struct this request takes; its one buffer is
+        // `op`, a whole `struct xen_dm_op` exclusively borrowed for the call,
+        // which the kernel copies in and Xen writes back within its size.
+        unsafe { ioctl(self.as_fd(), IOCTL_PRIVCMD_DM_OP, &mut arg) }.map(drop)
     }
 }
