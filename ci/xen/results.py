@@ -91,6 +91,62 @@ def lazy_table(bench):
     return "\n".join(out)
 
 
+def hvm_table(bench):
+    """Markdown tables of the HVM stage (ci/xen/hvm): rng ours against vhost-device-rng (interleaved
+    rounds, median and min-max of per-round ratios), Xen system calls per request of each daemon,
+    the frontend's cost per request, and blk at QD1 and QD32."""
+    rng = [b for b in bench if b.get("bench") == "hvm-rng"]
+    if not rng:
+        return ""
+    med = lambda v: sorted(v)[len(v) // 2]  # noqa: E731
+    by_round = {}
+    for b in rng:
+        by_round.setdefault(b["round"], {})[b["impl"]] = b["bytes_per_sec"]
+    ratios = [r["ours"] / r["vhost-device-rng"] for r in by_round.values()
+              if r.get("ours") and r.get("vhost-device-rng")]
+    ours = [b["bytes_per_sec"] for b in rng if b["impl"] == "ours"]
+    peer = [b["bytes_per_sec"] for b in rng if b["impl"] == "vhost-device-rng"]
+    out = ["| HVM domU, Linux virtio-rng (64-byte requests) | ours | vhost-device-rng | ours ÷ peer: median (min-max) |",
+           "|---|---:|---:|---:|"]
+    if ratios:
+        out.append(f"| /dev/hwrng bytes/s ({len(ratios)} interleaved rounds of 8 KiB) | {med(ours):.0f} | {med(peer):.0f} "
+                   f"| {med(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) |")
+    count = next((b for b in bench if b.get("bench") == "hvm-rng-count"), None)
+    sysc = {b["impl"]: b for b in bench if b.get("bench") == "hvm-rng-syscalls"}
+    if count and sysc:
+        before, after = count["frontend_before"]["devices"], count["frontend_after"]["devices"]
+        reqs = [a["kicks"] - b["kicks"] for a, b in zip(after, before)]
+        per = {impl: (sysc[impl]["xen_syscalls"] / reqs[i] if i < len(reqs) and reqs[i] else None)
+               for i, impl in enumerate(["ours", "peer"]) if impl in sysc}
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        out.append(f"| Xen system calls (ioctl, mmap, munmap) per request, counted window ({reqs[0]} / {reqs[1]} requests) "
+                   f"| {fmt(per.get('ours'))} | {fmt(per.get('peer'))} | "
+                   f"{fmt(per['ours'] / per['peer']) if per.get('ours') is not None and per.get('peer') else '-'} |")
+        traps = [(a["reads"] + a["writes"]) - (b["reads"] + b["writes"]) for a, b in zip(after, before)]
+        out.append(f"| frontend: trapped accesses per request (counted window) | {traps[0] / max(reqs[0], 1):.2f} "
+                   f"| {traps[1] / max(reqs[1], 1):.2f} | - |")
+    out.append("")
+    blk = [b for b in bench if b.get("bench") == "hvm-blk"]
+    if blk:
+        out += ["| HVM domU, Linux virtio-blk, 4 KiB O_DIRECT | memory | IOPS: median (min-max) | p50 us | p99 us |",
+                "|---|---|---:|---:|---:|"]
+        keys = sorted({(b["mode"], b["qd"], b["memory"]) for b in blk}, key=lambda k: (k[1], k[0], k[2]))
+        for mode, qd, mem in keys:
+            rows = [b for b in blk if (b["mode"], b["qd"], b["memory"]) == (mode, qd, mem)]
+            iops = [b["iops"] for b in rows]
+            out.append(f"| {mode} QD{qd} ({len(rows)} runs) | {mem} | {med(iops):.0f} ({min(iops):.0f}-{max(iops):.0f}) "
+                       f"| {med([b['p50_us'] for b in rows]):.0f} | {med([b['p99_us'] for b in rows]):.0f} |")
+    fe = next((b for b in bench if b.get("bench") == "hvm-frontend"), None)
+    if fe and fe.get("stats"):
+        st = fe["stats"]
+        out.append("")
+        out.append(f"Frontend, whole first domU: {st['ioreqs']} ioreqs, {st['irq_dm_ops']} interrupt DM_OPs, "
+                   f"asserts per IRQ {st['irq_asserts']}, per window (rng, rng peer, blk): "
+                   + "; ".join(f"{d['reads']} reads {d['writes']} writes {d['kicks']} kicks {d['calls']} calls"
+                               for d in st["devices"]))
+    return "\n".join(out)
+
+
 def add_ratios(bench):
     """Store ratio_requests_per_s and ratio_syscalls in each block row of ours (see above)."""
     peer = {b.get("batch"): b for b in bench
@@ -150,6 +206,8 @@ passed = len(tests) - failed
 if table := block_table(bench):
     print("\n" + table + "\n")
 if table := lazy_table(bench):
+    print(table + "\n")
+if table := hvm_table(bench):
     print(table + "\n")
 print(f"xen: {passed} passed, {failed} failed")
 # The failures again, last: CI shows the end of a failed run's output.

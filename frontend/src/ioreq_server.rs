@@ -75,7 +75,9 @@ pub struct IoreqServer {
     domid: DomId,
     id: IoServId,
     page: NonNull<Ioreq>,
-    /// Local port per vCPU.
+    /// vCPUs of the domain (one slot each).
+    vcpus: u32,
+    /// Local port per vCPU, bound once the server is enabled.
     ports: Vec<u32>,
     enabled: bool,
 }
@@ -112,8 +114,8 @@ pub fn nr_vcpus(privcmd: &Privcmd, domid: DomId) -> Result<u32, IoreqError> {
 }
 
 impl IoreqServer {
-    /// Creates a server for `domid` (no buffered requests), maps its request
-    /// page and binds one event channel per vCPU. Not yet enabled.
+    /// Creates a server for `domid` (no buffered requests) and maps its
+    /// request page. Not yet enabled: see [`Self::set_enabled`].
     pub fn create(domid: DomId) -> Result<Self, IoreqError> {
         let privcmd = Privcmd::open().map_err(|source| IoreqError::DmOp {
             op: "open /dev/xen/privcmd",
@@ -155,27 +157,11 @@ impl IoreqServer {
             domid,
             id,
             page: NonNull::dangling(),
+            vcpus,
             ports: Vec::new(),
             enabled: false,
         };
         s.page = s.map_page()?;
-        for vcpu in 0..vcpus {
-            // SAFETY: `page` maps one page of `SLOTS_PER_PAGE` slots and `vcpu`
-            // is below that; Xen filled `vp_eport` when the server was created.
-            let port = unsafe {
-                std::ptr::read_volatile(&raw const (*s.page.as_ptr().add(vcpu as usize)).vp_eport)
-            };
-            let local = s
-                .evtchn
-                .bind_interdomain(u32::from(domid), port)
-                .map_err(|source| IoreqError::Bind {
-                    vcpu,
-                    port,
-                    domid,
-                    source,
-                })?;
-            s.ports.push(local);
-        }
         Ok(s)
     }
 
@@ -223,7 +209,7 @@ impl IoreqServer {
     }
     /// vCPUs served.
     pub fn vcpus(&self) -> usize {
-        self.ports.len()
+        self.vcpus as usize
     }
     /// The privcmd handle, for the domain's other DM_OPs (interrupts).
     pub fn privcmd(&self) -> &Privcmd {
@@ -250,7 +236,9 @@ impl IoreqServer {
         .map(drop)
     }
 
-    /// Starts (or stops) the delivery of requests.
+    /// Starts (or stops) the delivery of requests. The first start binds one
+    /// event channel per vCPU: Xen writes each vCPU's port into its slot
+    /// when the server is enabled, not before (seen on Xen 4.17: port 0).
     pub fn set_enabled(&mut self, on: bool) -> Result<(), IoreqError> {
         dm(
             &self.privcmd,
@@ -266,6 +254,33 @@ impl IoreqServer {
             },
         )?;
         self.enabled = on;
+        if on && self.ports.is_empty() {
+            self.bind_ports()?;
+        }
+        Ok(())
+    }
+
+    fn bind_ports(&mut self) -> Result<(), IoreqError> {
+        for vcpu in 0..self.vcpus {
+            // SAFETY: `page` maps one page of `SLOTS_PER_PAGE` slots and `vcpu`
+            // is below that (checked at creation); the field is read volatile
+            // since Xen writes the page.
+            let port = unsafe {
+                std::ptr::read_volatile(
+                    &raw const (*self.page.as_ptr().add(vcpu as usize)).vp_eport,
+                )
+            };
+            let local = self
+                .evtchn
+                .bind_interdomain(u32::from(self.domid), port)
+                .map_err(|source| IoreqError::Bind {
+                    vcpu,
+                    port,
+                    domid: self.domid,
+                    source,
+                })?;
+            self.ports.push(local);
+        }
         Ok(())
     }
 
