@@ -1,4 +1,4 @@
-//! What the example daemons share: a clean exit on SIGTERM and SIGINT.
+//! What the daemons share: a clean exit on SIGTERM and SIGINT.
 
 /// Exits with status 0 on SIGTERM or SIGINT, as a service manager expects of a daemon that
 /// was asked to stop. The signals are blocked here, before any thread starts (threads inherit

@@ -12,7 +12,6 @@ use std::sync::Arc;
 
 use clap::Parser;
 
-mod common;
 use xen_vhost_mem::daemon::VhostUserDaemon;
 use xen_vhost_mem::device::CounterSnapshot;
 use xen_vhost_mem::devices::blk::{BlkConfig, BlkDevice};
@@ -65,7 +64,7 @@ fn xen_counters(daemon: &VhostUserDaemon<BlkDevice>) -> CounterSnapshot {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::init();
-    common::exit_on_stop_signals()?;
+    xen_vhost_daemons::exit_on_stop_signals()?;
     let a = Args::parse();
     let dev = BlkDevice::open(
         &a.blk_file,

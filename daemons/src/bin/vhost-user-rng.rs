@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use clap::Parser;
 
-mod common;
 use xen_vhost_mem::daemon::VhostUserDaemon;
 use xen_vhost_mem::devices::rng::RngDevice;
 use xen_vhost_mem::{RealXen, XenHandle};
@@ -34,7 +33,7 @@ struct Args {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::init();
-    common::exit_on_stop_signals()?;
+    xen_vhost_daemons::exit_on_stop_signals()?;
     let a = Args::parse();
     let mut daemon = VhostUserDaemon::new(Arc::new(RngDevice::open(&a.rng_file)?));
     if a.xen {
