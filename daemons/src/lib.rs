@@ -1,30 +1,205 @@
-//! What the daemons share: a clean exit on SIGTERM and SIGINT.
+//! What the daemons share: logging, their signals, and the stats line.
+//!
+//! Each daemon is one file in `src/bin/`; `main` calls [`Signals::block`] first, before any
+//! thread starts, then [`init_logging`], builds its [`VhostUserDaemon`], and hands the
+//! daemon's [`StatsReporter`] to [`Signals::spawn`]. From then on one thread takes the
+//! signals with `sigtimedwait` (no signal handler runs, so nothing has to be
+//! async-signal-safe):
+//!
+//! - SIGTERM, SIGINT: a last stats line (`"reason":"exit"`), then exit status 0, as a service
+//!   manager expects of a daemon it asked to stop;
+//! - SIGUSR1: a stats line (`"reason":"signal"`);
+//! - every `--stats-interval` seconds, when given: a stats line (`"reason":"interval"`).
+//!
+//! A stats line is one JSON object logged at level info with target `stats`:
+//!
+//! ```text
+//! {"daemon":"vhost-user-blk","version":"0.1.0","pid":4242,"reason":"signal","uptime_ms":5012,
+//!  "counters":{"requests":512,"batches":70,"kicks":70,"calls":70,"scope_errors":0,
+//!  "connections":1,"xen":null}}
+//! ```
+//!
+//! (on one line); `counters` is [`StatsReport`]'s JSON, with a `xen` object of system calls
+//! by kind, live mappings and lazy buckets when the daemon runs with `--xen`.
+//!
+//! [`VhostUserDaemon`]: xen_vhost_mem::daemon::VhostUserDaemon
+//! [`StatsReport`]: xen_vhost_mem::daemon::StatsReport
 
-/// Exits with status 0 on SIGTERM or SIGINT, as a service manager expects of a daemon that
-/// was asked to stop. The signals are blocked here, before any thread starts (threads inherit
-/// the mask), and taken by one thread with `sigwait`.
-pub fn exit_on_stop_signals() -> std::io::Result<()> {
-    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
-    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: set is a valid sigset_t; the calls only touch it and this thread's mask.
-    let rc = unsafe {
-        libc::sigemptyset(&mut set);
-        libc::sigaddset(&mut set, libc::SIGTERM);
-        libc::sigaddset(&mut set, libc::SIGINT);
-        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
-    };
-    if rc != 0 {
-        return Err(std::io::Error::from_raw_os_error(rc));
+use std::io;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use xen_vhost_mem::daemon::StatsReporter;
+
+/// The log target of the stats lines (`RUST_LOG=warn,stats=info` keeps only them and the
+/// warnings).
+pub const STATS_TARGET: &str = "stats";
+
+/// What every daemon's `--help` ends with: its environment and signals.
+pub const AFTER_HELP: &str = "\
+Environment:
+  RUST_LOG  log filter, env_logger syntax (default: info). The log goes to stderr.
+            Stats lines have target `stats`: RUST_LOG=warn,stats=info keeps only them
+            and the warnings.
+
+Signals:
+  SIGUSR1          log one JSON line of the daemon's counters (target `stats`)
+  SIGTERM, SIGINT  log a last stats line and exit with status 0";
+
+/// Logs to stderr with env_logger, filtered by `RUST_LOG` (`info` when unset, so that
+/// connections and stats lines show under a service manager without configuration).
+pub fn init_logging() {
+    env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
+}
+
+/// The signals the daemons take on their signal thread, blocked everywhere else.
+#[derive(Debug)]
+pub struct Signals {
+    set: libc::sigset_t,
+    started: Instant,
+}
+
+/// Why a stats line was written.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Reason {
+    /// SIGUSR1.
+    Signal,
+    /// `--stats-interval`.
+    Interval,
+    /// SIGTERM or SIGINT, just before the exit.
+    Exit,
+}
+
+impl Reason {
+    fn as_str(self) -> &'static str {
+        match self {
+            Reason::Signal => "signal",
+            Reason::Interval => "interval",
+            Reason::Exit => "exit",
+        }
     }
-    std::thread::Builder::new()
-        .name("signals".into())
-        .spawn(move || {
-            let mut sig = 0;
-            // SAFETY: set and sig are valid for the call.
-            if unsafe { libc::sigwait(&set, &mut sig) } == 0 {
-                log::info!("signal {sig}: exiting");
-                std::process::exit(0);
+}
+
+impl Signals {
+    /// Blocks SIGTERM, SIGINT and SIGUSR1 in the calling thread, and so in every thread it
+    /// starts afterwards (threads inherit the mask). Call it first in `main`, before any
+    /// thread exists: a thread started earlier would keep the default action (SIGUSR1
+    /// kills) and could be the one a signal is delivered to.
+    pub fn block() -> io::Result<Self> {
+        // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: set is a valid sigset_t; the calls only touch it and this thread's mask.
+        let rc = unsafe {
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGTERM);
+            libc::sigaddset(&mut set, libc::SIGINT);
+            libc::sigaddset(&mut set, libc::SIGUSR1);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(io::Error::from_raw_os_error(rc));
+        }
+        Ok(Signals {
+            set,
+            started: Instant::now(),
+        })
+    }
+
+    /// Starts the thread that takes the blocked signals for daemon `name` (its stats lines
+    /// say it), reading the counters through `reporter`; with `interval`, it also writes a
+    /// stats line that often. Signals that arrived since [`Signals::block`] are taken first.
+    pub fn spawn(
+        self,
+        name: &'static str,
+        reporter: StatsReporter,
+        interval: Option<Duration>,
+    ) -> io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name("signals".into())
+            .spawn(move || self.run(name, &reporter, interval))
+    }
+
+    fn run(&self, name: &'static str, reporter: &StatsReporter, interval: Option<Duration>) {
+        let mut next = interval.map(|i| Instant::now() + i);
+        loop {
+            let wait = next.map(|n| n.saturating_duration_since(Instant::now()));
+            match self.wait(wait) {
+                Ok(Some(libc::SIGUSR1)) => self.log_stats(name, reporter, Reason::Signal),
+                Ok(Some(sig)) => {
+                    let name = if sig == libc::SIGINT {
+                        "SIGINT"
+                    } else {
+                        "SIGTERM"
+                    };
+                    log::info!("{name}: exiting");
+                    self.log_stats(name, reporter, Reason::Exit);
+                    std::process::exit(0);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    // Only EINVAL (a bad timeout) is possible here; say so and go on
+                    // without the interval rather than spin.
+                    log::error!("signal thread: sigtimedwait: {e}");
+                    next = None;
+                    continue;
+                }
             }
-        })?;
-    Ok(())
+            if let (Some(n), Some(i)) = (next, interval) {
+                let now = Instant::now();
+                if now >= n {
+                    self.log_stats(name, reporter, Reason::Interval);
+                    next = Some(now + i);
+                }
+            }
+        }
+    }
+
+    /// Waits for one of the signals, at most `timeout` (`None`: no limit). `Ok(None)`: the
+    /// time ran out, or the wait was interrupted.
+    fn wait(&self, timeout: Option<Duration>) -> io::Result<Option<libc::c_int>> {
+        let ts = timeout.map(|t| libc::timespec {
+            tv_sec: t.as_secs().min(libc::time_t::MAX as u64) as libc::time_t,
+            tv_nsec: t.subsec_nanos().into(),
+        });
+        let tsp = ts.as_ref().map_or(std::ptr::null(), |t| t as *const _);
+        // SAFETY: set is a valid sigset_t; the info pointer may be null; tsp is null or
+        // points at ts, which outlives the call.
+        let sig = unsafe { libc::sigtimedwait(&self.set, std::ptr::null_mut(), tsp) };
+        if sig >= 0 {
+            return Ok(Some(sig));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EAGAIN) | Some(libc::EINTR) => Ok(None),
+            _ => Err(e),
+        }
+    }
+
+    fn log_stats(&self, name: &'static str, reporter: &StatsReporter, reason: Reason) {
+        log::info!(
+            target: STATS_TARGET,
+            "{}",
+            stats_line(name, reason, self.started.elapsed(), reporter)
+        );
+    }
+}
+
+/// One stats line: the daemon's name (a plain program name: it is not escaped), version,
+/// pid, the reason, its uptime and its counters, as one JSON object.
+pub fn stats_line(
+    name: &'static str,
+    reason: Reason,
+    uptime: Duration,
+    r: &StatsReporter,
+) -> String {
+    format!(
+        "{{\"daemon\":\"{}\",\"version\":\"{}\",\"pid\":{},\"reason\":\"{}\",\"uptime_ms\":{},\
+         \"counters\":{}}}",
+        name,
+        env!("CARGO_PKG_VERSION"),
+        std::process::id(),
+        reason.as_str(),
+        uptime.as_millis(),
+        r.report()
+    )
 }
