@@ -126,12 +126,12 @@ impl Signals {
             match self.wait(wait) {
                 Ok(Some(libc::SIGUSR1)) => self.log_stats(name, reporter, Reason::Signal),
                 Ok(Some(sig)) => {
-                    let name = if sig == libc::SIGINT {
+                    let signal = if sig == libc::SIGINT {
                         "SIGINT"
                     } else {
                         "SIGTERM"
                     };
-                    log::info!("{name}: exiting");
+                    log::info!("{signal}: exiting");
                     self.log_stats(name, reporter, Reason::Exit);
                     std::process::exit(0);
                 }

@@ -185,6 +185,7 @@ fn sigusr1_logs_the_counters_as_json_and_they_move_with_traffic() {
     // SIGTERM: a last line, then exit status 0.
     d.signal(libc::SIGTERM);
     let v3 = d.stats("exit");
+    assert_eq!(v3["daemon"], "vhost-user-blk", "{v3}");
     assert_eq!(num(&v3["counters"], "requests"), 1024);
     let status = d.child.wait().expect("wait");
     assert!(status.success(), "{status}");
