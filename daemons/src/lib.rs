@@ -11,6 +11,9 @@
 //! - SIGUSR1: a stats line (`"reason":"signal"`);
 //! - every `--stats-interval` seconds, when given: a stats line (`"reason":"interval"`).
 //!
+//! A daemon that returns after `--connections` frontends logs a last line too
+//! ([`log_stats`], `"reason":"exit"`).
+//!
 //! A stats line is one JSON object logged at level info with target `stats`:
 //!
 //! ```text
@@ -26,6 +29,7 @@
 //! [`StatsReport`]: xen_vhost_mem::daemon::StatsReport
 
 use std::io;
+use std::sync::OnceLock;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -52,11 +56,13 @@ pub fn init_logging() {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("info")).init();
 }
 
+/// When the daemon started ([`Signals::block`]): the stats lines' `uptime_ms`.
+static STARTED: OnceLock<Instant> = OnceLock::new();
+
 /// The signals the daemons take on their signal thread, blocked everywhere else.
 #[derive(Debug)]
 pub struct Signals {
     set: libc::sigset_t,
-    started: Instant,
 }
 
 /// Why a stats line was written.
@@ -66,7 +72,7 @@ pub enum Reason {
     Signal,
     /// `--stats-interval`.
     Interval,
-    /// SIGTERM or SIGINT, just before the exit.
+    /// SIGTERM or SIGINT, or the last of `--connections` served: just before the exit.
     Exit,
 }
 
@@ -99,10 +105,8 @@ impl Signals {
         if rc != 0 {
             return Err(io::Error::from_raw_os_error(rc));
         }
-        Ok(Signals {
-            set,
-            started: Instant::now(),
-        })
+        STARTED.get_or_init(Instant::now);
+        Ok(Signals { set })
     }
 
     /// Starts the thread that takes the blocked signals for daemon `name` (its stats lines
@@ -124,7 +128,7 @@ impl Signals {
         loop {
             let wait = next.map(|n| n.saturating_duration_since(Instant::now()));
             match self.wait(wait) {
-                Ok(Some(libc::SIGUSR1)) => self.log_stats(name, reporter, Reason::Signal),
+                Ok(Some(libc::SIGUSR1)) => log_stats(name, reporter, Reason::Signal),
                 Ok(Some(sig)) => {
                     let signal = if sig == libc::SIGINT {
                         "SIGINT"
@@ -132,7 +136,7 @@ impl Signals {
                         "SIGTERM"
                     };
                     log::info!("{signal}: exiting");
-                    self.log_stats(name, reporter, Reason::Exit);
+                    log_stats(name, reporter, Reason::Exit);
                     std::process::exit(0);
                 }
                 Ok(None) => {}
@@ -147,7 +151,7 @@ impl Signals {
             if let (Some(n), Some(i)) = (next, interval) {
                 let now = Instant::now();
                 if now >= n {
-                    self.log_stats(name, reporter, Reason::Interval);
+                    log_stats(name, reporter, Reason::Interval);
                     next = Some(now + i);
                 }
             }
@@ -174,14 +178,17 @@ impl Signals {
             _ => Err(e),
         }
     }
+}
 
-    fn log_stats(&self, name: &'static str, reporter: &StatsReporter, reason: Reason) {
-        log::info!(
-            target: STATS_TARGET,
-            "{}",
-            stats_line(name, reason, self.started.elapsed(), reporter)
-        );
-    }
+/// Logs one stats line for daemon `name` (level info, target [`STATS_TARGET`]). The signal
+/// thread calls it; so does a daemon's `main` when it returns after `--connections`.
+pub fn log_stats(name: &'static str, reporter: &StatsReporter, reason: Reason) {
+    let uptime = STARTED.get().map(Instant::elapsed).unwrap_or_default();
+    log::info!(
+        target: STATS_TARGET,
+        "{}",
+        stats_line(name, reason, uptime, reporter)
+    );
 }
 
 /// One stats line: the daemon's name (a plain program name: it is not escaped), version,

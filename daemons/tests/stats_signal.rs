@@ -192,6 +192,34 @@ fn sigusr1_logs_the_counters_as_json_and_they_move_with_traffic() {
 }
 
 #[test]
+fn a_daemon_done_with_its_connections_logs_a_last_line() {
+    let dir = Scratch::new("connections");
+    let img = image(&dir.0, 1);
+    let sock = dir.0.join("blk.sock");
+    let mut d = Daemon::start(
+        env!("CARGO_BIN_EXE_vhost-user-blk"),
+        &[
+            "--socket-path",
+            sock.to_str().expect("utf-8 path"),
+            "--blk-file",
+            img.to_str().expect("utf-8 path"),
+            "--connections",
+            "1",
+        ],
+    );
+    let mut drv = VirtioDriver::connect(&sock, DriverConfig::default()).expect("connect");
+    let w = pass(&mut drv, 1, true, 64 << 10, 4096, 2, &mut |_| {}).expect("write");
+    assert_eq!((w.requests, w.bad), (16, 0));
+    drop(drv);
+    let v = d.stats("exit");
+    assert_eq!(v["daemon"], "vhost-user-blk", "{v}");
+    assert_eq!(num(&v["counters"], "requests"), 16, "{v}");
+    assert_eq!(num(&v["counters"], "connections"), 1, "{v}");
+    let status = d.child.wait().expect("wait");
+    assert!(status.success(), "{status}");
+}
+
+#[test]
 fn stats_interval_logs_a_line_each_period_and_the_rng_daemon_has_one_too() {
     let dir = Scratch::new("interval");
     let sock = dir.0.join("rng.sock");

@@ -157,6 +157,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         st.batches,
         st.connections
     );
+    xen_vhost_daemons::log_stats(NAME, &daemon.reporter(), xen_vhost_daemons::Reason::Exit);
     if live != 0 {
         return Err(format!("{live} mappings still live").into());
     }

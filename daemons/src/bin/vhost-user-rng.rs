@@ -69,5 +69,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let listener = UnixListener::bind(&a.socket_path)?;
     log::info!("listening on {}", a.socket_path.display());
     daemon.serve(&listener, a.connections)?;
+    // Only reached with --connections.
+    xen_vhost_daemons::log_stats(NAME, &daemon.reporter(), xen_vhost_daemons::Reason::Exit);
     Ok(())
 }
