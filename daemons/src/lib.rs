@@ -124,7 +124,9 @@ impl Signals {
     }
 
     fn run(&self, name: &'static str, reporter: &StatsReporter, interval: Option<Duration>) {
-        let mut next = interval.map(|i| Instant::now() + i);
+        // An interval too long for the clock (`checked_add` fails) is no interval: this thread
+        // must never panic, or SIGTERM, blocked everywhere else, would be ignored.
+        let mut next = interval.and_then(|i| Instant::now().checked_add(i));
         loop {
             let wait = next.map(|n| n.saturating_duration_since(Instant::now()));
             match self.wait(wait) {
@@ -152,7 +154,7 @@ impl Signals {
                 let now = Instant::now();
                 if now >= n {
                     log_stats(name, reporter, Reason::Interval);
-                    next = Some(now + i);
+                    next = now.checked_add(i);
                 }
             }
         }

@@ -296,3 +296,23 @@ fn help_names_every_flag_rust_log_and_the_signals() {
         );
     }
 }
+
+#[test]
+fn an_interval_past_the_clock_leaves_the_signals_working() {
+    let dir = Scratch::new("huge-interval");
+    let sock = dir.0.join("rng.sock");
+    let mut d = Daemon::start(
+        env!("CARGO_BIN_EXE_vhost-user-rng"),
+        &[
+            "--socket-path",
+            sock.to_str().expect("utf-8 path"),
+            "--stats-interval",
+            &u64::MAX.to_string(),
+        ],
+    );
+    assert_eq!(d.sigusr1()["reason"], "signal");
+    d.signal(libc::SIGTERM);
+    d.stats("exit");
+    let status = d.child.wait().expect("wait");
+    assert!(status.success(), "{status}");
+}
