@@ -120,7 +120,14 @@ impl Signals {
     ) -> io::Result<JoinHandle<()>> {
         std::thread::Builder::new()
             .name("signals".into())
-            .spawn(move || self.run(name, &reporter, interval))
+            .spawn(move || {
+                let run = std::panic::AssertUnwindSafe(|| self.run(name, &reporter, interval));
+                if std::panic::catch_unwind(run).is_err() {
+                    // Nobody else takes SIGTERM: a daemon left running could not be stopped.
+                    log::error!("the signal thread panicked: exiting");
+                    std::process::exit(1);
+                }
+            })
     }
 
     fn run(&self, name: &'static str, reporter: &StatsReporter, interval: Option<Duration>) {
