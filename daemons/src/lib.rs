@@ -58,6 +58,9 @@ pub fn init_logging() {
 
 /// When the daemon started ([`Signals::block`]): the stats lines' `uptime_ms`.
 static STARTED: OnceLock<Instant> = OnceLock::new();
+/// The daemon's pid, read once in [`Signals::block`]: a stats line then needs no system call
+/// beyond the clock and the write to stderr (what a sandboxed signal thread may make).
+static PID: OnceLock<u32> = OnceLock::new();
 
 /// The signals the daemons take on their signal thread, blocked everywhere else.
 #[derive(Debug)]
@@ -106,12 +109,11 @@ impl Signals {
             return Err(io::Error::from_raw_os_error(rc));
         }
         STARTED.get_or_init(Instant::now);
+        PID.get_or_init(std::process::id);
         Ok(Signals { set })
     }
 
-    /// Starts the thread that takes the blocked signals for daemon `name` (its stats lines
-    /// say it), reading the counters through `reporter`; with `interval`, it also writes a
-    /// stats line that often. Signals that arrived since [`Signals::block`] are taken first.
+    /// Starts a thread named `signals` that runs [`Signals::serve`].
     pub fn spawn(
         self,
         name: &'static str,
@@ -120,14 +122,22 @@ impl Signals {
     ) -> io::Result<JoinHandle<()>> {
         std::thread::Builder::new()
             .name("signals".into())
-            .spawn(move || {
-                let run = std::panic::AssertUnwindSafe(|| self.run(name, &reporter, interval));
-                if std::panic::catch_unwind(run).is_err() {
-                    // Nobody else takes SIGTERM: a daemon left running could not be stopped.
-                    log::error!("the signal thread panicked: exiting");
-                    std::process::exit(1);
-                }
-            })
+            .spawn(move || self.serve(name, reporter, interval))
+    }
+
+    /// Takes the blocked signals on the calling thread, for good, for daemon `name` (its
+    /// stats lines say it), reading the counters through `reporter`; with `interval`, it also
+    /// writes a stats line that often. Signals that arrived since [`Signals::block`] are taken
+    /// first. For a thread of one's own (e.g. one spawned under a seccomp filter): its system
+    /// calls are `rt_sigtimedwait`, `clock_gettime` (when the vDSO cannot answer), `write` to
+    /// stderr, `futex` (the log's lock) and `exit_group`.
+    pub fn serve(self, name: &'static str, reporter: StatsReporter, interval: Option<Duration>) {
+        let run = std::panic::AssertUnwindSafe(|| self.run(name, &reporter, interval));
+        if std::panic::catch_unwind(run).is_err() {
+            // Nobody else takes SIGTERM: a daemon left running could not be stopped.
+            log::error!("the signal thread panicked: exiting");
+            std::process::exit(1);
+        }
     }
 
     fn run(&self, name: &'static str, reporter: &StatsReporter, interval: Option<Duration>) {
@@ -213,7 +223,7 @@ pub fn stats_line(
          \"counters\":{}}}",
         name,
         env!("CARGO_PKG_VERSION"),
-        std::process::id(),
+        PID.get().copied().unwrap_or_else(std::process::id),
         reason.as_str(),
         uptime.as_millis(),
         r.report()
