@@ -11,8 +11,9 @@
 //! reads) and the daemon serves them over the emulated Xen device; `--mode foreign` sends the
 //! guest's frames. In a Xen dom0, as root, `--xen --mode grant` runs the same on the real
 //! drivers, dom0 granting its own pages to itself through gntalloc. `--daemon-bin` runs the
-//! daemon as that program (the `vhost-user-blk` example) instead of in this process (unix
-//! mode, or `--xen`).
+//! daemon as that program (`vhost-user-blk` of the `xen-vhost-daemons` crate: `cargo build
+//! --release -p xen-vhost-daemons` puts it at `target/release/vhost-user-blk`) instead of in
+//! this process (unix mode, or `--xen`).
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -66,7 +67,8 @@ struct Args {
     /// One JSON object instead of the table.
     #[arg(long)]
     json: bool,
-    /// Run the daemon as this program (the vhost-user-blk example) instead of in-process.
+    /// Run the daemon as this program (vhost-user-blk of xen-vhost-daemons, e.g.
+    /// target/release/vhost-user-blk) instead of in-process.
     #[arg(long)]
     daemon_bin: Option<PathBuf>,
     /// --mode foreign: the daemon maps FOREIGN lazily, in buckets of 1 MiB mapped when a

@@ -45,6 +45,8 @@
 //! ```
 
 #![warn(missing_docs, missing_debug_implementations, unreachable_pub)]
+// docs.rs (nightly, `--cfg docsrs`): label what needs a feature (`testing`: test-utils).
+#![cfg_attr(docsrs, feature(doc_cfg))]
 
 pub mod backend;
 pub mod daemon;

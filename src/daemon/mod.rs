@@ -21,6 +21,7 @@ mod error;
 mod handler;
 pub(crate) mod layout;
 mod notify_fd;
+mod report;
 mod ring_mem;
 mod wire;
 mod worker;
@@ -35,6 +36,7 @@ pub use device::{
 };
 pub use error::DaemonError;
 pub use handler::MAX_MEM_SLOTS;
+pub use report::{StatsReport, StatsReporter, XenReport};
 pub use worker::{DaemonStats, StatsSnapshot, MAX_BATCH};
 
 use crate::device::XenHandle;
@@ -104,6 +106,12 @@ impl<D: VhostUserDevice> VhostUserDaemon<D> {
     /// What the workers did so far, over all connections.
     pub fn stats(&self) -> &Arc<DaemonStats> {
         &self.stats
+    }
+
+    /// Reads this daemon's counters (the workers' and the Xen handle's) from any thread, for
+    /// a [`StatsReport`]: the daemons log one as a JSON line on SIGUSR1.
+    pub fn reporter(&self) -> StatsReporter {
+        StatsReporter::new(self.stats.clone(), self.xen.clone())
     }
 
     /// Serves one connected frontend until it closes the socket or the socket breaks. Refused

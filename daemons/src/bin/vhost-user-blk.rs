@@ -4,42 +4,58 @@
 //! vhost-user-blk --socket-path /tmp/blk.sock --blk-file disk.img [--num-queues 2] [--read-only]
 //! ```
 //! Serves one frontend after another; `--xen` maps FOREIGN and GRANT regions through the
-//! real `/dev/xen` drivers (dom0, root). Logging through `RUST_LOG`.
+//! real `/dev/xen` drivers (dom0, root). Logging through `RUST_LOG`; SIGUSR1 and
+//! `--stats-interval` log the counters as one JSON line (the crate's lib).
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use clap::Parser;
 
-mod common;
 use xen_vhost_mem::daemon::VhostUserDaemon;
 use xen_vhost_mem::device::CounterSnapshot;
 use xen_vhost_mem::devices::blk::{BlkConfig, BlkDevice};
 use xen_vhost_mem::{ForeignMapping, RealXen, XenHandle};
 
+const NAME: &str = "vhost-user-blk";
+
 #[derive(Parser, Debug)]
-#[command(version, about = "vhost-user-blk backend on xen-vhost-mem")]
+#[command(
+    name = NAME,
+    version,
+    about = "vhost-user-blk backend on xen-vhost-mem: a file-backed virtio-blk device",
+    long_about = "vhost-user-blk backend on xen-vhost-mem: a file-backed virtio-blk device.\n\n\
+        Listens on --socket-path and serves one vhost-user frontend after another (QEMU's \
+        vhost-user-blk-pci with memfd guest RAM, or a Xen frontend that acks XEN_MMAP). With \
+        --xen, FOREIGN regions are mapped through /dev/xen/privcmd and GRANT regions through \
+        /dev/xen/gntdev (dom0, root).",
+    after_help = xen_vhost_daemons::AFTER_HELP
+)]
 struct Args {
-    /// Unix socket to listen on.
+    /// Unix socket to listen on (an existing file there is removed first).
     #[arg(long)]
     socket_path: PathBuf,
-    /// Backing file.
+    /// Backing file, a regular file (opened read-write unless --read-only); its size,
+    /// rounded down to 512-byte sectors, is the disk's capacity.
     #[arg(long)]
     blk_file: PathBuf,
-    /// Number of queues.
+    /// Number of queues (virtio-blk multiqueue; the frontend may use fewer).
     #[arg(long, default_value_t = 1)]
     num_queues: u16,
-    /// Largest queue size.
+    /// Largest queue size the frontend may set (a power of two, at least 4).
     #[arg(long, default_value_t = 256)]
     queue_size: u16,
-    /// Refuse writes.
+    /// Refuse writes (VIRTIO_BLK_F_RO).
     #[arg(long)]
     read_only: bool,
-    /// GET_ID serial.
+    /// Serial number answered to GET_ID.
     #[arg(long, default_value = "xen-vhost-mem")]
     serial: String,
-    /// Map Xen regions through the real /dev/xen drivers.
+    /// Map Xen regions (FOREIGN, GRANT) through the real /dev/xen drivers: privcmd and
+    /// gntdev, opened at start (dom0, root). Without it, only UNIX (memfd) regions are
+    /// served and Xen regions are refused.
     #[arg(long)]
     xen: bool,
     /// Map FOREIGN regions lazily, in buckets of this many MiB mapped when a request first
@@ -54,6 +70,9 @@ struct Args {
     /// Exit after this many frontends (default: serve forever).
     #[arg(long)]
     connections: Option<usize>,
+    /// Also log a stats line (one JSON object, target `stats`) every this many seconds.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    stats_interval: Option<u64>,
 }
 
 fn xen_counters(daemon: &VhostUserDaemon<BlkDevice>) -> CounterSnapshot {
@@ -64,9 +83,9 @@ fn xen_counters(daemon: &VhostUserDaemon<BlkDevice>) -> CounterSnapshot {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    env_logger::init();
-    common::exit_on_stop_signals()?;
+    let signals = xen_vhost_daemons::Signals::block()?;
     let a = Args::parse();
+    xen_vhost_daemons::init_logging();
     let dev = BlkDevice::open(
         &a.blk_file,
         BlkConfig {
@@ -98,8 +117,14 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         daemon = daemon.with_xen(xen);
     }
+    signals.spawn(
+        NAME,
+        daemon.reporter(),
+        a.stats_interval.map(Duration::from_secs),
+    )?;
     let _ = std::fs::remove_file(&a.socket_path);
     let listener = UnixListener::bind(&a.socket_path)?;
+    log::info!("listening on {}", a.socket_path.display());
     match a.connections {
         None => daemon.serve(&listener, None)?,
         // One at a time, to log what each connection cost (requests, Xen system calls).
@@ -132,6 +157,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         st.batches,
         st.connections
     );
+    xen_vhost_daemons::log_stats(NAME, &daemon.reporter(), xen_vhost_daemons::Reason::Exit);
     if live != 0 {
         return Err(format!("{live} mappings still live").into());
     }
