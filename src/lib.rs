@@ -65,6 +65,6 @@ pub use backend::foreign::ForeignMapping;
 pub use descriptor::{DescriptorError, GrantMapping, RegionDescriptor, RegionKind, WireRegion};
 pub use device::{real::RealXen, XenDriver, XenHandle};
 pub use region::{FileLengths, XenRegion};
-pub use request::{RequestError, RequestMemory, Strategy, WritableBuffers};
+pub use request::{OwnedRequestMemory, RequestError, RequestMemory, Strategy, WritableBuffers};
 pub use table::RegionTable;
 pub use xen_flags::XenMmapFlags;

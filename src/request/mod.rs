@@ -27,6 +27,7 @@ mod access;
 mod batch;
 mod direct;
 mod error;
+mod owned;
 mod pages;
 mod writeback;
 
@@ -41,6 +42,7 @@ use vm_memory::{
 };
 
 pub use error::RequestError;
+pub use owned::OwnedRequestMemory;
 use pages::{BouncePage, KeyMap, LiveMap, PageSlot};
 
 use crate::backend::lazy::ScopePins;
@@ -230,8 +232,10 @@ impl<'t> RequestMemory<'t> {
         self
     }
 
-    /// The table this scope reads through.
-    pub fn table(&self) -> &'t RegionTable {
+    /// The table this scope reads through (borrowed from the scope: an
+    /// [`OwnedRequestMemory`] lends its scope out only for a borrow of itself, so no
+    /// reference to its table may outlive that borrow).
+    pub fn table(&self) -> &RegionTable {
         self.table
     }
 
