@@ -360,15 +360,29 @@ impl<D: VhostUserDevice> Worker<D> {
             log::warn!("vq{}: ending the request scope: {e}", self.index);
             self.stats.scope_errors.fetch_add(1, Ordering::Relaxed);
         }
-        let ring = RingMem::of(&table);
+        let done: Vec<(u16, u32)> = heads.into_iter().zip(used).collect();
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.complete(&table, &done);
+        n
+    }
+
+    /// The one completion path: adds a used entry for each `(head, len)` in order, counts
+    /// them, and notifies the frontend once if it asked to be (EVENT_IDX honoured). Every
+    /// request's scope has ended before it gets here.
+    fn complete(&self, table: &RegionTable, done: &[(u16, u32)]) {
+        if done.is_empty() {
+            return;
+        }
+        let ring = RingMem::of(table);
         let mut state = self.vring.get_mut();
-        for (&head, &len) in heads.iter().zip(&used) {
+        for &(head, len) in done {
             if let Err(e) = ring.add_used(state.get_queue_mut(), head, len) {
                 log::warn!("vq{}: add_used({head}): {e}", self.index);
             }
         }
-        self.stats.requests.fetch_add(n as u64, Ordering::Relaxed);
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        self.stats
+            .requests
+            .fetch_add(done.len() as u64, Ordering::Relaxed);
         match ring.needs_notification(state.get_queue_mut()) {
             Ok(true) => match state.signal_used_queue() {
                 Ok(()) => {
@@ -379,6 +393,5 @@ impl<D: VhostUserDevice> Worker<D> {
             Ok(false) => {}
             Err(e) => log::warn!("vq{}: used event: {e}", self.index),
         }
-        n
     }
 }
