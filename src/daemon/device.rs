@@ -11,6 +11,7 @@
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use virtio_queue::DescriptorChain;
 
+use super::held::{Batch, DEFAULT_MAX_HELD};
 use crate::request::{RequestMemory, WritableBuffers};
 
 /// `VIRTIO_F_VERSION_1`.
@@ -88,6 +89,22 @@ pub trait VhostUserDevice: Send + Sync + 'static {
         }
     }
 
-    /// The queue stopped (`GET_VRING_BASE`, reset or disconnect).
+    /// Serves one batch, where a device whose requests wait may keep chains past the call
+    /// ([`Batch::hold`] gives a [`super::Request`] to complete later, from any thread). By
+    /// default [`VhostUserDevice::serve`] over the whole batch, holding nothing: synchronous
+    /// devices implement `serve_chain` or `serve` and never see this.
+    fn serve_batch(&self, queue: usize, batch: &mut Batch<'_, '_, '_>) {
+        let (mem, chains, used) = batch.parts();
+        self.serve(queue, mem, chains, used);
+    }
+
+    /// Most requests queue `queue` may hold at a time. At the bound the worker stops popping
+    /// (the chains wait in the avail ring; nothing fails) until a completion makes room.
+    fn max_held(&self, _queue: usize) -> usize {
+        DEFAULT_MAX_HELD
+    }
+
+    /// The queue stopped (`GET_VRING_BASE`, reset or disconnect). Requests it held were
+    /// released already: their memory is gone and completing them does nothing.
     fn queue_stopped(&self, _queue: usize) {}
 }

@@ -19,6 +19,7 @@ mod connection;
 mod device;
 mod error;
 mod handler;
+mod held;
 pub(crate) mod layout;
 mod notify_fd;
 mod report;
@@ -36,6 +37,7 @@ pub use device::{
 };
 pub use error::DaemonError;
 pub use handler::MAX_MEM_SLOTS;
+pub use held::{Batch, HeldScope, HoldError, Request, DEFAULT_MAX_HELD};
 pub use report::{StatsReport, StatsReporter, XenReport};
 pub use worker::{DaemonStats, StatsSnapshot, MAX_BATCH};
 

@@ -19,6 +19,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::device::VhostUserDevice;
 use super::handler::{Memory, Vring};
+use super::held::{Batch, Holder, QueueCompletions};
 use super::ring_mem::RingMem;
 use crate::request::RequestMemory;
 use crate::table::RegionTable;
@@ -29,6 +30,7 @@ pub const MAX_BATCH: usize = 64;
 
 const KICK: u64 = 0;
 const WAKE: u64 = 1;
+const COMPLETE: u64 = 2;
 
 /// Counters of what the workers did, shared by all connections of a daemon.
 #[derive(Debug, Default)]
@@ -83,6 +85,7 @@ pub struct StatsSnapshot {
 pub(crate) struct QueueWorker {
     stop: Arc<AtomicBool>,
     wake: Arc<EventFd>,
+    completions: Arc<QueueCompletions>,
     thread: Option<JoinHandle<()>>,
 }
 
@@ -103,6 +106,12 @@ impl QueueWorker {
             wake.as_raw_fd(),
             EpollEvent::new(EventSet::IN, WAKE),
         )?;
+        let completions = Arc::new(QueueCompletions::new(index, stats.clone())?);
+        epoll.ctl(
+            ControlOperation::Add,
+            completions.event().as_raw_fd(),
+            EpollEvent::new(EventSet::IN, COMPLETE),
+        )?;
         let kick_fd = vring.get_ref().get_kick().as_ref().map(|k| k.as_raw_fd());
         if let Some(fd) = kick_fd {
             epoll.ctl(
@@ -119,6 +128,7 @@ impl QueueWorker {
             stats,
             stop: stop.clone(),
             wake: wake.clone(),
+            completions: completions.clone(),
             epoll,
         };
         let thread = std::thread::Builder::new()
@@ -127,6 +137,7 @@ impl QueueWorker {
         Ok(QueueWorker {
             stop,
             wake,
+            completions,
             thread: Some(thread),
         })
     }
@@ -137,7 +148,8 @@ impl QueueWorker {
         let _ = self.wake.write(1);
     }
 
-    /// Stops the worker after its current batch and waits for it.
+    /// Stops the worker after its current batch and waits for it, then releases the requests
+    /// the device still holds (nothing of them is mapped when this returns).
     pub(crate) fn stop(mut self) {
         self.halt();
     }
@@ -150,6 +162,7 @@ impl QueueWorker {
                 log::error!("a queue worker panicked");
             }
         }
+        self.completions.release_all();
     }
 }
 
@@ -167,12 +180,14 @@ struct Worker<D: VhostUserDevice> {
     stats: Arc<DaemonStats>,
     stop: Arc<AtomicBool>,
     wake: Arc<EventFd>,
+    completions: Arc<QueueCompletions>,
     epoll: Epoll,
 }
 
 impl<D: VhostUserDevice> Worker<D> {
     fn run(self) {
-        let mut events = [EpollEvent::default(); 2];
+        let mut events = [EpollEvent::default(); 3];
+        let mut done = Vec::new();
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
                 Ok(n) => n,
@@ -194,13 +209,21 @@ impl<D: VhostUserDevice> Worker<D> {
                             return;
                         }
                     },
-                    _ => {
+                    WAKE => {
                         let _ = self.wake.read();
                     }
+                    // Read by `take_done` below.
+                    _ => {}
                 }
             }
             if self.stop.load(Ordering::Acquire) {
                 return;
+            }
+            // Completions of held requests first: they make room to pop.
+            self.completions.take_done(&mut done);
+            if !done.is_empty() {
+                self.complete(&self.mem.memory(), &done);
+                done.clear();
             }
             if self.vring.get_ref().is_enabled() {
                 self.process_queue();
@@ -219,6 +242,11 @@ impl<D: VhostUserDevice> Worker<D> {
         let mut idle_rounds = 0;
         loop {
             if self.stop.load(Ordering::Acquire) {
+                return;
+            }
+            if self.room() == 0 {
+                // Backpressure: the chains wait in the avail ring until a completion (which
+                // wakes this worker) makes room.
                 return;
             }
             if let Err(e) = self.ring(|q, m| m.disable_notification(q)) {
@@ -323,15 +351,25 @@ impl<D: VhostUserDevice> Worker<D> {
         op(state.get_queue_mut(), &ring)
     }
 
-    /// Pops, serves and completes up to [`MAX_BATCH`] chains; returns how many.
+    /// How many more requests the queue may hold now.
+    fn room(&self) -> usize {
+        self.device
+            .max_held(self.index)
+            .saturating_sub(self.completions.held())
+    }
+
+    /// Pops, serves and completes up to [`MAX_BATCH`] chains (fewer when the room for held
+    /// requests is smaller: every chain popped could be held); returns how many.
     fn serve_batch(&self) -> usize {
-        let table = self.mem.memory();
-        let scope = RequestMemory::new(&table).writable_buffers(self.device.writable_buffers());
+        let table = self.mem.memory().into_inner();
+        let writable = self.device.writable_buffers();
+        let scope = RequestMemory::new(&table).writable_buffers(writable);
         let limit = if table.has_on_demand() {
             self.prefetch_indirect_tables(&table, &scope)
         } else {
             MAX_BATCH
-        };
+        }
+        .min(self.room());
         let mut chains = Vec::with_capacity(limit);
         {
             let mut state = self.vring.get_mut();
@@ -353,14 +391,34 @@ impl<D: VhostUserDevice> Worker<D> {
             log::debug!("vq{}: prefetch: {e}", self.index);
         }
         let mut used = vec![0u32; n];
-        self.device
-            .serve(self.index, &scope, &mut chains, &mut used);
+        let mut held = vec![false; n];
+        {
+            let holder = Holder {
+                table: &table,
+                completions: &self.completions,
+                writable,
+            };
+            let mut batch = Batch {
+                mem: &scope,
+                chains: &mut chains,
+                used: &mut used,
+                held: &mut held,
+                holder: &holder,
+            };
+            self.device.serve_batch(self.index, &mut batch);
+        }
         drop(chains);
         if let Err(e) = scope.finish() {
             log::warn!("vq{}: ending the request scope: {e}", self.index);
             self.stats.scope_errors.fetch_add(1, Ordering::Relaxed);
         }
-        let done: Vec<(u16, u32)> = heads.into_iter().zip(used).collect();
+        // Held chains get their used entry when the device completes them.
+        let done: Vec<(u16, u32)> = heads
+            .into_iter()
+            .zip(used)
+            .zip(held)
+            .filter_map(|(d, held)| (!held).then_some(d))
+            .collect();
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.complete(&table, &done);
         n

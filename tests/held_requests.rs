@@ -1,0 +1,320 @@
+//! Requests that wait (emulated GRANT, the vhost crate's `Frontend` over a real socket): a
+//! device holds every chain past `serve` and another thread completes them later; used
+//! entries in completion order with the bytes written after `serve`, exact Xen syscall counts,
+//! backpressure at the per-queue bound, and 0 live mappings after a disconnect with requests
+//! still held.
+
+mod common;
+
+use common::ScratchDir;
+
+use std::os::unix::net::UnixListener;
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use vm_memory::{Bytes, Permissions};
+use xen_vhost_mem::daemon::{
+    Batch, HoldError, Request, VhostUserDaemon, VhostUserDevice, VIRTIO_F_VERSION_1,
+    VIRTIO_RING_F_EVENT_IDX,
+};
+use xen_vhost_mem::testing::driver::{Buf, DriverConfig, GuestMode, VirtioDriver};
+use xen_vhost_mem::testing::{EmulatedXen, GuestSim};
+use xen_vhost_mem::{RequestMemory, Strategy, XenHandle};
+
+/// Holds every chain, after reading its 16-byte header through the batch's memory.
+struct Holding {
+    tx: Mutex<Sender<([u8; 16], Request)>>,
+    strategy: Strategy,
+    max_held: usize,
+}
+
+impl VhostUserDevice for Holding {
+    fn num_queues(&self) -> usize {
+        1
+    }
+    fn max_queue_size(&self) -> u16 {
+        256
+    }
+    fn features(&self) -> u64 {
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX
+    }
+    fn serve_chain(
+        &self,
+        _queue: usize,
+        _mem: &RequestMemory<'_>,
+        _chain: &xen_vhost_mem::daemon::Chain<'_, '_>,
+    ) -> u32 {
+        unreachable!("serve_batch holds every chain")
+    }
+    fn serve_batch(&self, _queue: usize, batch: &mut Batch<'_, '_, '_>) {
+        for i in 0..batch.len() {
+            let mut hdr = [0u8; 16];
+            if let Some(d) = batch.chain(i).and_then(|c| c.clone().next()) {
+                batch
+                    .memory()
+                    .read_slice(&mut hdr, d.addr())
+                    .expect("header through the batch scope");
+            }
+            let req = batch.hold_with(i, self.strategy).expect("hold");
+            assert_eq!(
+                batch.hold(i).unwrap_err(),
+                HoldError::HeldTwice { index: i }
+            );
+            self.tx
+                .lock()
+                .unwrap()
+                .send((hdr, req))
+                .expect("test alive");
+        }
+    }
+    fn max_held(&self, _queue: usize) -> usize {
+        self.max_held
+    }
+}
+
+struct Setup {
+    _dir: ScratchDir,
+    emu: Arc<EmulatedXen>,
+    dev: XenHandle,
+    daemon: Arc<VhostUserDaemon<Holding>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    drv: VirtioDriver,
+    held: Receiver<([u8; 16], Request)>,
+}
+
+fn setup(tag: &str, strategy: Strategy, max_held: usize) -> Setup {
+    let cfg = DriverConfig {
+        mode: GuestMode::Grant,
+        queues: 1,
+        depth: 16,
+        max_data: 4096,
+        ..DriverConfig::default()
+    };
+    let emu = Arc::new(EmulatedXen::new(cfg.emulation_pages()).expect("emulation"));
+    let dev = XenHandle::new(emu.clone());
+    let dir = ScratchDir::new(tag);
+    let path = dir.0.join("held.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    let (tx, held) = channel();
+    let device = Holding {
+        tx: Mutex::new(tx),
+        strategy,
+        max_held,
+    };
+    let daemon = Arc::new(VhostUserDaemon::new(Arc::new(device)).with_xen(dev.clone()));
+    let d = daemon.clone();
+    let thread = std::thread::spawn(move || d.serve(&listener, Some(1)).expect("serve"));
+    let guest = GuestSim {
+        emu: emu.clone(),
+        dev: dev.clone(),
+        domid: 1,
+    };
+    let drv = VirtioDriver::connect_granting(&path, cfg, Box::new(guest)).expect("connect");
+    Setup {
+        _dir: dir,
+        emu,
+        dev,
+        daemon,
+        thread: Some(thread),
+        drv,
+        held,
+    }
+}
+
+/// Publishes `n` requests (header `i` repeated, 16 bytes to write, 1 status byte) and kicks
+/// once; returns their slots.
+fn publish(s: &mut Setup, n: usize) -> Vec<usize> {
+    let mut slots = Vec::new();
+    for i in 0..n {
+        let (slot, b) = s.drv.take_slot(0).expect("free slot");
+        s.drv.write(b.header, &[i as u8; 16]).expect("header");
+        s.drv.write(b.data_in, &[0xee; 16]).expect("clear");
+        s.drv
+            .publish(
+                0,
+                slot,
+                &[
+                    Buf {
+                        gpa: b.header,
+                        len: 16,
+                        write: false,
+                    },
+                    Buf {
+                        gpa: b.data_in,
+                        len: 16,
+                        write: true,
+                    },
+                    Buf {
+                        gpa: b.status,
+                        len: 1,
+                        write: true,
+                    },
+                ],
+            )
+            .expect("publish");
+        slots.push(slot);
+    }
+    s.drv.kick(0, n as u16).expect("kick");
+    slots
+}
+
+/// What a device does when a held request's data arrives: header reversed into the data
+/// buffer, status 0, through the request's own memory.
+fn answer(hdr: [u8; 16], req: &Request) -> u32 {
+    let d = req.descriptors();
+    let scope = req.scope().expect("held");
+    let mem = scope.memory().expect("memory");
+    // Both written buffers fetched in one go (one grant copy, or one map).
+    mem.prefetch(&[
+        (d[1].addr(), d[1].len() as usize, Permissions::Write),
+        (d[2].addr(), d[2].len() as usize, Permissions::Write),
+    ])
+    .expect("prefetch");
+    let mut out = hdr;
+    out.reverse();
+    mem.write_slice(&out, d[1].addr()).expect("data");
+    mem.write_obj(0u8, d[2].addr()).expect("status");
+    17
+}
+
+fn recv(s: &Setup) -> ([u8; 16], Request) {
+    s.held
+        .recv_timeout(Duration::from_secs(10))
+        .expect("a held request")
+}
+
+#[test]
+fn held_requests_complete_later_from_another_thread_in_completion_order() {
+    let mut s = setup("held-order", Strategy::GrantCopy, 64);
+    let before = s.dev.counters().snapshot();
+    let slots = publish(&mut s, 8);
+    let held: Vec<_> = (0..8).map(|_| recv(&s)).collect();
+    // Served: nothing used yet.
+    std::thread::sleep(Duration::from_millis(50));
+    assert_eq!(s.daemon.stats().snapshot().requests, 0);
+    // Completed on another thread, last held first.
+    let completer = std::thread::spawn(move || {
+        for (hdr, req) in held.into_iter().rev() {
+            let len = answer(hdr, &req);
+            req.complete(len).expect("complete");
+        }
+    });
+    completer.join().expect("completer");
+    let mut seen = Vec::new();
+    while seen.len() < 8 {
+        seen.extend(s.drv.wait(0, Duration::from_secs(10)).expect("used"));
+    }
+    // Used entries in completion order: the slots in reverse.
+    let order: Vec<usize> = seen.iter().map(|c| c.slot).collect();
+    let expect: Vec<usize> = slots.iter().rev().copied().collect();
+    assert_eq!(order, expect);
+    for (i, &slot) in slots.iter().enumerate() {
+        let b = s.drv.slot(0, slot);
+        let mut data = [0u8; 16];
+        s.drv.read(b.data_in, &mut data).expect("read");
+        assert_eq!(data, [i as u8; 16], "slot {slot}");
+        let mut st = [9u8];
+        s.drv.read(b.status, &mut st).expect("status");
+        assert_eq!(st, [0]);
+    }
+    assert!(seen.iter().all(|c| c.len == 17));
+    let used = s.dev.counters().snapshot().since(&before);
+    let stats = s.daemon.stats().snapshot();
+    assert_eq!((stats.requests, stats.batches), (8, 1));
+    // The batch: one grant copy bringing in every chain's pages (headers read in `serve`);
+    // nothing written through it, so no copy back. Each held request: its two written pages
+    // copied in by its prefetch (one ioctl: the bytes it does not write must reach the guest
+    // unchanged) and back at `complete` (one ioctl).
+    assert_eq!(used.grant_copies, 1 + 2 * 8);
+    assert_eq!(used.syscalls(), 1 + 2 * 8);
+    assert_eq!(s.emu.live_mappings(), RING_MAPS);
+    drop(s.drv);
+    s.thread.take().expect("daemon").join().expect("daemon");
+    assert_eq!(s.dev.counters().live_mappings(), 0);
+    assert_eq!(s.emu.live_mappings(), 0);
+    assert_eq!(s.emu.live_grant_maps(), 0);
+}
+
+/// Mappings a connection keeps between requests: its one queue's descriptor table, avail
+/// and used rings, each a GRANT region mapped in advance.
+const RING_MAPS: usize = 3;
+
+#[test]
+fn disconnect_releases_held_requests_with_nothing_mapped() {
+    let mut s = setup("held-disconnect", Strategy::Map, 64);
+    publish(&mut s, 6);
+    let held: Vec<_> = (0..6).map(|_| recv(&s)).collect();
+    // Four of them touch their memory (mapped: gntdev maps live while held).
+    let before = s.dev.counters().snapshot();
+    for (hdr, req) in &held[..4] {
+        answer(*hdr, req);
+    }
+    let used = s.dev.counters().snapshot().since(&before);
+    // Per request: data and status pages in one writable map (MAP_GRANT_REF + mmap).
+    assert_eq!((used.ioctls, used.mmaps, used.munmaps), (4, 4, 0));
+    assert_eq!(s.dev.counters().live_mappings() as usize, RING_MAPS + 4);
+    assert_eq!(s.emu.live_mappings(), RING_MAPS + 4);
+    // The frontend goes away with six requests held by the device.
+    drop(s.drv);
+    s.thread.take().expect("daemon").join().expect("daemon");
+    assert_eq!(s.dev.counters().live_mappings(), 0);
+    assert_eq!(s.emu.live_mappings(), 0);
+    assert_eq!(s.emu.live_grant_maps(), 0);
+    // The device completes them afterwards: nothing is written, nothing fetched.
+    let before = s.dev.counters().snapshot();
+    for (_, req) in held {
+        let head = req.head();
+        assert!(matches!(req.scope(), Err(HoldError::Gone { queue: 0, head: h }) if h == head));
+        assert_eq!(req.complete(1), Err(HoldError::Gone { queue: 0, head }));
+    }
+    assert_eq!(s.dev.counters().snapshot().since(&before).syscalls(), 0);
+    assert_eq!(s.daemon.stats().snapshot().requests, 0);
+}
+
+#[test]
+fn at_the_bound_the_worker_stops_popping_and_resumes_on_completion() {
+    let mut s = setup("held-bound", Strategy::GrantCopy, 4);
+    let slots = publish(&mut s, 10);
+    let first: Vec<_> = (0..4).map(|_| recv(&s)).collect();
+    // Four held, the bound: the other six wait in the avail ring.
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(s.held.try_recv().is_err(), "popped past the bound");
+    // Completing two makes room for two more, and so on; nothing fails.
+    let mut done = 0;
+    let mut pending = first;
+    let mut seen = Vec::new();
+    while done < 10 {
+        let (hdr, req) = pending.remove(0);
+        let len = answer(hdr, &req);
+        req.complete(len).expect("complete");
+        done += 1;
+        while let Ok(r) =
+            s.held
+                .recv_timeout(Duration::from_millis(if pending.is_empty() && done < 10 {
+                    10_000
+                } else {
+                    20
+                }))
+        {
+            pending.push(r);
+        }
+        assert!(pending.len() <= 4, "{} held", pending.len());
+    }
+    while seen.len() < 10 {
+        seen.extend(s.drv.wait(0, Duration::from_secs(10)).expect("used"));
+    }
+    let order: Vec<usize> = seen.iter().map(|c| c.slot).collect();
+    assert_eq!(order, slots);
+    for (i, &slot) in slots.iter().enumerate() {
+        let mut data = [0u8; 16];
+        s.drv
+            .read(s.drv.slot(0, slot).data_in, &mut data)
+            .expect("read");
+        assert_eq!(data, [i as u8; 16]);
+    }
+    assert_eq!(s.daemon.stats().snapshot().requests, 10);
+    drop(s.drv);
+    s.thread.take().expect("daemon").join().expect("daemon");
+    assert_eq!(s.emu.live_mappings(), 0);
+}
