@@ -1,6 +1,8 @@
 //! The vhost-user side of one device: a connection to its daemon with
 //! XEN_MMAP, and the guest memory table built from what Linux's grant DMA
-//! put in the queue registers.
+//! put in the queue registers ([`Memory::Grant`]), or, for a guest kernel
+//! without grant DMA, from the guest's RAM as FOREIGN regions
+//! ([`Memory::Foreign`]).
 //!
 //! Under grant DMA every address the guest gives the device is a grant
 //! address, `1 << 63 | ref << 12 | offset`. The rings are long-lived grants:
@@ -37,6 +39,7 @@ pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
 /// `VIRTIO_RING_F_EVENT_IDX`.
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// Xen region flags (DESIGN.md §2): GRANT, and "do not map in advance" as rust-vmm spells it.
+const XEN_FOREIGN: u32 = 0x1;
 const XEN_GRANT: u32 = 0x2;
 const XEN_NO_ADVANCE: u32 = 0x8;
 /// The on-demand space announced: this many grant refs from ref 0 (Linux's
@@ -46,6 +49,8 @@ const GRANT_SPACE_REFS: u64 = 1 << 20;
 /// `userspace_addr` matters to the daemon (SET_VRING_ADDR is translated
 /// through it), and this frontend never maps the rings itself.
 const RING_VA: u64 = 0x7f00_0000_0000;
+/// The same for FOREIGN regions: frontend address = this + guest-physical address.
+const FOREIGN_VA: u64 = 0x7e00_0000_0000;
 const PAGE: u64 = 4096;
 
 /// Errors of the backend connection, naming the step and the socket.
@@ -74,6 +79,80 @@ pub enum BackendError {
     /// Two queues' ring pieces overlap.
     #[error("ring pieces overlap at {0:#x}")]
     Overlap(u64),
+    /// FOREIGN mode: a ring outside the guest's RAM.
+    #[error("queue {queue}: {which} ring at {addr:#x} is outside the guest RAM announced")]
+    NotRam {
+        queue: usize,
+        which: &'static str,
+        addr: u64,
+    },
+}
+
+/// How the daemon reaches the guest's memory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Memory {
+    /// Grant DMA (`XEN_VIRTIO_FORCE_GRANT`): rings in advance, the rest on demand.
+    Grant,
+    /// Guest-physical DMA: the guest's RAM ranges `(gpa, bytes)`, mapped as
+    /// FOREIGN frames through privcmd.
+    Foreign(Vec<(u64, u64)>),
+}
+
+impl Memory {
+    /// The guest RAM of an HVM domain of `ram` bytes: below the VGA hole, and
+    /// from 1 MiB up to the MMIO hole below 4 GiB (`mmio_hole` bytes, libxl's
+    /// default 256 MiB), the rest from 4 GiB up (hvmloader's layout).
+    pub fn hvm_ram(ram: u64, mmio_hole: u64) -> Vec<(u64, u64)> {
+        const VGA: u64 = 0xa0000;
+        const MIB: u64 = 1 << 20;
+        const FOUR_G: u64 = 1 << 32;
+        let low_end = ram.min(FOUR_G - mmio_hole);
+        let mut out = vec![(0, VGA.min(ram))];
+        if low_end > MIB {
+            out.push((MIB, low_end - MIB));
+        }
+        if ram > low_end {
+            out.push((FOUR_G, ram - low_end));
+        }
+        out
+    }
+}
+
+/// The regions of a FOREIGN guest: its RAM, each range in advance.
+pub fn foreign_regions(
+    ram: &[(u64, u64)],
+    queues: &[QueueRegs],
+    event_idx: bool,
+) -> Result<Vec<Region>, BackendError> {
+    let extra = if event_idx { 2 } else { 0 };
+    for (i, q) in queues.iter().enumerate().filter(|(_, q)| q.ready) {
+        let n = u64::from(q.num);
+        for (which, addr, len) in [
+            ("descriptor", q.desc, 16 * n),
+            ("avail", q.driver, 4 + 2 * n + extra),
+            ("used", q.device, 4 + 8 * n + extra),
+        ] {
+            let inside = ram
+                .iter()
+                .any(|&(g, l)| addr >= g && addr.checked_add(len).is_some_and(|e| e <= g + l));
+            if !inside {
+                return Err(BackendError::NotRam {
+                    queue: i,
+                    which,
+                    addr,
+                });
+            }
+        }
+    }
+    Ok(ram
+        .iter()
+        .map(|&(gpa, size)| Region {
+            gpa,
+            size,
+            uaddr: FOREIGN_VA + gpa,
+            flags: XEN_FOREIGN,
+        })
+        .collect())
 }
 
 /// One ring piece in guest (grant) address space.
@@ -282,6 +361,7 @@ impl Backend {
     /// `bases[i]` (where its avail index resumes).
     pub fn start(
         &mut self,
+        memory: &Memory,
         driver_features: u64,
         queues: &[QueueRegs],
         bases: &[u16],
@@ -290,13 +370,17 @@ impl Backend {
         self.fe
             .set_features(features)
             .map_err(self.v("SET_FEATURES"))?;
-        let regions = grant_regions(queues, driver_features & VIRTIO_RING_F_EVENT_IDX != 0)?;
-        let gntdev = File::options()
+        let event_idx = driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let (regions, device) = match memory {
+            Memory::Grant => (grant_regions(queues, event_idx)?, "/dev/xen/gntdev"),
+            Memory::Foreign(ram) => (foreign_regions(ram, queues, event_idx)?, "/dev/xen/privcmd"),
+        };
+        let fd = File::options()
             .read(true)
             .write(true)
-            .open("/dev/xen/gntdev")
+            .open(device)
             .map_err(|source| BackendError::Io {
-                what: "open /dev/xen/gntdev".into(),
+                what: format!("open {device}"),
                 source,
             })?;
         let infos: Vec<VhostUserMemoryRegionInfo> = regions
@@ -306,7 +390,7 @@ impl Backend {
                 memory_size: r.size,
                 userspace_addr: r.uaddr,
                 mmap_offset: 0,
-                mmap_handle: gntdev.as_raw_fd(),
+                mmap_handle: fd.as_raw_fd(),
                 xen_mmap_flags: r.flags,
                 xen_mmap_data: u32::from(self.domid),
             })
@@ -314,7 +398,10 @@ impl Backend {
         self.fe
             .set_mem_table(&infos)
             .map_err(self.v("SET_MEM_TABLE"))?;
-        let va = |gpa: u64| RING_VA + (gpa - GRANT_BIT);
+        let va = |gpa: u64| match memory {
+            Memory::Grant => RING_VA + (gpa - GRANT_BIT),
+            Memory::Foreign(_) => FOREIGN_VA + gpa,
+        };
         self.started.clear();
         for (i, q) in queues.iter().enumerate().take(self.queues) {
             if !q.ready {
@@ -468,6 +555,45 @@ mod tests {
         for w in r.windows(2) {
             assert!(w[0].gpa + w[0].size <= w[1].gpa, "{w:x?}");
         }
+    }
+
+    #[test]
+    fn hvm_ram_layout() {
+        const MIB: u64 = 1 << 20;
+        assert_eq!(
+            Memory::hvm_ram(128 * MIB, 256 * MIB),
+            vec![(0, 0xa0000), (MIB, 127 * MIB)]
+        );
+        assert_eq!(
+            Memory::hvm_ram(5 << 30, 256 * MIB),
+            vec![
+                (0, 0xa0000),
+                (MIB, (4 << 30) - 257 * MIB),
+                (1 << 32, (5 << 30) - ((4 << 30) - 256 * MIB))
+            ]
+        );
+    }
+
+    #[test]
+    fn foreign_regions_are_the_ram_and_hold_the_rings() {
+        let ram = Memory::hvm_ram(128 << 20, 256 << 20);
+        let mut qr = q(0, 0, 0, 64);
+        (qr.desc, qr.driver, qr.device) = (0x10_0000, 0x10_0400, 0x10_1000);
+        let r = foreign_regions(&ram, &[qr], true).unwrap();
+        assert_eq!(r.len(), 2);
+        assert_eq!(
+            (r[1].gpa, r[1].flags, r[1].uaddr),
+            (1 << 20, 0x1, FOREIGN_VA + (1 << 20))
+        );
+        qr.device = 0xa0000; // the VGA hole
+        assert!(matches!(
+            foreign_regions(&ram, &[qr], false),
+            Err(BackendError::NotRam {
+                queue: 0,
+                which: "used",
+                addr: 0xa0000
+            })
+        ));
     }
 
     #[test]

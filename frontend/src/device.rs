@@ -6,14 +6,13 @@ use std::path::PathBuf;
 use std::str::FromStr;
 
 use xen_sys::xen::DomId;
-use xen_sys::Gntdev;
 
 use crate::backend::{
-    Backend, BackendError, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ACCESS_PLATFORM,
+    Backend, BackendError, Memory, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_VERSION_1,
 };
 use crate::mmio::{Effect, MmioRegs, INT_VRING};
-use crate::ring_peek;
+use crate::ring_peek::RingPeek;
 
 /// Size of a virtio-mmio window.
 pub const WINDOW: u64 = 0x1000;
@@ -189,18 +188,23 @@ pub struct Device {
     /// Counters.
     pub stats: DeviceStats,
     domid: DomId,
+    memory: Memory,
 }
 
 impl Device {
     /// Connects to the daemon and presents what it offers: its virtio
-    /// features plus VERSION_1 and ACCESS_PLATFORM (grant DMA), its queues
-    /// (at most `spec.queues`), its configuration space.
-    pub fn connect(spec: DeviceSpec, domid: DomId) -> Result<Self, BackendError> {
+    /// features plus VERSION_1 (and ACCESS_PLATFORM under grant DMA, which
+    /// Linux requires then), its queues (at most `spec.queues`), its
+    /// configuration space.
+    pub fn connect(spec: DeviceSpec, domid: DomId, memory: Memory) -> Result<Self, BackendError> {
         let mut b = Backend::connect(&spec.socket, domid, spec.queues)?;
         let config = b.config(spec.config_len)?;
-        let features = (b.features & !VHOST_USER_F_PROTOCOL_FEATURES)
-            | VIRTIO_F_VERSION_1
-            | VIRTIO_F_ACCESS_PLATFORM;
+        let platform = match memory {
+            Memory::Grant => VIRTIO_F_ACCESS_PLATFORM,
+            Memory::Foreign(_) => 0,
+        };
+        let features =
+            (b.features & !VHOST_USER_F_PROTOCOL_FEATURES) | VIRTIO_F_VERSION_1 | platform;
         let max = vec![spec.qsize; b.queues];
         Ok(Device {
             regs: MmioRegs::new(spec.device_id, features, &max, config),
@@ -208,6 +212,7 @@ impl Device {
             backend: Some(b),
             stats: DeviceStats::default(),
             domid,
+            memory,
         })
     }
 
@@ -266,7 +271,7 @@ impl Device {
             return; // started when the daemon comes back
         };
         let q = self.regs.queues().to_vec();
-        match b.start(self.regs.driver_features(), &q, bases) {
+        match b.start(&self.memory, self.regs.driver_features(), &q, bases) {
             Ok(()) => log::info!(
                 "{name}: started queues {:?} (features {:#x}, bases {bases:?})",
                 b.started(),
@@ -307,7 +312,7 @@ impl Device {
     /// Tries once to reconnect; when the driver is running, resumes each
     /// ready queue at the used index read from the guest's ring and kicks it,
     /// so what the old daemon popped and never completed is served again.
-    pub fn try_reconnect(&mut self, gntdev: Option<&Gntdev>) -> Result<bool, BackendError> {
+    pub fn try_reconnect(&mut self, peek: Option<&RingPeek>) -> Result<bool, BackendError> {
         if self.backend.is_some() {
             return Ok(true);
         }
@@ -325,15 +330,16 @@ impl Device {
         if self.regs.driver_ok() {
             let mut bases = Vec::new();
             for (i, q) in self.regs.queues().iter().enumerate() {
-                let base =
-                    match (q.ready, gntdev) {
-                        (true, Some(g)) => ring_peek::read_u16(g, self.domid, q.device + 2)
+                let base = match (q.ready, peek) {
+                    (true, Some(p)) => {
+                        p.read_u16(self.domid, q.device + 2)
                             .map_err(|e| BackendError::Io {
                                 what: format!("queue {i}'s used index"),
                                 source: std::io::Error::other(e.to_string()),
-                            })?,
-                        _ => 0,
-                    };
+                            })?
+                    }
+                    _ => 0,
+                };
                 bases.push(base);
             }
             self.stats.resumed_queues += bases.len() as u64;

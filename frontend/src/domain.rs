@@ -23,6 +23,12 @@ pub enum DomainError {
     /// The domain is not HVM.
     #[error("domain {domid} is {kind:?}, not \"hvm\": interrupts reach only HVM guests (an ISA IRQ on a PVH guest crashes Xen 4.17)")]
     NotHvm { domid: DomId, kind: String },
+    /// A node could not be read.
+    #[error("reading {path}: {source}")]
+    Node { path: String, source: io::Error },
+    /// A node holds something else than expected.
+    #[error("{path} holds {value:?}")]
+    BadValue { path: String, value: String },
     /// The domid is reserved or dom0.
     #[error("domid {0} cannot be a guest served here (0 is dom0; {first}.. are reserved)", first = xen_sys::xen::DOMID_FIRST_RESERVED)]
     BadDomid(u32),
@@ -61,6 +67,25 @@ fn check_type(domid: DomId, raw: &[u8]) -> Result<(), DomainError> {
     } else {
         Err(DomainError::NotHvm { domid, kind })
     }
+}
+
+/// The domain's RAM in bytes: `memory/static-max` (KiB), what libxl gave it.
+pub fn ram_bytes(xs: &Xenbus, domid: DomId) -> Result<u64, DomainError> {
+    let path = format!("/local/domain/{domid}/memory/static-max");
+    let raw = xs.read(&path).map_err(|source| DomainError::Node {
+        path: path.clone(),
+        source,
+    })?;
+    let text = String::from_utf8_lossy(&raw);
+    text.trim_end_matches('\0')
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .and_then(|kib| kib.checked_mul(1024))
+        .ok_or(DomainError::BadValue {
+            path,
+            value: text.into_owned(),
+        })
 }
 
 /// True while XenStore still has the domain's home (`/local/domain/<domid>`):

@@ -9,13 +9,14 @@ use std::time::{Duration, Instant};
 
 use xen_sys::ioreq::{IOREQ_READ, IOREQ_TYPE_COPY};
 use xen_sys::xen::DomId;
-use xen_sys::{Gntdev, Xenbus};
+use xen_sys::Xenbus;
 
-use crate::backend::BackendError;
+use crate::backend::{BackendError, Memory};
 use crate::device::{Device, DeviceSpec, DeviceStats, WINDOW};
 use crate::domain::{self, DomainError};
 use crate::ioreq_server::{self, IoreqError, IoreqServer, Request};
 use crate::irq::{IrqError, IrqLines};
+use crate::ring_peek::RingPeek;
 
 /// Errors that end the frontend.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +110,18 @@ pub struct Options {
     pub connect_timeout: Duration,
     /// Between reconnect attempts.
     pub reconnect_every: Duration,
+    /// How the daemons reach guest memory.
+    pub memory: MemoryChoice,
+}
+
+/// `--memory`: grant DMA, or FOREIGN frames of the guest's RAM (its size
+/// read from XenStore).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryChoice {
+    /// The guest kernel uses grant DMA (`XEN_VIRTIO_FORCE_GRANT`).
+    Grant,
+    /// It does not: DMA addresses are guest-physical.
+    Foreign,
 }
 
 /// Blocks SIGTERM, SIGINT, SIGHUP and SIGUSR1 and returns a signalfd for them.
@@ -142,10 +155,15 @@ fn read_signal(fd: &OwnedFd) -> Option<i32> {
 }
 
 /// Connects to a daemon, retrying while its socket is not there yet.
-fn connect_device(spec: &DeviceSpec, domid: DomId, wait: Duration) -> Result<Device, BackendError> {
+fn connect_device(
+    spec: &DeviceSpec,
+    domid: DomId,
+    memory: &Memory,
+    wait: Duration,
+) -> Result<Device, BackendError> {
     let t = Instant::now();
     loop {
-        match Device::connect(spec.clone(), domid) {
+        match Device::connect(spec.clone(), domid, memory.clone()) {
             Ok(d) => return Ok(d),
             Err(BackendError::Vhost {
                 step: "connect", ..
@@ -168,9 +186,18 @@ pub fn run(opts: &Options, stats_out: &mut Stats) -> Result<Exit, FrontendError>
             return Err(FrontendError::Overlap(w[0].addr, w[1].addr));
         }
     }
+    let memory = match opts.memory {
+        MemoryChoice::Grant => Memory::Grant,
+        MemoryChoice::Foreign => {
+            let ram = domain::ram_bytes(&xs, domid)?;
+            let ranges = Memory::hvm_ram(ram, 256 << 20);
+            log::info!("FOREIGN memory: {} MiB of RAM in {ranges:x?}", ram >> 20);
+            Memory::Foreign(ranges)
+        }
+    };
     let mut devices = Vec::new();
     for s in &opts.devices {
-        let d = connect_device(s, domid, opts.connect_timeout)?;
+        let d = connect_device(s, domid, &memory, opts.connect_timeout)?;
         log::info!(
             "{}: virtio device {} with {} queue(s), features {:#x}, {} config bytes",
             d.name(),
@@ -192,7 +219,7 @@ pub fn run(opts: &Options, stats_out: &mut Stats) -> Result<Exit, FrontendError>
         devices.len(),
         server.vcpus()
     );
-    let gntdev = Gntdev::open().ok();
+    let peek = RingPeek::open(&memory).ok();
     let sig = signal_fd()?;
     let mut lines = IrqLines::new(domid);
     let irqs: BTreeSet<u8> = devices.iter().map(|d| d.spec.irq).collect();
@@ -302,7 +329,7 @@ pub fn run(opts: &Options, stats_out: &mut Stats) -> Result<Exit, FrontendError>
                 break Exit::DomainGone;
             }
             for d in devices.iter_mut().filter(|d| d.backend.is_none()) {
-                if let Err(e) = d.try_reconnect(gntdev.as_ref()) {
+                if let Err(e) = d.try_reconnect(peek.as_ref()) {
                     log::warn!("{}: reconnect: {e}", d.name());
                     d.disconnected();
                 }

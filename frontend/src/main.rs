@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Parser;
 use xen_mmio_frontend::device::DeviceSpec;
 use xen_mmio_frontend::domain;
-use xen_mmio_frontend::frontend::{self, Exit, Options, Stats};
+use xen_mmio_frontend::frontend::{self, Exit, MemoryChoice, Options, Stats};
 
 const LONG_ABOUT: &str = "\
 Serves virtio-mmio windows of an x86 HVM domU from dom0 and connects each one to a vhost-user
@@ -53,6 +53,17 @@ struct Args {
     /// Milliseconds between reconnect attempts (and checks that the domain still exists).
     #[arg(long, default_value_t = 200)]
     reconnect_ms: u64,
+    /// How the daemons reach the guest's memory: `grant` for a guest kernel with
+    /// XEN_VIRTIO_FORCE_GRANT (rings mapped in advance, buffers per request), `foreign` for one
+    /// without (all its RAM as FOREIGN frames through /dev/xen/privcmd; size from XenStore).
+    #[arg(long, value_enum, default_value = "grant")]
+    memory: MemoryArg,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug)]
+enum MemoryArg {
+    Grant,
+    Foreign,
 }
 
 fn main() -> ExitCode {
@@ -70,6 +81,10 @@ fn main() -> ExitCode {
         devices: a.devices,
         connect_timeout: Duration::from_secs(a.connect_timeout),
         reconnect_every: Duration::from_millis(a.reconnect_ms.max(10)),
+        memory: match a.memory {
+            MemoryArg::Grant => MemoryChoice::Grant,
+            MemoryArg::Foreign => MemoryChoice::Foreign,
+        },
     };
     let mut stats = Stats::default();
     let r = frontend::run(&opts, &mut stats);
