@@ -1,23 +1,42 @@
 //! virtio-blk over a file: IN, OUT, FLUSH and GET_ID; features SEG_MAX, BLK_SIZE, FLUSH, RO
 //! and MQ.
 //!
-//! Data moves between the file and guest memory in one `preadv`/`pwritev` per request,
-//! straight into the request scope's mappings or bounce buffers. Every failure of guest
+//! Data moves between the file and guest memory straight into the request scope's mappings
+//! or bounce buffers: a batch's reads, writes and flushes are submitted to the queue's
+//! io_uring together (one system call) and reaped as they complete, out of order; a FLUSH
+//! starts only once everything submitted before it has completed (`IOSQE_IO_DRAIN`). Where
+//! the kernel refuses io_uring (old kernel, seccomp, `kernel.io_uring_disabled`), or with
+//! [`BlkIo::Sync`], each request is one `preadv`/`pwritev`/`fdatasync`, chosen at run time
+//! per queue and logged. Every failure of guest
 //! memory or of the file becomes `VIRTIO_BLK_S_IOERR` in the request's status byte; a chain
 //! without a writable status byte is completed with used length 0.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use vm_memory::{Address, Bytes, GuestAddress, Permissions};
 
 use super::iov::{GuestIov, IOV_MAX};
+use super::uring::{Op, Ring};
 use crate::daemon::{
     Chain, VhostUserDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::request::RequestMemory;
+
+/// How the device moves data.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BlkIo {
+    /// A batch submitted to a per-queue io_uring in one system call, reaped out of order;
+    /// the synchronous path where the kernel refuses io_uring.
+    #[default]
+    Uring,
+    /// One `preadv`/`pwritev`/`fdatasync` per request.
+    Sync,
+}
 
 /// Request types.
 pub const VIRTIO_BLK_T_IN: u32 = 0;
@@ -67,6 +86,8 @@ pub struct BlkConfig {
     pub blk_size: u32,
     /// The GET_ID serial (at most 20 bytes are sent).
     pub serial: String,
+    /// How data moves.
+    pub io: BlkIo,
 }
 
 impl Default for BlkConfig {
@@ -77,6 +98,7 @@ impl Default for BlkConfig {
             read_only: false,
             blk_size: 512,
             serial: "xen-vhost-mem".into(),
+            io: BlkIo::default(),
         }
     }
 }
@@ -103,7 +125,60 @@ pub struct BlkDevice {
     file: File,
     sectors: u64,
     config: BlkConfig,
+    /// Per queue: its io_uring, made by the queue's worker on first use.
+    rings: Vec<Mutex<RingState>>,
+    stats: IoCounters,
 }
+
+#[derive(Debug, Default)]
+struct IoCounters {
+    submissions: AtomicU64,
+    uring_ops: AtomicU64,
+    sync_ops: AtomicU64,
+    rings_refused: AtomicU64,
+}
+
+/// How a block device moved its data so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BlkIoStats {
+    /// Batches submitted to an io_uring (one `io_uring_enter` each when nothing waits).
+    pub submissions: u64,
+    /// Reads, writes and flushes done through io_uring.
+    pub uring_ops: u64,
+    /// Reads, writes and flushes done with a system call each.
+    pub sync_ops: u64,
+    /// Queues whose io_uring the kernel refused.
+    pub rings_refused: u64,
+}
+
+/// A queue's io_uring.
+#[derive(Debug)]
+enum RingState {
+    /// Not tried yet.
+    Untried,
+    /// In use.
+    Ready(Ring),
+    /// Refused by the kernel, or not wanted ([`BlkIo::Sync`]): synchronous I/O.
+    Off,
+}
+
+/// A request parsed and checked, its data ranges resolved into host iovecs.
+enum Prepared<'s> {
+    /// Answered already (GET_ID, an error, an unsupported type).
+    Done(Outcome),
+    /// Data between the file at `offset` and `iov`.
+    Io {
+        iov: GuestIov<'s>,
+        offset: u64,
+        sector: u64,
+        to_guest: bool,
+    },
+    /// FLUSH.
+    Flush,
+}
+
+/// A chain split into the readable ranges and the writable ones (status byte last).
+type Ranges = (Vec<(GuestAddress, usize)>, Vec<(GuestAddress, usize)>);
 
 /// What one request came to: its status and the bytes written into the chain.
 struct Outcome {
@@ -158,10 +233,20 @@ impl BlkDevice {
                 source,
             })?
             .len();
+        let rings = (0..config.num_queues)
+            .map(|_| {
+                Mutex::new(match config.io {
+                    BlkIo::Uring => RingState::Untried,
+                    BlkIo::Sync => RingState::Off,
+                })
+            })
+            .collect();
         Ok(BlkDevice {
             file,
             sectors: len / SECTOR,
             config,
+            rings,
+            stats: IoCounters::default(),
         })
     }
 
@@ -170,7 +255,20 @@ impl BlkDevice {
         self.sectors
     }
 
-    fn serve_one(&self, mem: &RequestMemory<'_>, chain: &Chain<'_, '_>) -> u32 {
+    /// How data moved so far.
+    pub fn io_stats(&self) -> BlkIoStats {
+        let c = &self.stats;
+        BlkIoStats {
+            submissions: c.submissions.load(Ordering::Relaxed),
+            uring_ops: c.uring_ops.load(Ordering::Relaxed),
+            sync_ops: c.sync_ops.load(Ordering::Relaxed),
+            rings_refused: c.rings_refused.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The chain's readable and writable ranges, or the used length of a chain refused
+    /// for breaking virtio's ordering.
+    fn ranges(&self, mem: &RequestMemory<'_>, chain: &Chain<'_, '_>) -> Result<Ranges, u32> {
         let mut readable = Vec::new();
         let mut writable = Vec::new();
         for d in chain.clone() {
@@ -180,19 +278,173 @@ impl BlkDevice {
                 readable.push((d.addr(), d.len() as usize));
             } else {
                 // A readable descriptor after a writable one breaks virtio's ordering.
-                return self.complete(mem, &writable, Outcome::status(VIRTIO_BLK_S_IOERR));
+                return Err(self.complete(mem, &writable, Outcome::status(VIRTIO_BLK_S_IOERR)));
             }
         }
-        let outcome = self.execute(mem, &readable, &writable);
+        Ok((readable, writable))
+    }
+
+    fn serve_one(&self, mem: &RequestMemory<'_>, chain: &Chain<'_, '_>) -> u32 {
+        let (readable, writable) = match self.ranges(mem, chain) {
+            Ok(r) => r,
+            Err(used) => return used,
+        };
+        let outcome = self.run_sync(self.prepare(mem, &readable, &writable));
+        self.end(mem, &writable, outcome)
+    }
+
+    /// Completes a request with `outcome`.
+    fn end(
+        &self,
+        mem: &RequestMemory<'_>,
+        writable: &[(GuestAddress, usize)],
+        outcome: Outcome,
+    ) -> u32 {
         if outcome.status != VIRTIO_BLK_S_OK {
             // A failed request leaves the guest's buffers as they were (bounce pages): no
             // zeros of `WritableBuffers::Overwrite`, no half-read data. The status byte,
             // written next, counts again.
-            for &(addr, len) in &writable {
+            for &(addr, len) in writable {
                 mem.discard_writes(addr, len);
             }
         }
-        self.complete(mem, &writable, outcome)
+        self.complete(mem, writable, outcome)
+    }
+
+    /// Serves a batch through the queue's io_uring: every read, write and flush submitted
+    /// with one system call, completions taken as they come. False when the queue has no
+    /// ring (refused, or [`BlkIo::Sync`]): then nothing was done.
+    fn serve_uring(
+        &self,
+        queue: usize,
+        mem: &RequestMemory<'_>,
+        chains: &[Chain<'_, '_>],
+        used: &mut [u32],
+    ) -> bool {
+        let Some(slot) = self.rings.get(queue) else {
+            return false;
+        };
+        let mut state = slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let RingState::Untried = *state {
+            *state = match Ring::new() {
+                Ok(r) => {
+                    log::info!("blk: queue {queue}: io_uring");
+                    RingState::Ready(r)
+                }
+                Err(e) => {
+                    self.stats.rings_refused.fetch_add(1, Ordering::Relaxed);
+                    log::warn!("blk: queue {queue}: io_uring refused ({e}): synchronous I/O");
+                    RingState::Off
+                }
+            };
+        }
+        let RingState::Ready(ring) = &mut *state else {
+            return false;
+        };
+        let mut reqs = Vec::with_capacity(chains.len());
+        for (chain, used) in chains.iter().zip(used.iter_mut()) {
+            match self.ranges(mem, chain) {
+                Ok((readable, writable)) => {
+                    let p = self.prepare(mem, &readable, &writable);
+                    reqs.push((writable, p, used));
+                }
+                Err(u) => *used = u,
+            }
+        }
+        let mut ops = Vec::with_capacity(reqs.len());
+        let mut op_of = Vec::with_capacity(reqs.len());
+        for (_, p, _) in &reqs {
+            let op = match p {
+                Prepared::Io {
+                    iov,
+                    offset,
+                    to_guest: true,
+                    ..
+                } if iov.as_slice().len() <= IOV_MAX => Op::Readv {
+                    iov: iov.as_slice(),
+                    offset: *offset,
+                },
+                Prepared::Io {
+                    iov,
+                    offset,
+                    to_guest: false,
+                    ..
+                } if iov.as_slice().len() <= IOV_MAX => Op::Writev {
+                    iov: iov.as_slice(),
+                    offset: *offset,
+                },
+                Prepared::Flush => Op::Flush,
+                // Answered, or more segments than one op takes: the synchronous way.
+                _ => {
+                    op_of.push(None);
+                    continue;
+                }
+            };
+            op_of.push(Some(ops.len()));
+            ops.push(op);
+        }
+        let mut results = Vec::new();
+        // SAFETY: every iovec points into guest memory `mem` keeps mapped (or bounced) for its
+        // whole life, which outlasts this call; the access was asked with the permission the
+        // op needs (written for reads into the guest).
+        unsafe { ring.run(self.file.as_raw_fd(), &ops, &mut results) };
+        if !ops.is_empty() {
+            let done = results.iter().filter(|&&r| r != -libc::ECANCELED).count();
+            self.stats.submissions.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .uring_ops
+                .fetch_add(done as u64, Ordering::Relaxed);
+        }
+        drop(ops);
+        for ((writable, p, used), op) in reqs.into_iter().zip(op_of) {
+            // Not submitted (or cancelled): the synchronous way.
+            let r = op
+                .and_then(|i| results.get(i).copied())
+                .filter(|&r| r != -libc::ECANCELED);
+            let outcome = match (p, r) {
+                (p, None) => self.run_sync(p),
+                (Prepared::Flush, Some(r)) => Outcome::status(if r == 0 {
+                    VIRTIO_BLK_S_OK
+                } else {
+                    log::warn!("blk: flush: {}", std::io::Error::from_raw_os_error(-r));
+                    VIRTIO_BLK_S_IOERR
+                }),
+                (
+                    Prepared::Io {
+                        iov,
+                        offset,
+                        sector,
+                        to_guest,
+                    },
+                    Some(r),
+                ) => {
+                    if r >= 0 && r as usize == iov.len() {
+                        transferred(&iov, to_guest)
+                    } else if r >= 0 {
+                        // Short: the whole request again, the synchronous way (it finishes
+                        // or says why not).
+                        self.run_sync(Prepared::Io {
+                            iov,
+                            offset,
+                            sector,
+                            to_guest,
+                        })
+                    } else {
+                        let what = if to_guest { "read" } else { "write" };
+                        log::warn!(
+                            "blk: {what} at sector {sector}: {}",
+                            std::io::Error::from_raw_os_error(-r)
+                        );
+                        Outcome::status(VIRTIO_BLK_S_IOERR)
+                    }
+                }
+                (Prepared::Done(o), Some(_)) => o,
+            };
+            *used = self.end(mem, &writable, outcome);
+        }
+        true
     }
 
     /// Writes the status byte (the last writable byte); the used length counts it.
@@ -220,15 +472,16 @@ impl BlkDevice {
         }
     }
 
-    fn execute(
+    /// Parses the request and resolves its data into host iovecs.
+    fn prepare<'s>(
         &self,
-        mem: &RequestMemory<'_>,
+        mem: &'s RequestMemory<'_>,
         readable: &[(GuestAddress, usize)],
         writable: &[(GuestAddress, usize)],
-    ) -> Outcome {
+    ) -> Prepared<'s> {
         let mut header = [0u8; HEADER_LEN];
         let Some(data_in) = gather(mem, readable, &mut header) else {
-            return Outcome::status(VIRTIO_BLK_S_IOERR);
+            return Prepared::Done(Outcome::status(VIRTIO_BLK_S_IOERR));
         };
         let kind = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
         let mut sector = [0u8; 8];
@@ -238,9 +491,24 @@ impl BlkDevice {
         let data_out = without_last_byte(writable);
         match kind {
             VIRTIO_BLK_T_IN => self.transfer(mem, sector, &data_out, true),
-            VIRTIO_BLK_T_OUT if self.config.read_only => Outcome::status(VIRTIO_BLK_S_IOERR),
+            VIRTIO_BLK_T_OUT if self.config.read_only => {
+                Prepared::Done(Outcome::status(VIRTIO_BLK_S_IOERR))
+            }
             VIRTIO_BLK_T_OUT => self.transfer(mem, sector, &data_in, false),
-            VIRTIO_BLK_T_FLUSH => {
+            VIRTIO_BLK_T_FLUSH => Prepared::Flush,
+            VIRTIO_BLK_T_GET_ID => Prepared::Done(self.get_id(mem, &data_out)),
+            _ => Prepared::Done(Outcome::status(VIRTIO_BLK_S_UNSUPP)),
+        }
+    }
+
+    /// Does a prepared request with plain system calls.
+    fn run_sync(&self, p: Prepared<'_>) -> Outcome {
+        if !matches!(p, Prepared::Done(_)) {
+            self.stats.sync_ops.fetch_add(1, Ordering::Relaxed);
+        }
+        match p {
+            Prepared::Done(o) => o,
+            Prepared::Flush => {
                 // SAFETY: fdatasync on a file descriptor we own.
                 let r = unsafe { libc::fdatasync(self.file.as_raw_fd()) };
                 Outcome::status(if r == 0 {
@@ -249,8 +517,19 @@ impl BlkDevice {
                     VIRTIO_BLK_S_IOERR
                 })
             }
-            VIRTIO_BLK_T_GET_ID => self.get_id(mem, &data_out),
-            _ => Outcome::status(VIRTIO_BLK_S_UNSUPP),
+            Prepared::Io {
+                iov,
+                offset,
+                sector,
+                to_guest,
+            } => match positioned_io(&self.file, &iov, offset, !to_guest) {
+                Ok(()) => transferred(&iov, to_guest),
+                Err(e) => {
+                    let what = if to_guest { "read" } else { "write" };
+                    log::warn!("blk: {what} at sector {sector}: {e}");
+                    Outcome::status(VIRTIO_BLK_S_IOERR)
+                }
+            },
         }
     }
 
@@ -261,16 +540,15 @@ impl BlkDevice {
         (end <= self.sectors * SECTOR).then_some(start)
     }
 
-    /// Moves the data of a request between the disk at `sector` and guest `ranges`: into
-    /// the guest for IN (`to_guest`), out of it for OUT, in one positioned system call.
-    /// An IN request's used length counts the data it wrote.
-    fn transfer(
+    /// Resolves the data of a request between the disk at `sector` and guest `ranges`: into
+    /// the guest for IN (`to_guest`), out of it for OUT.
+    fn transfer<'s>(
         &self,
-        mem: &RequestMemory<'_>,
+        mem: &'s RequestMemory<'_>,
         sector: u64,
         ranges: &[(GuestAddress, usize)],
         to_guest: bool,
-    ) -> Outcome {
+    ) -> Prepared<'s> {
         let access = if to_guest {
             Permissions::Write
         } else {
@@ -279,23 +557,17 @@ impl BlkDevice {
         let mut iov = GuestIov::default();
         for &(addr, len) in ranges {
             if iov.push(mem, addr, len, access).is_err() {
-                return Outcome::status(VIRTIO_BLK_S_IOERR);
+                return Prepared::Done(Outcome::status(VIRTIO_BLK_S_IOERR));
             }
         }
         let Some(offset) = self.offset(sector, iov.len()) else {
-            return Outcome::status(VIRTIO_BLK_S_IOERR);
+            return Prepared::Done(Outcome::status(VIRTIO_BLK_S_IOERR));
         };
-        match positioned_io(&self.file, &iov, offset, !to_guest) {
-            Ok(()) if to_guest => Outcome {
-                status: VIRTIO_BLK_S_OK,
-                written: u32::try_from(iov.len()).unwrap_or(u32::MAX),
-            },
-            Ok(()) => Outcome::status(VIRTIO_BLK_S_OK),
-            Err(e) => {
-                let what = if to_guest { "read" } else { "write" };
-                log::warn!("blk: {what} at sector {sector}: {e}");
-                Outcome::status(VIRTIO_BLK_S_IOERR)
-            }
+        Prepared::Io {
+            iov,
+            offset,
+            sector,
+            to_guest,
         }
     }
 
@@ -321,6 +593,18 @@ impl BlkDevice {
             status: VIRTIO_BLK_S_OK,
             written,
         }
+    }
+}
+
+/// The outcome of a whole transfer: an IN request's used length counts the data it wrote.
+fn transferred(iov: &GuestIov<'_>, to_guest: bool) -> Outcome {
+    Outcome {
+        status: VIRTIO_BLK_S_OK,
+        written: if to_guest {
+            u32::try_from(iov.len()).unwrap_or(u32::MAX)
+        } else {
+            0
+        },
     }
 }
 
@@ -427,5 +711,20 @@ impl VhostUserDevice for BlkDevice {
 
     fn serve_chain(&self, _queue: usize, mem: &RequestMemory<'_>, chain: &Chain<'_, '_>) -> u32 {
         self.serve_one(mem, chain)
+    }
+
+    fn serve(
+        &self,
+        queue: usize,
+        mem: &RequestMemory<'_>,
+        chains: &mut [Chain<'_, '_>],
+        used: &mut [u32],
+    ) {
+        if self.serve_uring(queue, mem, chains, used) {
+            return;
+        }
+        for (chain, used) in chains.iter().zip(used.iter_mut()) {
+            *used = self.serve_one(mem, chain);
+        }
     }
 }

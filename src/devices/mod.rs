@@ -5,3 +5,4 @@
 pub mod blk;
 mod iov;
 pub mod rng;
+mod uring;

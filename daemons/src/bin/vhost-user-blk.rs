@@ -16,10 +16,16 @@ use clap::Parser;
 
 use xen_vhost_mem::daemon::VhostUserDaemon;
 use xen_vhost_mem::device::CounterSnapshot;
-use xen_vhost_mem::devices::blk::{BlkConfig, BlkDevice};
+use xen_vhost_mem::devices::blk::{BlkConfig, BlkDevice, BlkIo};
 use xen_vhost_mem::{ForeignMapping, RealXen, XenHandle};
 
 const NAME: &str = "vhost-user-blk";
+
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum IoMode {
+    Uring,
+    Sync,
+}
 
 #[derive(Parser, Debug)]
 #[command(
@@ -50,6 +56,11 @@ struct Args {
     /// Refuse writes (VIRTIO_BLK_F_RO).
     #[arg(long)]
     read_only: bool,
+    /// How data moves: `uring`, a batch's requests submitted to a per-queue io_uring
+    /// together and reaped out of order (where the kernel refuses io_uring, the queue logs it
+    /// and falls back to `sync`); `sync`, one preadv/pwritev/fdatasync per request.
+    #[arg(long, value_enum, default_value = "uring")]
+    io: IoMode,
     /// Serial number answered to GET_ID.
     #[arg(long, default_value = "xen-vhost-mem")]
     serial: String,
@@ -92,6 +103,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             num_queues: a.num_queues,
             queue_size: a.queue_size,
             read_only: a.read_only,
+            io: match a.io {
+                IoMode::Uring => BlkIo::Uring,
+                IoMode::Sync => BlkIo::Sync,
+            },
             serial: a.serial,
             ..BlkConfig::default()
         },
