@@ -212,8 +212,9 @@ impl<D: VhostUserDevice> Worker<D> {
                     WAKE => {
                         let _ = self.wake.read();
                     }
-                    // Read by `take_done` below.
-                    _ => {}
+                    _ => {
+                        let _ = self.completions.event().read();
+                    }
                 }
             }
             if self.stop.load(Ordering::Acquire) {
