@@ -12,9 +12,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use xen_vhost_mem::daemon::VhostUserDaemon;
+use xen_vhost_mem::daemon::VhostUserDevice;
 use xen_vhost_mem::devices::blk::{
-    BlkConfig, BlkDevice, BlkIo, BlkIoStats, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    BlkConfig, BlkDevice, BlkIo, BlkIoStats, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_WRITE_ZEROES,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use xen_vhost_mem::testing::driver::{Buf, DriverConfig, GuestMode, VirtioDriver};
 
@@ -71,7 +73,8 @@ fn setup(tag: &str, io: BlkIo, read_only: bool) -> Setup {
 }
 
 /// Publishes one request per `(type, sector, fill)`: OUT writes 4 KiB of `fill`, IN reads 4
-/// KiB, FLUSH moves nothing; one kick for all. Returns their slots.
+/// KiB, FLUSH moves nothing, DISCARD and WRITE_ZEROES send one segment of 8 sectors at
+/// `sector` with flags `fill`; one kick for all. Returns their slots.
 fn publish(s: &mut Setup, reqs: &[(u32, u64, u8)]) -> Vec<usize> {
     let mut slots = Vec::new();
     for &(kind, sector, fill) in reqs {
@@ -95,6 +98,18 @@ fn publish(s: &mut Setup, reqs: &[(u32, u64, u8)]) -> Vec<usize> {
                 len: 4096,
                 write: true,
             }),
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                let mut seg = [0u8; 16];
+                seg[..8].copy_from_slice(&sector.to_le_bytes());
+                seg[8..12].copy_from_slice(&8u32.to_le_bytes());
+                seg[12..].copy_from_slice(&u32::from(fill).to_le_bytes());
+                s.drv.write(b.data_out, &seg).expect("segment");
+                Some(Buf {
+                    gpa: b.data_out,
+                    len: 16,
+                    write: false,
+                })
+            }
             _ => None,
         };
         let mut bufs = vec![Buf {
@@ -229,4 +244,56 @@ fn read_only_refuses_writes_on_io_uring_too() {
     // Only the read reached the file.
     assert_eq!(s.blk.io_stats().uring_ops, 1);
     end(s);
+}
+
+#[test]
+fn discard_and_write_zeroes_deallocate_and_zero_through_fallocate() {
+    for io in [BlkIo::Uring, BlkIo::Sync] {
+        let mut s = setup(&format!("uring-zero-{io:?}"), io, false);
+        let f = s.blk.features();
+        assert_ne!(f & VIRTIO_BLK_F_DISCARD, 0);
+        assert_ne!(f & VIRTIO_BLK_F_WRITE_ZEROES, 0);
+        let c = s.blk.config();
+        // max_discard_sectors, max_discard_seg, discard_sector_alignment, then the same for
+        // WRITE_ZEROES and write_zeroes_may_unmap.
+        let word = |o: usize| u32::from_le_bytes([c[o], c[o + 1], c[o + 2], c[o + 3]]);
+        assert_eq!((word(36), word(40), word(44)), (1 << 21, 1, 1));
+        assert_eq!((word(48), word(52), c[56]), (1 << 21, 1, 1));
+        let writes: Vec<(u32, u64, u8)> = (0..4).map(|i| (VIRTIO_BLK_T_OUT, 8 * i, 0x5a)).collect();
+        publish(&mut s, &writes);
+        wait(&mut s, 4);
+        // Discard sectors 0-7, zero 8-15 (no unmap) and 16-23 (unmap), and a discard with the
+        // unmap flag, which discard does not take.
+        let slots = publish(
+            &mut s,
+            &[
+                (VIRTIO_BLK_T_DISCARD, 0, 0),
+                (VIRTIO_BLK_T_WRITE_ZEROES, 8, 0),
+                (VIRTIO_BLK_T_WRITE_ZEROES, 16, 1),
+                (VIRTIO_BLK_T_DISCARD, 24, 1),
+            ],
+        );
+        wait(&mut s, 4);
+        let st: Vec<u8> = slots.iter().map(|&sl| status(&s, sl)).collect();
+        assert_eq!(
+            st,
+            [
+                VIRTIO_BLK_S_OK,
+                VIRTIO_BLK_S_OK,
+                VIRTIO_BLK_S_OK,
+                VIRTIO_BLK_S_UNSUPP
+            ]
+        );
+        let img = std::fs::read(&s.image).expect("image");
+        assert!(img[..3 * 4096].iter().all(|&b| b == 0), "{io:?}");
+        assert!(img[3 * 4096..4 * 4096].iter().all(|&b| b == 0x5a));
+        // Past the end of the disk: refused.
+        let slots = publish(
+            &mut s,
+            &[(VIRTIO_BLK_T_WRITE_ZEROES, (1 << 20) / 512 - 4, 0)],
+        );
+        wait(&mut s, 1);
+        assert_eq!(status(&s, slots[0]), VIRTIO_BLK_S_IOERR);
+        end(s);
+    }
 }

@@ -1,5 +1,6 @@
-//! virtio-blk over a file: IN, OUT, FLUSH and GET_ID; features SEG_MAX, BLK_SIZE, FLUSH, RO
-//! and MQ.
+//! virtio-blk over a file: IN, OUT, FLUSH, GET_ID, DISCARD and WRITE_ZEROES (`fallocate`);
+//! features SEG_MAX, BLK_SIZE, FLUSH, RO, MQ, DISCARD and WRITE_ZEROES (the last two not on a
+//! read-only disk).
 //!
 //! Data moves between the file and guest memory straight into the request scope's mappings
 //! or bounce buffers: a batch's reads, writes and flushes are submitted to the queue's
@@ -46,6 +47,10 @@ pub const VIRTIO_BLK_T_OUT: u32 = 1;
 pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
 /// Device id string.
 pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
+/// Discard sectors (the file's blocks are deallocated).
+pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
+/// Write zeroes (deallocated too when the driver allows unmapping).
+pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
 /// Status: success.
 pub const VIRTIO_BLK_S_OK: u8 = 0;
 /// Status: I/O error.
@@ -63,6 +68,16 @@ pub const VIRTIO_BLK_F_BLK_SIZE: u64 = 1 << 6;
 pub const VIRTIO_BLK_F_FLUSH: u64 = 1 << 9;
 /// `num_queues` in config.
 pub const VIRTIO_BLK_F_MQ: u64 = 1 << 12;
+/// DISCARD supported (`max_discard_sectors`, `max_discard_seg`, `discard_sector_alignment`
+/// in config).
+pub const VIRTIO_BLK_F_DISCARD: u64 = 1 << 13;
+/// WRITE_ZEROES supported (`max_write_zeroes_sectors`, `max_write_zeroes_seg`,
+/// `write_zeroes_may_unmap` in config).
+pub const VIRTIO_BLK_F_WRITE_ZEROES: u64 = 1 << 14;
+/// Most sectors one DISCARD or WRITE_ZEROES segment may cover (the config fields): 1 GiB.
+pub const MAX_ZERO_SECTORS: u32 = 1 << 21;
+/// The `unmap` flag of a WRITE_ZEROES segment.
+const WRITE_ZEROES_UNMAP: u32 = 1;
 
 /// Sector size of the protocol (offsets are in 512-byte sectors whatever `blk_size` says).
 pub const SECTOR: u64 = 512;
@@ -175,6 +190,8 @@ enum Prepared<'s> {
     },
     /// FLUSH.
     Flush,
+    /// DISCARD or WRITE_ZEROES: `fallocate(mode, offset, len)`.
+    Fallocate { mode: i32, offset: u64, len: u64 },
 }
 
 /// A chain split into the readable ranges and the writable ones (status byte last).
@@ -321,6 +338,10 @@ impl BlkDevice {
         chains: &[Chain<'_, '_>],
         used: &mut [u32],
     ) -> bool {
+        // One request: one plain system call costs less than a submission.
+        if chains.len() < 2 {
+            return false;
+        }
         let Some(slot) = self.rings.get(queue) else {
             return false;
         };
@@ -376,6 +397,11 @@ impl BlkDevice {
                     offset: *offset,
                 },
                 Prepared::Flush => Op::Flush,
+                Prepared::Fallocate { mode, offset, len } => Op::Fallocate {
+                    mode: *mode,
+                    offset: *offset,
+                    len: *len,
+                },
                 // Answered, or more segments than one op takes: the synchronous way.
                 _ => {
                     op_of.push(None);
@@ -405,6 +431,17 @@ impl BlkDevice {
                 .filter(|&r| r != -libc::ECANCELED);
             let outcome = match (p, r) {
                 (p, None) => self.run_sync(p),
+                (Prepared::Fallocate { mode, offset, len }, Some(r)) => {
+                    Outcome::status(if r == 0 {
+                        VIRTIO_BLK_S_OK
+                    } else {
+                        log::warn!(
+                            "blk: fallocate({mode:#x}) at byte {offset}, {len} bytes: {}",
+                            std::io::Error::from_raw_os_error(-r)
+                        );
+                        VIRTIO_BLK_S_IOERR
+                    })
+                }
                 (Prepared::Flush, Some(r)) => Outcome::status(if r == 0 {
                     VIRTIO_BLK_S_OK
                 } else {
@@ -496,9 +533,57 @@ impl BlkDevice {
             }
             VIRTIO_BLK_T_OUT => self.transfer(mem, sector, &data_in, false),
             VIRTIO_BLK_T_FLUSH => Prepared::Flush,
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES if self.config.read_only => {
+                Prepared::Done(Outcome::status(VIRTIO_BLK_S_IOERR))
+            }
+            VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+                self.zero_range(mem, kind, &data_in)
+            }
             VIRTIO_BLK_T_GET_ID => Prepared::Done(self.get_id(mem, &data_out)),
             _ => Prepared::Done(Outcome::status(VIRTIO_BLK_S_UNSUPP)),
         }
+    }
+
+    /// A DISCARD or WRITE_ZEROES request: one 16-byte segment (`max_*_seg` is 1) of sector,
+    /// sector count and flags, checked against the disk and the config's limits.
+    fn zero_range<'s>(
+        &self,
+        mem: &RequestMemory<'_>,
+        kind: u32,
+        data: &[(GuestAddress, usize)],
+    ) -> Prepared<'s> {
+        let mut seg = [0u8; 16];
+        let total: usize = data.iter().map(|&(_, l)| l).sum();
+        if total != seg.len() || gather(mem, data, &mut seg).is_none() {
+            // No segment, or more than the one the config allows.
+            return Prepared::Done(Outcome::status(VIRTIO_BLK_S_IOERR));
+        }
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&seg[..8]);
+        let sector = u64::from_le_bytes(w);
+        let count = u32::from_le_bytes([seg[8], seg[9], seg[10], seg[11]]);
+        let flags = u32::from_le_bytes([seg[12], seg[13], seg[14], seg[15]]);
+        let allowed = if kind == VIRTIO_BLK_T_DISCARD {
+            0
+        } else {
+            WRITE_ZEROES_UNMAP
+        };
+        if flags & !allowed != 0 {
+            return Prepared::Done(Outcome::status(VIRTIO_BLK_S_UNSUPP));
+        }
+        let len = u64::from(count) * SECTOR;
+        let offset = match self.offset(sector, len as usize) {
+            Some(o) if count <= MAX_ZERO_SECTORS => o,
+            _ => return Prepared::Done(Outcome::status(VIRTIO_BLK_S_IOERR)),
+        };
+        // Discarding, or zeroing where unmapping is allowed, deallocates: the range reads
+        // back as zeroes either way.
+        let mode = if kind == VIRTIO_BLK_T_DISCARD || flags & WRITE_ZEROES_UNMAP != 0 {
+            libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE
+        } else {
+            libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE
+        };
+        Prepared::Fallocate { mode, offset, len }
     }
 
     /// Does a prepared request with plain system calls.
@@ -516,6 +601,22 @@ impl BlkDevice {
                 } else {
                     VIRTIO_BLK_S_IOERR
                 })
+            }
+            Prepared::Fallocate { mode, offset, len } => {
+                let r = match (i64::try_from(offset), i64::try_from(len)) {
+                    // SAFETY: fallocate on a file descriptor we own; no memory is passed.
+                    (Ok(o), Ok(l)) => unsafe { libc::fallocate(self.file.as_raw_fd(), mode, o, l) },
+                    _ => -1,
+                };
+                if r == 0 {
+                    Outcome::status(VIRTIO_BLK_S_OK)
+                } else {
+                    log::warn!(
+                        "blk: fallocate({mode:#x}) at byte {offset}, {len} bytes: {}",
+                        std::io::Error::last_os_error()
+                    );
+                    Outcome::status(VIRTIO_BLK_S_IOERR)
+                }
             }
             Prepared::Io {
                 iov,
@@ -694,6 +795,8 @@ impl VhostUserDevice for BlkDevice {
             | VIRTIO_BLK_F_MQ;
         if self.config.read_only {
             f |= VIRTIO_BLK_F_RO;
+        } else {
+            f |= VIRTIO_BLK_F_DISCARD | VIRTIO_BLK_F_WRITE_ZEROES;
         }
         f
     }
@@ -706,6 +809,16 @@ impl VhostUserDevice for BlkDevice {
         c[12..16].copy_from_slice(&seg_max.to_le_bytes());
         c[20..24].copy_from_slice(&self.config.blk_size.to_le_bytes());
         c[34..36].copy_from_slice(&self.config.num_queues.to_le_bytes());
+        // DISCARD: max_discard_sectors, max_discard_seg, discard_sector_alignment (in
+        // sectors: the block size).
+        let align = self.config.blk_size / SECTOR as u32;
+        c[36..40].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes());
+        c[40..44].copy_from_slice(&1u32.to_le_bytes());
+        c[44..48].copy_from_slice(&align.to_le_bytes());
+        // WRITE_ZEROES: max_write_zeroes_sectors, max_write_zeroes_seg, write_zeroes_may_unmap.
+        c[48..52].copy_from_slice(&MAX_ZERO_SECTORS.to_le_bytes());
+        c[52..56].copy_from_slice(&1u32.to_le_bytes());
+        c[56] = 1;
         c
     }
 

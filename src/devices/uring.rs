@@ -29,6 +29,15 @@ pub(crate) enum Op<'a> {
     },
     /// `fdatasync`, started only once every operation submitted before it has completed.
     Flush,
+    /// `fallocate(mode, offset, len)` (DISCARD, WRITE_ZEROES).
+    Fallocate {
+        /// `FALLOC_FL_*`.
+        mode: i32,
+        /// File offset.
+        offset: u64,
+        /// Bytes.
+        len: u64,
+    },
 }
 
 /// A ring of [`Ring::ENTRIES`] entries.
@@ -81,6 +90,10 @@ impl Ring {
                         .flags(types::FsyncFlags::DATASYNC)
                         .build()
                         .flags(squeue::Flags::IO_DRAIN),
+                    Op::Fallocate { mode, offset, len } => opcode::Fallocate::new(fd, len)
+                        .offset(offset)
+                        .mode(mode)
+                        .build(),
                 };
                 // SAFETY: the iovecs and the memory they point at stay valid until the op
                 // completes (the caller's contract, and we reap every op before returning).
