@@ -142,6 +142,8 @@ pub struct BlkDevice {
     config: BlkConfig,
     /// Per queue: its io_uring, made by the queue's worker on first use.
     rings: Vec<Mutex<RingState>>,
+    /// The file is open with O_DIRECT: writes go through the ring too.
+    direct: bool,
     stats: IoCounters,
 }
 
@@ -263,6 +265,7 @@ impl BlkDevice {
             sectors: len / SECTOR,
             config,
             rings,
+            direct: false,
             stats: IoCounters::default(),
         })
     }
@@ -372,6 +375,23 @@ impl BlkDevice {
                     reqs.push((writable, p, used));
                 }
                 Err(u) => *used = u,
+            }
+        }
+        // Buffered writes and fallocate: done here, before the ring's submission (so a FLUSH
+        // in the batch still follows them). The kernel cannot do them without blocking
+        // (ext4 on 6.18: every buffered write went to an io-wq worker thread,
+        // `io_uring:io_uring_queue_async_work`), and the hand-off cost more than the
+        // `pwritev` it saves.
+        for (_, p, _) in reqs.iter_mut() {
+            let inline = match p {
+                Prepared::Io { to_guest, .. } => !*to_guest && !self.direct,
+                Prepared::Fallocate { .. } => true,
+                _ => false,
+            };
+            if inline {
+                let taken =
+                    std::mem::replace(p, Prepared::Done(Outcome::status(VIRTIO_BLK_S_IOERR)));
+                *p = Prepared::Done(self.run_sync(taken));
             }
         }
         let mut ops = Vec::with_capacity(reqs.len());

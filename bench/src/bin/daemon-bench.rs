@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use indicatif::ProgressBar;
 use xen_vhost_mem::daemon::VhostUserDaemon;
-use xen_vhost_mem::devices::blk::{BlkConfig, BlkDevice};
+use xen_vhost_mem::devices::blk::{BlkConfig, BlkDevice, BlkIo};
 use xen_vhost_mem::testing::blk_workload::pass;
 use xen_vhost_mem::testing::driver::{DriverConfig, GuestMode, VirtioDriver};
 use xen_vhost_mem::testing::{EmulatedXen, GuestSim};
@@ -58,6 +58,10 @@ struct Args {
     socket_path: Option<PathBuf>,
     #[arg(long, hide = true)]
     blk_file: Option<PathBuf>,
+    /// With `--serve`: one preadv/pwritev per request instead of io_uring (for comparing
+    /// the two through `--peer-bin`, a script running `daemon-bench --serve --sync-io`).
+    #[arg(long, hide = true)]
+    sync_io: bool,
 }
 
 type Res<T> = Result<T, Box<dyn std::error::Error>>;
@@ -65,7 +69,14 @@ type Res<T> = Result<T, Box<dyn std::error::Error>>;
 fn main() -> Res<()> {
     let a = Args::parse();
     if let (true, Some(sock), Some(file)) = (a.serve, &a.socket_path, &a.blk_file) {
-        let dev = BlkDevice::open(file, BlkConfig::default())?;
+        let io = if a.sync_io { BlkIo::Sync } else { BlkIo::Uring };
+        let dev = BlkDevice::open(
+            file,
+            BlkConfig {
+                io,
+                ..BlkConfig::default()
+            },
+        )?;
         let listener = UnixListener::bind(sock)?;
         VhostUserDaemon::new(Arc::new(dev)).serve(&listener, Some(1))?;
         return Ok(());
