@@ -20,7 +20,7 @@ use std::sync::Mutex;
 
 use vm_memory::{Address, Bytes, GuestAddress, Permissions};
 
-use super::iov::{GuestIov, IOV_MAX};
+use super::iov::{aligned, AlignedBuf, GuestIov, IOV_MAX};
 use super::uring::{Op, Ring};
 use crate::daemon::{
     Chain, VhostUserDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
@@ -103,6 +103,11 @@ pub struct BlkConfig {
     pub serial: String,
     /// How data moves.
     pub io: BlkIo,
+    /// Open the image with O_DIRECT (no page cache): aligned guest memory goes straight to
+    /// the kernel, unaligned memory through an aligned bounce buffer, and a request whose
+    /// offset or length the file cannot take directly through a second, buffered descriptor.
+    /// Only [`BlkDevice::open`] honours it.
+    pub direct: bool,
 }
 
 impl Default for BlkConfig {
@@ -114,6 +119,7 @@ impl Default for BlkConfig {
             blk_size: 512,
             serial: "xen-vhost-mem".into(),
             io: BlkIo::default(),
+            direct: false,
         }
     }
 }
@@ -143,7 +149,7 @@ pub struct BlkDevice {
     /// Per queue: its io_uring, made by the queue's worker on first use.
     rings: Vec<Mutex<RingState>>,
     /// The file is open with O_DIRECT: writes go through the ring too.
-    direct: bool,
+    direct: Option<Direct>,
     stats: IoCounters,
 }
 
@@ -168,6 +174,17 @@ pub struct BlkIoStats {
     pub rings_refused: u64,
 }
 
+/// What O_DIRECT needs: the file's alignments, and a buffered descriptor for requests that
+/// cannot meet them.
+#[derive(Debug)]
+struct Direct {
+    /// Alignment of memory (`stx_dio_mem_align`).
+    mem_align: usize,
+    /// Alignment of offsets and lengths (`stx_dio_offset_align`).
+    offset_align: u64,
+    buffered: File,
+}
+
 /// A queue's io_uring.
 #[derive(Debug)]
 enum RingState {
@@ -183,12 +200,14 @@ enum RingState {
 enum Prepared<'s> {
     /// Answered already (GET_ID, an error, an unsupported type).
     Done(Outcome),
-    /// Data between the file at `offset` and `iov`.
+    /// Data between the file at `offset` and `iov` (through `bounce` when the guest's
+    /// memory is not aligned for O_DIRECT).
     Io {
         iov: GuestIov<'s>,
         offset: u64,
         sector: u64,
         to_guest: bool,
+        bounce: Option<AlignedBuf>,
     },
     /// FLUSH.
     Flush,
@@ -214,21 +233,42 @@ impl Outcome {
 impl BlkDevice {
     /// Opens `path` (read-write unless `config.read_only`).
     pub fn open(path: &Path, config: BlkConfig) -> Result<Self, BlkError> {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(!config.read_only)
-            .open(path)
-            .map_err(|source| BlkError::Open {
+        use std::os::unix::fs::OpenOptionsExt;
+        let open = |flags: i32| {
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(!config.read_only)
+                .custom_flags(flags)
+                .open(path)
+                .map_err(|source| BlkError::Open {
+                    path: path.display().to_string(),
+                    source,
+                })
+        };
+        let direct = config.direct;
+        let file = open(if direct { libc::O_DIRECT } else { 0 })?;
+        let direct = if direct {
+            let (mem_align, offset_align) = dio_align(&file).map_err(|source| BlkError::Open {
                 path: path.display().to_string(),
                 source,
             })?;
-        Self::from_file(file, config).map_err(|e| match e {
+            Some(Direct {
+                mem_align,
+                offset_align,
+                buffered: open(0)?,
+            })
+        } else {
+            None
+        };
+        let mut dev = Self::from_file(file, config).map_err(|e| match e {
             BlkError::Open { source, .. } => BlkError::Open {
                 path: path.display().to_string(),
                 source,
             },
             e => e,
-        })
+        })?;
+        dev.direct = direct;
+        Ok(dev)
     }
 
     /// A device over an open file.
@@ -265,7 +305,7 @@ impl BlkDevice {
             sectors: len / SECTOR,
             config,
             rings,
-            direct: false,
+            direct: None,
             stats: IoCounters::default(),
         })
     }
@@ -384,7 +424,7 @@ impl BlkDevice {
         // `pwritev` it saves.
         for (_, p, _) in reqs.iter_mut() {
             let inline = match p {
-                Prepared::Io { to_guest, .. } => !*to_guest && !self.direct,
+                Prepared::Io { to_guest, .. } => !*to_guest && self.direct.is_none(),
                 Prepared::Fallocate { .. } => true,
                 _ => false,
             };
@@ -401,21 +441,23 @@ impl BlkDevice {
                 Prepared::Io {
                     iov,
                     offset,
-                    to_guest: true,
+                    to_guest,
+                    bounce,
                     ..
-                } if iov.as_slice().len() <= IOV_MAX => Op::Readv {
-                    iov: iov.as_slice(),
-                    offset: *offset,
-                },
-                Prepared::Io {
-                    iov,
-                    offset,
-                    to_guest: false,
-                    ..
-                } if iov.as_slice().len() <= IOV_MAX => Op::Writev {
-                    iov: iov.as_slice(),
-                    offset: *offset,
-                },
+                } if data_iov(iov, bounce.as_ref()).len() <= IOV_MAX => {
+                    let iov = data_iov(iov, bounce.as_ref());
+                    if *to_guest {
+                        Op::Readv {
+                            iov,
+                            offset: *offset,
+                        }
+                    } else {
+                        Op::Writev {
+                            iov,
+                            offset: *offset,
+                        }
+                    }
+                }
                 Prepared::Flush => Op::Flush,
                 Prepared::Fallocate { mode, offset, len } => Op::Fallocate {
                     mode: *mode,
@@ -474,11 +516,12 @@ impl BlkDevice {
                         offset,
                         sector,
                         to_guest,
+                        bounce,
                     },
                     Some(r),
                 ) => {
                     if r >= 0 && r as usize == iov.len() {
-                        transferred(&iov, to_guest)
+                        transferred(&iov, to_guest, bounce.as_ref())
                     } else if r >= 0 {
                         // Short: the whole request again, the synchronous way (it finishes
                         // or says why not).
@@ -487,6 +530,7 @@ impl BlkDevice {
                             offset,
                             sector,
                             to_guest,
+                            bounce,
                         })
                     } else {
                         let what = if to_guest { "read" } else { "write" };
@@ -643,14 +687,28 @@ impl BlkDevice {
                 offset,
                 sector,
                 to_guest,
-            } => match positioned_io(&self.file, &iov, offset, !to_guest) {
-                Ok(()) => transferred(&iov, to_guest),
-                Err(e) => {
-                    let what = if to_guest { "read" } else { "write" };
-                    log::warn!("blk: {what} at sector {sector}: {e}");
-                    Outcome::status(VIRTIO_BLK_S_IOERR)
-                }
-            },
+                bounce,
+            } => self.sync_io(&self.file, &iov, bounce.as_ref(), offset, sector, to_guest),
+        }
+    }
+
+    /// One positioned transfer on `file`, through `bounce` if there is one.
+    fn sync_io(
+        &self,
+        file: &File,
+        iov: &GuestIov<'_>,
+        bounce: Option<&AlignedBuf>,
+        offset: u64,
+        sector: u64,
+        to_guest: bool,
+    ) -> Outcome {
+        match positioned_io(file, data_iov(iov, bounce), offset, !to_guest) {
+            Ok(()) => transferred(iov, to_guest, bounce),
+            Err(e) => {
+                let what = if to_guest { "read" } else { "write" };
+                log::warn!("blk: {what} at sector {sector}: {e}");
+                Outcome::status(VIRTIO_BLK_S_IOERR)
+            }
         }
     }
 
@@ -684,11 +742,38 @@ impl BlkDevice {
         let Some(offset) = self.offset(sector, iov.len()) else {
             return Prepared::Done(Outcome::status(VIRTIO_BLK_S_IOERR));
         };
+        let mut bounce = None;
+        if let Some(d) = &self.direct {
+            let len = iov.len();
+            if offset % d.offset_align != 0 || len as u64 % d.offset_align != 0 || len == 0 {
+                // O_DIRECT cannot take it: the buffered descriptor, now.
+                self.stats.sync_ops.fetch_add(1, Ordering::Relaxed);
+                return Prepared::Done(self.sync_io(
+                    &d.buffered,
+                    &iov,
+                    None,
+                    offset,
+                    sector,
+                    to_guest,
+                ));
+            }
+            let align = d.offset_align as usize;
+            if !aligned(iov.as_slice(), d.mem_align, align) {
+                let Some(mut b) = AlignedBuf::new(len, d.mem_align.max(align)) else {
+                    return Prepared::Done(Outcome::status(VIRTIO_BLK_S_IOERR));
+                };
+                if !to_guest {
+                    b.fill_from(&iov);
+                }
+                bounce = Some(b);
+            }
+        }
         Prepared::Io {
             iov,
             offset,
             sector,
             to_guest,
+            bounce,
         }
     }
 
@@ -717,8 +802,20 @@ impl BlkDevice {
     }
 }
 
-/// The outcome of a whole transfer: an IN request's used length counts the data it wrote.
-fn transferred(iov: &GuestIov<'_>, to_guest: bool) -> Outcome {
+/// The iovecs the kernel moves data through: the bounce buffer's, or the guest's.
+fn data_iov<'a>(iov: &'a GuestIov<'_>, bounce: Option<&'a AlignedBuf>) -> &'a [libc::iovec] {
+    match bounce {
+        Some(b) => b.iov(),
+        None => iov.as_slice(),
+    }
+}
+
+/// The outcome of a whole transfer (a read through a bounce buffer emptied into the guest):
+/// an IN request's used length counts the data it wrote.
+fn transferred(iov: &GuestIov<'_>, to_guest: bool, bounce: Option<&AlignedBuf>) -> Outcome {
+    if let (true, Some(b)) = (to_guest, bounce) {
+        b.empty_into(iov);
+    }
     Outcome {
         status: VIRTIO_BLK_S_OK,
         written: if to_guest {
@@ -727,6 +824,36 @@ fn transferred(iov: &GuestIov<'_>, to_guest: bool) -> Outcome {
             0
         },
     }
+}
+
+/// The file's O_DIRECT alignments (memory, offset and length), from `statx`.
+fn dio_align(file: &File) -> std::io::Result<(usize, u64)> {
+    // SAFETY: all-zero is a valid `statx`.
+    let mut st: libc::statx = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid descriptor, an empty C path with AT_EMPTY_PATH, and a `statx` we own.
+    let r = unsafe {
+        libc::statx(
+            file.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut st,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let (mem, off) = (st.stx_dio_mem_align, st.stx_dio_offset_align);
+    if st.stx_mask & libc::STATX_DIOALIGN == 0 || mem == 0 || off == 0 {
+        // The kernel or the file system does not say: the page size covers every device.
+        return Ok((4096, 4096));
+    }
+    if !mem.is_power_of_two() || !off.is_power_of_two() {
+        return Err(std::io::Error::other(format!(
+            "O_DIRECT alignment {mem}/{off} is not a power of two"
+        )));
+    }
+    Ok((mem as usize, u64::from(off)))
 }
 
 /// Reads the first `header.len()` bytes of `ranges` into `header`; returns the ranges after
@@ -767,9 +894,14 @@ fn without_last_byte(ranges: &[(GuestAddress, usize)]) -> Vec<(GuestAddress, usi
 }
 
 /// Moves all of `iov` from or to the file at `offset`, `IOV_MAX` segments per call.
-fn positioned_io(file: &File, iov: &GuestIov<'_>, offset: u64, write: bool) -> std::io::Result<()> {
+fn positioned_io(
+    file: &File,
+    iov: &[libc::iovec],
+    offset: u64,
+    write: bool,
+) -> std::io::Result<()> {
     let mut offset = offset;
-    for chunk in iov.as_slice().chunks(IOV_MAX) {
+    for chunk in iov.chunks(IOV_MAX) {
         let want: usize = chunk.iter().map(|v| v.iov_len).sum();
         let off =
             i64::try_from(offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;

@@ -61,6 +61,12 @@ struct Args {
     /// and falls back to `sync`); `sync`, one preadv/pwritev/fdatasync per request.
     #[arg(long, value_enum, default_value = "uring")]
     io: IoMode,
+    /// Open the image with O_DIRECT (no host page cache): aligned guest memory goes straight
+    /// to the kernel, unaligned memory through an aligned bounce buffer, and a request the
+    /// file cannot take directly (offset or length off its O_DIRECT alignment) through a
+    /// second, buffered descriptor.
+    #[arg(long)]
+    direct: bool,
     /// Serial number answered to GET_ID.
     #[arg(long, default_value = "xen-vhost-mem")]
     serial: String,
@@ -103,6 +109,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             num_queues: a.num_queues,
             queue_size: a.queue_size,
             read_only: a.read_only,
+            direct: a.direct,
             io: match a.io {
                 IoMode::Uring => BlkIo::Uring,
                 IoMode::Sync => BlkIo::Sync,
