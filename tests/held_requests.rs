@@ -27,6 +27,7 @@ struct Holding {
     tx: Mutex<Sender<([u8; 16], Request)>>,
     strategy: Strategy,
     max_held: usize,
+    drain: Duration,
 }
 
 impl VhostUserDevice for Holding {
@@ -71,6 +72,9 @@ impl VhostUserDevice for Holding {
     fn max_held(&self, _queue: usize) -> usize {
         self.max_held
     }
+    fn drain_timeout(&self, _queue: usize) -> Duration {
+        self.drain
+    }
 }
 
 struct Setup {
@@ -84,6 +88,10 @@ struct Setup {
 }
 
 fn setup(tag: &str, strategy: Strategy, max_held: usize) -> Setup {
+    setup_draining(tag, strategy, max_held, Duration::from_secs(1))
+}
+
+fn setup_draining(tag: &str, strategy: Strategy, max_held: usize, drain: Duration) -> Setup {
     let cfg = DriverConfig {
         mode: GuestMode::Grant,
         queues: 1,
@@ -101,6 +109,7 @@ fn setup(tag: &str, strategy: Strategy, max_held: usize) -> Setup {
         tx: Mutex::new(tx),
         strategy,
         max_held,
+        drain,
     };
     let daemon = Arc::new(VhostUserDaemon::new(Arc::new(device)).with_xen(dev.clone()));
     let d = daemon.clone();
@@ -314,6 +323,62 @@ fn at_the_bound_the_worker_stops_popping_and_resumes_on_completion() {
         assert_eq!(data, [i as u8; 16]);
     }
     assert_eq!(s.daemon.stats().snapshot().requests, 10);
+    drop(s.drv);
+    s.thread.take().expect("daemon").join().expect("daemon");
+    assert_eq!(s.emu.live_mappings(), 0);
+}
+
+#[test]
+fn get_vring_base_waits_for_held_requests_to_complete() {
+    use vhost::VhostBackend;
+    let mut s = setup("held-drain", Strategy::GrantCopy, 64);
+    let slots = publish(&mut s, 4);
+    let held: Vec<_> = (0..4).map(|_| recv(&s)).collect();
+    let completer = std::thread::spawn(move || {
+        std::thread::sleep(Duration::from_millis(100));
+        for (hdr, req) in held {
+            let len = answer(hdr, &req);
+            req.complete(len).expect("complete before the queue stops");
+        }
+    });
+    // Answered only once the four completed: the base is after them and their used entries
+    // are in the ring.
+    let base = s.drv.frontend().get_vring_base(0).expect("GET_VRING_BASE");
+    completer.join().expect("completer");
+    assert_eq!(base, 4);
+    let seen = s.drv.wait(0, Duration::from_secs(1)).expect("used");
+    let order: Vec<usize> = seen.iter().map(|c| c.slot).collect();
+    assert_eq!(order, slots);
+    assert_eq!(s.daemon.stats().snapshot().requests, 4);
+    drop(s.drv);
+    s.thread.take().expect("daemon").join().expect("daemon");
+    assert_eq!(s.emu.live_mappings(), 0);
+}
+
+#[test]
+fn get_vring_base_releases_what_does_not_complete_in_time() {
+    use vhost::VhostBackend;
+    let mut s = setup_draining(
+        "held-drain-timeout",
+        Strategy::Map,
+        64,
+        Duration::from_millis(50),
+    );
+    publish(&mut s, 3);
+    let held: Vec<_> = (0..3).map(|_| recv(&s)).collect();
+    for (hdr, req) in &held {
+        answer(*hdr, req);
+    }
+    assert_eq!(s.dev.counters().live_mappings() as usize, RING_MAPS + 3);
+    let base = s.drv.frontend().get_vring_base(0).expect("GET_VRING_BASE");
+    // The three were popped; none completed: released, nothing of them mapped.
+    assert_eq!(base, 3);
+    assert_eq!(s.dev.counters().live_mappings() as usize, RING_MAPS);
+    for (_, req) in held {
+        let head = req.head();
+        assert_eq!(req.complete(1), Err(HoldError::Gone { queue: 0, head }));
+    }
+    assert_eq!(s.daemon.stats().snapshot().requests, 0);
     drop(s.drv);
     s.thread.take().expect("daemon").join().expect("daemon");
     assert_eq!(s.emu.live_mappings(), 0);

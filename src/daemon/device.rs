@@ -104,6 +104,13 @@ pub trait VhostUserDevice: Send + Sync + 'static {
         DEFAULT_MAX_HELD
     }
 
+    /// How long `GET_VRING_BASE` waits for the requests queue `queue` holds to complete
+    /// (their used entries are then written, so the frontend's view of the ring is whole)
+    /// before it releases the rest. Reset and disconnect do not wait.
+    fn drain_timeout(&self, _queue: usize) -> std::time::Duration {
+        std::time::Duration::from_secs(1)
+    }
+
     /// The queue stopped (`GET_VRING_BASE`, reset or disconnect). Requests it held were
     /// released already: their memory is gone and completing them does nothing.
     fn queue_stopped(&self, _queue: usize) {}

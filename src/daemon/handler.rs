@@ -515,7 +515,13 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
 
     fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
         let vring = self.vring(index)?.clone();
-        self.stop_worker(index as usize);
+        let i = index as usize;
+        if let Some(w) = self.workers.get_mut(i).and_then(Option::take) {
+            let left = w.drain_then_stop(self.device.drain_timeout(i));
+            if left > 0 {
+                log::warn!("vq{i}: {left} held requests released unanswered at GET_VRING_BASE");
+            }
+        }
         self.device.queue_stopped(index as usize);
         vring.set_queue_ready(false);
         let next_avail = vring.queue_next_avail();

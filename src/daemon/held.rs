@@ -98,6 +98,11 @@ impl QueueCompletions {
         lock(&self.state).held.len()
     }
 
+    /// Completions queued and not yet taken by the worker.
+    pub(crate) fn pending(&self) -> usize {
+        lock(&self.state).done.len()
+    }
+
     /// Takes the completions queued so far, in completion order, into `out` (after the
     /// worker read the eventfd: a completion queued after the read writes it again).
     pub(crate) fn take_done(&self, out: &mut Vec<(u16, u32)>) {

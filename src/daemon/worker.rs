@@ -84,6 +84,8 @@ pub struct StatsSnapshot {
 #[derive(Debug)]
 pub(crate) struct QueueWorker {
     stop: Arc<AtomicBool>,
+    /// Set while the queue stops: pop nothing more, keep adding completions.
+    draining: Arc<AtomicBool>,
     wake: Arc<EventFd>,
     completions: Arc<QueueCompletions>,
     thread: Option<JoinHandle<()>>,
@@ -99,6 +101,7 @@ impl QueueWorker {
         stats: Arc<DaemonStats>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
+        let draining = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
         let epoll = Epoll::new()?;
         epoll.ctl(
@@ -127,6 +130,7 @@ impl QueueWorker {
             device,
             stats,
             stop: stop.clone(),
+            draining: draining.clone(),
             wake: wake.clone(),
             completions: completions.clone(),
             epoll,
@@ -136,6 +140,7 @@ impl QueueWorker {
             .spawn(move || worker.run())?;
         Ok(QueueWorker {
             stop,
+            draining,
             wake,
             completions,
             thread: Some(thread),
@@ -152,6 +157,26 @@ impl QueueWorker {
     /// the device still holds (nothing of them is mapped when this returns).
     pub(crate) fn stop(mut self) {
         self.halt();
+    }
+
+    /// Stops the queue the way GET_VRING_BASE wants it: pop nothing more, wait up to
+    /// `timeout` for the requests the device holds to complete (their used entries are
+    /// added and signalled), then [`QueueWorker::stop`]. Returns how many were still held.
+    pub(crate) fn drain_then_stop(self, timeout: std::time::Duration) -> usize {
+        self.draining.store(true, Ordering::Release);
+        self.wake();
+        let deadline = std::time::Instant::now() + timeout;
+        while self.completions.held() > 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        // Completions queued but not added yet: the worker adds them on its next wake.
+        while self.completions.pending() > 0 && std::time::Instant::now() < deadline {
+            self.wake();
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        let left = self.completions.held();
+        self.stop();
+        left
     }
 
     fn halt(&mut self) {
@@ -179,6 +204,7 @@ struct Worker<D: VhostUserDevice> {
     device: Arc<D>,
     stats: Arc<DaemonStats>,
     stop: Arc<AtomicBool>,
+    draining: Arc<AtomicBool>,
     wake: Arc<EventFd>,
     completions: Arc<QueueCompletions>,
     epoll: Epoll,
@@ -245,7 +271,7 @@ impl<D: VhostUserDevice> Worker<D> {
             if self.stop.load(Ordering::Acquire) {
                 return;
             }
-            if self.room() == 0 {
+            if self.room() == 0 || self.draining.load(Ordering::Acquire) {
                 // Backpressure: the chains wait in the avail ring until a completion (which
                 // wakes this worker) makes room.
                 return;
