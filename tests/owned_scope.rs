@@ -7,7 +7,6 @@ mod common;
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
-use xen_vhost_mem::testing::Guest as _;
 use xen_vhost_mem::{OwnedRequestMemory, Strategy, WritableBuffers};
 
 #[test]

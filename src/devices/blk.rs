@@ -191,7 +191,7 @@ enum RingState {
     /// Not tried yet.
     Untried,
     /// In use.
-    Ready(Ring),
+    Ready(Box<Ring>),
     /// Refused by the kernel, or not wanted ([`BlkIo::Sync`]): synchronous I/O.
     Off,
 }
@@ -395,7 +395,7 @@ impl BlkDevice {
             *state = match Ring::new() {
                 Ok(r) => {
                     log::info!("blk: queue {queue}: io_uring");
-                    RingState::Ready(r)
+                    RingState::Ready(Box::new(r))
                 }
                 Err(e) => {
                     self.stats.rings_refused.fetch_add(1, Ordering::Relaxed);
@@ -745,7 +745,10 @@ impl BlkDevice {
         let mut bounce = None;
         if let Some(d) = &self.direct {
             let len = iov.len();
-            if offset % d.offset_align != 0 || len as u64 % d.offset_align != 0 || len == 0 {
+            if !offset.is_multiple_of(d.offset_align)
+                || !(len as u64).is_multiple_of(d.offset_align)
+                || len == 0
+            {
                 // O_DIRECT cannot take it: the buffered descriptor, now.
                 self.stats.sync_ops.fetch_add(1, Ordering::Relaxed);
                 return Prepared::Done(self.sync_io(

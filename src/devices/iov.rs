@@ -129,6 +129,7 @@ impl Drop for AlignedBuf {
 /// Whether every segment of `iovs` starts at a multiple of `mem_align` and is a multiple of
 /// `len_align` long (what O_DIRECT asks of memory).
 pub(crate) fn aligned(iovs: &[libc::iovec], mem_align: usize, len_align: usize) -> bool {
-    iovs.iter()
-        .all(|v| (v.iov_base as usize) % mem_align == 0 && v.iov_len % len_align == 0)
+    iovs.iter().all(|v| {
+        (v.iov_base as usize).is_multiple_of(mem_align) && v.iov_len.is_multiple_of(len_align)
+    })
 }
