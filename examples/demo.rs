@@ -247,6 +247,7 @@ fn run(a: &Args, dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>
                 calls: d1.calls - d0.calls,
                 scope_errors: d1.scope_errors - d0.scope_errors,
                 connections: 0,
+                resubmitted: d1.resubmitted - d0.resubmitted,
             },
         });
     }

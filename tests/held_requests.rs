@@ -230,13 +230,15 @@ fn held_requests_complete_later_from_another_thread_in_completion_order() {
     assert!(seen.iter().all(|c| c.len == 17));
     let used = s.dev.counters().snapshot().since(&before);
     let stats = s.daemon.stats().snapshot();
-    assert_eq!((stats.requests, stats.batches), (8, 1));
-    // The batch: one grant copy bringing in every chain's pages (headers read in `serve`);
+    // One batch, unless the worker woke while the eight were being published.
+    assert_eq!(stats.requests, 8);
+    assert!((1..=8).contains(&stats.batches));
+    // Each batch: one grant copy bringing in its chains' pages (headers read in `serve`);
     // nothing written through it, so no copy back. Each held request: its two written pages
     // copied in by its prefetch (one ioctl: the bytes it does not write must reach the guest
     // unchanged) and back at `complete` (one ioctl).
-    assert_eq!(used.grant_copies, 1 + 2 * 8);
-    assert_eq!(used.syscalls(), 1 + 2 * 8);
+    assert_eq!(used.grant_copies, stats.batches + 2 * 8);
+    assert_eq!(used.syscalls(), stats.batches + 2 * 8);
     assert_eq!(s.emu.live_mappings(), RING_MAPS);
     drop(s.drv);
     s.thread.take().expect("daemon").join().expect("daemon");

@@ -19,7 +19,7 @@
 //! ```text
 //! {"daemon":"vhost-user-blk","version":"0.1.0","pid":4242,"reason":"signal","uptime_ms":5012,
 //!  "counters":{"requests":512,"batches":70,"kicks":70,"calls":70,"scope_errors":0,
-//!  "connections":1,"xen":null}}
+//!  "connections":1,"resubmitted":0,"xen":null}}
 //! ```
 //!
 //! (on one line); `counters` is [`StatsReport`]'s JSON, with a `xen` object of system calls

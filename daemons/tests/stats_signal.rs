@@ -108,13 +108,14 @@ fn num(v: &Value, key: &str) -> u64 {
         .unwrap_or_else(|| panic!("{key} is not a number in {v}"))
 }
 
-const COUNTERS: [&str; 6] = [
+const COUNTERS: [&str; 7] = [
     "requests",
     "batches",
     "kicks",
     "calls",
     "scope_errors",
     "connections",
+    "resubmitted",
 ];
 
 fn image(dir: &Path, mib: u64) -> PathBuf {

@@ -111,6 +111,15 @@ pub trait VhostUserDevice: Send + Sync + 'static {
         std::time::Duration::from_secs(1)
     }
 
+    /// A request that was in flight when the previous daemon (or connection) ended, found in
+    /// the in-flight region (`INFLIGHT_SHMFD`, which a device offers by returning it from
+    /// [`VhostUserDevice::protocol_features`]). Called in counter order when the queue
+    /// starts, before any new chain is popped; serve it and complete it like a held request
+    /// ([`super::Request::descriptors`], [`super::Request::scope`]). By default it is dropped,
+    /// which completes it with used length 0: a device that offers `INFLIGHT_SHMFD`
+    /// implements this.
+    fn resubmit(&self, _queue: usize, _request: super::Request) {}
+
     /// The queue stopped (`GET_VRING_BASE`, reset or disconnect). Requests it held were
     /// released already: their memory is gone and completing them does nothing.
     fn queue_stopped(&self, _queue: usize) {}

@@ -8,6 +8,9 @@ use crate::table::TableError;
 /// Why a vhost-user message was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// `GET_INFLIGHT_FD` or `SET_INFLIGHT_FD` could not set the region up.
+    #[error(transparent)]
+    Inflight(#[from] super::inflight::InflightError),
     /// A vring index beyond the device's queues.
     #[error("vring index {index} out of range: the device has {queues} queues")]
     QueueIndex {

@@ -24,6 +24,7 @@ use vm_memory::{GuestMemoryRegion, GuestUsize};
 
 use super::device::{VhostUserDevice, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_RING_F_EVENT_IDX};
 use super::error::DaemonError;
+use super::inflight::InflightRegion;
 use super::notify_fd::check_eventfd;
 use super::ring_mem::RingMem;
 use super::worker::{DaemonStats, QueueWorker};
@@ -58,6 +59,8 @@ pub(crate) struct Handler<D: VhostUserDevice> {
     mem: Memory,
     vrings: Vec<Vring>,
     workers: Vec<Option<QueueWorker>>,
+    /// The in-flight region (`INFLIGHT_SHMFD`) the frontend set, if any.
+    inflight: Option<Arc<InflightRegion>>,
     stats: Arc<DaemonStats>,
     acked_features: u64,
     acked_protocol_features: u64,
@@ -107,6 +110,7 @@ impl<D: VhostUserDevice> Handler<D> {
             mem,
             vrings,
             workers,
+            inflight: None,
             stats,
             acked_features: 0,
             acked_protocol_features: 0,
@@ -327,12 +331,15 @@ impl<D: VhostUserDevice> Handler<D> {
         let Some(vring) = self.vrings.get(index) else {
             return Ok(());
         };
+        let size = vring.get_ref().get_queue().size();
+        let inflight = self.inflight.as_ref().and_then(|r| r.queue(index, size));
         let worker = QueueWorker::start(
             index,
             vring.clone(),
             self.mem.clone(),
             self.device.clone(),
             self.stats.clone(),
+            inflight,
         )
         .map_err(|source| DaemonError::Worker {
             queue: index,
@@ -374,6 +381,8 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
         self.handled();
         self.reset_vrings();
         self.acked_features = 0;
+        // A reset device has nothing in flight; the frontend sets a region again.
+        self.inflight = None;
         Ok(())
     }
 
@@ -646,14 +655,37 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
 
     fn get_inflight_fd(
         &mut self,
-        _inflight: &VhostUserInflight,
+        inflight: &VhostUserInflight,
     ) -> VhostResult<(VhostUserInflight, File)> {
-        Err(DaemonError::Unsupported("GET_INFLIGHT_FD").into())
+        let (region, file) = InflightRegion::create(inflight.num_queues, inflight.queue_size)
+            .map_err(DaemonError::Inflight)?;
+        let size = (usize::from(inflight.num_queues)
+            * super::inflight::queue_bytes(inflight.queue_size)) as u64;
+        // Kept mapped: the frontend sets it back (SET_INFLIGHT_FD) before the rings start.
+        self.inflight = Some(Arc::new(region));
+        Ok((
+            VhostUserInflight {
+                mmap_size: size,
+                mmap_offset: 0,
+                num_queues: inflight.num_queues,
+                queue_size: inflight.queue_size,
+            },
+            file,
+        ))
     }
 
-    fn set_inflight_fd(&mut self, _inflight: &VhostUserInflight, _file: File) -> VhostResult<()> {
+    fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostResult<()> {
         self.handled();
-        Err(DaemonError::Unsupported("SET_INFLIGHT_FD").into())
+        let region = InflightRegion::open(
+            &file,
+            inflight.mmap_size,
+            inflight.mmap_offset,
+            inflight.num_queues,
+            inflight.queue_size,
+        )
+        .map_err(DaemonError::Inflight)?;
+        self.inflight = Some(Arc::new(region));
+        Ok(())
     }
 
     fn get_max_mem_slots(&mut self) -> VhostResult<u64> {

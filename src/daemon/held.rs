@@ -137,7 +137,7 @@ impl QueueCompletions {
         released
     }
 
-    fn hold(
+    pub(crate) fn hold(
         self: &Arc<Self>,
         head: u16,
         descs: Vec<Descriptor>,

@@ -20,6 +20,7 @@ mod device;
 mod error;
 mod handler;
 mod held;
+mod inflight;
 pub(crate) mod layout;
 mod notify_fd;
 mod report;
@@ -38,6 +39,7 @@ pub use device::{
 pub use error::DaemonError;
 pub use handler::MAX_MEM_SLOTS;
 pub use held::{Batch, HeldScope, HoldError, Request, DEFAULT_MAX_HELD};
+pub use inflight::InflightError;
 pub use report::{StatsReport, StatsReporter, XenReport};
 pub use worker::{DaemonStats, StatsSnapshot, MAX_BATCH};
 

@@ -46,7 +46,7 @@ impl StatsReporter {
 ///
 /// ```text
 /// {"requests":512,"batches":70,"kicks":70,"calls":70,"scope_errors":0,"connections":1,
-///  "xen":{"syscalls":4,"ioctls":2,"grant_copies":2,"copy_segments":1024,"mmaps":1,
+///  "resubmitted":0,"xen":{"syscalls":4,"ioctls":2,"grant_copies":2,"copy_segments":1024,"mmaps":1,
 ///  "munmaps":1,"pages_mapped":3,"errors":0,"live_mappings":0,"lazy_buckets_mapped":0,
 ///  "lazy_bucket_limit":null,"lazy_evictions":0}}
 /// ```
@@ -55,7 +55,8 @@ impl StatsReporter {
 /// only); `"lazy_bucket_limit"` is `null` when lazy FOREIGN buckets are unbounded.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct StatsReport {
-    /// What the workers did: requests, batches, kicks, calls, scope errors, connections.
+    /// What the workers did: requests, batches, kicks, calls, scope errors, connections,
+    /// requests resubmitted from the in-flight region.
     pub daemon: StatsSnapshot,
     /// The Xen handle's counters, when the daemon has one.
     pub xen: Option<XenReport>,
@@ -81,8 +82,8 @@ impl fmt::Display for StatsReport {
         write!(
             f,
             "{{\"requests\":{},\"batches\":{},\"kicks\":{},\"calls\":{},\"scope_errors\":{},\
-             \"connections\":{},\"xen\":",
-            d.requests, d.batches, d.kicks, d.calls, d.scope_errors, d.connections
+             \"connections\":{},\"resubmitted\":{},\"xen\":",
+            d.requests, d.batches, d.kicks, d.calls, d.scope_errors, d.connections, d.resubmitted
         )?;
         match &self.xen {
             None => f.write_str("null")?,
@@ -129,13 +130,14 @@ mod tests {
                 calls: 4,
                 scope_errors: 5,
                 connections: 6,
+                resubmitted: 7,
             },
             xen: None,
         };
         assert_eq!(
             r.to_string(),
             "{\"requests\":1,\"batches\":2,\"kicks\":3,\"calls\":4,\"scope_errors\":5,\
-             \"connections\":6,\"xen\":null}"
+             \"connections\":6,\"resubmitted\":7,\"xen\":null}"
         );
     }
 

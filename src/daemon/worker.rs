@@ -20,8 +20,9 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::device::VhostUserDevice;
 use super::handler::{Memory, Vring};
 use super::held::{Batch, Holder, QueueCompletions};
+use super::inflight::InflightQueue;
 use super::ring_mem::RingMem;
-use crate::request::RequestMemory;
+use crate::request::{OwnedRequestMemory, RequestMemory};
 use crate::table::RegionTable;
 
 /// Most chains served in one request scope. Bounds what one scope holds (pages, mappings)
@@ -47,6 +48,8 @@ pub struct DaemonStats {
     pub scope_errors: AtomicU64,
     /// Connections served to the end.
     pub connections: AtomicU64,
+    /// Requests found in flight at a queue's start (`INFLIGHT_SHMFD`) and resubmitted.
+    pub resubmitted: AtomicU64,
 }
 
 impl DaemonStats {
@@ -59,6 +62,7 @@ impl DaemonStats {
             calls: self.calls.load(Ordering::Relaxed),
             scope_errors: self.scope_errors.load(Ordering::Relaxed),
             connections: self.connections.load(Ordering::Relaxed),
+            resubmitted: self.resubmitted.load(Ordering::Relaxed),
         }
     }
 }
@@ -78,6 +82,8 @@ pub struct StatsSnapshot {
     pub scope_errors: u64,
     /// Connections ended.
     pub connections: u64,
+    /// Requests resubmitted from the in-flight region.
+    pub resubmitted: u64,
 }
 
 /// A running queue worker; stopping it joins the thread after its current batch.
@@ -99,6 +105,7 @@ impl QueueWorker {
         mem: Memory,
         device: Arc<D>,
         stats: Arc<DaemonStats>,
+        inflight: Option<InflightQueue>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let draining = Arc::new(AtomicBool::new(false));
@@ -133,6 +140,8 @@ impl QueueWorker {
             draining: draining.clone(),
             wake: wake.clone(),
             completions: completions.clone(),
+            inflight,
+            counter: std::cell::Cell::new(1),
             epoll,
         };
         let thread = std::thread::Builder::new()
@@ -207,11 +216,16 @@ struct Worker<D: VhostUserDevice> {
     draining: Arc<AtomicBool>,
     wake: Arc<EventFd>,
     completions: Arc<QueueCompletions>,
+    /// The queue's in-flight area (`INFLIGHT_SHMFD`), if the frontend set one.
+    inflight: Option<InflightQueue>,
+    /// Counter of the next chain popped (in-flight order).
+    counter: std::cell::Cell<u64>,
     epoll: Epoll,
 }
 
 impl<D: VhostUserDevice> Worker<D> {
     fn run(self) {
+        self.resubmit();
         let mut events = [EpollEvent::default(); 3];
         let mut done = Vec::new();
         loop {
@@ -413,6 +427,13 @@ impl<D: VhostUserDevice> Worker<D> {
             return 0;
         }
         let heads: Vec<u16> = chains.iter().map(|c| c.head_index()).collect();
+        if let Some(inf) = &self.inflight {
+            for &h in &heads {
+                let c = self.counter.get();
+                inf.mark(h, c);
+                self.counter.set(c.wrapping_add(1));
+            }
+        }
         if let Err(e) = scope.prefetch_chains(&chains) {
             // Best effort: each page that failed reports its error when the device touches it.
             log::debug!("vq{}: prefetch: {e}", self.index);
@@ -451,6 +472,64 @@ impl<D: VhostUserDevice> Worker<D> {
         n
     }
 
+    /// Over an in-flight area in use (the frontend reconnected after the daemon or the
+    /// connection ended): resubmits the requests it shows in flight, in counter order, to
+    /// the device, and sets the queue's indices after them, before anything new is popped.
+    fn resubmit(&self) {
+        let Some(inf) = &self.inflight else { return };
+        let table = self.mem.memory().into_inner();
+        let (desc, used, size) = {
+            let st = self.vring.get_ref();
+            let q = st.get_queue();
+            (q.desc_table(), q.used_ring(), q.size())
+        };
+        let Some(used_now) = used
+            .checked_add(2)
+            .and_then(|a| table.read_obj::<u16>(GuestAddress(a)).ok())
+            .map(u16::from_le)
+        else {
+            log::warn!(
+                "vq{}: used ring unreadable: in-flight region left alone",
+                self.index
+            );
+            return;
+        };
+        let rec = inf.recover(used_now);
+        self.counter.set(rec.next_counter);
+        {
+            let mut st = self.vring.get_mut();
+            let q = st.get_queue_mut();
+            // Used entries continue where the guest's ring is; the chains popped so far are
+            // the used ones plus those in flight (the frontend's base is the used index).
+            q.set_next_used(used_now);
+            if !rec.heads.is_empty() {
+                q.set_next_avail(used_now.wrapping_add(rec.heads.len() as u16));
+            }
+        }
+        if rec.heads.is_empty() {
+            return;
+        }
+        log::info!(
+            "vq{}: resubmitting {} requests in flight",
+            self.index,
+            rec.heads.len()
+        );
+        self.stats
+            .resubmitted
+            .fetch_add(rec.heads.len() as u64, Ordering::Relaxed);
+        let writable = self.device.writable_buffers();
+        for head in rec.heads {
+            let scope = OwnedRequestMemory::new(
+                table.clone(),
+                crate::request::Strategy::default(),
+                writable,
+            );
+            let descs = walk_chain(scope.memory(), desc, size, head);
+            let req = self.completions.hold(head, descs, scope);
+            self.device.resubmit(self.index, req);
+        }
+    }
+
     /// The one completion path: adds a used entry for each `(head, len)` in order, counts
     /// them, and notifies the frontend once if it asked to be (EVENT_IDX honoured). Every
     /// request's scope has ended before it gets here.
@@ -461,8 +540,14 @@ impl<D: VhostUserDevice> Worker<D> {
         let ring = RingMem::of(table);
         let mut state = self.vring.get_mut();
         for &(head, len) in done {
+            if let Some(inf) = &self.inflight {
+                inf.pre_used(head);
+            }
             if let Err(e) = ring.add_used(state.get_queue_mut(), head, len) {
                 log::warn!("vq{}: add_used({head}): {e}", self.index);
+            }
+            if let Some(inf) = &self.inflight {
+                inf.post_used(head, state.get_queue().next_used());
             }
         }
         self.stats
@@ -479,4 +564,43 @@ impl<D: VhostUserDevice> Worker<D> {
             Err(e) => log::warn!("vq{}: used event: {e}", self.index),
         }
     }
+}
+
+/// The descriptors of the chain at `head` of the table at `desc` (queue size `size`), indirect
+/// tables followed, read through `mem`. Stops at the first descriptor it cannot read, at a
+/// loop (more descriptors than the table holds), or at a nested indirect table: what it
+/// returns is what can be served; an empty list completes with used length 0.
+fn walk_chain(mem: &RequestMemory<'_>, desc: u64, size: u16, head: u16) -> Vec<Descriptor> {
+    const F_NEXT: u16 = 1;
+    const F_INDIRECT: u16 = 4;
+    let read = |table: u64, i: u64| -> Option<Descriptor> {
+        table
+            .checked_add(16 * i)
+            .and_then(|a| mem.read_obj::<Descriptor>(GuestAddress(a)).ok())
+    };
+    let mut out = Vec::new();
+    let (mut table, mut len, mut i) = (desc, u64::from(size), u64::from(head));
+    let mut indirect = false;
+    let mut budget = u64::from(size);
+    while i < len && budget > 0 {
+        budget -= 1;
+        let Some(d) = read(table, i) else { break };
+        if d.flags() & F_INDIRECT != 0 {
+            if indirect || out.len() > 0 {
+                break;
+            }
+            indirect = true;
+            table = d.addr().0;
+            len = u64::from(d.len() / 16);
+            budget = len;
+            i = 0;
+            continue;
+        }
+        out.push(d);
+        if d.flags() & F_NEXT == 0 {
+            break;
+        }
+        i = u64::from(d.next());
+    }
+    out
 }

@@ -22,8 +22,10 @@ use vm_memory::{Address, Bytes, GuestAddress, Permissions};
 
 use super::iov::{aligned, AlignedBuf, GuestIov, IOV_MAX};
 use super::uring::{Op, Ring};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+
 use crate::daemon::{
-    Chain, VhostUserDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
+    Chain, Request, VhostUserDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::request::RequestMemory;
@@ -329,9 +331,18 @@ impl BlkDevice {
     /// The chain's readable and writable ranges, or the used length of a chain refused
     /// for breaking virtio's ordering.
     fn ranges(&self, mem: &RequestMemory<'_>, chain: &Chain<'_, '_>) -> Result<Ranges, u32> {
+        self.ranges_of(mem, chain.clone())
+    }
+
+    /// [`BlkDevice::ranges`] of a list of descriptors.
+    fn ranges_of(
+        &self,
+        mem: &RequestMemory<'_>,
+        descs: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
+    ) -> Result<Ranges, u32> {
         let mut readable = Vec::new();
         let mut writable = Vec::new();
-        for d in chain.clone() {
+        for d in descs {
             if d.is_write_only() {
                 writable.push((d.addr(), d.len() as usize));
             } else if writable.is_empty() {
@@ -979,6 +990,27 @@ impl VhostUserDevice for BlkDevice {
 
     fn serve_chain(&self, _queue: usize, mem: &RequestMemory<'_>, chain: &Chain<'_, '_>) -> u32 {
         self.serve_one(mem, chain)
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::INFLIGHT_SHMFD
+    }
+
+    /// A request in flight when the last daemon or connection ended: served again, the
+    /// synchronous way (reads and writes are idempotent, FLUSH too).
+    fn resubmit(&self, _queue: usize, request: Request) {
+        let used = {
+            let Ok(scope) = request.scope() else { return };
+            let Some(mem) = scope.memory() else { return };
+            match self.ranges_of(mem, request.descriptors().iter().copied()) {
+                Ok((readable, writable)) => {
+                    let outcome = self.run_sync(self.prepare(mem, &readable, &writable));
+                    self.end(mem, &writable, outcome)
+                }
+                Err(used) => used,
+            }
+        };
+        let _ = request.complete(used);
     }
 
     fn serve(

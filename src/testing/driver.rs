@@ -18,7 +18,9 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use vhost::vhost_user::message::{VhostUserHeaderFlag, VhostUserProtocolFeatures};
+use vhost::vhost_user::message::{
+    VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
+};
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::desc::split::Descriptor;
@@ -118,6 +120,9 @@ pub struct DriverConfig {
     /// given to [`VirtioDriver::connect_granting`], its grants (GRANT mode, domain
     /// [`GUEST_DOMID`]); the daemon maps through a handle on the same emulation. [`DriverConfig::emulation_pages`] pages suffice.
     pub emulation: Option<Arc<EmulatedXen>>,
+    /// Negotiate `INFLIGHT_SHMFD` when offered: GET_INFLIGHT_FD at the first connection,
+    /// SET_INFLIGHT_FD (the same memfd) at every one, before the rings start, as QEMU does.
+    pub inflight: bool,
 }
 
 impl DriverConfig {
@@ -145,6 +150,7 @@ impl Default for DriverConfig {
             indirect: false,
             event_idx: true,
             emulation: None,
+            inflight: false,
         }
     }
 }
@@ -417,6 +423,8 @@ pub struct VirtioDriver {
     regions: Vec<RegionSpec>,
     rings: Vec<[u64; 3]>,
     _region_fds: Vec<File>,
+    /// The in-flight region the daemon gave (`INFLIGHT_SHMFD`).
+    inflight: Option<(VhostUserInflight, File)>,
 }
 
 impl std::fmt::Debug for VirtioDriver {
@@ -575,6 +583,7 @@ impl VirtioDriver {
             regions,
             rings,
             _region_fds: fds,
+            inflight: None,
         };
         driver.negotiate()?;
         Ok(driver)
@@ -592,7 +601,12 @@ impl VirtioDriver {
                     | VhostUserProtocolFeatures::CONFIG
                     | VhostUserProtocolFeatures::REPLY_ACK
                     | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
-                    | VhostUserProtocolFeatures::XEN_MMAP);
+                    | VhostUserProtocolFeatures::XEN_MMAP
+                    | if self.config.inflight {
+                        VhostUserProtocolFeatures::INFLIGHT_SHMFD
+                    } else {
+                        VhostUserProtocolFeatures::empty()
+                    });
             frontend.set_protocol_features(proto)?;
             if proto.contains(VhostUserProtocolFeatures::REPLY_ACK) {
                 frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
@@ -611,6 +625,24 @@ impl VirtioDriver {
         frontend.set_features(self.features)?;
         let infos: Vec<VhostUserMemoryRegionInfo> = self.regions.iter().map(region_info).collect();
         frontend.set_mem_table(&infos)?;
+        if self.config.inflight
+            && frontend
+                .get_protocol_features()?
+                .contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD)
+        {
+            if self.inflight.is_none() {
+                let ask = VhostUserInflight {
+                    mmap_size: 0,
+                    mmap_offset: 0,
+                    num_queues: self.queues.len() as u16,
+                    queue_size: self.config.queue_size,
+                };
+                self.inflight = Some(frontend.get_inflight_fd(&ask)?);
+            }
+            if let Some((info, file)) = &self.inflight {
+                frontend.set_inflight_fd(info, file.as_raw_fd())?;
+            }
+        }
         let rings = self.rings.clone();
         for q in 0..self.queues.len() {
             self.start_queue(q, &rings)?;
@@ -642,6 +674,19 @@ impl VirtioDriver {
             queue.free = (0..queue.slots.len()).rev().collect();
         }
         self.negotiate()
+    }
+
+    /// Connects again to a daemon at `path` keeping the rings as they are (requests in
+    /// flight stay published), as QEMU does after a backend crash: the queues restart at the
+    /// used index, and with `INFLIGHT_SHMFD` the daemon resubmits what was in flight.
+    pub fn reconnect_keeping(&mut self, path: &Path) -> Result<(), DriverError> {
+        self.frontend = connect_frontend(path, self.config.queues)?;
+        self.negotiate()
+    }
+
+    /// The in-flight region the daemon gave (`INFLIGHT_SHMFD` negotiated), and its layout.
+    pub fn inflight_region(&self) -> Option<(&VhostUserInflight, &File)> {
+        self.inflight.as_ref().map(|(i, f)| (i, f))
     }
 
     /// GRANT or FOREIGN layout over a fresh emulated Xen guest.
@@ -804,9 +849,13 @@ impl VirtioDriver {
             log_addr: None,
         };
         let queue = &self.queues[q];
+        // The used index the ring shows (0 on a fresh ring): where the device starts over,
+        // as QEMU restores it after a backend restart.
+        let mut used = [0u8; 2];
+        self.mem.read(queue.used + 2, &mut used)?;
         self.frontend.set_vring_num(q, self.config.queue_size)?;
         self.frontend.set_vring_addr(q, &cfg)?;
-        self.frontend.set_vring_base(q, 0)?;
+        self.frontend.set_vring_base(q, u16::from_le_bytes(used))?;
         self.frontend.set_vring_call(q, &queue.call)?;
         self.frontend.set_vring_kick(q, &queue.kick)?;
         self.frontend.set_vring_enable(q, true)?;
