@@ -290,3 +290,94 @@ fn requests_in_flight_are_tracked_and_resubmitted_in_counter_order_after_a_recon
     drop(drv);
     t.join().expect("daemon");
 }
+
+/// The blk daemon offers INFLIGHT_SHMFD; a write that the region shows in flight when a
+/// frontend comes back (the daemon died after popping it) is done then, before new chains.
+#[test]
+fn blk_resubmits_a_write_found_in_flight() {
+    use xen_vhost_mem::devices::blk::{BlkConfig, BlkDevice, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT};
+    let dir = ScratchDir::new("inflight-blk");
+    let image = dir.0.join("disk.img");
+    std::fs::File::create(&image)
+        .and_then(|f| f.set_len(1 << 20))
+        .expect("image");
+    let path = dir.0.join("blk.sock");
+    let listener = UnixListener::bind(&path).expect("bind");
+    let blk = BlkDevice::open(&image, BlkConfig::default()).expect("blk");
+    let daemon = Arc::new(VhostUserDaemon::new(Arc::new(blk)));
+    let d = daemon.clone();
+    let t = std::thread::spawn(move || d.serve(&listener, Some(2)).expect("serve"));
+    let mut drv = VirtioDriver::connect(
+        &path,
+        DriverConfig {
+            mode: GuestMode::Unix,
+            queues: 1,
+            depth: 8,
+            max_data: 4096,
+            inflight: true,
+            ..DriverConfig::default()
+        },
+    )
+    .expect("connect");
+    let region = drv
+        .inflight_region()
+        .expect("blk offers INFLIGHT_SHMFD")
+        .1
+        .try_clone()
+        .expect("dup");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while view(&region).version == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    drv.disconnect();
+    // What a daemon that popped a write and died leaves: the chain in the avail ring, its
+    // head marked in flight (counter 1), the used index where it was.
+    let (slot, b) = drv.take_slot(0).expect("slot");
+    let mut hdr = [0u8; 16];
+    hdr[..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
+    hdr[8..].copy_from_slice(&16u64.to_le_bytes());
+    drv.write(b.header, &hdr).expect("header");
+    drv.write(b.data_out, &[0x77; 4096]).expect("data");
+    drv.write(b.status, &[0xff]).expect("status");
+    let bufs = [
+        Buf {
+            gpa: b.header,
+            len: 16,
+            write: false,
+        },
+        Buf {
+            gpa: b.data_out,
+            len: 4096,
+            write: false,
+        },
+        Buf {
+            gpa: b.status,
+            len: 1,
+            write: true,
+        },
+    ];
+    drv.publish(0, slot, &bufs).expect("publish");
+    let head = (slot * 3) as u64;
+    let mut state = [0u8; 16];
+    state[0] = 1;
+    state[8..].copy_from_slice(&1u64.to_le_bytes());
+    region
+        .write_all_at(&state, 16 + 16 * head)
+        .expect("mark in flight");
+    drv.reconnect_keeping(&path).expect("reconnect");
+    let done = drv.wait(0, Duration::from_secs(10)).expect("used");
+    assert_eq!(
+        done.iter().map(|c| (c.slot, c.len)).collect::<Vec<_>>(),
+        [(slot, 1)]
+    );
+    let mut st = [0xffu8];
+    drv.read(b.status, &mut st).expect("status");
+    assert_eq!(st, [VIRTIO_BLK_S_OK]);
+    assert_eq!(daemon.stats().snapshot().resubmitted, 1);
+    let img = std::fs::read(&image).expect("image");
+    assert!(img[16 * 512..16 * 512 + 4096].iter().all(|&x| x == 0x77));
+    assert_eq!(desc_state(&region, head as u16).0, 0);
+    assert_eq!(view(&region).used_idx, 1);
+    drop(drv);
+    t.join().expect("daemon");
+}
