@@ -236,10 +236,10 @@ impl InflightQueue {
     }
 
     fn read16(&self, off: usize) -> u16 {
-        // SAFETY: `at` checked the bounds; u16 reads of a shared mapping, volatile.
-        self.at(off, 2).map_or(0, |p| {
-            u16::from_le(unsafe { p.cast::<u16>().read_volatile() })
-        })
+        let Some(p) = self.at(off, 2) else { return 0 };
+        // SAFETY: `at` checked the bounds; offsets are even and the mapping page aligned; a
+        // volatile read of a shared mapping.
+        u16::from_le(unsafe { p.cast::<u16>().read_volatile() })
     }
 
     fn write16(&self, off: usize, v: u16) {
@@ -250,10 +250,9 @@ impl InflightQueue {
     }
 
     fn read64(&self, off: usize) -> u64 {
+        let Some(p) = self.at(off, 8) else { return 0 };
         // SAFETY: as in `read16`; offsets are multiples of 8.
-        self.at(off, 8).map_or(0, |p| {
-            u64::from_le(unsafe { p.cast::<u64>().read_volatile() })
-        })
+        u64::from_le(unsafe { p.cast::<u64>().read_volatile() })
     }
 
     fn write64(&self, off: usize, v: u64) {

@@ -586,7 +586,7 @@ fn walk_chain(mem: &RequestMemory<'_>, desc: u64, size: u16, head: u16) -> Vec<D
         budget -= 1;
         let Some(d) = read(table, i) else { break };
         if d.flags() & F_INDIRECT != 0 {
-            if indirect || out.len() > 0 {
+            if indirect || !out.is_empty() {
                 break;
             }
             indirect = true;
