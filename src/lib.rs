@@ -55,6 +55,7 @@ pub mod device;
 pub mod devices;
 pub mod region;
 pub mod request;
+pub(crate) mod ring_layout;
 pub mod table;
 #[cfg(feature = "test-utils")]
 pub mod testing;

@@ -32,6 +32,7 @@ use crate::backend::foreign::ForeignMapping;
 use crate::descriptor::{RegionDescriptor, WireRegion};
 use crate::device::XenHandle;
 use crate::region::{LazyPin, XenRegion};
+use crate::ring_layout::RingLayout;
 use crate::table::{add_in_advance_pages, RegionTable};
 
 /// Memory slots offered in `GET_MAX_MEM_SLOTS` (QEMU's and vhost-user-backend's limit).
@@ -263,12 +264,16 @@ impl<D: VhostUserDevice> Handler<D> {
         for (queue, vring) in self.vrings.iter().enumerate() {
             let state = vring.get_ref();
             let q = state.get_queue();
-            let size = u64::from(q.size());
+            let layout = RingLayout::new(q.size());
             let mut pins = Vec::new();
             for (ring, gpa, len) in [
-                ("descriptor table", q.desc_table(), 16 * size),
-                ("avail ring", q.avail_ring(), 6 + 2 * size),
-                ("used ring", q.used_ring(), 6 + 8 * size),
+                (
+                    "descriptor table",
+                    q.desc_table(),
+                    layout.desc_table_bytes(),
+                ),
+                ("avail ring", q.avail_ring(), layout.avail_bytes()),
+                ("used ring", q.used_ring(), layout.used_bytes()),
             ] {
                 if gpa == 0 {
                     continue;
@@ -487,11 +492,18 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
     ) -> VhostResult<()> {
         self.handled();
         let vring = self.vring(index)?;
-        let size = u64::from(vring.get_ref().get_queue().size());
+        let layout = RingLayout::new(vring.get_ref().get_queue().size());
         let table = self.table();
-        let (desc, p0) = Self::ring_gpa(&table, index, "descriptor table", descriptor, 16 * size)?;
-        let (avail, p1) = Self::ring_gpa(&table, index, "avail ring", available, 6 + 2 * size)?;
-        let (used_gpa, p2) = Self::ring_gpa(&table, index, "used ring", used, 6 + 8 * size)?;
+        let (desc, p0) = Self::ring_gpa(
+            &table,
+            index,
+            "descriptor table",
+            descriptor,
+            layout.desc_table_bytes(),
+        )?;
+        let (avail, p1) =
+            Self::ring_gpa(&table, index, "avail ring", available, layout.avail_bytes())?;
+        let (used_gpa, p2) = Self::ring_gpa(&table, index, "used ring", used, layout.used_bytes())?;
         vring
             .set_queue_info(desc, avail, used_gpa)
             .map_err(|e| DaemonError::RingAlignment {

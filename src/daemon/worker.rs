@@ -23,6 +23,7 @@ use super::held::{Batch, Holder, QueueCompletions};
 use super::inflight::InflightQueue;
 use super::ring_mem::RingMem;
 use crate::request::{OwnedRequestMemory, RequestMemory};
+use crate::ring_layout::RingLayout;
 use crate::table::RegionTable;
 
 /// Most chains served in one request scope. Bounds what one scope holds (pages, mappings)
@@ -335,8 +336,9 @@ impl<D: VhostUserDevice> Worker<D> {
         if size == 0 {
             return MAX_BATCH;
         }
+        let layout = RingLayout::new(size);
         let Some(idx) = avail
-            .checked_add(2)
+            .checked_add(RingLayout::IDX)
             .and_then(|a| table.read_obj::<u16>(GuestAddress(a)).ok())
         else {
             return MAX_BATCH;
@@ -347,9 +349,8 @@ impl<D: VhostUserDevice> Worker<D> {
             .min(MAX_BATCH as u16);
         let mut tables = Vec::new();
         for i in 0..pending {
-            let slot = u64::from(next.wrapping_add(i) % size);
             let Some(head) = avail
-                .checked_add(4 + 2 * slot)
+                .checked_add(layout.avail_entry(next.wrapping_add(i)))
                 .and_then(|a| table.read_obj::<u16>(GuestAddress(a)).ok())
             else {
                 break;
@@ -359,7 +360,7 @@ impl<D: VhostUserDevice> Worker<D> {
                 continue;
             }
             let Some(d) = desc
-                .checked_add(16 * u64::from(head))
+                .checked_add(RingLayout::desc(u64::from(head)))
                 .and_then(|a| table.read_obj::<Descriptor>(GuestAddress(a)).ok())
             else {
                 continue;
@@ -484,7 +485,7 @@ impl<D: VhostUserDevice> Worker<D> {
             (q.desc_table(), q.used_ring(), q.size())
         };
         let Some(used_now) = used
-            .checked_add(2)
+            .checked_add(RingLayout::IDX)
             .and_then(|a| table.read_obj::<u16>(GuestAddress(a)).ok())
             .map(u16::from_le)
         else {
@@ -575,7 +576,7 @@ fn walk_chain(mem: &RequestMemory<'_>, desc: u64, size: u16, head: u16) -> Vec<D
     const F_INDIRECT: u16 = 4;
     let read = |table: u64, i: u64| -> Option<Descriptor> {
         table
-            .checked_add(16 * i)
+            .checked_add(RingLayout::desc(i))
             .and_then(|a| mem.read_obj::<Descriptor>(GuestAddress(a)).ok())
     };
     let mut out = Vec::new();

@@ -22,6 +22,8 @@ use vhost::vhost_user::message::{
     VhostUserHeaderFlag, VhostUserInflight, VhostUserProtocolFeatures,
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
+
+use crate::ring_layout::RingLayout;
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::ByteValued;
@@ -128,10 +130,10 @@ pub struct DriverConfig {
 impl DriverConfig {
     /// Pages the emulation needs for this layout.
     pub fn emulation_pages(&self) -> usize {
-        let qs = u64::from(self.queue_size);
         let data = (self.max_data as u64).next_multiple_of(PAGE);
         let slots = (self.queues * self.depth) as u64;
-        let rings: u64 = [16 * qs, 6 + 2 * qs, 6 + 8 * qs]
+        let l = RingLayout::new(self.queue_size);
+        let rings: u64 = [l.desc_table_bytes(), l.avail_bytes(), l.used_bytes()]
             .iter()
             .map(|&b| (RING_PAGE_OFFSET + b).div_ceil(PAGE))
             .sum();
@@ -482,7 +484,8 @@ impl VirtioDriver {
         let data = (config.max_data as u64).next_multiple_of(PAGE);
         let small_per_slot = 16 + 1 + 64;
         let slots_total = (config.queues * config.depth) as u64;
-        let ring_bytes = [16 * qs, 6 + 2 * qs, 6 + 8 * qs];
+        let l = RingLayout::new(config.queue_size);
+        let ring_bytes = [l.desc_table_bytes(), l.avail_bytes(), l.used_bytes()];
         let Layout {
             mem,
             mut ro,
@@ -926,13 +929,13 @@ impl VirtioDriver {
             )));
         }
         let first = (slot * 3) as u16;
-        let desc_at = |i: u16| queue.desc + 16 * u64::from(i);
+        let desc_at = |i: u16| queue.desc + RingLayout::desc(u64::from(i));
         if indirect {
             let table = queue.slots[slot].table;
             for (i, b) in bufs.iter().enumerate() {
                 let next = (i + 1 < bufs.len()).then_some(i as u16 + 1);
                 self.mem.write(
-                    table + 16 * i as u64,
+                    table + RingLayout::desc(i as u64),
                     desc(b.gpa, b.len, b.write, next).as_slice(),
                 )?;
             }
@@ -948,7 +951,7 @@ impl VirtioDriver {
             }
         }
         let idx = queue.avail_idx;
-        let ring_slot = queue.avail + 4 + 2 * u64::from(idx % queue.size);
+        let ring_slot = queue.avail + RingLayout::new(queue.size).avail_entry(idx);
         self.mem.write(ring_slot, &first.to_le_bytes())?;
         fence(Ordering::Release);
         let new = idx.wrapping_add(1);
@@ -964,8 +967,10 @@ impl VirtioDriver {
         let queue = &self.queues[q];
         let need = if self.features & VIRTIO_RING_F_EVENT_IDX != 0 {
             let mut ev = [0u8; 2];
-            self.mem
-                .read(queue.used + 4 + 8 * u64::from(queue.size), &mut ev)?;
+            self.mem.read(
+                queue.used + RingLayout::new(queue.size).avail_event(),
+                &mut ev,
+            )?;
             let event = u16::from_le_bytes(ev);
             let new = queue.avail_idx;
             let old = new.wrapping_sub(published);
@@ -1000,7 +1005,7 @@ impl VirtioDriver {
             // Ask for a call at the next used entry, then re-check before sleeping.
             if self.features & VIRTIO_RING_F_EVENT_IDX != 0 {
                 let queue = &self.queues[q];
-                let at = queue.avail + 4 + 2 * u64::from(queue.size);
+                let at = queue.avail + RingLayout::new(queue.size).used_event();
                 self.mem.write(at, &queue.used_idx.to_le_bytes())?;
                 fence(Ordering::SeqCst);
                 let again = self.reap(q)?;
@@ -1034,8 +1039,10 @@ impl VirtioDriver {
         let mut cur = queue.used_idx;
         while cur != used {
             let mut e = [0u8; 8];
-            self.mem
-                .read(queue.used + 4 + 8 * u64::from(cur % queue.size), &mut e)?;
+            self.mem.read(
+                queue.used + RingLayout::new(queue.size).used_entry(cur),
+                &mut e,
+            )?;
             let id = u32::from_le_bytes([e[0], e[1], e[2], e[3]]);
             let len = u32::from_le_bytes([e[4], e[5], e[6], e[7]]);
             if id % 3 != 0 || (id / 3) as usize >= queue.slots.len() {
