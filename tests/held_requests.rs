@@ -27,6 +27,7 @@ struct Holding {
     tx: Mutex<Sender<([u8; 16], Request)>>,
     strategy: Strategy,
     max_held: usize,
+    max_pages: usize,
     drain: Duration,
 }
 
@@ -75,6 +76,9 @@ impl VhostUserDevice for Holding {
     fn drain_timeout(&self, _queue: usize) -> Duration {
         self.drain
     }
+    fn max_held_pages(&self, _queue: usize) -> usize {
+        self.max_pages
+    }
 }
 
 struct Setup {
@@ -92,6 +96,16 @@ fn setup(tag: &str, strategy: Strategy, max_held: usize) -> Setup {
 }
 
 fn setup_draining(tag: &str, strategy: Strategy, max_held: usize, drain: Duration) -> Setup {
+    setup_with(tag, strategy, max_held, usize::MAX, drain)
+}
+
+fn setup_with(
+    tag: &str,
+    strategy: Strategy,
+    max_held: usize,
+    max_pages: usize,
+    drain: Duration,
+) -> Setup {
     let cfg = DriverConfig {
         mode: GuestMode::Grant,
         queues: 1,
@@ -109,6 +123,7 @@ fn setup_draining(tag: &str, strategy: Strategy, max_held: usize, drain: Duratio
         tx: Mutex::new(tx),
         strategy,
         max_held,
+        max_pages,
         drain,
     };
     let daemon = Arc::new(VhostUserDaemon::new(Arc::new(device)).with_xen(dev.clone()));
@@ -381,6 +396,42 @@ fn get_vring_base_releases_what_does_not_complete_in_time() {
         assert_eq!(req.complete(1), Err(HoldError::Gone { queue: 0, head }));
     }
     assert_eq!(s.daemon.stats().snapshot().requests, 0);
+    drop(s.drv);
+    s.thread.take().expect("daemon").join().expect("daemon");
+    assert_eq!(s.emu.live_mappings(), 0);
+}
+
+#[test]
+fn pages_held_bound_popping_too() {
+    let mut s = setup_with("held-pages", Strategy::Map, 64, 4, Duration::from_secs(1));
+    publish(&mut s, 2);
+    let first: Vec<_> = (0..2).map(|_| recv(&s)).collect();
+    // Each maps its data and status pages (2 pages): 4 held, the bound.
+    for (hdr, req) in &first {
+        answer(*hdr, req);
+    }
+    assert_eq!(s.dev.counters().live_mappings() as usize, RING_MAPS + 2);
+    let later = publish(&mut s, 2);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(s.held.try_recv().is_err(), "popped past the page bound");
+    // One completes: 2 pages held, room again; the two waiting chains are popped.
+    let mut first = first.into_iter();
+    let (_, r0) = first.next().expect("first");
+    r0.complete(17).expect("complete");
+    let next: Vec<_> = (0..2).map(|_| recv(&s)).collect();
+    let heads: Vec<u16> = next.iter().map(|(_, r)| r.head()).collect();
+    assert_eq!(
+        heads,
+        later.iter().map(|&sl| (sl * 3) as u16).collect::<Vec<_>>()
+    );
+    for (hdr, req) in first.chain(next) {
+        let len = answer(hdr, &req);
+        req.complete(len).expect("complete");
+    }
+    let mut seen = Vec::new();
+    while seen.len() < 4 {
+        seen.extend(s.drv.wait(0, Duration::from_secs(10)).expect("used"));
+    }
     drop(s.drv);
     s.thread.take().expect("daemon").join().expect("daemon");
     assert_eq!(s.emu.live_mappings(), 0);

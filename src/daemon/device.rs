@@ -104,6 +104,13 @@ pub trait VhostUserDevice: Send + Sync + 'static {
         DEFAULT_MAX_HELD
     }
 
+    /// Most on-demand guest pages (grant-copy bounce pages plus mapped pages, 4 KiB each)
+    /// the requests queue `queue` holds may hold between them; at the bound the worker stops
+    /// popping, as at [`VhostUserDevice::max_held`]. 16384 pages (64 MiB) by default.
+    fn max_held_pages(&self, _queue: usize) -> usize {
+        crate::request::MAX_SCOPE_PAGES
+    }
+
     /// How long `GET_VRING_BASE` waits for the requests queue `queue` holds to complete
     /// (their used entries are then written, so the frontend's view of the ring is whole)
     /// before it releases the rest. Reset and disconnect do not wait.

@@ -98,6 +98,18 @@ impl QueueCompletions {
         lock(&self.state).held.len()
     }
 
+    /// On-demand pages (bounce pages and mapped pages) the held requests' scopes hold now. A
+    /// scope the device is using at this instant (its slot locked) is not counted: the
+    /// bound is checked again before every batch.
+    pub(crate) fn held_pages(&self) -> usize {
+        let slots: Vec<Arc<Slot>> = lock(&self.state).held.values().cloned().collect();
+        slots
+            .iter()
+            .filter_map(|s| s.try_lock().ok())
+            .map(|g| g.as_ref().map_or(0, |o| o.memory().held_pages()))
+            .sum()
+    }
+
     /// Completions queued and not yet taken by the worker.
     pub(crate) fn pending(&self) -> usize {
         lock(&self.state).done.len()

@@ -393,11 +393,14 @@ impl<D: VhostUserDevice> Worker<D> {
         op(state.get_queue_mut(), &ring)
     }
 
-    /// How many more requests the queue may hold now.
+    /// How many more requests the queue may hold now: none while the held ones hold
+    /// [`VhostUserDevice::max_held_pages`] pages or more.
     fn room(&self) -> usize {
-        self.device
-            .max_held(self.index)
-            .saturating_sub(self.completions.held())
+        let held = self.completions.held();
+        if held > 0 && self.completions.held_pages() >= self.device.max_held_pages(self.index) {
+            return 0;
+        }
+        self.device.max_held(self.index).saturating_sub(held)
     }
 
     /// Pops, serves and completes up to [`MAX_BATCH`] chains (fewer when the room for held
