@@ -696,6 +696,12 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
             inflight.queue_size,
         )
         .map_err(DaemonError::Inflight)?;
+        log::info!(
+            "in-flight region: {} queues of {} ({} bytes)",
+            inflight.num_queues,
+            inflight.queue_size,
+            inflight.mmap_size
+        );
         self.inflight = Some(Arc::new(region));
         Ok(())
     }
