@@ -845,6 +845,63 @@ fn raw_malformed_messages(xen: bool) {
     assert_eq!(s.daemon.stats().snapshot().connections, cases.len() as u64);
 }
 
+/// `ADD_MEM_REG` / `REM_MEM_REG` body: 8 bytes of padding, then the region.
+fn single_region(region: Vec<u8>) -> Vec<u8> {
+    [vec![0u8; 8], region].concat()
+}
+
+#[test]
+fn rem_mem_reg_names_a_region_by_guest_address_user_address_and_size() {
+    rem_mem_reg_names_a_region(false);
+    rem_mem_reg_names_a_region(true);
+}
+
+/// A REM_MEM_REG whose user address (or size) differs from the region's is refused and the
+/// region stays: an ADD of the same region still overlaps it, and the exact REM removes it.
+fn rem_mem_reg_names_a_region(xen: bool) {
+    let mut s = Served::start(if xen { "rem-xen" } else { "rem-std" }, 1, None);
+    let src = memfd(0x2000);
+    let raw = Raw::connect(&s.path);
+    raw.negotiate(xen);
+    let (add, rem) = (
+        FrontendReq::ADD_MEM_REG as u32,
+        FrontendReq::REM_MEM_REG as u32,
+    );
+    let uaddr = 0x5000_0000_0000;
+    let region = |size: u64, uaddr: u64| single_region(wire_region(FREE_GPA, size, uaddr, xen));
+    let it = region(0x1000, uaddr);
+    let fd = [src.as_raw_fd()];
+    assert_eq!(raw.ack(add, it.len() as u32, &it, &fd), 0, "ADD_MEM_REG");
+    for (name, wrong) in [
+        ("another user address", region(0x1000, uaddr + 0x1000)),
+        ("user address 0", region(0x1000, 0)),
+        ("another size", region(0x2000, uaddr)),
+    ] {
+        assert_eq!(
+            raw.ack(rem, wrong.len() as u32, &wrong, &[]),
+            1,
+            "REM_MEM_REG, {name}"
+        );
+        assert_eq!(
+            raw.ack(add, it.len() as u32, &it, &fd),
+            1,
+            "ADD_MEM_REG after a refused REM ({name}) must overlap the region that stayed"
+        );
+    }
+    assert_eq!(
+        raw.ack(rem, it.len() as u32, &it, &[]),
+        0,
+        "exact REM_MEM_REG"
+    );
+    assert_eq!(
+        raw.ack(add, it.len() as u32, &it, &fd),
+        0,
+        "ADD_MEM_REG into the freed slot"
+    );
+    raw.into_driver(310);
+    s.join();
+}
+
 // ---------------------------------------------------------------------------------------------
 // Hot plug while I/O runs
 // ---------------------------------------------------------------------------------------------

@@ -672,7 +672,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
         self.handled();
         let (table, _removed) = self
             .table()
-            .remove(region.guest_phys_addr, region.memory_size)
+            .remove_exact(region.guest_phys_addr, region.memory_size, region.user_addr)
             .map_err(DaemonError::from)?;
         self.swap_table(table)?;
         Ok(())
