@@ -6,7 +6,7 @@
 //! crate's `Frontend` can send (well formed but invalid) go through it, with `NEED_REPLY` on
 //! (the driver sets it once REPLY_ACK is negotiated), so a refusal comes back as
 //! `Err(BackendInternalError)`. Messages it cannot send (truncated bodies, unknown codes,
-//! stray fds, counts that do not match) are written as raw bytes on a socket negotiated by
+//! stray fds, counts that do not match, more descriptors than a message may carry) are written as raw bytes on a socket negotiated by
 //! hand, then the socket is handed to a `Frontend` for the I/O that follows.
 //!
 //! Two `GET_*` refusals are only tested raw: vhost 0.18's `Frontend` reads a reply as a
@@ -497,7 +497,8 @@ impl Raw {
             iov_base: msg.as_mut_ptr().cast(),
             iov_len: msg.len(),
         };
-        let mut cmsg = [0u64; 16];
+        // Room for 64 descriptors: more than a message may carry, for the cases past the limit.
+        let mut cmsg = [0u64; 40];
         // SAFETY: msghdr is plain data; all-zero is a valid empty value.
         let mut mh: libc::msghdr = unsafe { std::mem::zeroed() };
         mh.msg_iov = &mut iov;
@@ -848,6 +849,83 @@ fn raw_malformed_messages(xen: bool) {
 /// `ADD_MEM_REG` / `REM_MEM_REG` body: 8 bytes of padding, then the region.
 fn single_region(region: Vec<u8>) -> Vec<u8> {
     [vec![0u8; 8], region].concat()
+}
+
+#[test]
+fn more_fds_than_a_message_may_carry_are_refused_and_the_connection_serves_on() {
+    more_fds_than_a_message_may_carry(false);
+    more_fds_than_a_message_may_carry(true);
+}
+
+/// Messages carrying more descriptors than vhost takes (32): 33 and 40 (more than the relay's
+/// control buffer holds, so the kernel drops some and sets MSG_CTRUNC). Each is refused with a
+/// REPLY_ACK of 1 and the same connection serves on; GET_MAX_MEM_SLOTS still says 509, which
+/// ADD_MEM_REG honours (`add_mem_reg_past_the_slot_limit_is_refused`).
+fn more_fds_than_a_message_may_carry(xen: bool) {
+    use xen_vhost_mem::daemon::MAX_MEM_SLOTS;
+    let mut s = Served::start(if xen { "fds-xen" } else { "fds-std" }, 1, None);
+    let src = memfd(0x1000);
+    let raw = Raw::connect(&s.path);
+    let offered = raw.negotiate(xen);
+    let table = |n: u64| {
+        let regions: Vec<Vec<u8>> = (0..n)
+            .map(|i| {
+                wire_region(
+                    FREE_GPA + i * 0x1000,
+                    0x1000,
+                    0x5000_0000_0000 + i * 0x1000,
+                    xen,
+                )
+            })
+            .collect();
+        mem_table(n as u32, &regions)
+    };
+    let one = single_region(wire_region(FREE_GPA, 0x1000, 0x5000_0000_0000, xen));
+    let cases: Vec<(&str, FrontendReq, Vec<u8>, usize)> = vec![
+        (
+            "SET_MEM_TABLE: 33 regions, 33 fds",
+            FrontendReq::SET_MEM_TABLE,
+            table(33),
+            33,
+        ),
+        (
+            "SET_MEM_TABLE: 40 regions, 40 fds",
+            FrontendReq::SET_MEM_TABLE,
+            table(40),
+            40,
+        ),
+        (
+            "ADD_MEM_REG with 33 fds",
+            FrontendReq::ADD_MEM_REG,
+            one.clone(),
+            33,
+        ),
+        (
+            "SET_VRING_CALL with 33 fds",
+            FrontendReq::SET_VRING_CALL,
+            0u64.to_le_bytes().to_vec(),
+            33,
+        ),
+    ];
+    for (name, code, body, n) in cases {
+        eprintln!("fd case ({}): {name}", if xen { "xen" } else { "standard" });
+        let fds: Vec<RawFd> = (0..n).map(|_| src.as_raw_fd()).collect();
+        assert_eq!(
+            raw.ack(code as u32, body.len() as u32, &body, &fds),
+            1,
+            "{name}"
+        );
+        assert_eq!(raw.get_u64(FrontendReq::GET_FEATURES), offered, "{name}");
+    }
+    // What we announce is unchanged, and one region with its one fd is taken.
+    assert_eq!(
+        raw.get_u64(FrontendReq::GET_MAX_MEM_SLOTS),
+        MAX_MEM_SLOTS as u64
+    );
+    let add = FrontendReq::ADD_MEM_REG as u32;
+    assert_eq!(raw.ack(add, one.len() as u32, &one, &[src.as_raw_fd()]), 0);
+    raw.into_driver(300);
+    s.join();
 }
 
 #[test]

@@ -198,10 +198,15 @@ fn widen(m: &mut Message) {
 /// Reads one message: the header (waiting for all of it) with any file descriptors, then the
 /// body in one `recv`, as vhost does (a short body stays short, for vhost to refuse). `None`
 /// at the end of the stream.
+///
+/// A message carrying more descriptors than vhost takes ([`MAX_FDS`]), or more than the
+/// control buffer holds (the kernel closes those and sets `MSG_CTRUNC`), has all of them
+/// closed here and goes on without any: vhost then refuses it like any message whose
+/// descriptors do not match its body (a REPLY_ACK of 1), and the connection serves on.
 fn recv_message(sock: &UnixStream) -> io::Result<Option<Message>> {
     let mut hdr = [0u8; HDR];
     let mut fds = Vec::new();
-    let n = recv_with_fds(sock, &mut hdr, libc::MSG_WAITALL, &mut fds)?;
+    let (n, mut truncated) = recv_fds(sock, &mut hdr, libc::MSG_WAITALL, &mut fds)?;
     if n < HDR {
         return Ok(None);
     }
@@ -213,11 +218,24 @@ fn recv_message(sock: &UnixStream) -> io::Result<Option<Message>> {
     let size = m.size();
     if size > 0 && size <= MAX_MSG_SIZE {
         let mut body = vec![0u8; size];
-        let mut more = Vec::new();
-        let got = recv_with_fds(sock, &mut body, 0, &mut more)?;
+        let (got, t) = recv_fds(sock, &mut body, 0, &mut m.fds)?;
+        truncated |= t;
         body.truncate(got);
         m.body = body;
-        m.fds.extend(more);
+    }
+    if truncated || m.fds.len() > MAX_FDS {
+        log::warn!(
+            "request {}: {} file descriptors{}, more than the {MAX_FDS} a message may carry; \
+             passed on without any",
+            m.code(),
+            m.fds.len(),
+            if truncated {
+                " and more the kernel dropped"
+            } else {
+                ""
+            },
+        );
+        m.fds.clear();
     }
     Ok(Some(m))
 }
@@ -230,6 +248,17 @@ pub(super) fn recv_with_fds(
     flags: libc::c_int,
     fds: &mut Vec<OwnedFd>,
 ) -> io::Result<usize> {
+    recv_fds(sock, buf, flags, fds).map(|(n, _)| n)
+}
+
+/// [`recv_with_fds`], also telling whether the kernel dropped descriptors that did not fit
+/// the control buffer (`MSG_CTRUNC`).
+fn recv_fds(
+    sock: &UnixStream,
+    buf: &mut [u8],
+    flags: libc::c_int,
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<(usize, bool)> {
     // Room for MAX_FDS descriptors (CMSG_SPACE of 32 ints, rounded up).
     let mut cmsg = [0u64; 3 + MAX_FDS / 2];
     loop {
@@ -268,7 +297,7 @@ pub(super) fn recv_with_fds(
                 c = libc::CMSG_NXTHDR(&msg, c);
             }
         }
-        return Ok(n as usize);
+        return Ok((n as usize, msg.msg_flags & libc::MSG_CTRUNC != 0));
     }
 }
 
