@@ -195,9 +195,11 @@ fn widen(m: &mut Message) {
     m.body = body;
 }
 
-/// Reads one message: the header (waiting for all of it) with any file descriptors, then the
-/// body in one `recv`, as vhost does (a short body stays short, for vhost to refuse). `None`
-/// at the end of the stream.
+/// Reads one whole message: the header (waiting for all of it) with any file descriptors, then
+/// exactly `size` bytes of body, however many reads they arrive in (one in the common case,
+/// as vhost would do; a stream socket may deliver a body in parts, and vhost's own single
+/// read would then refuse it and take its rest for the next header). `None` at the end of
+/// the stream, also in the middle of a message (nothing can follow it).
 ///
 /// A message carrying more descriptors than vhost takes ([`MAX_FDS`]), or more than the
 /// control buffer holds (the kernel closes those and sets `MSG_CTRUNC`), has all of them
@@ -218,9 +220,15 @@ fn recv_message(sock: &UnixStream) -> io::Result<Option<Message>> {
     let size = m.size();
     if size > 0 && size <= MAX_MSG_SIZE {
         let mut body = vec![0u8; size];
-        let (got, t) = recv_fds(sock, &mut body, 0, &mut m.fds)?;
-        truncated |= t;
-        body.truncate(got);
+        let mut got = 0;
+        while got < size {
+            let (n, t) = recv_fds(sock, &mut body[got..], 0, &mut m.fds)?;
+            truncated |= t;
+            if n == 0 {
+                return Ok(None);
+            }
+            got += n;
+        }
         m.body = body;
     }
     if truncated || m.fds.len() > MAX_FDS {
