@@ -256,7 +256,6 @@ impl ScopeState {
                             CopyDirection::FromGuest,
                         ));
                         t.owners.push(i);
-                        b.fresh.get_or_insert(copy.lo);
                     }
                 }
             }
@@ -267,15 +266,29 @@ impl ScopeState {
             }
         }
         // Probe writability by writing back one byte just read, in the same call: the same
-        // value, but Xen checks write permission. Pages with nothing new to copy in read their
-        // byte into `bytes` first, so no stale bounce byte ever reaches the guest.
+        // value, but Xen checks write permission. The byte lies inside the write access that
+        // planned the probe, so no byte outside it is ever written (a concurrent scope writing
+        // a neighbouring byte of the page keeps its value). It is the first byte of the access
+        // this call copies in, when there is one (the copy-in before the probe fills it);
+        // otherwise the access's first byte is read into `bytes` and written back from there,
+        // so no stale bounce byte ever reaches the guest.
         t.bytes.resize(t.probes.len(), 0);
         for n in 0..t.probes.len() {
             let i = t.probes[n];
-            let key = pieces[i].key;
+            let p = &pieces[i];
+            let key = p.key;
             let Some(b) = self.bounce(key) else { continue };
-            match (b.fresh, b.pending) {
-                (Some(lo), _) => {
+            if b.pending.is_none() {
+                continue;
+            }
+            let fresh = p
+                .span
+                .minus(b.valid)
+                .into_iter()
+                .find(|s| !s.is_empty())
+                .map(|s| s.lo);
+            match fresh {
+                Some(lo) => {
                     let byte = Span { lo, hi: lo + 1 };
                     let local = in_page(b.buf, byte);
                     // The copy-in before it fills this byte; should it fail while the write
@@ -284,10 +297,10 @@ impl ScopeState {
                     unsafe { local.write(0) };
                     t.segs.push(seg(key, byte, local, CopyDirection::ToGuest));
                 }
-                (None, Some(span)) => {
+                None => {
                     let byte = Span {
-                        lo: span.lo,
-                        hi: span.lo + 1,
+                        lo: p.span.lo,
+                        hi: p.span.lo + 1,
                     };
                     // In bounds: `bytes` has one byte per probe, and is not resized again
                     // before the call.
@@ -296,7 +309,6 @@ impl ScopeState {
                     t.owners.push(i);
                     t.segs.push(seg(key, byte, local, CopyDirection::ToGuest));
                 }
-                (None, None) => continue,
             }
             t.owners.push(i);
         }
@@ -369,7 +381,6 @@ impl ScopeState {
                 b.valid = b.pending.unwrap_or(b.valid);
             }
             b.pending = None;
-            b.fresh = None;
             b.probing = false;
             b.failed = false;
         }

@@ -128,8 +128,6 @@ pub(crate) struct Bounce {
     pub writable: Option<bool>,
     /// During one fetch: the valid span once the planned copy-ins land.
     pub pending: Option<Span>,
-    /// During one fetch: the first byte this call copies in (fresh for the probe).
-    pub fresh: Option<u16>,
     /// During one fetch: a writability probe is planned.
     pub probing: bool,
     /// During one fetch: a copy-in failed.
@@ -148,7 +146,6 @@ impl Bounce {
             dirty: super::writeback::Dirty::default(),
             writable: None,
             pending: None,
-            fresh: None,
             probing: false,
             failed: false,
             bad: crate::device::GNTST_OKAY,

@@ -119,6 +119,19 @@ pub struct EmulatedXen {
     state: Mutex<State>,
     /// Grant-copy ioctls still to fail as a whole (error-path tests).
     failing_copies: std::sync::atomic::AtomicU32,
+    /// Grant-copy writes to guest pages, recorded while on (`record_guest_writes`).
+    guest_writes: Mutex<Option<Vec<GuestWrite>>>,
+}
+
+/// One grant-copy segment that wrote to a guest page: which page and which bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestWrite {
+    /// Domain and ref of the page.
+    pub grant: crate::device::GrantPage,
+    /// First byte written, in the page.
+    pub offset: u16,
+    /// Bytes written.
+    pub len: u16,
 }
 
 // SAFETY: `base` points to a shared mapping owned by this value for its whole life; all
@@ -170,6 +183,7 @@ impl EmulatedXen {
                 ..State::default()
             }),
             failing_copies: Default::default(),
+            guest_writes: Mutex::new(None),
         })
     }
 
@@ -296,6 +310,24 @@ impl EmulatedXen {
     pub fn fail_grant_copies(&self, n: u32) {
         self.failing_copies
             .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Starts (`true`) or stops recording the bytes grant copies write to guest pages; starting
+    /// clears what was recorded. Tests use it to prove that nothing outside an access is
+    /// written, not even with the value just read (a concurrent writer could lose its byte).
+    pub fn record_guest_writes(&self, on: bool) {
+        if let Ok(mut w) = self.guest_writes.lock() {
+            *w = on.then(Vec::new);
+        }
+    }
+
+    /// The grant-copy writes to guest pages recorded since `record_guest_writes(true)`.
+    pub fn guest_writes(&self) -> Vec<GuestWrite> {
+        self.guest_writes
+            .lock()
+            .ok()
+            .and_then(|w| w.clone())
+            .unwrap_or_default()
     }
 
     /// Host mappings (grant mmaps and privcmd reservations) currently alive.
@@ -517,6 +549,17 @@ impl XenDriver for EmulatedXen {
                         match seg.direction {
                             CopyDirection::FromGuest => std::ptr::copy(guest, seg.local, len),
                             CopyDirection::ToGuest => std::ptr::copy(seg.local, guest, len),
+                        }
+                    }
+                    if seg.direction == CopyDirection::ToGuest {
+                        if let Ok(mut w) = self.guest_writes.lock() {
+                            if let Some(w) = w.as_mut() {
+                                w.push(GuestWrite {
+                                    grant: seg.grant,
+                                    offset: seg.offset,
+                                    len: seg.len,
+                                });
+                            }
                         }
                     }
                     GNTST_OKAY
