@@ -4,7 +4,7 @@ use std::ptr::NonNull;
 
 use vm_memory::{Permissions, VolatileSlice};
 
-use super::pages::{Bounce, BouncePage, KeySet, LiveMap, PageSlot, Span};
+use super::pages::{Bounce, BouncePage, KeySet, LiveMap, MapRefusal, PageSlot, Span};
 use super::{
     RequestError, RequestMemory, ScopeState, Scratch, SliceBuf, WritableBuffers, MAX_SCOPE_PAGES,
 };
@@ -113,6 +113,17 @@ impl RequestMemory<'_> {
             }
             return Err(copy_error(p, status));
         }
+        // The same for a page whose map with this access's protection failed at a touch.
+        let refused = ps.iter().find_map(|p| match st.pages.get(&p.key) {
+            Some(s) if s.bounce.is_none() && !st.ready(p) => s.refused(p.write).map(|r| (p, r)),
+            _ => None,
+        });
+        if let Some((p, r)) = refused {
+            if let Some(d) = &st.dev {
+                d.counters().add_errors(1);
+            }
+            return Err(refusal_error(p, r));
+        }
         // Only pages new to the scope count against its limit.
         let new = ps.iter().filter(|p| !st.pages.contains_key(&p.key)).count();
         if st.pages.len() + new > MAX_SCOPE_PAGES {
@@ -128,9 +139,8 @@ impl RequestMemory<'_> {
         let copy_new = self.strategy.copies(len);
         let (copy, map): (Vec<Piece>, Vec<Piece>) =
             ps.iter().partition(|p| match st.pages.get(&p.key) {
-                Some(s) if s.bounce.is_some() => true,
-                Some(s) if s.is_mapped() => false,
-                _ => copy_new,
+                Some(s) => s.bounce.is_some(),
+                None => copy_new,
             });
         let write = ps.first().is_some_and(|p| p.write);
         let r = st
@@ -439,7 +449,9 @@ impl ScopeState {
             } else {
                 slot.is_mapped()
             };
-            if !ok && seen.insert(p.key) {
+            // A page refused at a touch is not tried again in this scope (the touch that
+            // reaches here is refused before, in `fetch`).
+            if !ok && slot.refused(write).is_none() && seen.insert(p.key) {
                 need.push(p);
             }
         }
@@ -485,7 +497,11 @@ impl ScopeState {
             Ok(()) => Ok(()),
             Err(e) => match need {
                 [] => Ok(()),
-                [p] => Err(self.blame(dev, p, prot, e)),
+                [p] => {
+                    let err = self.blame(dev, p, prot, e);
+                    self.remember_refusal(p, prot, &err);
+                    Err(err)
+                }
                 _ => {
                     let (left, right) = need.split_at(need.len() / 2);
                     self.map_or_blame(dev, left, prot)?;
@@ -527,6 +543,22 @@ impl ScopeState {
         Ok(())
     }
 
+    /// Remembers for the rest of the scope that mapping `p`'s page with `prot` failed with
+    /// `err` (when the failure is not one that may pass).
+    fn remember_refusal(&mut self, p: &Piece, prot: Protection, err: &RequestError) {
+        let refusal = match err {
+            RequestError::ReadOnlyGrant { .. } => Some(MapRefusal::ReadOnly),
+            RequestError::GrantMap { source, .. } => MapRefusal::of(source),
+            _ => None,
+        };
+        let Some(refusal) = refusal else { return };
+        let slot = self.pages.entry(p.key).or_default();
+        match prot {
+            Protection::ReadOnly => slot.ro_refused = Some(refusal),
+            Protection::ReadWrite => slot.rw_refused = Some(refusal),
+        }
+    }
+
     /// Names the failure of mapping one page: a writable map refused where a read-only one
     /// works means the guest granted it read-only.
     fn blame(
@@ -538,12 +570,23 @@ impl ScopeState {
     ) -> RequestError {
         // gntdev refuses a writable map of a read-only grant with EINVAL; other errnos
         // (ENOMEM, limits) say nothing about the grant.
-        let is_mapped_ro = self.pages.get(&p.key).is_some_and(|s| s.ro.is_some());
+        let slot = self.pages.get(&p.key).copied().unwrap_or_default();
         if prot == Protection::ReadWrite
             && e.errno() == Some(libc::EINVAL)
-            && (is_mapped_ro || self.map_pages(dev, &[p.key], Protection::ReadOnly).is_ok())
+            && slot.ro_refused.is_none()
         {
-            return read_only(p);
+            if slot.ro.is_some() {
+                return read_only(p);
+            }
+            match self.map_pages(dev, &[p.key], Protection::ReadOnly) {
+                Ok(()) => return read_only(p),
+                Err(ro) => {
+                    // Neither protection maps: remember the read-only refusal too.
+                    if let Some(r) = MapRefusal::of(&ro) {
+                        self.pages.entry(p.key).or_default().ro_refused = Some(r);
+                    }
+                }
+            }
         }
         RequestError::GrantMap {
             gpa: p.gpa,
@@ -666,6 +709,20 @@ fn copy_error(p: &Piece, status: i16) -> RequestError {
             gpa: p.gpa,
             gref: p.key.gref,
             status,
+        },
+    }
+}
+
+/// The error of a touch of `p` whose map was refused earlier in the scope: the same one the
+/// first touch got.
+fn refusal_error(p: &Piece, r: MapRefusal) -> RequestError {
+    match r {
+        MapRefusal::ReadOnly => read_only(p),
+        MapRefusal::Failed { call, errno } => RequestError::GrantMap {
+            gpa: p.gpa,
+            domid: p.key.domid,
+            gref: p.key.gref,
+            source: crate::device::DeviceError::sys(call, errno),
         },
     }
 }
