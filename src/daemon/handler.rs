@@ -26,7 +26,7 @@ use super::device::{VhostUserDevice, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_RING
 use super::error::DaemonError;
 use super::notify_fd::check_eventfd;
 use super::ring_mem::RingMem;
-use super::worker::{DaemonStats, QueueWorker};
+use super::worker::{DaemonStats, PlainTableWatch, QueueWorker};
 use crate::backend::foreign::ForeignMapping;
 use crate::descriptor::{RegionDescriptor, WireRegion};
 use crate::device::XenHandle;
@@ -59,6 +59,8 @@ pub(crate) struct Handler<D: VhostUserDevice> {
     vrings: Vec<Vring>,
     workers: Vec<Option<QueueWorker>>,
     stats: Arc<DaemonStats>,
+    /// Logs the first plain-table refusal of this connection (with a Xen handle only).
+    plain_watch: Option<Arc<PlainTableWatch>>,
     acked_features: u64,
     acked_protocol_features: u64,
     features_queried: bool,
@@ -101,6 +103,9 @@ impl<D: VhostUserDevice> Handler<D> {
             .collect::<Result<Vec<_>, _>>()?;
         let workers = vrings.iter().map(|_| None).collect();
         let ring_pins = vrings.iter().map(|_| Vec::new()).collect();
+        let plain_watch = xen
+            .as_ref()
+            .map(|x| Arc::new(PlainTableWatch::new(x.clone())));
         Ok(Handler {
             device,
             xen,
@@ -108,6 +113,7 @@ impl<D: VhostUserDevice> Handler<D> {
             vrings,
             workers,
             stats,
+            plain_watch,
             acked_features: 0,
             acked_protocol_features: 0,
             features_queried: false,
@@ -333,6 +339,7 @@ impl<D: VhostUserDevice> Handler<D> {
             self.mem.clone(),
             self.device.clone(),
             self.stats.clone(),
+            self.plain_watch.clone(),
         )
         .map_err(|source| DaemonError::Worker {
             queue: index,
