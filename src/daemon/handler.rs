@@ -26,6 +26,7 @@ use super::device::{VhostUserDevice, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_RING
 use super::error::DaemonError;
 use super::notify_fd::check_eventfd;
 use super::ring_mem::RingMem;
+use super::threads::Sandbox;
 use super::worker::{DaemonStats, PlainTableWatch, QueueWorker};
 use crate::backend::foreign::ForeignMapping;
 use crate::descriptor::{RegionDescriptor, WireRegion};
@@ -61,6 +62,8 @@ pub(crate) struct Handler<D: VhostUserDevice> {
     stats: Arc<DaemonStats>,
     /// Logs the first plain-table refusal of this connection (with a Xen handle only).
     plain_watch: Option<Arc<PlainTableWatch>>,
+    /// Filters of the threads the connection starts.
+    sandbox: Arc<Sandbox>,
     acked_features: u64,
     acked_protocol_features: u64,
     features_queried: bool,
@@ -114,6 +117,7 @@ impl<D: VhostUserDevice> Handler<D> {
             workers,
             stats,
             plain_watch,
+            sandbox: Sandbox::off(),
             acked_features: 0,
             acked_protocol_features: 0,
             features_queried: false,
@@ -121,6 +125,12 @@ impl<D: VhostUserDevice> Handler<D> {
             ring_pins,
             trace: MessageTrace::default(),
         })
+    }
+
+    /// Spawns the connection's queue workers through `sandbox`.
+    pub(crate) fn with_sandbox(mut self, sandbox: Arc<Sandbox>) -> Self {
+        self.sandbox = sandbox;
+        self
     }
 
     /// Maps this connection's FOREIGN regions as `foreign` says (default: eagerly).
@@ -340,6 +350,7 @@ impl<D: VhostUserDevice> Handler<D> {
             self.device.clone(),
             self.stats.clone(),
             self.plain_watch.clone(),
+            &self.sandbox,
         )
         .map_err(|source| DaemonError::Worker {
             queue: index,

@@ -17,7 +17,10 @@
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::thread::JoinHandle;
+
+use super::threads::{Sandbox, SandboxError, ThreadKind};
 
 use vhost::vhost_user::message::{FrontendReq, VhostUserProtocolFeatures, MAX_MSG_SIZE};
 
@@ -64,16 +67,23 @@ pub(crate) enum Rewrite {
 
 /// Starts the adapter for one connection: returns the socket to give vhost's handler and the
 /// two relay threads (frontend to daemon, daemon to frontend), which end with the connection.
-pub(crate) fn adapt(frontend: UnixStream) -> io::Result<(UnixStream, [JoinHandle<()>; 2])> {
-    relay(frontend, Rewrite::Widen)
+pub(crate) fn adapt(
+    frontend: UnixStream,
+    sandbox: &Arc<Sandbox>,
+) -> io::Result<(UnixStream, [Relay; 2])> {
+    relay(frontend, Rewrite::Widen, sandbox)
 }
+
+/// A relay thread (it ends with the connection).
+pub(crate) type Relay = JoinHandle<Result<(), SandboxError>>;
 
 /// Relays between `outer` (the peer's socket) and the returned socket, rewriting region
 /// messages that travel towards the daemon as `rewrite` says.
 pub(crate) fn relay(
     outer: UnixStream,
     rewrite: Rewrite,
-) -> io::Result<(UnixStream, [JoinHandle<()>; 2])> {
+    sandbox: &Arc<Sandbox>,
+) -> io::Result<(UnixStream, [Relay; 2])> {
     let frontend = outer;
     let (ours, theirs) = UnixStream::pair()?;
     // Towards the daemon: from `frontend` to `ours` (Widen), or from `ours` to `frontend`
@@ -82,24 +92,24 @@ pub(crate) fn relay(
         Rewrite::Widen => ((frontend.try_clone()?, ours.try_clone()?), (ours, frontend)),
         Rewrite::Narrow => ((ours.try_clone()?, frontend.try_clone()?), (frontend, ours)),
     };
-    let to_daemon = std::thread::Builder::new()
-        .name("vu-layout-in".into())
-        .spawn(move || {
+    let to_daemon = sandbox
+        .spawn(ThreadKind::Relay, "vu-layout-in".into(), move || {
             if let Err(e) = relay_to_daemon(&down_in, &down_out, rewrite) {
                 log::debug!("frontend to daemon: {e}");
             }
             let _ = down_out.shutdown(std::net::Shutdown::Write);
-        })?;
-    let to_frontend = std::thread::Builder::new()
-        .name("vu-layout-out".into())
-        .spawn(move || {
+        })
+        .map_err(io::Error::other)?;
+    let to_frontend = sandbox
+        .spawn(ThreadKind::Relay, "vu-layout-out".into(), move || {
             while let Ok(Some(m)) = recv_message(&up_in) {
                 if send_message(&up_out, &m).is_err() {
                     break;
                 }
             }
             let _ = up_out.shutdown(std::net::Shutdown::Both);
-        })?;
+        })
+        .map_err(io::Error::other)?;
     Ok((theirs, [to_daemon, to_frontend]))
 }
 

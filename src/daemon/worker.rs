@@ -20,6 +20,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::device::VhostUserDevice;
 use super::handler::{Memory, Vring};
 use super::ring_mem::RingMem;
+use super::threads::{Sandbox, SandboxError, ThreadKind};
 use crate::device::{Counters, XenHandle};
 use crate::request::RequestMemory;
 use crate::table::RegionTable;
@@ -130,7 +131,7 @@ fn check_first(counters: &Counters, start: u64, logged: &AtomicBool, queue: usiz
 pub(crate) struct QueueWorker {
     stop: Arc<AtomicBool>,
     wake: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Result<(), SandboxError>>>,
 }
 
 impl QueueWorker {
@@ -142,6 +143,7 @@ impl QueueWorker {
         device: Arc<D>,
         stats: Arc<DaemonStats>,
         plain_watch: Option<Arc<PlainTableWatch>>,
+        sandbox: &Arc<Sandbox>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
@@ -170,9 +172,11 @@ impl QueueWorker {
             wake: wake.clone(),
             epoll,
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("vq{index}"))
-            .spawn(move || worker.run())?;
+        let thread = sandbox
+            .spawn(ThreadKind::QueueWorker, format!("vq{index}"), move || {
+                worker.run()
+            })
+            .map_err(std::io::Error::other)?;
         Ok(QueueWorker {
             stop,
             wake,
@@ -195,8 +199,10 @@ impl QueueWorker {
         self.stop.store(true, Ordering::Release);
         self.wake();
         if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                log::error!("a queue worker panicked");
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log::error!("a queue worker did not start: {e}"),
+                Err(_) => log::error!("a queue worker panicked"),
             }
         }
     }
