@@ -4,7 +4,10 @@
 //! vhost-user-blk --socket-path /tmp/blk.sock --blk-file disk.img [--num-queues 2] [--read-only]
 //! ```
 //! Serves one frontend after another; `--xen` maps FOREIGN and GRANT regions through the
-//! real `/dev/xen` drivers (dom0, root). Logging through `RUST_LOG`.
+//! real `/dev/xen` drivers (dom0, root). Sandboxed by default (`--sandbox auto`): every thread
+//! under its seccomp allowlist, and once the image, the socket and /dev/xen are open, no
+//! capabilities (Xen mode) or the `nobody` user (UNIX mode started as root; `--user`).
+//! Logging through `RUST_LOG`.
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -13,7 +16,7 @@ use std::sync::Arc;
 use clap::Parser;
 
 mod common;
-use xen_vhost_mem::daemon::VhostUserDaemon;
+use xen_vhost_mem::daemon::{ThreadKind, VhostUserDaemon};
 use xen_vhost_mem::device::CounterSnapshot;
 use xen_vhost_mem::devices::blk::{BlkConfig, BlkDevice};
 use xen_vhost_mem::{ForeignMapping, RealXen, XenHandle};
@@ -54,6 +57,8 @@ struct Args {
     /// Exit after this many frontends (default: serve forever).
     #[arg(long)]
     connections: Option<usize>,
+    #[command(flatten)]
+    sandbox: common::SandboxArgs,
 }
 
 fn xen_counters(daemon: &VhostUserDaemon<BlkDevice>) -> CounterSnapshot {
@@ -65,7 +70,7 @@ fn xen_counters(daemon: &VhostUserDaemon<BlkDevice>) -> CounterSnapshot {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::init();
-    common::exit_on_stop_signals()?;
+    let signals = common::block_stop_signals()?;
     let a = Args::parse();
     let dev = BlkDevice::open(
         &a.blk_file,
@@ -100,6 +105,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let _ = std::fs::remove_file(&a.socket_path);
     let listener = UnixListener::bind(&a.socket_path)?;
+    let daemon = common::lock_down(daemon, &a.sandbox, a.xen, signals)?;
+    daemon.sandbox().enter(ThreadKind::Main)?;
     match a.connections {
         None => daemon.serve(&listener, None)?,
         // One at a time, to log what each connection cost (requests, Xen system calls).

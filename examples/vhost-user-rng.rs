@@ -3,6 +3,7 @@
 //! ```text
 //! vhost-user-rng --socket-path /tmp/rng.sock [--rng-file /dev/urandom]
 //! ```
+//! Sandboxed by default, as `vhost-user-blk` (`--sandbox`, `--user`).
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -11,7 +12,7 @@ use std::sync::Arc;
 use clap::Parser;
 
 mod common;
-use xen_vhost_mem::daemon::VhostUserDaemon;
+use xen_vhost_mem::daemon::{ThreadKind, VhostUserDaemon};
 use xen_vhost_mem::devices::rng::RngDevice;
 use xen_vhost_mem::{RealXen, XenHandle};
 
@@ -30,11 +31,13 @@ struct Args {
     /// Exit after this many frontends (default: serve forever).
     #[arg(long)]
     connections: Option<usize>,
+    #[command(flatten)]
+    sandbox: common::SandboxArgs,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     env_logger::init();
-    common::exit_on_stop_signals()?;
+    let signals = common::block_stop_signals()?;
     let a = Args::parse();
     let mut daemon = VhostUserDaemon::new(Arc::new(RngDevice::open(&a.rng_file)?));
     if a.xen {
@@ -42,6 +45,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let _ = std::fs::remove_file(&a.socket_path);
     let listener = UnixListener::bind(&a.socket_path)?;
+    let daemon = common::lock_down(daemon, &a.sandbox, a.xen, signals)?;
+    daemon.sandbox().enter(ThreadKind::Main)?;
     daemon.serve(&listener, a.connections)?;
     Ok(())
 }
