@@ -67,6 +67,11 @@ struct Served {
 
 impl Served {
     fn start(tag: &str, connections: usize, xen: Option<XenHandle>) -> Self {
+        Self::start_with(tag, connections, xen, true)
+    }
+
+    /// `adapter`: whether connections go through the layout relay (the default).
+    fn start_with(tag: &str, connections: usize, xen: Option<XenHandle>, adapter: bool) -> Self {
         let dir = ScratchDir::new(&format!("proto-{tag}"));
         let image = dir.0.join("disk.img");
         File::create(&image)
@@ -82,7 +87,7 @@ impl Served {
             },
         )
         .expect("blk");
-        let mut daemon = VhostUserDaemon::new(Arc::new(blk));
+        let mut daemon = VhostUserDaemon::new(Arc::new(blk)).with_layout_adapter(adapter);
         if let Some(x) = xen {
             daemon = daemon.with_xen(x);
         }
@@ -875,6 +880,43 @@ fn single_region(region: Vec<u8>) -> Vec<u8> {
 fn more_fds_than_a_message_may_carry_are_refused_and_the_connection_serves_on() {
     more_fds_than_a_message_may_carry(false);
     more_fds_than_a_message_may_carry(true);
+}
+
+/// The same without the layout relay (`with_layout_adapter(false)`, XEN_MMAP acked): vhost
+/// would read the header, fail on the descriptors (ENOBUFS) and lose the stream; the
+/// connection loop takes such a message out itself and refuses it.
+#[test]
+fn more_fds_than_a_message_may_carry_without_the_layout_adapter() {
+    let mut s = Served::start_with("fds-direct", 1, None, false);
+    let src = memfd(0x1000);
+    let raw = Raw::connect(&s.path);
+    let offered = raw.negotiate(true);
+    let regions: Vec<Vec<u8>> = (0..33)
+        .map(|i| {
+            wire_region(
+                FREE_GPA + i * 0x1000,
+                0x1000,
+                0x5000_0000_0000 + i * 0x1000,
+                true,
+            )
+        })
+        .collect();
+    let table = mem_table(33, &regions);
+    let one = single_region(wire_region(FREE_GPA, 0x1000, 0x5000_0000_0000, true));
+    for n in [33, 40] {
+        let fds: Vec<RawFd> = (0..n).map(|_| src.as_raw_fd()).collect();
+        let set_mem = FrontendReq::SET_MEM_TABLE as u32;
+        assert_eq!(
+            raw.ack(set_mem, table.len() as u32, &table, &fds),
+            1,
+            "{n} fds"
+        );
+        assert_eq!(raw.get_u64(FrontendReq::GET_FEATURES), offered, "{n} fds");
+    }
+    let add = FrontendReq::ADD_MEM_REG as u32;
+    assert_eq!(raw.ack(add, one.len() as u32, &one, &[src.as_raw_fd()]), 0);
+    drop(raw);
+    s.join();
 }
 
 /// Messages carrying more descriptors than vhost takes (32): 33 and 40 (more than the relay's

@@ -30,7 +30,7 @@ const HDR: usize = 12;
 const STD_REGION: usize = 32;
 const XEN_REGION: usize = 40;
 /// vhost accepts at most this many file descriptors per message.
-const MAX_FDS: usize = 32;
+pub(super) const MAX_FDS: usize = 32;
 
 /// One message as read from a socket.
 struct Message {
@@ -271,7 +271,7 @@ pub(super) fn recv_with_fds(
 
 /// [`recv_with_fds`], also telling whether the kernel dropped descriptors that did not fit
 /// the control buffer (`MSG_CTRUNC`).
-fn recv_fds(
+pub(super) fn recv_fds(
     sock: &UnixStream,
     buf: &mut [u8],
     flags: libc::c_int,
