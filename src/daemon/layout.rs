@@ -61,7 +61,8 @@ pub(crate) enum Rewrite {
     Widen,
     /// Frontend side (the test kit's driver on vhost's `Frontend`, which always writes the
     /// Xen layout): Xen regions become standard ones for a daemon that did not offer
-    /// XEN_MMAP, such as a stock vhost-user-backend daemon.
+    /// XEN_MMAP, such as a stock vhost-user-backend daemon. Only the test kit uses it.
+    #[cfg_attr(not(feature = "test-utils"), allow(dead_code))]
     Narrow,
 }
 
