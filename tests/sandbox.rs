@@ -367,3 +367,96 @@ fn readme_lists_the_allowed_calls_per_thread_kind() {
         "README.md's sandbox table is out of date; it should read:\n{table}"
     );
 }
+
+/// The privilege drop of the `vhost-user-blk` example (built by `cargo test` beside this
+/// test), started as root in UNIX mode: once listening, every thread of it runs as `nobody`
+/// with no capability (effective, permitted, inheritable, bounding, ambient), `no_new_privs`
+/// and seccomp filters; with `--user root` (uid kept, as in Xen mode) the same but uid 0.
+/// SIGTERM then ends it with status 0. Skipped (with a line saying so) unless run as root on
+/// a system with a `nobody` user.
+#[test]
+fn the_blk_daemon_drops_its_privileges_in_every_thread() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0
+        || xen_vhost_mem::daemon::threads::default_unprivileged_user().is_none()
+    {
+        println!("skipped: needs root and a `nobody` user");
+        return;
+    }
+    let exe = std::env::current_exe().expect("test binary");
+    let bin = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .map(|d| d.join("examples/vhost-user-blk"))
+        .expect("target dir");
+    assert!(
+        bin.exists(),
+        "{} (cargo test builds the examples)",
+        bin.display()
+    );
+    let nobody = {
+        let c = std::ffi::CString::new("nobody").expect("name");
+        // SAFETY: getpwnam returns a pointer into static storage or null (checked).
+        let pw = unsafe { libc::getpwnam(c.as_ptr()) };
+        assert!(!pw.is_null());
+        // SAFETY: non-null, points at a passwd entry.
+        unsafe { (*pw).pw_uid }
+    };
+    for (user, uid) in [(None, nobody), (Some("root"), 0)] {
+        let dir = ScratchDir::new(&format!("sbx-drop-{uid}"));
+        let image = dir.0.join("disk.img");
+        std::fs::File::create(&image)
+            .and_then(|f| f.set_len(1 << 20))
+            .expect("image");
+        let sock = dir.0.join("blk.sock");
+        let mut cmd = Command::new(&bin);
+        cmd.arg("--socket-path")
+            .arg(&sock)
+            .arg("--blk-file")
+            .arg(&image)
+            .args(["--sandbox", "on"])
+            .stderr(std::process::Stdio::piped());
+        if let Some(u) = user {
+            cmd.args(["--user", u]);
+        }
+        let child = cmd.spawn().expect("start the daemon");
+        let pid = child.id();
+        // Listening means set up: privileges dropped, main thread filtered.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while !sock.exists() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let tasks: Vec<_> = std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("tasks")
+            .filter_map(|e| e.ok())
+            .collect();
+        assert!(tasks.len() >= 2, "main and signal threads: {}", tasks.len());
+        for t in &tasks {
+            let status = std::fs::read_to_string(t.path().join("status")).expect("status");
+            let field = |k: &str| {
+                status
+                    .lines()
+                    .find(|l| l.starts_with(k))
+                    .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+                    .unwrap_or_default()
+            };
+            let name = field("Name:");
+            assert_eq!(
+                field("Uid:"),
+                format!("Uid: {uid} {uid} {uid} {uid}"),
+                "{name}"
+            );
+            for k in ["CapInh:", "CapPrm:", "CapEff:", "CapBnd:", "CapAmb:"] {
+                assert_eq!(field(k), format!("{k} 0000000000000000"), "{name} {user:?}");
+            }
+            assert_eq!(field("NoNewPrivs:"), "NoNewPrivs: 1", "{name}");
+            assert_eq!(field("Seccomp:"), "Seccomp: 2", "{name}");
+        }
+        // SAFETY: kill with the pid of our own child.
+        unsafe { libc::kill(pid as i32, libc::SIGTERM) };
+        let out = child.wait_with_output().expect("wait");
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{log}");
+    }
+}

@@ -75,6 +75,10 @@ pub enum SandboxError {
     /// `--user` names no user.
     #[error("no user named {0:?}")]
     NoSuchUser(String),
+    /// Privileges were to be dropped while other threads run (capabilities and
+    /// `no_new_privs` are per thread: theirs would stay).
+    #[error("dropping privileges needs a single-threaded process; it has {0} threads")]
+    Threads(usize),
 }
 
 /// What a thread of a daemon does, and so which system calls it may make.
@@ -545,7 +549,21 @@ pub struct Dropped {
 /// that keeps uid 0 in Xen mode keeps no capability), and `no_new_privs` is set, so nothing
 /// the daemon executes could gain privileges back. The Xen drivers check nothing past
 /// `open`: the ioctls and mmaps on the open fds work without capabilities.
+///
+/// Capabilities, the bounding set and `no_new_privs` are per thread in Linux, so this must
+/// run while the process has one thread (before any other is started, or after they are
+/// joined): otherwise [`SandboxError::Threads`], and nothing is dropped.
 pub fn drop_privileges(user: Option<&str>) -> Result<Dropped, SandboxError> {
+    // A thread just joined can stay listed for a moment.
+    for _ in 0..100 {
+        match thread_count() {
+            Some(n) if n > 1 => std::thread::sleep(std::time::Duration::from_millis(1)),
+            _ => break,
+        }
+    }
+    if let Some(n) = thread_count().filter(|&n| n > 1) {
+        return Err(SandboxError::Threads(n));
+    }
     let fail = |step: &str| SandboxError::Privileges {
         step: step.to_string(),
         source: std::io::Error::last_os_error(),
@@ -624,7 +642,16 @@ pub fn drop_privileges(user: Option<&str>) -> Result<Dropped, SandboxError> {
     })
 }
 
-/// Clears the effective, permitted and inheritable capability sets of the process.
+/// Threads of this process, from procfs (`None` without it).
+fn thread_count() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Threads:"))
+        .and_then(|n| n.trim().parse().ok())
+}
+
+/// Clears the effective, permitted and inheritable capability sets of the calling thread.
 fn clear_capabilities() -> std::io::Result<()> {
     #[repr(C)]
     struct Header {
