@@ -8,6 +8,9 @@ use crate::table::TableError;
 /// Why a vhost-user message was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
+    /// A thread of the daemon could not be spawned or sandboxed.
+    #[error("sandbox: {0}")]
+    Sandbox(#[from] super::threads::SandboxError),
     /// A vring index beyond the device's queues.
     #[error("vring index {index} out of range: the device has {queues} queues")]
     QueueIndex {

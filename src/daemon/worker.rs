@@ -20,6 +20,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use super::device::VhostUserDevice;
 use super::handler::{Memory, Vring};
 use super::ring_mem::RingMem;
+use super::threads::{Sandbox, SandboxError, ThreadKind};
+use crate::device::{Counters, XenHandle};
 use crate::request::RequestMemory;
 use crate::table::RegionTable;
 
@@ -78,12 +80,58 @@ pub struct StatsSnapshot {
     pub connections: u64,
 }
 
+/// Makes plain-table refusals loud: an access to on-demand memory through the plain
+/// [`RegionTable`] (a chain popped with it whose indirect table is in on-demand memory,
+/// which virtio-queue turns into an empty chain) is counted on the Xen handle
+/// ([`crate::device::CounterSnapshot::plain_table_refusals`]); the first of a connection is
+/// logged. Checked after each batch over a table with on-demand or lazy regions: one relaxed
+/// load, and nothing at all for other tables.
+#[derive(Debug)]
+pub(crate) struct PlainTableWatch {
+    xen: XenHandle,
+    /// The handle's count when the connection started.
+    start: u64,
+    logged: AtomicBool,
+}
+
+impl PlainTableWatch {
+    pub(crate) fn new(xen: XenHandle) -> Self {
+        let start = xen.counters().plain_table_refusals();
+        PlainTableWatch {
+            xen,
+            start,
+            logged: AtomicBool::new(false),
+        }
+    }
+
+    /// Logs the first refusal since the connection started; true when this call logged it.
+    pub(crate) fn check(&self, queue: usize) -> bool {
+        check_first(self.xen.counters(), self.start, &self.logged, queue)
+    }
+}
+
+fn check_first(counters: &Counters, start: u64, logged: &AtomicBool, queue: usize) -> bool {
+    if logged.load(Ordering::Relaxed) {
+        return false;
+    }
+    let n = counters.plain_table_refusals().saturating_sub(start);
+    if n == 0 || logged.swap(true, Ordering::Relaxed) {
+        return false;
+    }
+    log::warn!(
+        "vq{queue}: {n} access(es) to on-demand memory through the plain RegionTable refused on \
+         this connection (logged once): pop chains and read buffers through the request scope, \
+         or chains with indirect tables in on-demand memory come out empty"
+    );
+    true
+}
+
 /// A running queue worker; stopping it joins the thread after its current batch.
 #[derive(Debug)]
 pub(crate) struct QueueWorker {
     stop: Arc<AtomicBool>,
     wake: Arc<EventFd>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Result<(), SandboxError>>>,
 }
 
 impl QueueWorker {
@@ -94,6 +142,8 @@ impl QueueWorker {
         mem: Memory,
         device: Arc<D>,
         stats: Arc<DaemonStats>,
+        plain_watch: Option<Arc<PlainTableWatch>>,
+        sandbox: &Arc<Sandbox>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let wake = Arc::new(EventFd::new(EFD_NONBLOCK)?);
@@ -117,13 +167,16 @@ impl QueueWorker {
             mem,
             device,
             stats,
+            plain_watch,
             stop: stop.clone(),
             wake: wake.clone(),
             epoll,
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("vq{index}"))
-            .spawn(move || worker.run())?;
+        let thread = sandbox
+            .spawn(ThreadKind::QueueWorker, format!("vq{index}"), move || {
+                worker.run()
+            })
+            .map_err(std::io::Error::other)?;
         Ok(QueueWorker {
             stop,
             wake,
@@ -146,8 +199,10 @@ impl QueueWorker {
         self.stop.store(true, Ordering::Release);
         self.wake();
         if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                log::error!("a queue worker panicked");
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log::error!("a queue worker did not start: {e}"),
+                Err(_) => log::error!("a queue worker panicked"),
             }
         }
     }
@@ -165,6 +220,7 @@ struct Worker<D: VhostUserDevice> {
     mem: Memory,
     device: Arc<D>,
     stats: Arc<DaemonStats>,
+    plain_watch: Option<Arc<PlainTableWatch>>,
     stop: Arc<AtomicBool>,
     wake: Arc<EventFd>,
     epoll: Epoll,
@@ -369,6 +425,11 @@ impl<D: VhostUserDevice> Worker<D> {
         }
         self.stats.requests.fetch_add(n as u64, Ordering::Relaxed);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
+        if let Some(w) = &self.plain_watch {
+            if table.has_on_demand() || table.has_lazy() {
+                w.check(self.index);
+            }
+        }
         match ring.needs_notification(state.get_queue_mut()) {
             Ok(true) => match state.signal_used_queue() {
                 Ok(()) => {
@@ -380,5 +441,25 @@ impl<D: VhostUserDevice> Worker<D> {
             Err(e) => log::warn!("vq{}: used event: {e}", self.index),
         }
         n
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_plain_table_refusal_of_a_connection_is_logged_once() {
+        let c = Counters::default();
+        c.add_plain_table_refusal();
+        // Refusals before the connection started do not count.
+        let start = c.plain_table_refusals();
+        let logged = AtomicBool::new(false);
+        assert!(!check_first(&c, start, &logged, 0));
+        c.add_plain_table_refusal();
+        assert!(check_first(&c, start, &logged, 0));
+        c.add_plain_table_refusal();
+        assert!(!check_first(&c, start, &logged, 1));
+        assert_eq!(c.plain_table_refusals(), start + 2);
     }
 }

@@ -425,6 +425,15 @@ impl VhostUserDevice for BlkDevice {
         c
     }
 
+    fn worker_syscalls(&self) -> Vec<crate::daemon::threads::DeviceSyscall> {
+        // One positioned vector call per request, and FLUSH.
+        vec![
+            crate::device_syscall!(SYS_preadv),
+            crate::device_syscall!(SYS_pwritev),
+            crate::device_syscall!(SYS_fdatasync),
+        ]
+    }
+
     fn serve_chain(&self, _queue: usize, mem: &RequestMemory<'_>, chain: &Chain<'_, '_>) -> u32 {
         self.serve_one(mem, chain)
     }
