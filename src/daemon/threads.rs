@@ -362,8 +362,8 @@ const REFUSED: &[Sys] = &[
     sys!(SYS_openat2),
 ];
 
-/// The compiled filters of a daemon, one pair per thread kind (the allowlist, and the
-/// [`REFUSED`] calls' errno), or none (sandbox off).
+/// The compiled filters of a daemon, one pair per thread kind (the allowlist, and `EACCES`
+/// for the calls that open files), or none (sandbox off).
 #[derive(Debug, Default)]
 pub struct Sandbox {
     programs: Option<BTreeMap<ThreadKind, (BpfProgram, BpfProgram)>>,
