@@ -36,8 +36,6 @@ pub const VHOST_USER_F_PROTOCOL_FEATURES: u64 = 1 << 30;
 pub const VIRTIO_F_VERSION_1: u64 = 1 << 32;
 /// `VIRTIO_F_ACCESS_PLATFORM`: Linux's grant DMA requires the device to offer it.
 pub const VIRTIO_F_ACCESS_PLATFORM: u64 = 1 << 33;
-/// `VIRTIO_RING_F_EVENT_IDX`.
-pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
 /// Xen region flags (DESIGN.md §2): GRANT, and "do not map in advance" as rust-vmm spells it.
 const XEN_FOREIGN: u32 = 0x1;
 const XEN_GRANT: u32 = 0x2;
@@ -122,16 +120,9 @@ impl Memory {
 pub fn foreign_regions(
     ram: &[(u64, u64)],
     queues: &[QueueRegs],
-    event_idx: bool,
 ) -> Result<Vec<Region>, BackendError> {
-    let extra = if event_idx { 2 } else { 0 };
     for (i, q) in queues.iter().enumerate().filter(|(_, q)| q.ready) {
-        let n = u64::from(q.num);
-        for (which, addr, len) in [
-            ("descriptor", q.desc, 16 * n),
-            ("avail", q.driver, 4 + 2 * n + extra),
-            ("used", q.device, 4 + 8 * n + extra),
-        ] {
+        for (which, addr, len) in ring_spans(q) {
             let inside = ram
                 .iter()
                 .any(|&(g, l)| addr >= g && addr.checked_add(len).is_some_and(|e| e <= g + l));
@@ -175,17 +166,23 @@ pub struct Region {
     pub flags: u32,
 }
 
-/// The ring pieces of the ready queues, with virtio's exact sizes.
-fn ring_pieces(queues: &[QueueRegs], event_idx: bool) -> Result<Vec<Piece>, BackendError> {
-    let extra = if event_idx { 2 } else { 0 };
+/// A queue's three ring pieces with virtio's sizes, the event-index fields
+/// included whether or not EVENT_IDX is negotiated: drivers allocate them
+/// (Linux's `vring_size`) and the daemon's queue checks ring sizes with them.
+fn ring_spans(q: &QueueRegs) -> [(&'static str, u64, u64); 3] {
+    let n = u64::from(q.num);
+    [
+        ("descriptor", q.desc, 16 * n),
+        ("avail", q.driver, 6 + 2 * n),
+        ("used", q.device, 6 + 8 * n),
+    ]
+}
+
+/// The ring pieces of the ready queues.
+fn ring_pieces(queues: &[QueueRegs]) -> Result<Vec<Piece>, BackendError> {
     let mut out = Vec::new();
     for (i, q) in queues.iter().enumerate().filter(|(_, q)| q.ready) {
-        let n = u64::from(q.num);
-        for (which, addr, len) in [
-            ("descriptor", q.desc, 16 * n),
-            ("avail", q.driver, 4 + 2 * n + extra),
-            ("used", q.device, 4 + 8 * n + extra),
-        ] {
+        for (which, addr, len) in ring_spans(q) {
             if addr & GRANT_BIT == 0 || addr.checked_add(len).is_none() {
                 return Err(BackendError::NotGrant {
                     queue: i,
@@ -202,8 +199,8 @@ fn ring_pieces(queues: &[QueueRegs], event_idx: bool) -> Result<Vec<Piece>, Back
 
 /// The regions for the ring pieces: each in advance at its own address,
 /// on-demand regions between them from the next page boundary after each.
-pub fn grant_regions(queues: &[QueueRegs], event_idx: bool) -> Result<Vec<Region>, BackendError> {
-    let pieces = ring_pieces(queues, event_idx)?;
+pub fn grant_regions(queues: &[QueueRegs]) -> Result<Vec<Region>, BackendError> {
+    let pieces = ring_pieces(queues)?;
     let mut out = Vec::new();
     let mut cursor = GRANT_BIT;
     let mut prev_end = GRANT_BIT;
@@ -358,7 +355,8 @@ impl Backend {
 
     /// Starts the ready queues: features the driver accepted (the virtio
     /// bits the daemon offers), the memory table, and each ready queue from
-    /// `bases[i]` (where its avail index resumes).
+    /// `bases[i]` (where its avail index resumes). The regions' fd is
+    /// `/dev/xen/gntdev` (GRANT) or `/dev/xen/privcmd` (FOREIGN).
     pub fn start(
         &mut self,
         memory: &Memory,
@@ -366,14 +364,9 @@ impl Backend {
         queues: &[QueueRegs],
         bases: &[u16],
     ) -> Result<(), BackendError> {
-        let features = (driver_features & self.features) | VHOST_USER_F_PROTOCOL_FEATURES;
-        self.fe
-            .set_features(features)
-            .map_err(self.v("SET_FEATURES"))?;
-        let event_idx = driver_features & VIRTIO_RING_F_EVENT_IDX != 0;
-        let (regions, device) = match memory {
-            Memory::Grant => (grant_regions(queues, event_idx)?, "/dev/xen/gntdev"),
-            Memory::Foreign(ram) => (foreign_regions(ram, queues, event_idx)?, "/dev/xen/privcmd"),
+        let device = match memory {
+            Memory::Grant => "/dev/xen/gntdev",
+            Memory::Foreign(_) => "/dev/xen/privcmd",
         };
         let fd = File::options()
             .read(true)
@@ -383,6 +376,27 @@ impl Backend {
                 what: format!("open {device}"),
                 source,
             })?;
+        self.start_with_fd(memory, &fd, driver_features, queues, bases)
+    }
+
+    /// [`Self::start`] sending `fd` with the regions (a daemon on an
+    /// emulated Xen device ignores it; tests use that).
+    pub fn start_with_fd(
+        &mut self,
+        memory: &Memory,
+        fd: &File,
+        driver_features: u64,
+        queues: &[QueueRegs],
+        bases: &[u16],
+    ) -> Result<(), BackendError> {
+        let features = (driver_features & self.features) | VHOST_USER_F_PROTOCOL_FEATURES;
+        self.fe
+            .set_features(features)
+            .map_err(self.v("SET_FEATURES"))?;
+        let regions = match memory {
+            Memory::Grant => grant_regions(queues)?,
+            Memory::Foreign(ram) => foreign_regions(ram, queues)?,
+        };
         let infos: Vec<VhostUserMemoryRegionInfo> = regions
             .iter()
             .map(|r| VhostUserMemoryRegionInfo {
@@ -508,7 +522,7 @@ mod tests {
     #[test]
     fn linux_split_ring_layout() {
         // What the spike saw: Q=64, desc at ref 8, avail right after it, used on the next page.
-        let r = grant_regions(&[q(0x8000, 0x8400, 0x9000, 64)], false).unwrap();
+        let r = grant_regions(&[q(0x8000, 0x8400, 0x9000, 64)]).unwrap();
         let g = |o: u64| GRANT_BIT | o;
         assert_eq!(
             r.iter()
@@ -517,30 +531,24 @@ mod tests {
             vec![
                 (g(0), 0x8000, 0xa),
                 (g(0x8000), 1024, 0x2),
-                (g(0x8400), 4 + 128, 0x2),
-                (g(0x9000), 4 + 512, 0x2),
+                (g(0x8400), 6 + 128, 0x2),
+                (g(0x9000), 6 + 512, 0x2),
                 (g(0xa000), GRANT_SPACE_REFS * PAGE - 0xa000, 0xa),
             ]
         );
         assert_eq!(r[1].uaddr, RING_VA + 0x8000);
         assert_eq!(r[0].uaddr, 0);
-        // EVENT_IDX adds used_event / avail_event.
-        let r = grant_regions(&[q(0x8000, 0x8400, 0x9000, 64)], true).unwrap();
-        assert_eq!((r[2].size, r[3].size), (4 + 128 + 2, 4 + 512 + 2));
     }
 
     #[test]
     fn two_queues_sorted_and_not_ready_ones_skipped() {
         let mut idle = q(0x1000, 0x1100, 0x2000, 16);
         idle.ready = false;
-        let r = grant_regions(
-            &[
-                q(0x20000, 0x20400, 0x21000, 64),
-                q(0x8000, 0x8400, 0x9000, 64),
-                idle,
-            ],
-            false,
-        )
+        let r = grant_regions(&[
+            q(0x20000, 0x20400, 0x21000, 64),
+            q(0x8000, 0x8400, 0x9000, 64),
+            idle,
+        ])
         .unwrap();
         let in_advance: Vec<u64> = r
             .iter()
@@ -579,7 +587,7 @@ mod tests {
         let ram = Memory::hvm_ram(128 << 20, 256 << 20);
         let mut qr = q(0, 0, 0, 64);
         (qr.desc, qr.driver, qr.device) = (0x10_0000, 0x10_0400, 0x10_1000);
-        let r = foreign_regions(&ram, &[qr], true).unwrap();
+        let r = foreign_regions(&ram, &[qr]).unwrap();
         assert_eq!(r.len(), 2);
         assert_eq!(
             (r[1].gpa, r[1].flags, r[1].uaddr),
@@ -587,7 +595,7 @@ mod tests {
         );
         qr.device = 0xa0000; // the VGA hole
         assert!(matches!(
-            foreign_regions(&ram, &[qr], false),
+            foreign_regions(&ram, &[qr]),
             Err(BackendError::NotRam {
                 queue: 0,
                 which: "used",
@@ -601,20 +609,17 @@ mod tests {
         let mut bad = q(0x8000, 0x8400, 0x9000, 64);
         bad.driver = 0x8400;
         assert!(matches!(
-            grant_regions(&[bad], false),
+            grant_regions(&[bad]),
             Err(BackendError::NotGrant {
                 queue: 0,
                 which: "avail",
                 addr: 0x8400
             })
         ));
-        let e = grant_regions(
-            &[
-                q(0x8000, 0x8400, 0x9000, 64),
-                q(0x8100, 0x30000, 0x31000, 8),
-            ],
-            false,
-        )
+        let e = grant_regions(&[
+            q(0x8000, 0x8400, 0x9000, 64),
+            q(0x8100, 0x30000, 0x31000, 8),
+        ])
         .unwrap_err();
         assert!(
             matches!(e, BackendError::Overlap(a) if a == GRANT_BIT | 0x8100),

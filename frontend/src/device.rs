@@ -272,11 +272,25 @@ impl Device {
         };
         let q = self.regs.queues().to_vec();
         match b.start(&self.memory, self.regs.driver_features(), &q, bases) {
-            Ok(()) => log::info!(
-                "{name}: started queues {:?} (features {:#x}, bases {bases:?})",
-                b.started(),
-                self.regs.driver_features()
-            ),
+            Ok(()) => {
+                let rings: Vec<String> = b
+                    .started()
+                    .iter()
+                    .filter_map(|&i| q.get(i))
+                    .map(|r| {
+                        format!(
+                            "size {} desc {:#x} avail {:#x} used {:#x}",
+                            r.num, r.desc, r.driver, r.device
+                        )
+                    })
+                    .collect();
+                log::info!(
+                    "{name}: started queues {:?} (features {:#x}, bases {bases:?}; {})",
+                    b.started(),
+                    self.regs.driver_features(),
+                    rings.join("; ")
+                )
+            }
             Err(e) => {
                 log::error!("{name}: {e}");
                 self.regs.needs_reset();
