@@ -71,6 +71,10 @@ struct Args {
     /// target/release/vhost-user-blk) instead of in-process.
     #[arg(long)]
     daemon_bin: Option<PathBuf>,
+    /// The in-process daemon's threads run under their seccomp allowlists (a binary from
+    /// --daemon-bin is sandboxed by its own default).
+    #[arg(long)]
+    sandbox: bool,
     /// --mode foreign: the daemon maps FOREIGN lazily, in buckets of 1 MiB mapped when a
     /// request first touches them, at most this many buckets at a time (0: no bound).
     #[arg(long, value_name = "BUCKETS")]
@@ -149,6 +153,9 @@ fn run(a: &Args, dir: &std::path::Path) -> Result<(), Box<dyn std::error::Error>
         if limit > 0 {
             x.set_lazy_bucket_limit(limit)?;
         }
+    }
+    if a.sandbox {
+        daemon = daemon.sandboxed()?;
     }
     let daemon = Arc::new(daemon);
     let server = match &a.daemon_bin {

@@ -508,9 +508,14 @@ impl XenRegion {
         }
     }
 
+    /// Every plain-table access to on-demand or lazy memory ends here (out of line, off the
+    /// fast path), so it is counted here, on the region's device handle.
     #[cold]
     #[inline(never)]
     fn on_demand_error(&self, addr: MemoryRegionAddress) -> GuestMemoryError {
+        if let Some(d) = self.device() {
+            d.counters().add_plain_table_refusal();
+        }
         GuestMemoryError::IOError(std::io::Error::other(OnDemandAccess {
             gpa: self.desc.guest_phys_addr.wrapping_add(addr.0),
             domid: self

@@ -90,6 +90,21 @@ pub enum TableError {
         /// Size asked for.
         size: u64,
     },
+    /// `REM_MEM_REG` named a region's guest address and size but another user address: the
+    /// spec identifies a region by all three, so it is not removed.
+    #[error(
+        "region at gpa {gpa:#x} size {size:#x} has user address {region_uaddr:#x}, not {uaddr:#x}"
+    )]
+    UserAddrMismatch {
+        /// Gpa asked for.
+        gpa: u64,
+        /// Size asked for.
+        size: u64,
+        /// User address asked for.
+        uaddr: u64,
+        /// User address of the region at that gpa and size.
+        region_uaddr: u64,
+    },
 }
 
 /// The guest memory map. Cheap to clone (regions are shared).
@@ -274,6 +289,32 @@ impl RegionTable {
         let mut regions = self.regions.clone();
         let r = regions.remove(i);
         Ok((Self::build(regions), r))
+    }
+
+    /// [`RegionTable::remove`] for `REM_MEM_REG`: the region must also have `userspace_addr`
+    /// `uaddr` (the spec names a region by guest address, user address and size, as
+    /// libvhost-user checks); otherwise [`TableError::UserAddrMismatch`] and the region stays.
+    pub fn remove_exact(
+        &self,
+        gpa: u64,
+        size: u64,
+        uaddr: u64,
+    ) -> Result<(Self, Arc<XenRegion>), TableError> {
+        let found = self
+            .regions
+            .iter()
+            .find(|r| r.descriptor().guest_phys_addr == gpa && r.descriptor().size == size)
+            .ok_or(TableError::NotFound { gpa, size })?;
+        let region_uaddr = found.descriptor().userspace_addr;
+        if region_uaddr != uaddr {
+            return Err(TableError::UserAddrMismatch {
+                gpa,
+                size,
+                uaddr,
+                region_uaddr,
+            });
+        }
+        self.remove(gpa, size)
     }
 
     /// Translates a frontend virtual address (as in `SET_VRING_ADDR`) to a guest address,

@@ -53,10 +53,8 @@ fn refuse_io_uring() {
         filter: prog.as_mut_ptr(),
     };
     // SAFETY: plain prctl; required before an unprivileged filter (harmless as root).
-    assert_eq!(
-        unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) },
-        0
-    );
+    let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    assert_eq!(r, 0);
     // SAFETY: a valid filter program that outlives the call; TSYNC applies it to every thread.
     let r = unsafe {
         libc::syscall(

@@ -302,3 +302,57 @@ fn a_huge_claimed_indirect_table_costs_only_what_is_walked() {
     assert_eq!((n, d.grant_copies, held), (3, 1, 1), "{d:?}");
     s.assert_quiet();
 }
+
+/// Map: a page whose map failed at a touch is not tried again in that scope. The first touch
+/// of an ungranted page costs its map attempts and gets `GrantMap` with EINVAL; 100 more
+/// touches get the same error with no device call. A write touch then tries the writable map
+/// once (the read-only one is known to fail), and its repeats cost nothing either. A new scope
+/// starts afresh.
+#[test]
+fn touching_a_page_that_failed_to_map_again_costs_no_call() {
+    use vm_memory::Bytes;
+    use xen_vhost_mem::RequestError;
+    let s = setup();
+    let gpa = s.ungranted(0);
+    let gref = u32::try_from((gpa & !(1 << 63)) >> 12).unwrap();
+    let mem = RequestMemory::with_strategy(&s.table, Strategy::Map);
+    let expect = |e: vm_memory::GuestMemoryError| match RequestError::from_guest_memory_error(&e) {
+        Some(RequestError::GrantMap {
+            gpa: g,
+            domid: 1,
+            gref: r,
+            source,
+        }) if *g == gpa && *r == gref => assert_eq!(source.errno(), Some(libc::EINVAL)),
+        other => panic!("want GrantMap at {gpa:#x} ref {gref}, got {other:?} ({e})"),
+    };
+    let mut b = [0u8; 8];
+    let before = s.counters();
+    expect(mem.read_slice(&mut b, GuestAddress(gpa)).unwrap_err());
+    let first = s.counters().since(&before);
+    assert!(first.syscalls() > 0, "{first:?}");
+    let before = s.counters();
+    for _ in 0..100 {
+        expect(mem.read_slice(&mut b, GuestAddress(gpa)).unwrap_err());
+    }
+    let again = s.counters().since(&before);
+    assert_eq!(again.syscalls(), 0, "{again:?}");
+    assert_eq!(again.errors, 100, "each refusal is counted: {again:?}");
+    // A write needs the writable map: one attempt (MAP_GRANT_REF, mmap, UNMAP_GRANT_REF), no
+    // read-only retry; then nothing.
+    let before = s.counters();
+    expect(mem.write_slice(&b, GuestAddress(gpa)).unwrap_err());
+    assert_eq!(s.counters().since(&before).mmaps, 1);
+    let before = s.counters();
+    for _ in 0..100 {
+        expect(mem.write_slice(&b, GuestAddress(gpa)).unwrap_err());
+    }
+    assert_eq!(s.counters().since(&before).syscalls(), 0);
+    mem.finish().unwrap();
+    // The next scope tries again (the guest may have granted the page since).
+    let mem = RequestMemory::with_strategy(&s.table, Strategy::Map);
+    let before = s.counters();
+    expect(mem.read_slice(&mut b, GuestAddress(gpa)).unwrap_err());
+    assert_eq!(s.counters().since(&before), first);
+    mem.finish().unwrap();
+    s.assert_quiet();
+}

@@ -67,6 +67,7 @@ fn counts(
         copy_segments: grant_copies * 7,
         pages_mapped,
         errors,
+        plain_table_refusals: 0,
         live_mappings: 0,
     }
 }

@@ -295,7 +295,9 @@ fn requests_in_flight_are_tracked_and_resubmitted_in_counter_order_after_a_recon
 /// frontend comes back (the daemon died after popping it) is done then, before new chains.
 #[test]
 fn blk_resubmits_a_write_found_in_flight() {
-    use xen_vhost_mem::devices::blk::{BlkConfig, BlkDevice, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT};
+    use xen_vhost_mem::devices::blk::{
+        BlkConfig, BlkDevice, VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    };
     let dir = ScratchDir::new("inflight-blk");
     let image = dir.0.join("disk.img");
     std::fs::File::create(&image)
@@ -325,13 +327,41 @@ fn blk_resubmits_a_write_found_in_flight() {
         .1
         .try_clone()
         .expect("dup");
+    // One request served first (the area is set up and in use).
+    let (slot0, b0) = drv.take_slot(0).expect("slot");
+    let mut hdr = [0u8; 16];
+    hdr[..4].copy_from_slice(&VIRTIO_BLK_T_IN.to_le_bytes());
+    drv.write(b0.header, &hdr).expect("header");
+    let bufs = [
+        Buf {
+            gpa: b0.header,
+            len: 16,
+            write: false,
+        },
+        Buf {
+            gpa: b0.data_in,
+            len: 4096,
+            write: true,
+        },
+        Buf {
+            gpa: b0.status,
+            len: 1,
+            write: true,
+        },
+    ];
+    drv.publish(0, slot0, &bufs).expect("publish");
+    drv.kick(0, 1).expect("kick");
+    let done = drv.wait(0, Duration::from_secs(10)).expect("used");
+    assert_eq!(done.iter().map(|c| c.slot).collect::<Vec<_>>(), [slot0]);
+    assert_eq!(view(&region).used_idx, 1);
+    drv.disconnect();
+    // Once the daemon has ended the connection (its workers joined), nothing serves the ring.
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while view(&region).version == 0 && std::time::Instant::now() < deadline {
+    while daemon.stats().snapshot().connections < 1 && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(2));
     }
-    drv.disconnect();
     // What a daemon that popped a write and died leaves: the chain in the avail ring, its
-    // head marked in flight (counter 1), the used index where it was.
+    // head marked in flight (counter 2: the read was 1), the used index where it was.
     let (slot, b) = drv.take_slot(0).expect("slot");
     let mut hdr = [0u8; 16];
     hdr[..4].copy_from_slice(&VIRTIO_BLK_T_OUT.to_le_bytes());
@@ -360,7 +390,7 @@ fn blk_resubmits_a_write_found_in_flight() {
     let head = (slot * 3) as u64;
     let mut state = [0u8; 16];
     state[0] = 1;
-    state[8..].copy_from_slice(&1u64.to_le_bytes());
+    state[8..].copy_from_slice(&2u64.to_le_bytes());
     region
         .write_all_at(&state, 16 + 16 * head)
         .expect("mark in flight");
@@ -377,7 +407,7 @@ fn blk_resubmits_a_write_found_in_flight() {
     let img = std::fs::read(&image).expect("image");
     assert!(img[16 * 512..16 * 512 + 4096].iter().all(|&x| x == 0x77));
     assert_eq!(desc_state(&region, head as u16).0, 0);
-    assert_eq!(view(&region).used_idx, 1);
+    assert_eq!(view(&region).used_idx, 2);
     drop(drv);
     t.join().expect("daemon");
 }

@@ -716,9 +716,13 @@ fn indirect_table_in_on_demand_memory_needs_the_chain_popped_through_the_scope()
             .unwrap();
 
         // Popped with the plain table: the head is there, its indirect table out of reach.
+        // The refused read is counted on the handle: such a chain is visible, not silent.
         let mut queue: virtio_queue::Queue = q.create_queue().unwrap();
+        let before = s.sim.dev.counters().snapshot();
         let plain = queue.pop_descriptor_chain(&s.table).unwrap();
         assert_eq!(plain.count(), 0, "{strategy:?}");
+        let refused = s.sim.dev.counters().snapshot().since(&before);
+        assert_eq!(refused.plain_table_refusals, 1, "{strategy:?}: {refused:?}");
 
         // Popped (again, by a fresh queue) with the request scope.
         let mut queue: virtio_queue::Queue = q.create_queue().unwrap();

@@ -413,3 +413,64 @@ fn blk_in_request_that_fails_leaves_the_data_buffers_alone() {
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
+
+/// CopyIn's writability probe writes back one byte it just read; that byte must lie inside
+/// the write access that planned the probe. A byte outside it may be another scope's to write
+/// (or the guest's), and a write-back of the value read a moment before would undo that write.
+/// Cases: the page's bounce already holds bytes before the access (a read on touch copied in
+/// 100..4096), and a prefetch whose first copied byte belongs to a readable buffer of the same
+/// page. Every grant-copy write to the guest is recorded and must lie inside the access.
+#[test]
+fn copy_in_probe_writes_only_inside_the_access() {
+    use vm_memory::Permissions;
+    // (read before, or readable buffer in the same prefetch) and the write access, in page bytes.
+    for (prefetch, read, write) in [
+        (false, (100, 16), (200, 10)),
+        (false, (100, 16), (150, 10)),
+        (true, (0, 16), (50, 10)),
+        (true, (0, 16), (2000, 100)),
+    ] {
+        let s = setup();
+        let page = s.buf(1, false, 0x33);
+        let mem = s.scope(Strategy::GrantCopy, WritableBuffers::CopyIn);
+        let (w_at, w_len) = write;
+        let mut seen = vec![0u8; read.1];
+        if prefetch {
+            s.sim.emu.record_guest_writes(true);
+            mem.prefetch(&[
+                (GuestAddress(page.gpa(read.0)), read.1, Permissions::Read),
+                (GuestAddress(page.gpa(w_at)), w_len, Permissions::Write),
+            ])
+            .unwrap();
+            mem.read_slice(&mut seen, GuestAddress(page.gpa(read.0)))
+                .unwrap();
+        } else {
+            mem.read_slice(&mut seen, GuestAddress(page.gpa(read.0)))
+                .unwrap();
+            s.sim.emu.record_guest_writes(true);
+        }
+        mem.write_slice(&vec![0xee; w_len], GuestAddress(page.gpa(w_at)))
+            .unwrap();
+        mem.finish().unwrap();
+        let writes = s.sim.emu.guest_writes();
+        s.sim.emu.record_guest_writes(false);
+        assert!(
+            !writes.is_empty(),
+            "{prefetch} {read:?} {write:?}: nothing written"
+        );
+        for w in &writes {
+            let (lo, hi) = (usize::from(w.offset), usize::from(w.offset + w.len));
+            assert!(
+                w.grant.gref == page.first_ref && lo >= w_at && hi <= w_at + w_len,
+                "prefetch={prefetch} read {read:?} write {write:?}: grant copy wrote \
+                 {lo}..{hi} of ref {}: {writes:?}",
+                w.grant.gref
+            );
+        }
+        assert_eq!(
+            s.sim.read(&page, 0, 4096).unwrap(),
+            page_with(0x33, &[(w_at, &vec![0xee; w_len])]),
+        );
+        s.assert_quiet();
+    }
+}

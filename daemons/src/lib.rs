@@ -1,10 +1,15 @@
-//! What the daemons share: logging, their signals, and the stats line.
+//! What the daemons share: logging, their signals, the stats line, and the sandbox
+//! (`--sandbox`, `--user`).
 //!
 //! Each daemon is one file in `src/bin/`; `main` calls [`Signals::block`] first, before any
-//! thread starts, then [`init_logging`], builds its [`VhostUserDaemon`], and hands the
-//! daemon's [`StatsReporter`] to [`Signals::spawn`]. From then on one thread takes the
-//! signals with `sigtimedwait` (no signal handler runs, so nothing has to be
-//! async-signal-safe):
+//! thread starts, then [`init_logging`], builds its [`VhostUserDaemon`], opens and binds what
+//! it needs, and calls [`lock_down`]: the sandbox goes on as `--sandbox` says (seccomp
+//! allowlists per thread kind, privileges dropped while the process has one thread), and the
+//! signal thread starts ([`Signals::spawn`], a [`ThreadKind::Signals`] thread under its own
+//! allowlist, with the daemon's [`StatsReporter`]). `main` then enters its own filter
+//! ([`ThreadKind::Main`]) and serves. From then on one thread takes the signals with
+//! `sigtimedwait` (no signal handler runs, so nothing has to be async-signal-safe; signals
+//! that arrived before are taken first):
 //!
 //! - SIGTERM, SIGINT: a last stats line (`"reason":"exit"`), then exit status 0, as a service
 //!   manager expects of a daemon it asked to stop;
@@ -29,11 +34,12 @@
 //! [`StatsReport`]: xen_vhost_mem::daemon::StatsReport
 
 use std::io;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use xen_vhost_mem::daemon::StatsReporter;
+use xen_vhost_mem::daemon::threads::{self, Sandbox, SandboxError, ThreadKind};
+use xen_vhost_mem::daemon::{StatsReporter, VhostUserDaemon, VhostUserDevice};
 
 /// The log target of the stats lines (`RUST_LOG=warn,stats=info` keeps only them and the
 /// warnings).
@@ -113,16 +119,23 @@ impl Signals {
         Ok(Signals { set })
     }
 
-    /// Starts a thread named `signals` that runs [`Signals::serve`].
+    /// Starts a thread named `signals` of kind [`ThreadKind::Signals`] through `sandbox`
+    /// (under that kind's seccomp allowlist when the sandbox is on) that runs
+    /// [`Signals::serve`]. With the sandbox on, spawn it before the calling thread enters a
+    /// filter of its own (a thread starts under its parent's filter; `Main`'s has no
+    /// `rt_sigtimedwait`): [`lock_down`] does.
     pub fn spawn(
         self,
+        sandbox: &Arc<Sandbox>,
         name: &'static str,
         reporter: StatsReporter,
         interval: Option<Duration>,
-    ) -> io::Result<JoinHandle<()>> {
-        std::thread::Builder::new()
-            .name("signals".into())
-            .spawn(move || self.serve(name, reporter, interval))
+    ) -> io::Result<JoinHandle<Result<(), SandboxError>>> {
+        sandbox
+            .spawn(ThreadKind::Signals, "signals".into(), move || {
+                self.serve(name, reporter, interval)
+            })
+            .map_err(io::Error::other)
     }
 
     /// Takes the blocked signals on the calling thread, for good, for daemon `name` (its
@@ -228,4 +241,80 @@ pub fn stats_line(
         uptime.as_millis(),
         r.report()
     )
+}
+
+/// `--sandbox`: seccomp allowlists per thread and the privilege drop.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SandboxMode {
+    /// On where the kernel has seccomp filters, off (with a warning) where it has not.
+    Auto,
+    /// On; fail to start where it cannot be.
+    On,
+    /// Off: no filters, no privilege drop.
+    Off,
+}
+
+/// The sandbox options both daemons take.
+#[derive(clap::Args, Debug)]
+pub struct SandboxArgs {
+    /// Seccomp allowlists per thread kind (README, "Sandbox") and dropped privileges after
+    /// startup.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub sandbox: SandboxMode,
+    /// With the sandbox on: run as this user once started (socket bound, files and
+    /// /dev/xen opened). Default: `nobody` when started as root in UNIX mode; in Xen mode
+    /// the uid stays and every capability goes.
+    #[arg(long)]
+    pub user: Option<String>,
+}
+
+/// Turns the sandbox on for `daemon` as `args` say (compiles its filters, drops privileges;
+/// `xen`: the daemon uses /dev/xen, already opened), then starts the signal thread under it
+/// ([`Signals::spawn`] for daemon `name`, with its stats `interval`). Call it once everything
+/// is opened and bound, before any other thread exists (privileges are per thread); then
+/// enter the main thread ([`ThreadKind::Main`]) and serve.
+pub fn lock_down<D: VhostUserDevice>(
+    daemon: VhostUserDaemon<D>,
+    args: &SandboxArgs,
+    xen: bool,
+    signals: Signals,
+    name: &'static str,
+    interval: Option<Duration>,
+) -> Result<VhostUserDaemon<D>, Box<dyn std::error::Error>> {
+    let on = match args.sandbox {
+        SandboxMode::Off => false,
+        SandboxMode::On => true,
+        SandboxMode::Auto => {
+            let works = threads::seccomp_works();
+            if !works {
+                log::warn!("seccomp filters do not work here: running without the sandbox");
+            }
+            works
+        }
+    };
+    if !on {
+        signals.spawn(daemon.sandbox(), name, daemon.reporter(), interval)?;
+        return Ok(daemon);
+    }
+    let daemon = daemon.sandboxed()?;
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let user = match &args.user {
+        Some(u) => Some(u.as_str()),
+        None if root && !xen => threads::default_unprivileged_user(),
+        None => None,
+    };
+    let d = threads::drop_privileges(user)?;
+    log::info!(
+        "sandbox on: seccomp allowlists per thread kind; uid {} gid {}{}",
+        d.uid,
+        d.gid,
+        if d.capabilities_cleared {
+            ", no capabilities"
+        } else {
+            ""
+        }
+    );
+    signals.spawn(daemon.sandbox(), name, daemon.reporter(), interval)?;
+    Ok(daemon)
 }

@@ -12,6 +12,9 @@
 //! fd kind (memfd, eventfd, /dev/null, the socket itself), bits 4-7 the memfd size in MiB.
 //! Inputs of odd length go to a second daemon that maps FOREIGN regions lazily (4-frame
 //! buckets, at most 8 mapped), so rings and buffers in lazy regions are fuzzed too.
+//! Both daemons are sandboxed as the binaries are (`VhostUserDaemon::sandboxed`: every
+//! connection, relay and queue worker thread under its seccomp allowlist), so an input that
+//! drives a thread to a call outside its list kills the process: a finding.
 #![no_main]
 
 use std::fs::File;
@@ -66,7 +69,7 @@ fn served(lazy: bool) -> &'static Served {
             daemon = daemon.with_foreign_mapping(ForeignMapping::Lazy { bucket_frames: 4 });
             xen.set_lazy_bucket_limit(8).expect("bound before any region");
         }
-        let daemon = Arc::new(daemon);
+        let daemon = Arc::new(daemon.sandboxed().expect("sandbox"));
         let d = daemon.clone();
         std::thread::spawn(move || {
             d.serve(&listener, None).expect("serve loop ended");

@@ -20,7 +20,7 @@ use vhost::vhost_user::{BackendReqHandler, Error as VhostError};
 
 use super::device::VhostUserDevice;
 use super::handler::Handler;
-use super::layout::recv_with_fds;
+use super::layout::{recv_fds, recv_with_fds, MAX_FDS};
 
 /// How a connection ended.
 #[derive(Debug)]
@@ -68,6 +68,8 @@ struct Peeked {
     hdr: Header,
     /// File descriptors attached (peeking duplicates them; the duplicates are closed).
     fds: usize,
+    /// More descriptors than the peek could hold were attached (`MSG_CTRUNC`).
+    fds_truncated: bool,
     /// Bytes of header and body already in the socket.
     available: usize,
 }
@@ -135,7 +137,8 @@ fn peek(sock: &UnixStream) -> std::io::Result<Option<Peeked>> {
     // A peek duplicates the attached descriptors; they are counted and closed on drop.
     let mut fds = Vec::new();
     let peek = libc::MSG_PEEK;
-    if recv_with_fds(sock, &mut buf[..HDR], peek | libc::MSG_WAITALL, &mut fds)? < HDR {
+    let (n, fds_truncated) = recv_fds(sock, &mut buf[..HDR], peek | libc::MSG_WAITALL, &mut fds)?;
+    if n < HDR {
         // End of stream (a partial header only comes before the end).
         return Ok(None);
     }
@@ -162,6 +165,7 @@ fn peek(sock: &UnixStream) -> std::io::Result<Option<Peeked>> {
     Ok(Some(Peeked {
         hdr,
         fds: fds.len(),
+        fds_truncated,
         available,
     }))
 }
@@ -220,6 +224,28 @@ pub(crate) fn serve_connection<D: VhostUserDevice>(
         let fds_ok = p.fds == 0 || takes_fds(code);
         let size = p.hdr.size as usize;
         let body_complete = p.available == HDR + size;
+        if p.fds > MAX_FDS || p.fds_truncated {
+            // More descriptors than vhost takes: its read would fail (ENOBUFS) after taking the
+            // header, and the stream could not be followed. Without the layout relay (which
+            // drops them itself) the loop takes the message out and refuses it here.
+            log::warn!("request {code}: {} or more file descriptors refused", p.fds);
+            let mut fds = Vec::new();
+            let mut buf = vec![0u8; p.available];
+            if let Err(e) = recv_fds(&peek_sock, &mut buf, libc::MSG_DONTWAIT, &mut fds) {
+                return ConnectionEnd::Broken(e.to_string());
+            }
+            drop(fds);
+            let reply_ack = handler
+                .lock()
+                .map(|h| h.reply_ack_enabled())
+                .unwrap_or(false);
+            if has_reply(code) {
+                reply(&peek_sock, code, None);
+            } else if p.hdr.need_reply() && reply_ack {
+                reply(&peek_sock, code, Some(1));
+            }
+            continue;
+        }
         if let Ok(mut h) = handler.lock() {
             h.trace = Default::default();
         }

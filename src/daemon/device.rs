@@ -130,4 +130,13 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     /// The queue stopped (`GET_VRING_BASE`, reset or disconnect). Requests it held were
     /// released already: their memory is gone and completing them does nothing.
     fn queue_stopped(&self, _queue: usize) {}
+
+    /// System calls the device makes in [`VhostUserDevice::serve`] beyond the runtime's
+    /// (a block device's `preadv`/`pwritev`/`fdatasync`): added to the queue workers'
+    /// seccomp allowlist when the daemon is sandboxed
+    /// ([`VhostUserDaemon::sandboxed`](super::VhostUserDaemon::sandboxed)). A call missing here
+    /// kills the sandboxed daemon at the first request that makes it.
+    fn worker_syscalls(&self) -> Vec<super::threads::DeviceSyscall> {
+        Vec::new()
+    }
 }

@@ -11,6 +11,9 @@ pub enum DaemonError {
     /// `GET_INFLIGHT_FD` or `SET_INFLIGHT_FD` could not set the region up.
     #[error(transparent)]
     Inflight(#[from] super::inflight::InflightError),
+    /// A thread of the daemon could not be spawned or sandboxed.
+    #[error("sandbox: {0}")]
+    Sandbox(#[from] super::threads::SandboxError),
     /// A vring index beyond the device's queues.
     #[error("vring index {index} out of range: the device has {queues} queues")]
     QueueIndex {

@@ -27,7 +27,8 @@ use super::error::DaemonError;
 use super::inflight::InflightRegion;
 use super::notify_fd::check_eventfd;
 use super::ring_mem::RingMem;
-use super::worker::{DaemonStats, QueueWorker};
+use super::threads::Sandbox;
+use super::worker::{DaemonStats, PlainTableWatch, QueueWorker};
 use crate::backend::foreign::ForeignMapping;
 use crate::descriptor::{RegionDescriptor, WireRegion};
 use crate::device::XenHandle;
@@ -63,6 +64,10 @@ pub(crate) struct Handler<D: VhostUserDevice> {
     /// The in-flight region (`INFLIGHT_SHMFD`) the frontend set, if any.
     inflight: Option<Arc<InflightRegion>>,
     stats: Arc<DaemonStats>,
+    /// Logs the first plain-table refusal of this connection (with a Xen handle only).
+    plain_watch: Option<Arc<PlainTableWatch>>,
+    /// Filters of the threads the connection starts.
+    sandbox: Arc<Sandbox>,
     acked_features: u64,
     acked_protocol_features: u64,
     features_queried: bool,
@@ -105,6 +110,9 @@ impl<D: VhostUserDevice> Handler<D> {
             .collect::<Result<Vec<_>, _>>()?;
         let workers = vrings.iter().map(|_| None).collect();
         let ring_pins = vrings.iter().map(|_| Vec::new()).collect();
+        let plain_watch = xen
+            .as_ref()
+            .map(|x| Arc::new(PlainTableWatch::new(x.clone())));
         Ok(Handler {
             device,
             xen,
@@ -113,6 +121,8 @@ impl<D: VhostUserDevice> Handler<D> {
             workers,
             inflight: None,
             stats,
+            plain_watch,
+            sandbox: Sandbox::off(),
             acked_features: 0,
             acked_protocol_features: 0,
             features_queried: false,
@@ -120,6 +130,12 @@ impl<D: VhostUserDevice> Handler<D> {
             ring_pins,
             trace: MessageTrace::default(),
         })
+    }
+
+    /// Spawns the connection's queue workers through `sandbox`.
+    pub(crate) fn with_sandbox(mut self, sandbox: Arc<Sandbox>) -> Self {
+        self.sandbox = sandbox;
+        self
     }
 
     /// Maps this connection's FOREIGN regions as `foreign` says (default: eagerly).
@@ -345,6 +361,8 @@ impl<D: VhostUserDevice> Handler<D> {
             self.device.clone(),
             self.stats.clone(),
             inflight,
+            self.plain_watch.clone(),
+            &self.sandbox,
         )
         .map_err(|source| DaemonError::Worker {
             queue: index,
@@ -728,7 +746,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
         self.handled();
         let (table, _removed) = self
             .table()
-            .remove(region.guest_phys_addr, region.memory_size)
+            .remove_exact(region.guest_phys_addr, region.memory_size, region.user_addr)
             .map_err(DaemonError::from)?;
         self.swap_table(table)?;
         Ok(())

@@ -17,7 +17,10 @@
 use std::io::{self, IoSlice};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::Arc;
 use std::thread::JoinHandle;
+
+use super::threads::{Sandbox, SandboxError, ThreadKind};
 
 use vhost::vhost_user::message::{FrontendReq, VhostUserProtocolFeatures, MAX_MSG_SIZE};
 
@@ -27,7 +30,7 @@ const HDR: usize = 12;
 const STD_REGION: usize = 32;
 const XEN_REGION: usize = 40;
 /// vhost accepts at most this many file descriptors per message.
-const MAX_FDS: usize = 32;
+pub(super) const MAX_FDS: usize = 32;
 
 /// One message as read from a socket.
 struct Message {
@@ -58,23 +61,30 @@ pub(crate) enum Rewrite {
     Widen,
     /// Frontend side (the test kit's driver on vhost's `Frontend`, which always writes the
     /// Xen layout): Xen regions become standard ones for a daemon that did not offer
-    /// XEN_MMAP, such as a stock vhost-user-backend daemon. Built only by the test kit.
+    /// XEN_MMAP, such as a stock vhost-user-backend daemon. Only the test kit uses it.
     #[cfg_attr(not(feature = "test-utils"), allow(dead_code))]
     Narrow,
 }
 
 /// Starts the adapter for one connection: returns the socket to give vhost's handler and the
 /// two relay threads (frontend to daemon, daemon to frontend), which end with the connection.
-pub(crate) fn adapt(frontend: UnixStream) -> io::Result<(UnixStream, [JoinHandle<()>; 2])> {
-    relay(frontend, Rewrite::Widen)
+pub(crate) fn adapt(
+    frontend: UnixStream,
+    sandbox: &Arc<Sandbox>,
+) -> io::Result<(UnixStream, [Relay; 2])> {
+    relay(frontend, Rewrite::Widen, sandbox)
 }
+
+/// A relay thread (it ends with the connection).
+pub(crate) type Relay = JoinHandle<Result<(), SandboxError>>;
 
 /// Relays between `outer` (the peer's socket) and the returned socket, rewriting region
 /// messages that travel towards the daemon as `rewrite` says.
 pub(crate) fn relay(
     outer: UnixStream,
     rewrite: Rewrite,
-) -> io::Result<(UnixStream, [JoinHandle<()>; 2])> {
+    sandbox: &Arc<Sandbox>,
+) -> io::Result<(UnixStream, [Relay; 2])> {
     let frontend = outer;
     let (ours, theirs) = UnixStream::pair()?;
     // Towards the daemon: from `frontend` to `ours` (Widen), or from `ours` to `frontend`
@@ -83,24 +93,24 @@ pub(crate) fn relay(
         Rewrite::Widen => ((frontend.try_clone()?, ours.try_clone()?), (ours, frontend)),
         Rewrite::Narrow => ((ours.try_clone()?, frontend.try_clone()?), (frontend, ours)),
     };
-    let to_daemon = std::thread::Builder::new()
-        .name("vu-layout-in".into())
-        .spawn(move || {
+    let to_daemon = sandbox
+        .spawn(ThreadKind::Relay, "vu-layout-in".into(), move || {
             if let Err(e) = relay_to_daemon(&down_in, &down_out, rewrite) {
                 log::debug!("frontend to daemon: {e}");
             }
             let _ = down_out.shutdown(std::net::Shutdown::Write);
-        })?;
-    let to_frontend = std::thread::Builder::new()
-        .name("vu-layout-out".into())
-        .spawn(move || {
+        })
+        .map_err(io::Error::other)?;
+    let to_frontend = sandbox
+        .spawn(ThreadKind::Relay, "vu-layout-out".into(), move || {
             while let Ok(Some(m)) = recv_message(&up_in) {
                 if send_message(&up_out, &m).is_err() {
                     break;
                 }
             }
             let _ = up_out.shutdown(std::net::Shutdown::Both);
-        })?;
+        })
+        .map_err(io::Error::other)?;
     Ok((theirs, [to_daemon, to_frontend]))
 }
 
@@ -196,13 +206,20 @@ fn widen(m: &mut Message) {
     m.body = body;
 }
 
-/// Reads one message: the header (waiting for all of it) with any file descriptors, then the
-/// body in one `recv`, as vhost does (a short body stays short, for vhost to refuse). `None`
-/// at the end of the stream.
+/// Reads one whole message: the header (waiting for all of it) with any file descriptors, then
+/// exactly `size` bytes of body, however many reads they arrive in (one in the common case,
+/// as vhost would do; a stream socket may deliver a body in parts, and vhost's own single
+/// read would then refuse it and take its rest for the next header). `None` at the end of
+/// the stream, also in the middle of a message (nothing can follow it).
+///
+/// A message carrying more descriptors than vhost takes ([`MAX_FDS`]), or more than the
+/// control buffer holds (the kernel closes those and sets `MSG_CTRUNC`), has all of them
+/// closed here and goes on without any: vhost then refuses it like any message whose
+/// descriptors do not match its body (a REPLY_ACK of 1), and the connection serves on.
 fn recv_message(sock: &UnixStream) -> io::Result<Option<Message>> {
     let mut hdr = [0u8; HDR];
     let mut fds = Vec::new();
-    let n = recv_with_fds(sock, &mut hdr, libc::MSG_WAITALL, &mut fds)?;
+    let (n, mut truncated) = recv_fds(sock, &mut hdr, libc::MSG_WAITALL, &mut fds)?;
     if n < HDR {
         return Ok(None);
     }
@@ -214,11 +231,30 @@ fn recv_message(sock: &UnixStream) -> io::Result<Option<Message>> {
     let size = m.size();
     if size > 0 && size <= MAX_MSG_SIZE {
         let mut body = vec![0u8; size];
-        let mut more = Vec::new();
-        let got = recv_with_fds(sock, &mut body, 0, &mut more)?;
-        body.truncate(got);
+        let mut got = 0;
+        while got < size {
+            let (n, t) = recv_fds(sock, &mut body[got..], 0, &mut m.fds)?;
+            truncated |= t;
+            if n == 0 {
+                return Ok(None);
+            }
+            got += n;
+        }
         m.body = body;
-        m.fds.extend(more);
+    }
+    if truncated || m.fds.len() > MAX_FDS {
+        log::warn!(
+            "request {}: {} file descriptors{}, more than the {MAX_FDS} a message may carry; \
+             passed on without any",
+            m.code(),
+            m.fds.len(),
+            if truncated {
+                " and more the kernel dropped"
+            } else {
+                ""
+            },
+        );
+        m.fds.clear();
     }
     Ok(Some(m))
 }
@@ -231,6 +267,17 @@ pub(super) fn recv_with_fds(
     flags: libc::c_int,
     fds: &mut Vec<OwnedFd>,
 ) -> io::Result<usize> {
+    recv_fds(sock, buf, flags, fds).map(|(n, _)| n)
+}
+
+/// [`recv_with_fds`], also telling whether the kernel dropped descriptors that did not fit
+/// the control buffer (`MSG_CTRUNC`).
+pub(super) fn recv_fds(
+    sock: &UnixStream,
+    buf: &mut [u8],
+    flags: libc::c_int,
+    fds: &mut Vec<OwnedFd>,
+) -> io::Result<(usize, bool)> {
     // Room for MAX_FDS descriptors (CMSG_SPACE of 32 ints, rounded up).
     let mut cmsg = [0u64; 3 + MAX_FDS / 2];
     loop {
@@ -269,7 +316,7 @@ pub(super) fn recv_with_fds(
                 c = libc::CMSG_NXTHDR(&msg, c);
             }
         }
-        return Ok(n as usize);
+        return Ok((n as usize, msg.msg_flags & libc::MSG_CTRUNC != 0));
     }
 }
 

@@ -25,6 +25,7 @@ pub(crate) mod layout;
 mod notify_fd;
 mod report;
 mod ring_mem;
+pub mod threads;
 mod wire;
 mod worker;
 
@@ -45,6 +46,7 @@ pub use worker::{DaemonStats, StatsSnapshot, MAX_BATCH};
 
 use crate::device::XenHandle;
 use handler::Handler;
+pub use threads::{Sandbox, SandboxError, ThreadKind};
 
 use crate::backend::foreign::ForeignMapping;
 
@@ -56,6 +58,7 @@ pub struct VhostUserDaemon<D: VhostUserDevice> {
     stats: Arc<DaemonStats>,
     adapt_layout: bool,
     foreign: ForeignMapping,
+    sandbox: Arc<Sandbox>,
 }
 
 impl<D: VhostUserDevice> VhostUserDaemon<D> {
@@ -68,6 +71,7 @@ impl<D: VhostUserDevice> VhostUserDaemon<D> {
             stats: Arc::default(),
             adapt_layout: true,
             foreign: ForeignMapping::Eager,
+            sandbox: Sandbox::off(),
         }
     }
 
@@ -97,6 +101,22 @@ impl<D: VhostUserDevice> VhostUserDaemon<D> {
         self
     }
 
+    /// Spawns every thread of the daemon (connections, relays, queue workers) under the
+    /// seccomp allowlist of its kind (`daemon::threads`), the queue workers' with the
+    /// device's own calls ([`VhostUserDevice::worker_syscalls`]) added. A call outside a
+    /// thread's list kills the process. Privileges are dropped separately (`threads::drop`
+    /// functions), by the binary, once it has opened what it needs.
+    pub fn sandboxed(mut self) -> Result<Self, SandboxError> {
+        self.sandbox = Sandbox::new(&self.device.worker_syscalls())?;
+        Ok(self)
+    }
+
+    /// The daemon's sandbox (off unless [`VhostUserDaemon::sandboxed`]): a binary enters its
+    /// main thread into it once set up, and spawns its own threads through it.
+    pub fn sandbox(&self) -> &Arc<Sandbox> {
+        &self.sandbox
+    }
+
     /// The device.
     pub fn device(&self) -> &Arc<D> {
         &self.device
@@ -122,26 +142,46 @@ impl<D: VhostUserDevice> VhostUserDaemon<D> {
     /// messages are answered and the connection goes on. At the end every worker is joined
     /// and the memory table dropped: nothing stays mapped.
     pub fn serve_connection(&self, stream: UnixStream) -> Result<ConnectionEnd, DaemonError> {
-        let handler = Arc::new(Mutex::new(
-            Handler::new(self.device.clone(), self.xen.clone(), self.stats.clone())?
-                .with_foreign_mapping(self.foreign),
-        ));
+        let (device, xen, stats) = (self.device.clone(), self.xen.clone(), self.stats.clone());
+        let (foreign, sandbox) = (self.foreign, self.sandbox.clone());
         let (stream, relays) = if self.adapt_layout {
-            match layout::adapt(stream) {
+            match layout::adapt(stream, &self.sandbox) {
                 Ok((s, r)) => (s, r.into_iter().collect()),
                 Err(e) => return Ok(ConnectionEnd::Broken(format!("layout adapter: {e}"))),
             }
         } else {
             (stream, Vec::new())
         };
-        let end = connection::serve_connection(stream, handler.clone(), !self.adapt_layout);
-        match handler.lock() {
-            Ok(mut h) => h.shutdown(),
-            Err(_) => return Err(DaemonError::Poisoned("handler")),
-        }
+        // The connection runs in a thread of its own kind (its seccomp filter), which also
+        // stops the workers and drops the memory table at the end.
+        let require_xen_mmap = !self.adapt_layout;
+        let thread = self
+            .sandbox
+            .spawn(ThreadKind::Connection, "vu-conn".into(), move || {
+                let h = Arc::new(Mutex::new(
+                    Handler::new(device, xen, stats)?
+                        .with_foreign_mapping(foreign)
+                        .with_sandbox(sandbox),
+                ));
+                let end = connection::serve_connection(stream, h.clone(), require_xen_mmap);
+                let stopped = match h.lock() {
+                    Ok(mut h) => {
+                        h.shutdown();
+                        Ok(end)
+                    }
+                    Err(_) => Err(DaemonError::Poisoned("handler")),
+                };
+                stopped
+            })?;
+        let end = match thread.join() {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(DaemonError::Poisoned("connection thread")),
+        };
         for r in relays {
             let _ = r.join();
         }
+        let end = end?;
         self.stats
             .connections
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -46,9 +46,9 @@ impl StatsReporter {
 ///
 /// ```text
 /// {"requests":512,"batches":70,"kicks":70,"calls":70,"scope_errors":0,"connections":1,
-///  "resubmitted":0,"xen":{"syscalls":4,"ioctls":2,"grant_copies":2,"copy_segments":1024,"mmaps":1,
-///  "munmaps":1,"pages_mapped":3,"errors":0,"live_mappings":0,"lazy_buckets_mapped":0,
-///  "lazy_bucket_limit":null,"lazy_evictions":0}}
+///  "resubmitted":0,"xen":{"syscalls":4,"ioctls":2,"grant_copies":2,"copy_segments":1024,
+///  "mmaps":1,"munmaps":1,"pages_mapped":3,"errors":0,"plain_table_refusals":0,"live_mappings":0,
+///  "lazy_buckets_mapped":0,"lazy_bucket_limit":null,"lazy_evictions":0}}
 /// ```
 ///
 /// (one line in the log). `"xen"` is `null` for a daemon without a Xen handle (UNIX memory
@@ -93,7 +93,8 @@ impl fmt::Display for StatsReport {
                     f,
                     "{{\"syscalls\":{},\"ioctls\":{},\"grant_copies\":{},\"copy_segments\":{},\
                      \"mmaps\":{},\"munmaps\":{},\"pages_mapped\":{},\"errors\":{},\
-                     \"live_mappings\":{},\"lazy_buckets_mapped\":{},\"lazy_bucket_limit\":",
+                     \"plain_table_refusals\":{},\"live_mappings\":{},\
+                     \"lazy_buckets_mapped\":{},\"lazy_bucket_limit\":",
                     c.syscalls(),
                     c.ioctls,
                     c.grant_copies,
@@ -102,6 +103,7 @@ impl fmt::Display for StatsReport {
                     c.munmaps,
                     c.pages_mapped,
                     c.errors,
+                    c.plain_table_refusals,
                     c.live_mappings,
                     x.lazy_buckets_mapped
                 )?;
@@ -154,6 +156,7 @@ mod tests {
                     copy_segments: 40,
                     pages_mapped: 9,
                     errors: 1,
+                    plain_table_refusals: 6,
                     live_mappings: -1,
                 },
                 lazy_buckets_mapped: 4,
@@ -165,8 +168,8 @@ mod tests {
         assert!(!s.contains('\n'));
         assert!(s.ends_with(
             "\"xen\":{\"syscalls\":12,\"ioctls\":7,\"grant_copies\":5,\"copy_segments\":40,\
-             \"mmaps\":3,\"munmaps\":2,\"pages_mapped\":9,\"errors\":1,\"live_mappings\":-1,\
-             \"lazy_buckets_mapped\":4,\"lazy_bucket_limit\":8,\"lazy_evictions\":11}}"
+             \"mmaps\":3,\"munmaps\":2,\"pages_mapped\":9,\"errors\":1,\
+             \"plain_table_refusals\":6,\"live_mappings\":-1,\"lazy_buckets_mapped\":4,\"lazy_bucket_limit\":8,\"lazy_evictions\":11}}"
         ));
         let unbounded = StatsReport {
             xen: Some(XenReport {

@@ -22,6 +22,8 @@ use super::handler::{Memory, Vring};
 use super::held::{Batch, Holder, QueueCompletions};
 use super::inflight::InflightQueue;
 use super::ring_mem::RingMem;
+use super::threads::{Sandbox, SandboxError, ThreadKind};
+use crate::device::{Counters, XenHandle};
 use crate::request::{OwnedRequestMemory, RequestMemory};
 use crate::ring_layout::RingLayout;
 use crate::table::RegionTable;
@@ -87,6 +89,52 @@ pub struct StatsSnapshot {
     pub resubmitted: u64,
 }
 
+/// Makes plain-table refusals loud: an access to on-demand memory through the plain
+/// [`RegionTable`] (a chain popped with it whose indirect table is in on-demand memory,
+/// which virtio-queue turns into an empty chain) is counted on the Xen handle
+/// ([`crate::device::CounterSnapshot::plain_table_refusals`]); the first of a connection is
+/// logged. Checked after each batch over a table with on-demand or lazy regions: one relaxed
+/// load, and nothing at all for other tables.
+#[derive(Debug)]
+pub(crate) struct PlainTableWatch {
+    xen: XenHandle,
+    /// The handle's count when the connection started.
+    start: u64,
+    logged: AtomicBool,
+}
+
+impl PlainTableWatch {
+    pub(crate) fn new(xen: XenHandle) -> Self {
+        let start = xen.counters().plain_table_refusals();
+        PlainTableWatch {
+            xen,
+            start,
+            logged: AtomicBool::new(false),
+        }
+    }
+
+    /// Logs the first refusal since the connection started; true when this call logged it.
+    pub(crate) fn check(&self, queue: usize) -> bool {
+        check_first(self.xen.counters(), self.start, &self.logged, queue)
+    }
+}
+
+fn check_first(counters: &Counters, start: u64, logged: &AtomicBool, queue: usize) -> bool {
+    if logged.load(Ordering::Relaxed) {
+        return false;
+    }
+    let n = counters.plain_table_refusals().saturating_sub(start);
+    if n == 0 || logged.swap(true, Ordering::Relaxed) {
+        return false;
+    }
+    log::warn!(
+        "vq{queue}: {n} access(es) to on-demand memory through the plain RegionTable refused on \
+         this connection (logged once): pop chains and read buffers through the request scope, \
+         or chains with indirect tables in on-demand memory come out empty"
+    );
+    true
+}
+
 /// A running queue worker; stopping it joins the thread after its current batch.
 #[derive(Debug)]
 pub(crate) struct QueueWorker {
@@ -95,11 +143,15 @@ pub(crate) struct QueueWorker {
     draining: Arc<AtomicBool>,
     wake: Arc<EventFd>,
     completions: Arc<QueueCompletions>,
-    thread: Option<JoinHandle<()>>,
+    thread: Option<JoinHandle<Result<(), SandboxError>>>,
 }
 
 impl QueueWorker {
     /// Starts the worker of queue `index`, whose kick fd is already set.
+    // What a queue worker needs, each from its own owner (the handler's vring, table,
+    // device, counters, in-flight region, refusal watch and sandbox): a struct for them would
+    // be built once, here.
+    #[allow(clippy::too_many_arguments)]
     pub(crate) fn start<D: VhostUserDevice>(
         index: usize,
         vring: Vring,
@@ -107,6 +159,8 @@ impl QueueWorker {
         device: Arc<D>,
         stats: Arc<DaemonStats>,
         inflight: Option<InflightQueue>,
+        plain_watch: Option<Arc<PlainTableWatch>>,
+        sandbox: &Arc<Sandbox>,
     ) -> std::io::Result<Self> {
         let stop = Arc::new(AtomicBool::new(false));
         let draining = Arc::new(AtomicBool::new(false));
@@ -137,6 +191,7 @@ impl QueueWorker {
             mem,
             device,
             stats,
+            plain_watch,
             stop: stop.clone(),
             draining: draining.clone(),
             wake: wake.clone(),
@@ -145,9 +200,11 @@ impl QueueWorker {
             counter: std::cell::Cell::new(1),
             epoll,
         };
-        let thread = std::thread::Builder::new()
-            .name(format!("vq{index}"))
-            .spawn(move || worker.run())?;
+        let thread = sandbox
+            .spawn(ThreadKind::QueueWorker, format!("vq{index}"), move || {
+                worker.run()
+            })
+            .map_err(std::io::Error::other)?;
         Ok(QueueWorker {
             stop,
             draining,
@@ -193,8 +250,10 @@ impl QueueWorker {
         self.stop.store(true, Ordering::Release);
         self.wake();
         if let Some(t) = self.thread.take() {
-            if t.join().is_err() {
-                log::error!("a queue worker panicked");
+            match t.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => log::error!("a queue worker did not start: {e}"),
+                Err(_) => log::error!("a queue worker panicked"),
             }
         }
         self.completions.release_all();
@@ -213,6 +272,7 @@ struct Worker<D: VhostUserDevice> {
     mem: Memory,
     device: Arc<D>,
     stats: Arc<DaemonStats>,
+    plain_watch: Option<Arc<PlainTableWatch>>,
     stop: Arc<AtomicBool>,
     draining: Arc<AtomicBool>,
     wake: Arc<EventFd>,
@@ -473,6 +533,11 @@ impl<D: VhostUserDevice> Worker<D> {
             .collect();
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.complete(&table, &done);
+        if let Some(w) = &self.plain_watch {
+            if table.has_on_demand() || table.has_lazy() {
+                w.check(self.index);
+            }
+        }
         n
     }
 
@@ -480,7 +545,10 @@ impl<D: VhostUserDevice> Worker<D> {
     /// connection ended): resubmits the requests it shows in flight, in counter order, to
     /// the device, and sets the queue's indices after them, before anything new is popped.
     fn resubmit(&self) {
-        let Some(inf) = &self.inflight else { return };
+        let Some(inf) = &self.inflight else {
+            log::debug!("vq{}: no in-flight area", self.index);
+            return;
+        };
         let table = self.mem.memory().into_inner();
         let (desc, used, size) = {
             let st = self.vring.get_ref();
@@ -499,6 +567,11 @@ impl<D: VhostUserDevice> Worker<D> {
             return;
         };
         let rec = inf.recover(used_now);
+        log::debug!(
+            "vq{}: in-flight area: used index {used_now}, {} in flight",
+            self.index,
+            rec.heads.len()
+        );
         self.counter.set(rec.next_counter);
         {
             let mut st = self.vring.get_mut();
@@ -607,4 +680,24 @@ fn walk_chain(mem: &RequestMemory<'_>, desc: u64, size: u16, head: u16) -> Vec<D
         i = u64::from(d.next());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_first_plain_table_refusal_of_a_connection_is_logged_once() {
+        let c = Counters::default();
+        c.add_plain_table_refusal();
+        // Refusals before the connection started do not count.
+        let start = c.plain_table_refusals();
+        let logged = AtomicBool::new(false);
+        assert!(!check_first(&c, start, &logged, 0));
+        c.add_plain_table_refusal();
+        assert!(check_first(&c, start, &logged, 0));
+        c.add_plain_table_refusal();
+        assert!(!check_first(&c, start, &logged, 1));
+        assert_eq!(c.plain_table_refusals(), start + 2);
+    }
 }

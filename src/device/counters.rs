@@ -12,6 +12,7 @@ pub struct Counters {
     copy_segments: AtomicU64,
     pages_mapped: AtomicU64,
     errors: AtomicU64,
+    plain_table_refusals: AtomicU64,
     live_mappings: AtomicI64,
 }
 
@@ -32,6 +33,11 @@ pub struct CounterSnapshot {
     pub pages_mapped: u64,
     /// Failed calls.
     pub errors: u64,
+    /// Accesses to on-demand (or lazily mapped) memory through the plain
+    /// [`RegionTable`](crate::RegionTable) instead of a request scope, refused. virtio-queue
+    /// turns such a refused descriptor read into a chain that silently ends; this count (and
+    /// the daemon's log of the first per connection) makes it visible.
+    pub plain_table_refusals: u64,
     /// Mappings made and not yet unmapped.
     pub live_mappings: i64,
 }
@@ -52,6 +58,7 @@ impl CounterSnapshot {
             copy_segments: self.copy_segments - earlier.copy_segments,
             pages_mapped: self.pages_mapped - earlier.pages_mapped,
             errors: self.errors - earlier.errors,
+            plain_table_refusals: self.plain_table_refusals - earlier.plain_table_refusals,
             live_mappings: self.live_mappings - earlier.live_mappings,
         }
     }
@@ -68,8 +75,14 @@ impl Counters {
             copy_segments: self.copy_segments.load(Relaxed),
             pages_mapped: self.pages_mapped.load(Relaxed),
             errors: self.errors.load(Relaxed),
+            plain_table_refusals: self.plain_table_refusals.load(Relaxed),
             live_mappings: self.live_mappings.load(Relaxed),
         }
+    }
+
+    /// See [`CounterSnapshot::plain_table_refusals`].
+    pub fn plain_table_refusals(&self) -> u64 {
+        self.plain_table_refusals.load(Relaxed)
     }
 
     /// Mappings made through this device and not yet unmapped.
@@ -97,6 +110,9 @@ impl Counters {
     /// Counts an error found above the device (a failed segment, a refused access).
     pub(crate) fn add_errors(&self, n: u64) {
         self.errors.fetch_add(n, Relaxed);
+    }
+    pub(crate) fn add_plain_table_refusal(&self) {
+        self.plain_table_refusals.fetch_add(1, Relaxed);
     }
     pub(crate) fn mapped(&self, pages: usize) {
         self.pages_mapped.fetch_add(pages as u64, Relaxed);

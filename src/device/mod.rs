@@ -125,6 +125,22 @@ impl DeviceError {
     }
 }
 
+/// The one system call each [`XenDriver`] method makes on the real drivers (`RealXen`), by
+/// method name: what the daemon's seccomp allowlists must allow in a thread that calls it
+/// (`daemon::threads`; the emulation records which thread kinds call which methods, and
+/// `tests/sandbox.rs` checks them against the lists).
+pub const DRIVER_SYSCALLS: &[(&str, &str)] = &[
+    ("grant_map_refs", "SYS_ioctl"),
+    ("grant_mmap", "SYS_mmap"),
+    ("grant_munmap", "SYS_munmap"),
+    ("grant_unmap_refs", "SYS_ioctl"),
+    ("grant_copy", "SYS_ioctl"),
+    ("foreign_mmap_at", "SYS_mmap"),
+    ("foreign_map_batch", "SYS_ioctl"),
+    ("foreign_munmap", "SYS_munmap"),
+    ("foreign_unmap_to_reserve", "SYS_mmap"),
+];
+
 /// What the Xen drivers do for a vhost-user backend. One method, one system call.
 ///
 /// Implementations must be usable from several threads (one worker per queue).

@@ -988,6 +988,23 @@ impl VhostUserDevice for BlkDevice {
         c
     }
 
+    fn worker_syscalls(&self) -> Vec<crate::daemon::threads::DeviceSyscall> {
+        // One positioned vector call per request, and FLUSH (the synchronous path, buffered
+        // writes, resubmitted requests); the queue's io_uring (set up on first use, entered
+        // once per batch; register is the crate's); DISCARD and WRITE_ZEROES; the pause
+        // between polls if io_uring_enter ever fails while ops are in flight.
+        vec![
+            crate::device_syscall!(SYS_preadv),
+            crate::device_syscall!(SYS_pwritev),
+            crate::device_syscall!(SYS_fdatasync),
+            crate::device_syscall!(SYS_io_uring_setup),
+            crate::device_syscall!(SYS_io_uring_enter),
+            crate::device_syscall!(SYS_io_uring_register),
+            crate::device_syscall!(SYS_fallocate),
+            crate::device_syscall!(SYS_clock_nanosleep),
+        ]
+    }
+
     fn serve_chain(&self, _queue: usize, mem: &RequestMemory<'_>, chain: &Chain<'_, '_>) -> u32 {
         self.serve_one(mem, chain)
     }

@@ -78,6 +78,11 @@ impl VhostUserDevice for RngDevice {
         WritableBuffers::Overwrite
     }
 
+    fn worker_syscalls(&self) -> Vec<crate::daemon::threads::DeviceSyscall> {
+        // One vector read of the entropy file per request.
+        vec![crate::device_syscall!(SYS_readv)]
+    }
+
     fn serve_chain(&self, _queue: usize, mem: &RequestMemory<'_>, chain: &Chain<'_, '_>) -> u32 {
         self.serve_one(mem, chain)
     }

@@ -4,7 +4,7 @@ use std::ptr::NonNull;
 
 use vm_memory::{Permissions, VolatileSlice};
 
-use super::pages::{Bounce, BouncePage, KeySet, LiveMap, PageSlot, Span};
+use super::pages::{Bounce, BouncePage, KeySet, LiveMap, MapRefusal, PageSlot, Span};
 use super::{
     RequestError, RequestMemory, ScopeState, Scratch, SliceBuf, WritableBuffers, MAX_SCOPE_PAGES,
 };
@@ -113,6 +113,17 @@ impl RequestMemory<'_> {
             }
             return Err(copy_error(p, status));
         }
+        // The same for a page whose map with this access's protection failed at a touch.
+        let refused = ps.iter().find_map(|p| match st.pages.get(&p.key) {
+            Some(s) if s.bounce.is_none() && !st.ready(p) => s.refused(p.write).map(|r| (p, r)),
+            _ => None,
+        });
+        if let Some((p, r)) = refused {
+            if let Some(d) = &st.dev {
+                d.counters().add_errors(1);
+            }
+            return Err(refusal_error(p, r));
+        }
         // Only pages new to the scope count against its limit.
         let new = ps.iter().filter(|p| !st.pages.contains_key(&p.key)).count();
         if st.pages.len() + new > MAX_SCOPE_PAGES {
@@ -128,9 +139,8 @@ impl RequestMemory<'_> {
         let copy_new = self.strategy.copies(len);
         let (copy, map): (Vec<Piece>, Vec<Piece>) =
             ps.iter().partition(|p| match st.pages.get(&p.key) {
-                Some(s) if s.bounce.is_some() => true,
-                Some(s) if s.is_mapped() => false,
-                _ => copy_new,
+                Some(s) => s.bounce.is_some(),
+                None => copy_new,
             });
         let write = ps.first().is_some_and(|p| p.write);
         let r = st
@@ -256,7 +266,6 @@ impl ScopeState {
                             CopyDirection::FromGuest,
                         ));
                         t.owners.push(i);
-                        b.fresh.get_or_insert(copy.lo);
                     }
                 }
             }
@@ -267,15 +276,29 @@ impl ScopeState {
             }
         }
         // Probe writability by writing back one byte just read, in the same call: the same
-        // value, but Xen checks write permission. Pages with nothing new to copy in read their
-        // byte into `bytes` first, so no stale bounce byte ever reaches the guest.
+        // value, but Xen checks write permission. The byte lies inside the write access that
+        // planned the probe, so no byte outside it is ever written (a concurrent scope writing
+        // a neighbouring byte of the page keeps its value). It is the first byte of the access
+        // this call copies in, when there is one (the copy-in before the probe fills it);
+        // otherwise the access's first byte is read into `bytes` and written back from there,
+        // so no stale bounce byte ever reaches the guest.
         t.bytes.resize(t.probes.len(), 0);
         for n in 0..t.probes.len() {
             let i = t.probes[n];
-            let key = pieces[i].key;
+            let p = &pieces[i];
+            let key = p.key;
             let Some(b) = self.bounce(key) else { continue };
-            match (b.fresh, b.pending) {
-                (Some(lo), _) => {
+            if b.pending.is_none() {
+                continue;
+            }
+            let fresh = p
+                .span
+                .minus(b.valid)
+                .into_iter()
+                .find(|s| !s.is_empty())
+                .map(|s| s.lo);
+            match fresh {
+                Some(lo) => {
                     let byte = Span { lo, hi: lo + 1 };
                     let local = in_page(b.buf, byte);
                     // The copy-in before it fills this byte; should it fail while the write
@@ -284,10 +307,10 @@ impl ScopeState {
                     unsafe { local.write(0) };
                     t.segs.push(seg(key, byte, local, CopyDirection::ToGuest));
                 }
-                (None, Some(span)) => {
+                None => {
                     let byte = Span {
-                        lo: span.lo,
-                        hi: span.lo + 1,
+                        lo: p.span.lo,
+                        hi: p.span.lo + 1,
                     };
                     // In bounds: `bytes` has one byte per probe, and is not resized again
                     // before the call.
@@ -296,7 +319,6 @@ impl ScopeState {
                     t.owners.push(i);
                     t.segs.push(seg(key, byte, local, CopyDirection::ToGuest));
                 }
-                (None, None) => continue,
             }
             t.owners.push(i);
         }
@@ -369,7 +391,6 @@ impl ScopeState {
                 b.valid = b.pending.unwrap_or(b.valid);
             }
             b.pending = None;
-            b.fresh = None;
             b.probing = false;
             b.failed = false;
         }
@@ -428,7 +449,9 @@ impl ScopeState {
             } else {
                 slot.is_mapped()
             };
-            if !ok && seen.insert(p.key) {
+            // A page refused at a touch is not tried again in this scope (the touch that
+            // reaches here is refused before, in `fetch`).
+            if !ok && slot.refused(write).is_none() && seen.insert(p.key) {
                 need.push(p);
             }
         }
@@ -474,7 +497,11 @@ impl ScopeState {
             Ok(()) => Ok(()),
             Err(e) => match need {
                 [] => Ok(()),
-                [p] => Err(self.blame(dev, p, prot, e)),
+                [p] => {
+                    let err = self.blame(dev, p, prot, e);
+                    self.remember_refusal(p, prot, &err);
+                    Err(err)
+                }
                 _ => {
                     let (left, right) = need.split_at(need.len() / 2);
                     self.map_or_blame(dev, left, prot)?;
@@ -516,6 +543,22 @@ impl ScopeState {
         Ok(())
     }
 
+    /// Remembers for the rest of the scope that mapping `p`'s page with `prot` failed with
+    /// `err` (when the failure is not one that may pass).
+    fn remember_refusal(&mut self, p: &Piece, prot: Protection, err: &RequestError) {
+        let refusal = match err {
+            RequestError::ReadOnlyGrant { .. } => Some(MapRefusal::ReadOnly),
+            RequestError::GrantMap { source, .. } => MapRefusal::of(source),
+            _ => None,
+        };
+        let Some(refusal) = refusal else { return };
+        let slot = self.pages.entry(p.key).or_default();
+        match prot {
+            Protection::ReadOnly => slot.ro_refused = Some(refusal),
+            Protection::ReadWrite => slot.rw_refused = Some(refusal),
+        }
+    }
+
     /// Names the failure of mapping one page: a writable map refused where a read-only one
     /// works means the guest granted it read-only.
     fn blame(
@@ -527,12 +570,23 @@ impl ScopeState {
     ) -> RequestError {
         // gntdev refuses a writable map of a read-only grant with EINVAL; other errnos
         // (ENOMEM, limits) say nothing about the grant.
-        let is_mapped_ro = self.pages.get(&p.key).is_some_and(|s| s.ro.is_some());
+        let slot = self.pages.get(&p.key).copied().unwrap_or_default();
         if prot == Protection::ReadWrite
             && e.errno() == Some(libc::EINVAL)
-            && (is_mapped_ro || self.map_pages(dev, &[p.key], Protection::ReadOnly).is_ok())
+            && slot.ro_refused.is_none()
         {
-            return read_only(p);
+            if slot.ro.is_some() {
+                return read_only(p);
+            }
+            match self.map_pages(dev, &[p.key], Protection::ReadOnly) {
+                Ok(()) => return read_only(p),
+                Err(ro) => {
+                    // Neither protection maps: remember the read-only refusal too.
+                    if let Some(r) = MapRefusal::of(&ro) {
+                        self.pages.entry(p.key).or_default().ro_refused = Some(r);
+                    }
+                }
+            }
         }
         RequestError::GrantMap {
             gpa: p.gpa,
@@ -655,6 +709,20 @@ fn copy_error(p: &Piece, status: i16) -> RequestError {
             gpa: p.gpa,
             gref: p.key.gref,
             status,
+        },
+    }
+}
+
+/// The error of a touch of `p` whose map was refused earlier in the scope: the same one the
+/// first touch got.
+fn refusal_error(p: &Piece, r: MapRefusal) -> RequestError {
+    match r {
+        MapRefusal::ReadOnly => read_only(p),
+        MapRefusal::Failed { call, errno } => RequestError::GrantMap {
+            gpa: p.gpa,
+            domid: p.key.domid,
+            gref: p.key.gref,
+            source: crate::device::DeviceError::sys(call, errno),
         },
     }
 }

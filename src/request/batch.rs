@@ -88,9 +88,8 @@ impl RequestMemory<'_> {
             for &p in &ps {
                 // The first decision for a page holds: it is bounced or mapped, never both.
                 let by_copy = match st.pages.get(&p.key) {
-                    Some(s) if s.bounce.is_some() => true,
-                    Some(s) if s.is_mapped() => false,
-                    _ => *decided.entry(p.key).or_insert(copies),
+                    Some(s) => s.bounce.is_some(),
+                    None => *decided.entry(p.key).or_insert(copies),
                 };
                 if by_copy {
                     copy.push(p);

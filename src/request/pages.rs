@@ -128,8 +128,6 @@ pub(crate) struct Bounce {
     pub writable: Option<bool>,
     /// During one fetch: the valid span once the planned copy-ins land.
     pub pending: Option<Span>,
-    /// During one fetch: the first byte this call copies in (fresh for the probe).
-    pub fresh: Option<u16>,
     /// During one fetch: a writability probe is planned.
     pub probing: bool,
     /// During one fetch: a copy-in failed.
@@ -148,7 +146,6 @@ impl Bounce {
             dirty: super::writeback::Dirty::default(),
             writable: None,
             pending: None,
-            fresh: None,
             probing: false,
             failed: false,
             bad: crate::device::GNTST_OKAY,
@@ -156,7 +153,8 @@ impl Bounce {
     }
 }
 
-/// What a scope holds of one grant page.
+/// What a scope holds of one grant page. A page is bounced (`bounce`) or mapped (`ro`, `rw`,
+/// and the refusals), never both: a slot without a bounce buffer is a mapped page's.
 #[derive(Clone, Copy, Debug, Default)]
 pub(crate) struct PageSlot {
     pub bounce: Option<Bounce>,
@@ -164,12 +162,54 @@ pub(crate) struct PageSlot {
     pub ro: Option<NonNull<u8>>,
     /// Writable mapping of the page.
     pub rw: Option<NonNull<u8>>,
+    /// A read-only map of the page failed at a touch: later touches fail at once.
+    pub ro_refused: Option<MapRefusal>,
+    /// A writable map of the page failed at a touch: later touches fail at once.
+    pub rw_refused: Option<MapRefusal>,
 }
 
 impl PageSlot {
     /// True once the page is represented by mappings (so it must never be bounced too).
     pub(crate) fn is_mapped(&self) -> bool {
         self.ro.is_some() || self.rw.is_some()
+    }
+
+    /// The refusal remembered for a map with this protection (`write`: writable).
+    pub(crate) fn refused(&self, write: bool) -> Option<MapRefusal> {
+        if write {
+            self.rw_refused
+        } else {
+            self.ro_refused
+        }
+    }
+}
+
+/// Why a map of one page failed, remembered for the rest of the scope so that a guest cannot
+/// make every touch of a bad page cost map attempts (as a failed copy-in is, by `Bounce::bad`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum MapRefusal {
+    /// The grant is read-only and the access writes.
+    ReadOnly,
+    /// The map failed with this call and errno.
+    Failed {
+        /// Which device call.
+        call: &'static str,
+        /// Its errno.
+        errno: i32,
+    },
+}
+
+impl MapRefusal {
+    /// The refusal worth remembering for `e`: not one that may pass (EAGAIN, EINTR, ENOMEM)
+    /// or has no errno.
+    pub(crate) fn of(e: &crate::device::DeviceError) -> Option<Self> {
+        let crate::device::DeviceError::Syscall { call, .. } = e else {
+            return None;
+        };
+        match e.errno()? {
+            libc::EAGAIN | libc::EINTR | libc::ENOMEM => None,
+            errno => Some(MapRefusal::Failed { call, errno }),
+        }
     }
 }
 

@@ -1084,8 +1084,11 @@ impl VirtioDriver {
 /// one that does.
 fn connect_frontend(path: &Path, queues: usize) -> Result<Frontend, DriverError> {
     let sock = UnixStream::connect(path)?;
-    let (ours, _relays) =
-        crate::daemon::layout::relay(sock, crate::daemon::layout::Rewrite::Narrow)?;
+    let (ours, _relays) = crate::daemon::layout::relay(
+        sock,
+        crate::daemon::layout::Rewrite::Narrow,
+        &crate::daemon::threads::Sandbox::off(),
+    )?;
     Ok(Frontend::from_stream(ours, queues as u64))
 }
 

@@ -7,6 +7,7 @@
 //! with the requested protection, so a write through a read-only mapping faults as it would on
 //! Xen, and the test (playing the guest) sees the device's writes through its own view.
 
+use crate::daemon::threads::ThreadKind;
 use std::collections::HashMap;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::ptr::NonNull;
@@ -119,6 +120,21 @@ pub struct EmulatedXen {
     state: Mutex<State>,
     /// Grant-copy ioctls still to fail as a whole (error-path tests).
     failing_copies: std::sync::atomic::AtomicU32,
+    /// Grant-copy writes to guest pages, recorded while on (`record_guest_writes`).
+    guest_writes: Mutex<Option<Vec<GuestWrite>>>,
+    /// Which driver methods threads of which kinds called (`calls_by_thread_kind`).
+    calls: Mutex<std::collections::BTreeSet<(Option<ThreadKind>, &'static str)>>,
+}
+
+/// One grant-copy segment that wrote to a guest page: which page and which bytes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct GuestWrite {
+    /// Domain and ref of the page.
+    pub grant: crate::device::GrantPage,
+    /// First byte written, in the page.
+    pub offset: u16,
+    /// Bytes written.
+    pub len: u16,
 }
 
 // SAFETY: `base` points to a shared mapping owned by this value for its whole life; all
@@ -170,6 +186,8 @@ impl EmulatedXen {
                 ..State::default()
             }),
             failing_copies: Default::default(),
+            guest_writes: Mutex::new(None),
+            calls: Mutex::default(),
         })
     }
 
@@ -298,6 +316,42 @@ impl EmulatedXen {
             .store(n, std::sync::atomic::Ordering::Relaxed);
     }
 
+    /// Starts (`true`) or stops recording the bytes grant copies write to guest pages; starting
+    /// clears what was recorded. Tests use it to prove that nothing outside an access is
+    /// written, not even with the value just read (a concurrent writer could lose its byte).
+    pub fn record_guest_writes(&self, on: bool) {
+        if let Ok(mut w) = self.guest_writes.lock() {
+            *w = on.then(Vec::new);
+        }
+    }
+
+    /// The grant-copy writes to guest pages recorded since `record_guest_writes(true)`.
+    pub fn guest_writes(&self) -> Vec<GuestWrite> {
+        self.guest_writes
+            .lock()
+            .ok()
+            .and_then(|w| w.clone())
+            .unwrap_or_default()
+    }
+
+    /// Every (thread kind, driver method) pair called so far: the kind of a thread the daemon
+    /// spawned ([`crate::daemon::threads::current_kind`]), `None` for any other thread. Each
+    /// method is one system call on the real drivers
+    /// ([`crate::device::DRIVER_SYSCALLS`]), so this proves what a kind's seccomp allowlist
+    /// needs.
+    pub fn calls_by_thread_kind(&self) -> Vec<(Option<ThreadKind>, &'static str)> {
+        self.calls
+            .lock()
+            .map(|c| c.iter().copied().collect())
+            .unwrap_or_default()
+    }
+
+    fn record(&self, method: &'static str) {
+        if let Ok(mut c) = self.calls.lock() {
+            c.insert((crate::daemon::threads::current_kind(), method));
+        }
+    }
+
     /// Host mappings (grant mmaps and privcmd reservations) currently alive.
     pub fn live_mappings(&self) -> usize {
         self.state().live.len()
@@ -372,6 +426,7 @@ fn errno() -> i32 {
 
 impl XenDriver for EmulatedXen {
     fn grant_map_refs(&self, refs: &[GrantPage]) -> Result<u64, DeviceError> {
+        self.record("grant_map_refs");
         if refs.is_empty() {
             return Err(DeviceError::sys("IOCTL_GNTDEV_MAP_GRANT_REF", libc::EINVAL));
         }
@@ -395,6 +450,7 @@ impl XenDriver for EmulatedXen {
         pages: usize,
         prot: Protection,
     ) -> Result<NonNull<u8>, DeviceError> {
+        self.record("grant_mmap");
         const CALL: &str = "mmap(gntdev)";
         let mut st = self.state();
         let st = &mut *st;
@@ -449,6 +505,7 @@ impl XenDriver for EmulatedXen {
     }
 
     unsafe fn grant_munmap(&self, addr: NonNull<u8>, pages: usize) -> Result<(), DeviceError> {
+        self.record("grant_munmap");
         const CALL: &str = "munmap(gntdev)";
         let mut st = self.state();
         let st = &mut *st;
@@ -475,6 +532,7 @@ impl XenDriver for EmulatedXen {
     }
 
     fn grant_unmap_refs(&self, index: u64, pages: usize) -> Result<(), DeviceError> {
+        self.record("grant_unmap_refs");
         const CALL: &str = "IOCTL_GNTDEV_UNMAP_GRANT_REF";
         let mut st = self.state();
         match st.maps.get(&index) {
@@ -490,6 +548,7 @@ impl XenDriver for EmulatedXen {
     }
 
     unsafe fn grant_copy(&self, segments: &mut [CopySegment]) -> Result<(), DeviceError> {
+        self.record("grant_copy");
         use std::sync::atomic::Ordering::Relaxed;
         let failing = self.failing_copies.load(Relaxed);
         if failing > 0 {
@@ -519,6 +578,17 @@ impl XenDriver for EmulatedXen {
                             CopyDirection::ToGuest => std::ptr::copy(seg.local, guest, len),
                         }
                     }
+                    if seg.direction == CopyDirection::ToGuest {
+                        if let Ok(mut w) = self.guest_writes.lock() {
+                            if let Some(w) = w.as_mut() {
+                                w.push(GuestWrite {
+                                    grant: seg.grant,
+                                    offset: seg.offset,
+                                    len: seg.len,
+                                });
+                            }
+                        }
+                    }
                     GNTST_OKAY
                 }
             };
@@ -527,6 +597,7 @@ impl XenDriver for EmulatedXen {
     }
 
     unsafe fn foreign_mmap_at(&self, addr: NonNull<u8>, pages: usize) -> Result<(), DeviceError> {
+        self.record("foreign_mmap_at");
         // SAFETY: the caller owns `addr..` with no references into it; an inaccessible
         // anonymous mapping stands for the empty privcmd VMA.
         unsafe { reserve_fixed("mmap(privcmd)", addr, pages) }?;
@@ -547,6 +618,7 @@ impl XenDriver for EmulatedXen {
         gfns: &[u64],
         errs: &mut [i32],
     ) -> Result<(), DeviceError> {
+        self.record("foreign_map_batch");
         const CALL: &str = "IOCTL_PRIVCMD_MMAPBATCH_V2";
         if gfns.len() != errs.len() || gfns.is_empty() {
             return Err(DeviceError::sys(CALL, libc::EINVAL));
@@ -616,6 +688,7 @@ impl XenDriver for EmulatedXen {
     }
 
     unsafe fn foreign_munmap(&self, addr: NonNull<u8>, pages: usize) -> Result<(), DeviceError> {
+        self.record("foreign_munmap");
         self.release_foreign("munmap(privcmd)", addr, pages, |call| {
             // SAFETY: exactly a live privcmd reservation of ours; the caller promises no users.
             if unsafe { libc::munmap(addr.as_ptr().cast(), pages * XEN_PAGE_SIZE) } != 0 {
@@ -630,6 +703,7 @@ impl XenDriver for EmulatedXen {
         addr: NonNull<u8>,
         pages: usize,
     ) -> Result<(), DeviceError> {
+        self.record("foreign_unmap_to_reserve");
         self.release_foreign("mmap(reserve over privcmd)", addr, pages, |call| {
             // SAFETY: exactly a live privcmd mapping of ours; the caller promises no users.
             unsafe { reserve_fixed(call, addr, pages) }

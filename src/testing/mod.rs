@@ -43,6 +43,6 @@ mod emulated;
 mod gntalloc;
 mod guest_sim;
 
-pub use emulated::{EmulatedXen, EmulationError};
+pub use emulated::{EmulatedXen, EmulationError, GuestWrite};
 pub use gntalloc::{GntallocGuest, GntallocGuestError};
 pub use guest_sim::{Guest, GuestBuffer, GuestSim};

@@ -51,6 +51,10 @@ struct Args {
     /// The peer daemon (default: bench/peer-blk, built on first use).
     #[arg(long)]
     peer_bin: Option<PathBuf>,
+    /// Our daemon without its sandbox (by default it runs sandboxed, as the binaries do:
+    /// every thread under its seccomp allowlist).
+    #[arg(long)]
+    no_sandbox: bool,
     /// Internal: serve one frontend with our daemon and exit.
     #[arg(long, hide = true)]
     serve: bool,
@@ -78,7 +82,11 @@ fn main() -> Res<()> {
             },
         )?;
         let listener = UnixListener::bind(sock)?;
-        VhostUserDaemon::new(Arc::new(dev)).serve(&listener, Some(1))?;
+        let mut daemon = VhostUserDaemon::new(Arc::new(dev));
+        if !a.no_sandbox {
+            daemon = daemon.sandboxed()?;
+        }
+        daemon.serve(&listener, Some(1))?;
         return Ok(());
     }
     let dir = std::env::temp_dir().join(format!("xvm-daemon-bench-{}", std::process::id()));
@@ -241,6 +249,9 @@ fn measure_process(
     let mut cmd = if kind == "ours" {
         let mut c = Command::new(std::env::current_exe()?);
         c.arg("--serve");
+        if a.no_sandbox {
+            c.arg("--no-sandbox");
+        }
         c
     } else {
         Command::new(peer)

@@ -4,8 +4,11 @@
 //! vhost-user-blk --socket-path /tmp/blk.sock --blk-file disk.img [--num-queues 2] [--read-only]
 //! ```
 //! Serves one frontend after another; `--xen` maps FOREIGN and GRANT regions through the
-//! real `/dev/xen` drivers (dom0, root). Logging through `RUST_LOG`; SIGUSR1 and
-//! `--stats-interval` log the counters as one JSON line (the crate's lib).
+//! real `/dev/xen` drivers (dom0, root). Sandboxed by default (`--sandbox auto`): every thread
+//! under its seccomp allowlist, and once the image, the socket and /dev/xen are open, no
+//! capabilities (Xen mode) or the `nobody` user (UNIX mode started as root; `--user`).
+//! Logging through `RUST_LOG`; SIGUSR1 and `--stats-interval` log the counters as one JSON
+//! line (the crate's lib).
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -14,7 +17,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use xen_vhost_mem::daemon::VhostUserDaemon;
+use xen_vhost_mem::daemon::{ThreadKind, VhostUserDaemon};
 use xen_vhost_mem::device::CounterSnapshot;
 use xen_vhost_mem::devices::blk::{BlkConfig, BlkDevice, BlkIo};
 use xen_vhost_mem::{ForeignMapping, RealXen, XenHandle};
@@ -90,6 +93,8 @@ struct Args {
     /// Also log a stats line (one JSON object, target `stats`) every this many seconds.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     stats_interval: Option<u64>,
+    #[command(flatten)]
+    sandbox: xen_vhost_daemons::SandboxArgs,
 }
 
 fn xen_counters(daemon: &VhostUserDaemon<BlkDevice>) -> CounterSnapshot {
@@ -139,13 +144,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         daemon = daemon.with_xen(xen);
     }
-    signals.spawn(
-        NAME,
-        daemon.reporter(),
-        a.stats_interval.map(Duration::from_secs),
-    )?;
     let _ = std::fs::remove_file(&a.socket_path);
     let listener = UnixListener::bind(&a.socket_path)?;
+    // The sandbox on and privileges dropped (one thread so far), then the signal thread.
+    let daemon = xen_vhost_daemons::lock_down(
+        daemon,
+        &a.sandbox,
+        a.xen,
+        signals,
+        NAME,
+        a.stats_interval.map(Duration::from_secs),
+    )?;
+    daemon.sandbox().enter(ThreadKind::Main)?;
     log::info!("listening on {}", a.socket_path.display());
     match a.connections {
         None => daemon.serve(&listener, None)?,

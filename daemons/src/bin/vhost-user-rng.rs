@@ -4,8 +4,9 @@
 //! vhost-user-rng --socket-path /tmp/rng.sock [--rng-file /dev/urandom]
 //! ```
 //! Serves one frontend after another; `--xen` maps FOREIGN and GRANT regions through the
-//! real `/dev/xen` drivers (dom0, root). Logging through `RUST_LOG`; SIGUSR1 and
-//! `--stats-interval` log the counters as one JSON line (the crate's lib).
+//! real `/dev/xen` drivers (dom0, root). Sandboxed by default, as `vhost-user-blk`
+//! (`--sandbox`, `--user`). Logging through `RUST_LOG`; SIGUSR1 and `--stats-interval` log
+//! the counters as one JSON line (the crate's lib).
 
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use clap::Parser;
 
-use xen_vhost_mem::daemon::VhostUserDaemon;
+use xen_vhost_mem::daemon::{ThreadKind, VhostUserDaemon};
 use xen_vhost_mem::devices::rng::RngDevice;
 use xen_vhost_mem::{RealXen, XenHandle};
 
@@ -50,6 +51,8 @@ struct Args {
     /// Also log a stats line (one JSON object, target `stats`) every this many seconds.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     stats_interval: Option<u64>,
+    #[command(flatten)]
+    sandbox: xen_vhost_daemons::SandboxArgs,
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -60,13 +63,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if a.xen {
         daemon = daemon.with_xen(XenHandle::new(Arc::new(RealXen::open()?)));
     }
-    signals.spawn(
-        NAME,
-        daemon.reporter(),
-        a.stats_interval.map(Duration::from_secs),
-    )?;
     let _ = std::fs::remove_file(&a.socket_path);
     let listener = UnixListener::bind(&a.socket_path)?;
+    // The sandbox on and privileges dropped (one thread so far), then the signal thread.
+    let daemon = xen_vhost_daemons::lock_down(
+        daemon,
+        &a.sandbox,
+        a.xen,
+        signals,
+        NAME,
+        a.stats_interval.map(Duration::from_secs),
+    )?;
+    daemon.sandbox().enter(ThreadKind::Main)?;
     log::info!("listening on {}", a.socket_path.display());
     daemon.serve(&listener, a.connections)?;
     // Only reached with --connections.
