@@ -24,7 +24,7 @@ use vm_memory::{GuestMemoryRegion, GuestUsize};
 
 use super::device::{VhostUserDevice, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_RING_F_EVENT_IDX};
 use super::error::DaemonError;
-use super::inflight::InflightRegion;
+use super::inflight::{InflightError, InflightRegion};
 use super::notify_fd::check_eventfd;
 use super::ring_mem::RingMem;
 use super::threads::Sandbox;
@@ -211,6 +211,20 @@ impl<D: VhostUserDevice> Handler<D> {
                 index,
                 queues: self.vrings.len(),
             })
+    }
+
+    /// An in-flight region no larger than the device's queues need: a frontend cannot make
+    /// the daemon create or map more than that.
+    fn check_inflight_layout(&self, inflight: &VhostUserInflight) -> Result<(), DaemonError> {
+        if usize::from(inflight.num_queues) > self.device.num_queues()
+            || inflight.queue_size > self.device.max_queue_size()
+        {
+            return Err(DaemonError::Inflight(InflightError::Layout {
+                queues: inflight.num_queues,
+                size: inflight.queue_size,
+            }));
+        }
+        Ok(())
     }
 
     fn offered_features(&self) -> u64 {
@@ -687,6 +701,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
         &mut self,
         inflight: &VhostUserInflight,
     ) -> VhostResult<(VhostUserInflight, File)> {
+        self.check_inflight_layout(inflight)?;
         let (region, file) = InflightRegion::create(inflight.num_queues, inflight.queue_size)
             .map_err(DaemonError::Inflight)?;
         let size = (usize::from(inflight.num_queues)
@@ -706,6 +721,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
 
     fn set_inflight_fd(&mut self, inflight: &VhostUserInflight, file: File) -> VhostResult<()> {
         self.handled();
+        self.check_inflight_layout(inflight)?;
         let region = InflightRegion::open(
             &file,
             inflight.mmap_size,

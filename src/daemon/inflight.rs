@@ -29,7 +29,8 @@ const VERSION: u16 = 1;
 /// Why an in-flight region could not be made or mapped.
 #[derive(Debug, thiserror::Error)]
 pub enum InflightError {
-    /// A queue count or size of zero, or a size that is not a power of two.
+    /// A queue count or size of zero, a size that is not a power of two, or more queues or a
+    /// larger size than the device has.
     #[error("in-flight region for {queues} queues of size {size}: invalid layout")]
     Layout {
         /// Queues asked for.
