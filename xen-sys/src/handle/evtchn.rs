@@ -5,7 +5,7 @@
 use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 
-use super::{fd_handle, ioctl};
+use super::{fd_handle, ioctl, FdIo};
 use crate::evtchn::{IoctlEvtchnBindInterdomain, IoctlEvtchnNotify, IoctlEvtchnUnbind};
 use crate::ioctl::{IOCTL_EVTCHN_BIND_INTERDOMAIN, IOCTL_EVTCHN_NOTIFY, IOCTL_EVTCHN_UNBIND};
 
@@ -47,7 +47,7 @@ impl Evtchn {
     /// how many; blocks unless the fd is non-blocking or readable.
     pub fn pending(&self, ports: &mut [u32]) -> io::Result<usize> {
         let mut buf = vec![0u8; ports.len() * 4];
-        let n = (&File(&self.0)).read(&mut buf)?;
+        let n = (&FdIo(&self.0)).read(&mut buf)?;
         for (p, c) in ports.iter_mut().zip(buf[..n].chunks_exact(4)) {
             *p = u32::from_ne_bytes([c[0], c[1], c[2], c[3]]);
         }
@@ -56,38 +56,6 @@ impl Evtchn {
 
     /// Unmasks `port` so that it can fire again.
     pub fn unmask(&self, port: u32) -> io::Result<()> {
-        (&File(&self.0)).write_all(&port.to_ne_bytes())
-    }
-}
-
-/// `Read`/`Write` over a borrowed fd without taking ownership.
-struct File<'a>(&'a OwnedFd);
-
-impl Read for &File<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: `buf` is valid for `buf.len()` bytes of writes for the call.
-        let n = unsafe { libc::read(self.0.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
-    }
-}
-
-impl Write for &File<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        use std::os::fd::AsRawFd;
-        // SAFETY: `buf` is valid for `buf.len()` bytes of reads for the call.
-        let n = unsafe { libc::write(self.0.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-        if n < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(n as usize)
-        }
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
+        (&FdIo(&self.0)).write_all(&port.to_ne_bytes())
     }
 }

@@ -4,7 +4,7 @@
 use std::io::{self, Read, Write};
 use std::os::fd::OwnedFd;
 
-use super::{fd_handle, invalid_input};
+use super::{fd_handle, invalid_input, FdIo};
 use crate::xenbus::{XsdSockmsg, XENSTORE_PAYLOAD_MAX, XS_DIRECTORY, XS_ERROR, XS_READ};
 
 /// An open xenbus device.
@@ -43,7 +43,7 @@ impl Xenbus {
         };
         let mut msg = hdr.to_bytes().to_vec();
         msg.extend_from_slice(&payload);
-        let mut f = std::fs::File::from(self.0.try_clone()?);
+        let mut f = &FdIo(&self.0);
         // The device takes a whole message per write and answers per read.
         f.write_all(&msg)?;
         let mut h = [0u8; 16];
