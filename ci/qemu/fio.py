@@ -5,7 +5,9 @@ per round, then median and min-max over rounds.
   fio.py libs  ROOT BIN DEST            copy BIN's shared libraries (NEEDED, recursively, found
                                         under ROOT) into DEST; exit 1 naming any not found
   fio.py watch IMG SECTOR PID OUT       append "time cpu_ticks marker" to OUT whenever the
-                                        guest's marker sector in IMG changes (PID's utime+stime)
+                                        guest's marker sector in IMG changes (PID's utime+stime);
+                                        a row's CPU is from its start marker to its end marker,
+                                        cpu_busy that CPU over the window's wall time (cores)
   fio.py collect RES R SIDE BE LOG SAMPLES   one JSON line per row of that boot into RES
   fio.py round RES R A B                the ratios of round R
   fio.py table RES N A B                the final markdown table
@@ -95,12 +97,12 @@ def collect(res, rnd, side, be, logf, samples):
         m = re.match(r"QT: fio .*engine=(\S+)", line)
         if m:
             engine = m.group(1)
-    marks = []  # (ticks, what, row)
+    marks = []  # (ticks, what, row, time)
     if os.path.exists(samples):
         for line in open(samples):
             f = line.split()
             if len(f) == 6:  # time ticks QTFIO seq start|end row
-                marks.append((int(f[1]), f[4], f[5]))
+                marks.append((int(f[1]), f[4], f[5], float(f[0])))
     n = 0
     with open(res, "a") as o:
         for row, text in fio.items():
@@ -115,17 +117,18 @@ def collect(res, rnd, side, be, logf, samples):
             pct = d["clat_ns"].get("percentile", {})
             # CPU: from the sample at this row's start marker to its end marker (or the next
             # row's start, should the watcher have missed the end).
-            cpu = None
-            for i, (t, what, r) in enumerate(marks):
+            cpu = busy = None
+            for i, (t, what, r, when) in enumerate(marks):
                 if what == "start" and r == row:
                     nxt = next((m for m in marks[i + 1:]), None)
                     if nxt:
                         cpu = (nxt[0] - t) / TCK
+                        busy = cpu / (nxt[3] - when) if nxt[3] > when else None
                     break
             rec = {"round": rnd, "side": side, "backend": be, "row": row, "engine": engine,
                    "iops": d["iops"], "bw_bytes": d["bw_bytes"],
                    "p50_us": pct.get("50.000000", 0) / 1000, "p99_us": pct.get("99.000000", 0) / 1000,
-                   "bytes": sectors * 512, "cpu_s": cpu,
+                   "bytes": sectors * 512, "cpu_s": cpu, "cpu_busy": busy,
                    "cpu_s_per_gib": cpu / (sectors * 512 / 2**30) if cpu is not None and sectors else None}
             o.write(json.dumps(rec) + "\n")
             n += 1
@@ -165,6 +168,7 @@ def summary(data, n):
                        "mibs": spread([x["bw_bytes"] / 2**20 for x in v], 2),
                        "p50_us": spread([x["p50_us"] for x in v]), "p99_us": spread([x["p99_us"] for x in v]),
                        "cpu_s_per_gib": spread([x["cpu_s_per_gib"] for x in v], 2),
+                       "cpu_busy": spread([x.get("cpu_busy") for x in v], 3),
                        "engine": sorted({x["engine"] for x in v if x["engine"]})}
         ratios = [data[(r, "A", row)]["iops"] / data[(r, "B", row)]["iops"] for r in range(1, n + 1)
                   if (r, "A", row) in data and (r, "B", row) in data and data[(r, "B", row)]["iops"] > 0]
