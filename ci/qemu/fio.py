@@ -8,7 +8,8 @@ per round, then median and min-max over rounds.
                                         guest's marker sector in IMG changes (PID's utime+stime);
                                         a row's CPU is from its start marker to its end marker,
                                         cpu_busy that CPU over the window's wall time (cores)
-  fio.py collect RES R SIDE BE LOG SAMPLES   one JSON line per row of that boot into RES
+  fio.py collect RES R LOG SIDE BE SAMPLES [SIDE BE SAMPLES]
+                                        one JSON line per row and side of that boot into RES
   fio.py round RES R A B                the ratios of round R
   fio.py table RES N A B                the final markdown table
   fio.py json  RES N A B META           the same as JSON (META: a JSON object merged in)
@@ -85,15 +86,22 @@ def watch(img, sector, pid, out):
             time.sleep(0.02)
 
 
-def collect(res, rnd, side, be, logf, samples):
+def collect(res, rnd, logf, *sides):
+    n = 0
+    for i in range(0, len(sides), 3):
+        n += collect_side(res, rnd, logf, *sides[i:i + 3])
+    print(n)
+
+
+def collect_side(res, rnd, logf, side, be, samples):
     fio, stat, engine = {}, {}, None
     for line in open(logf, errors="replace"):
-        m = re.match(r"QT: FIO (\S+) (\{.*)", line)
-        if m:
-            fio[m.group(1)] = m.group(2)
-        m = re.match(r"QT: FIOSTAT (\S+) rc=(\d+) sectors=(\d+)", line)
-        if m:
-            stat[m.group(1)] = (int(m.group(2)), int(m.group(3)))
+        m = re.match(r"QT: FIO (\S+) (\S+) (\{.*)", line)
+        if m and m.group(1) == side:
+            fio[m.group(2)] = m.group(3)
+        m = re.match(r"QT: FIOSTAT (\S+) (\S+) rc=(\d+) sectors=(\d+)", line)
+        if m and m.group(1) == side:
+            stat[m.group(2)] = (int(m.group(3)), int(m.group(4)))
         m = re.match(r"QT: fio .*engine=(\S+)", line)
         if m:
             engine = m.group(1)
@@ -132,7 +140,7 @@ def collect(res, rnd, side, be, logf, samples):
                    "cpu_s_per_gib": cpu / (sectors * 512 / 2**30) if cpu is not None and sectors else None}
             o.write(json.dumps(rec) + "\n")
             n += 1
-    print(n)
+    return n
 
 
 ROWS = [f"qd{q}-{rw}" for q in (1, 32) for rw in ("randread-4k", "randwrite-4k", "read-128k", "write-128k")]
@@ -192,7 +200,7 @@ def main():
     if cmd == "watch":
         return watch(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
     if cmd == "collect":
-        return collect(sys.argv[2], int(sys.argv[3]), *sys.argv[4:8])
+        return collect(sys.argv[2], int(sys.argv[3]), *sys.argv[4:])
     res = sys.argv[2]
     data = load(res)
     if cmd == "round":
