@@ -214,7 +214,7 @@ def main():
     n, a, b = int(sys.argv[3]), sys.argv[4], sys.argv[5]
     s = summary(data, n)
     if cmd == "table":
-        print(f"\n{n} round(s), order flipped each round; median (min-max) over rounds; "
+        print(f"\n{n} round(s), order alternated; median (min-max) over rounds; "
               f"{a}/{b} = per-round IOPS ratio; p50/p99 = fio clat in us; CPU = daemon s per GiB moved\n")
         print(f"| row | {a} IOPS | {b} IOPS | {a}/{b} | {a} p50/p99 us | {b} p50/p99 us | {a} CPU s/GiB | {b} CPU s/GiB |")
         print("|---|---|---|---|---|---|---|---|")
