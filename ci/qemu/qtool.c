@@ -7,6 +7,9 @@
  *   qtool bench DEV seq|rand read|write BS_KIB OFF_MIB REGION_MIB SECS
  *                                               O_DIRECT, queue depth 1, for SECS seconds;
  *                                               prints "ops=N bytes=N secs=F iops=F mibs=F"
+ *   qtool mark  DEV SECTOR TEXT                  TEXT, zero-padded, into one 512-byte sector with
+ *                                               O_DIRECT + fdatasync: the fio mode's signal to the
+ *                                               host, which watches the image (the console lags)
  *
  * Pattern: every 512-byte sector is "QTST" + seed (u32 LE) + sector number (u64 LE) + 496
  * bytes of xorshift64* seeded from (seed, sector), so any range can be made on its own and
@@ -137,11 +140,22 @@ static int bench(int argc, char **argv) {
   return close(fd) ? 1 : 0;
 }
 
+static int mark(int argc, char **argv) {
+  if (argc != 5) return 2;
+  int fd = xopen(argv[2], O_WRONLY);
+  unsigned char *buf = abuf(512);
+  memset(buf, 0, 512);
+  strncpy((char *)buf, argv[4], 511);
+  if (pwrite(fd, buf, 512, atoll(argv[3]) * 512) != 512 || fdatasync(fd)) { perror("mark"); return 1; }
+  return close(fd) ? 1 : 0;
+}
+
 int main(int argc, char **argv) {
   int rc = 2;
   if (argc > 1 && !strcmp(argv[1], "gen")) rc = gen(argc, argv);
   else if (argc > 1 && !strcmp(argv[1], "write")) rc = wr(argc, argv);
   else if (argc > 1 && !strcmp(argv[1], "bench")) rc = bench(argc, argv);
+  else if (argc > 1 && !strcmp(argv[1], "mark")) rc = mark(argc, argv);
   if (rc == 2) fprintf(stderr, "usage: see the comment at the top of qtool.c\n");
   return rc;
 }
