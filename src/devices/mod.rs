@@ -6,3 +6,4 @@ pub mod blk;
 mod iov;
 pub mod rng;
 mod uring;
+pub mod vsock;
