@@ -173,7 +173,8 @@ fn refused_io_uring_falls_back_to_one_call_per_request() {
             submissions: 0,
             uring_ops: 0,
             sync_ops: 4,
-            rings_refused: 1
+            rings_refused: 1,
+            held: 0,
         }
     );
     drop(drv);

@@ -8,6 +8,8 @@
 //! receives the chains the worker popped and the request-scoped memory to read and write
 //! them through.
 
+use std::os::fd::RawFd;
+
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use virtio_queue::DescriptorChain;
 
@@ -126,6 +128,27 @@ pub trait VhostUserDevice: Send + Sync + 'static {
     /// which completes it with used length 0: a device that offers `INFLIGHT_SHMFD`
     /// implements this.
     fn resubmit(&self, _queue: usize, _request: super::Request) {}
+
+    /// Fds the worker of queue `queue` watches for the device besides the kick, each with a
+    /// token of the device's choosing (below 2^32): an io_uring's completion eventfd, the
+    /// epoll fd of a device's host sockets. Asked once per worker start; the fds must stay
+    /// open while the queue runs. When one is readable the worker calls
+    /// [`VhostUserDevice::handle_event`] on its own thread, so the device needs no thread of
+    /// its own to complete the requests it holds.
+    fn queue_events(&self, _queue: usize) -> Vec<(RawFd, u64)> {
+        Vec::new()
+    }
+
+    /// One of [`VhostUserDevice::queue_events`]'s fds is readable (level-triggered: read or
+    /// drain it here). Runs on the queue's worker; the requests completed in here get their
+    /// used entries right after it returns, with one notification for them all.
+    fn handle_event(&self, _queue: usize, _token: u64) {}
+
+    /// The queue stops (reset, disconnect, GET_VRING_BASE after its drain): called on its
+    /// worker before the requests it still holds are released (their memory unmapped or
+    /// freed). A device whose kernel I/O still targets a held request's memory (io_uring
+    /// reads into it) waits for that I/O here; completing the requests is allowed.
+    fn quiesce(&self, _queue: usize) {}
 
     /// The queue stopped (`GET_VRING_BASE`, reset or disconnect). Requests it held were
     /// released already: their memory is gone and completing them does nothing.

@@ -7,6 +7,7 @@
 //! the device does with its `Request`s.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use virtio_queue::desc::split::Descriptor;
@@ -75,6 +76,9 @@ pub(crate) struct QueueCompletions {
     state: Mutex<State>,
     /// Written at every completion; the worker polls it.
     event: EventFd,
+    /// Set while the worker runs the device (`serve_batch`, `handle_event`) and takes the
+    /// completions right after: a completion then need not write `event`.
+    quiet: AtomicBool,
     stats: Arc<DaemonStats>,
 }
 
@@ -84,6 +88,7 @@ impl QueueCompletions {
             queue,
             state: Mutex::new(State::default()),
             event: EventFd::new(EFD_NONBLOCK)?,
+            quiet: AtomicBool::new(false),
             stats,
         })
     }
@@ -91,6 +96,16 @@ impl QueueCompletions {
     /// The eventfd completions write.
     pub(crate) fn event(&self) -> &EventFd {
         &self.event
+    }
+
+    /// Runs `f` (the device, on the worker) with completions quiet: the worker takes what
+    /// they queue right after `f` returns, so they need not wake it. A completion that sees
+    /// the flag queued its entry before the flag is cleared, hence before that take.
+    pub(crate) fn quietly<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.quiet.store(true, Ordering::SeqCst);
+        let r = f();
+        self.quiet.store(false, Ordering::SeqCst);
+        r
     }
 
     /// Requests held now.
@@ -136,9 +151,7 @@ impl QueueCompletions {
             // after that completion means nothing of the request is mapped once we return.
             if let Some(scope) = lock(&slot).take() {
                 if scope.finish().is_err() {
-                    self.stats
-                        .scope_errors
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    self.stats.scope_errors.fetch_add(1, Ordering::Relaxed);
                 }
                 released += 1;
             }
@@ -253,9 +266,7 @@ impl Request {
         };
         if let Err(e) = scope.finish() {
             log::warn!("vq{}: ending request {}'s scope: {e}", c.queue, self.head);
-            c.stats
-                .scope_errors
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            c.stats.scope_errors.fetch_add(1, Ordering::Relaxed);
         }
         let queued = {
             let mut st = lock(&c.state);
@@ -269,8 +280,10 @@ impl Request {
         if !queued {
             return Err(self.gone());
         }
-        // A full counter already means "wake up".
-        let _ = c.event.write(1);
+        if !c.quiet.load(Ordering::SeqCst) {
+            // A full counter already means "wake up".
+            let _ = c.event.write(1);
+        }
         Ok(())
     }
 }

@@ -35,6 +35,8 @@ pub const MAX_BATCH: usize = 64;
 const KICK: u64 = 0;
 const WAKE: u64 = 1;
 const COMPLETE: u64 = 2;
+/// Device tokens ([`VhostUserDevice::queue_events`]) sit above this, clear of the worker's.
+const DEVICE_BASE: u64 = 1 << 32;
 
 /// Counters of what the workers did, shared by all connections of a daemon.
 #[derive(Debug, Default)]
@@ -177,6 +179,17 @@ impl QueueWorker {
             completions.event().as_raw_fd(),
             EpollEvent::new(EventSet::IN, COMPLETE),
         )?;
+        let device_events = device.queue_events(index);
+        for &(fd, token) in &device_events {
+            let token = token.checked_add(DEVICE_BASE).ok_or_else(|| {
+                std::io::Error::other(format!("vq{index}: device event token {token} too large"))
+            })?;
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )?;
+        }
         let kick_fd = vring.get_ref().get_kick().as_ref().map(|k| k.as_raw_fd());
         if let Some(fd) = kick_fd {
             epoll.ctl(
@@ -199,6 +212,7 @@ impl QueueWorker {
             inflight,
             counter: std::cell::Cell::new(1),
             epoll,
+            events: 3 + device_events.len(),
         };
         let thread = sandbox
             .spawn(ThreadKind::QueueWorker, format!("vq{index}"), move || {
@@ -282,12 +296,21 @@ struct Worker<D: VhostUserDevice> {
     /// Counter of the next chain popped (in-flight order).
     counter: std::cell::Cell<u64>,
     epoll: Epoll,
+    /// Fds the epoll watches: the worker's three and the device's.
+    events: usize,
 }
 
 impl<D: VhostUserDevice> Worker<D> {
     fn run(self) {
         self.resubmit();
-        let mut events = [EpollEvent::default(); 3];
+        self.serve_loop();
+        // Nothing the device started may still touch a held request's memory when the
+        // requests are released (`QueueWorker::halt`, after this thread ends).
+        self.device.quiesce(self.index);
+    }
+
+    fn serve_loop(&self) {
+        let mut events = vec![EpollEvent::default(); self.events];
         let mut done = Vec::new();
         loop {
             let n = match self.epoll.wait(-1, &mut events) {
@@ -313,8 +336,13 @@ impl<D: VhostUserDevice> Worker<D> {
                     WAKE => {
                         let _ = self.wake.read();
                     }
-                    _ => {
+                    COMPLETE => {
                         let _ = self.completions.event().read();
+                    }
+                    token => {
+                        // Completions made in there are taken just below.
+                        self.completions
+                            .quietly(|| self.device.handle_event(self.index, token - DEVICE_BASE));
                     }
                 }
             }
@@ -517,20 +545,23 @@ impl<D: VhostUserDevice> Worker<D> {
                 held: &mut held,
                 holder: &holder,
             };
-            self.device.serve_batch(self.index, &mut batch);
+            self.completions
+                .quietly(|| self.device.serve_batch(self.index, &mut batch));
         }
         drop(chains);
         if let Err(e) = scope.finish() {
             log::warn!("vq{}: ending the request scope: {e}", self.index);
             self.stats.scope_errors.fetch_add(1, Ordering::Relaxed);
         }
-        // Held chains get their used entry when the device completes them.
-        let done: Vec<(u16, u32)> = heads
+        // Held chains get their used entry when the device completes them; those it
+        // completed already, inside `serve_batch`, go with this batch's.
+        let mut done: Vec<(u16, u32)> = heads
             .into_iter()
             .zip(used)
             .zip(held)
             .filter_map(|(d, held)| (!held).then_some(d))
             .collect();
+        self.completions.take_done(&mut done);
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.complete(&table, &done);
         if let Some(w) = &self.plain_watch {

@@ -16,7 +16,9 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use vm_memory::{Address, Bytes, GuestAddress, Permissions};
 
@@ -29,6 +31,9 @@ use crate::daemon::{
     VIRTIO_RING_F_INDIRECT_DESC,
 };
 use crate::request::RequestMemory;
+
+mod held;
+use held::QueueRing;
 
 /// How the device moves data.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -150,8 +155,12 @@ pub struct BlkDevice {
     config: BlkConfig,
     /// Per queue: its io_uring, made by the queue's worker on first use.
     rings: Vec<Mutex<RingState>>,
-    /// The file is open with O_DIRECT: writes go through the ring too.
+    /// The file is open with O_DIRECT: writes go through the ring too, and requests are
+    /// held until their completions ([`held`]).
     direct: Option<Direct>,
+    /// Per queue, with O_DIRECT on io_uring: the eventfd its ring writes at every
+    /// completion, which the queue's worker watches.
+    events: Vec<EventFd>,
     stats: IoCounters,
 }
 
@@ -161,6 +170,7 @@ struct IoCounters {
     uring_ops: AtomicU64,
     sync_ops: AtomicU64,
     rings_refused: AtomicU64,
+    held: AtomicU64,
 }
 
 /// How a block device moved its data so far.
@@ -174,6 +184,8 @@ pub struct BlkIoStats {
     pub sync_ops: u64,
     /// Queues whose io_uring the kernel refused.
     pub rings_refused: u64,
+    /// Requests held past `serve` until their io_uring completion (O_DIRECT).
+    pub held: u64,
 }
 
 /// What O_DIRECT needs: the file's alignments, and a buffered descriptor for requests that
@@ -193,7 +205,7 @@ enum RingState {
     /// Not tried yet.
     Untried,
     /// In use.
-    Ready(Box<Ring>),
+    Ready(Box<QueueRing>),
     /// Refused by the kernel, or not wanted ([`BlkIo::Sync`]): synchronous I/O.
     Off,
 }
@@ -269,6 +281,15 @@ impl BlkDevice {
             },
             e => e,
         })?;
+        if direct.is_some() && dev.config.io == BlkIo::Uring {
+            dev.events = (0..dev.config.num_queues)
+                .map(|_| EventFd::new(EFD_NONBLOCK))
+                .collect::<std::io::Result<_>>()
+                .map_err(|source| BlkError::Open {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+        }
         dev.direct = direct;
         Ok(dev)
     }
@@ -308,6 +329,7 @@ impl BlkDevice {
             config,
             rings,
             direct: None,
+            events: Vec::new(),
             stats: IoCounters::default(),
         })
     }
@@ -325,6 +347,7 @@ impl BlkDevice {
             uring_ops: c.uring_ops.load(Ordering::Relaxed),
             sync_ops: c.sync_ops.load(Ordering::Relaxed),
             rings_refused: c.rings_refused.load(Ordering::Relaxed),
+            held: c.held.load(Ordering::Relaxed),
         }
     }
 
@@ -399,25 +422,11 @@ impl BlkDevice {
         let Some(slot) = self.rings.get(queue) else {
             return false;
         };
-        let mut state = slot
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let RingState::Untried = *state {
-            *state = match Ring::new() {
-                Ok(r) => {
-                    log::info!("blk: queue {queue}: io_uring");
-                    RingState::Ready(Box::new(r))
-                }
-                Err(e) => {
-                    self.stats.rings_refused.fetch_add(1, Ordering::Relaxed);
-                    log::warn!("blk: queue {queue}: io_uring refused ({e}): synchronous I/O");
-                    RingState::Off
-                }
-            };
-        }
-        let RingState::Ready(ring) = &mut *state else {
+        let mut state = lock(slot);
+        let Some(q) = self.ring_of(queue, &mut state) else {
             return false;
         };
+        let ring = &mut q.ring;
         let mut reqs = Vec::with_capacity(chains.len());
         for (chain, used) in chains.iter().zip(used.iter_mut()) {
             match self.ranges(mem, chain) {
@@ -557,6 +566,40 @@ impl BlkDevice {
             *used = self.end(mem, &writable, outcome);
         }
         true
+    }
+
+    /// The queue's ring, made on first use (by the queue's worker, so under its seccomp
+    /// allowlist); `None` where the kernel refuses io_uring or with [`BlkIo::Sync`].
+    fn ring_of<'a>(&self, queue: usize, state: &'a mut RingState) -> Option<&'a mut QueueRing> {
+        if let RingState::Untried = *state {
+            *state = match Ring::new().and_then(|r| {
+                if let Some(ev) = self.events.get(queue) {
+                    r.register_eventfd(ev.as_raw_fd())?;
+                }
+                Ok(r)
+            }) {
+                Ok(r) => {
+                    log::info!(
+                        "blk: queue {queue}: io_uring{}",
+                        if self.events.is_empty() {
+                            ""
+                        } else {
+                            ", requests held until their completions"
+                        }
+                    );
+                    RingState::Ready(Box::new(QueueRing::new(r)))
+                }
+                Err(e) => {
+                    self.stats.rings_refused.fetch_add(1, Ordering::Relaxed);
+                    log::warn!("blk: queue {queue}: io_uring refused ({e}): synchronous I/O");
+                    RingState::Off
+                }
+            };
+        }
+        match state {
+            RingState::Ready(q) => Some(q),
+            _ => None,
+        }
     }
 
     /// Writes the status byte (the last writable byte); the used length counts it.
@@ -816,6 +859,12 @@ impl BlkDevice {
     }
 }
 
+/// Locks `m`, also after a thread panicked holding it (a ring's state is whole at every
+/// unlock).
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
 /// The iovecs the kernel moves data through: the bounce buffer's, or the guest's.
 fn data_iov<'a>(iov: &'a GuestIov<'_>, bounce: Option<&'a AlignedBuf>) -> &'a [libc::iovec] {
     match bounce {
@@ -1028,6 +1077,36 @@ impl VhostUserDevice for BlkDevice {
             }
         };
         let _ = request.complete(used);
+    }
+
+    /// With O_DIRECT on io_uring, requests are held until their completions ([`held`]).
+    fn serve_batch(&self, queue: usize, batch: &mut crate::daemon::Batch<'_, '_, '_>) {
+        if !self.events.is_empty() && self.serve_held(queue, batch) {
+            return;
+        }
+        let (mem, chains, used) = batch.parts();
+        self.serve(queue, mem, chains, used);
+    }
+
+    fn queue_events(&self, queue: usize) -> Vec<(std::os::fd::RawFd, u64)> {
+        self.events
+            .get(queue)
+            .map(|e| vec![(e.as_raw_fd(), 0)])
+            .unwrap_or_default()
+    }
+
+    fn handle_event(&self, queue: usize, _token: u64) {
+        self.reap_held(queue, false);
+    }
+
+    fn quiesce(&self, queue: usize) {
+        self.reap_held(queue, true);
+    }
+
+    /// As many as the ring's completion queue holds (twice its submission queue), so no
+    /// completion waits for room.
+    fn max_held(&self, _queue: usize) -> usize {
+        2 * Ring::ENTRIES as usize
     }
 
     fn serve(

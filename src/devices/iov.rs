@@ -64,6 +64,11 @@ pub(crate) struct AlignedBuf {
     iov: [libc::iovec; 1],
 }
 
+// SAFETY: the buffer owns its allocation alone (its iovec points into that allocation),
+// and the global allocator frees it from any thread: a held request's bounce may complete on
+// another thread than the one that filled it.
+unsafe impl Send for AlignedBuf {}
+
 impl AlignedBuf {
     /// `len` bytes aligned to `align` (a power of two); `None` for a zero length, a bad
     /// alignment or no memory.

@@ -59,6 +59,52 @@ impl Ring {
         IoUring::new(Self::ENTRIES).map(Ring)
     }
 
+    /// Tells the kernel to write `fd` (an eventfd) at every completion, so a queue worker
+    /// waiting in epoll learns of them ([`crate::daemon::VhostUserDevice::queue_events`]).
+    pub(crate) fn register_eventfd(&self, fd: RawFd) -> std::io::Result<()> {
+        self.0.submitter().register_eventfd(fd)
+    }
+
+    /// Queues `op` on `fd` with `user_data`, to be submitted by the next
+    /// [`Ring::submit`]; false when the submission queue is full.
+    ///
+    /// # Safety
+    /// The op's iovec array and the memory it points at stay valid until its completion has
+    /// been reaped.
+    pub(crate) unsafe fn push(&mut self, fd: RawFd, op: &Op<'_>, user_data: u64) -> bool {
+        let fd = types::Fd(fd);
+        let e = match *op {
+            Op::Readv { iov, offset } => opcode::Readv::new(fd, iov.as_ptr(), iov.len() as u32)
+                .offset(offset)
+                .build(),
+            Op::Writev { iov, offset } => opcode::Writev::new(fd, iov.as_ptr(), iov.len() as u32)
+                .offset(offset)
+                .build(),
+            Op::Flush => opcode::Fsync::new(fd)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build()
+                .flags(squeue::Flags::IO_DRAIN),
+            Op::Fallocate { mode, offset, len } => opcode::Fallocate::new(fd, len)
+                .offset(offset)
+                .mode(mode)
+                .build(),
+        };
+        // SAFETY: the caller keeps the iovecs and their memory valid until the completion.
+        unsafe { self.0.submission().push(&e.user_data(user_data)) }.is_ok()
+    }
+
+    /// Submits what [`Ring::push`] queued, waiting for `wait` completions (0: none).
+    pub(crate) fn submit(&mut self, wait: usize) -> std::io::Result<usize> {
+        self.0.submit_and_wait(wait)
+    }
+
+    /// Takes every completion posted so far: `f(user_data, result)` each, in posting order.
+    pub(crate) fn reap(&mut self, mut f: impl FnMut(u64, i32)) {
+        for cqe in self.0.completion() {
+            f(cqe.user_data(), cqe.result());
+        }
+    }
+
     /// Runs `ops` on `fd`: submits them all with one system call and waits until every one
     /// has completed; `results[i]` is op `i`'s result (bytes, or `-errno`). At most
     /// [`Ring::ENTRIES`] ops.
@@ -71,38 +117,13 @@ impl Ring {
         results.clear();
         results.resize(ops.len(), -libc::ECANCELED);
         let mut submitted = 0usize;
-        {
-            let mut sq = self.0.submission();
-            for (i, op) in ops.iter().enumerate() {
-                let fd = types::Fd(fd);
-                let e = match *op {
-                    Op::Readv { iov, offset } => {
-                        opcode::Readv::new(fd, iov.as_ptr(), iov.len() as u32)
-                            .offset(offset)
-                            .build()
-                    }
-                    Op::Writev { iov, offset } => {
-                        opcode::Writev::new(fd, iov.as_ptr(), iov.len() as u32)
-                            .offset(offset)
-                            .build()
-                    }
-                    Op::Flush => opcode::Fsync::new(fd)
-                        .flags(types::FsyncFlags::DATASYNC)
-                        .build()
-                        .flags(squeue::Flags::IO_DRAIN),
-                    Op::Fallocate { mode, offset, len } => opcode::Fallocate::new(fd, len)
-                        .offset(offset)
-                        .mode(mode)
-                        .build(),
-                };
-                // SAFETY: the iovecs and the memory they point at stay valid until the op
-                // completes (the caller's contract, and we reap every op before returning).
-                if unsafe { sq.push(&e.user_data(i as u64)) }.is_err() {
-                    // Full: the rest keep -ECANCELED and go the synchronous way.
-                    break;
-                }
-                submitted += 1;
+        for (i, op) in ops.iter().enumerate() {
+            // SAFETY: the caller's contract, and we reap every op before returning.
+            if !unsafe { self.push(fd, op, i as u64) } {
+                // Full: the rest keep -ECANCELED and go the synchronous way.
+                break;
             }
+            submitted += 1;
         }
         let mut reaped = 0usize;
         let mut failures = 0u32;
