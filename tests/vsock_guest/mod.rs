@@ -93,7 +93,6 @@ impl Rig {
         let dir = ScratchDir::new(tag);
         let uds = dir.0.join("v.sock");
         let dev = Arc::new(VsockDevice::new(CID, &uds).expect("vsock device"));
-        VsockDevice::spawn_poller(&dev).expect("poller");
         let cfg = config(mode);
         let (emu, xen) = if mode == GuestMode::Unix {
             (None, None)

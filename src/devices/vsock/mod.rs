@@ -4,9 +4,10 @@
 //!
 //! Three queues: rx (0) carries packets to the guest, tx (1) packets from it, event (2)
 //! transport resets. Receive buffers wait for host data: they are held
-//! ([`crate::daemon::Batch::hold`]) and completed when a packet is due, from the thread that
-//! saw it (the tx worker for replies, the host-socket poller for data). tx chains are served
-//! at once.
+//! ([`crate::daemon::Batch::hold`]) and completed when a packet is due, on the thread that
+//! saw it: the tx worker for replies, the rx worker for host data (the host sockets' epoll
+//! fd joins its loop through [`VhostUserDevice::queue_events`]). tx chains are served at
+//! once.
 
 pub mod chain;
 pub mod conn;
@@ -121,28 +122,6 @@ impl VsockDevice {
         let mut m = self.mux();
         m.host_events();
         m.pump();
-    }
-
-    /// Polls the host sockets on a thread of its own until the device is dropped.
-    pub fn spawn_poller(dev: &Arc<Self>) -> std::io::Result<std::thread::JoinHandle<()>> {
-        let weak = Arc::downgrade(dev);
-        let fd = dev.epoll_fd;
-        std::thread::Builder::new()
-            .name("vsock-host".into())
-            .spawn(move || loop {
-                let mut pfd = libc::pollfd {
-                    fd,
-                    events: libc::POLLIN,
-                    revents: 0,
-                };
-                // SAFETY: one valid pollfd; the fd stays open while the device lives, and a
-                // closed fd only makes poll report POLLNVAL.
-                let r = unsafe { libc::poll(&mut pfd, 1, 100) };
-                let Some(dev) = weak.upgrade() else { return };
-                if r > 0 {
-                    dev.host_events();
-                }
-            })
     }
 
     fn mux(&self) -> MutexGuard<'_, Mux> {
@@ -262,6 +241,22 @@ impl VhostUserDevice for VsockDevice {
             std::time::Duration::from_secs(1)
         } else {
             std::time::Duration::ZERO
+        }
+    }
+
+    /// The host sockets' epoll fd, watched by the rx worker: host data lands in held
+    /// receive buffers on that thread, with one notification per round.
+    fn queue_events(&self, queue: usize) -> Vec<(std::os::fd::RawFd, u64)> {
+        if queue == RX {
+            vec![(self.epoll_fd, 0)]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn handle_event(&self, queue: usize, _token: u64) {
+        if queue == RX {
+            self.host_events();
         }
     }
 
