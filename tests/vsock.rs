@@ -82,6 +82,7 @@ fn data_both_ways(mode: GuestMode, split_rx: bool) {
     assert_eq!(st.tx_bytes.load(Ordering::Relaxed), n as u64);
     assert_eq!(st.rx_bytes.load(Ordering::Relaxed), n as u64 + 8);
     assert_eq!(st.malformed.load(Ordering::Relaxed), 0);
+    assert!(r.g.short_rx.is_empty());
     // The guest closes: SHUTDOWN both ways, answered by RST, the connection is gone.
     let h =
         r.g.hdr(Op::Shutdown, gp, 1234, 0, SHUTDOWN_RCV | SHUTDOWN_SEND);
