@@ -375,7 +375,7 @@ impl Guest {
     /// Connects to host port `hp`; returns the guest port. Waits for the answer.
     pub fn connect(&mut self, hp: u32) -> Result<u32, String> {
         let gp = self.start_connect(hp);
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
             self.poll(Duration::from_millis(50));
             let c = &self.conns[&(gp, hp)];

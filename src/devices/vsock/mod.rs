@@ -265,19 +265,19 @@ impl VhostUserDevice for VsockDevice {
     }
 
     fn worker_syscalls(&self) -> Vec<crate::daemon::threads::DeviceSyscall> {
-        // Host streams: connect for guest connections (tx worker), accept and read/write
-        // them, epoll for readiness, shutdown on half-close.
+        // Host streams (std sends and receives on sockets with sendto/recvfrom): connect for
+        // guest connections (tx worker); accept, CONNECT lines, data and readiness (rx
+        // worker, and the tx worker's replies); FIONBIO; half-close; close.
         vec![
             crate::device_syscall!(SYS_socket),
             crate::device_syscall!(SYS_connect),
             crate::device_syscall!(SYS_accept4),
-            crate::device_syscall!(SYS_read),
-            crate::device_syscall!(SYS_write),
+            crate::device_syscall!(SYS_sendto),
+            crate::device_syscall!(SYS_recvfrom),
             crate::device_syscall!(SYS_epoll_wait),
             crate::device_syscall!(SYS_epoll_ctl),
-            crate::device_syscall!(SYS_shutdown),
             crate::device_syscall!(SYS_ioctl),
-            crate::device_syscall!(SYS_fcntl),
+            crate::device_syscall!(SYS_shutdown),
             crate::device_syscall!(SYS_close),
         ]
     }
