@@ -5,7 +5,7 @@
 //! vhost-user-vsock --guest-cid 3 --uds-path /tmp/vm.vsock --socket-path /tmp/vsock.sock
 //! ```
 //! A host program connects to `--uds-path` and writes `CONNECT <port>\n` to reach the guest's
-//! port; it reads `OK <host port>\n` once the guest accepts. A guest connecting to host port P
+//! port; it reads `OK <port>\n` once the guest accepts. A guest connecting to host port P
 //! reaches whoever listens on `<uds-path>_P`. Serves one frontend after another; after each
 //! reconnect the guest's event queue hears a transport reset (its connections are gone).
 //! `--xen` maps FOREIGN and GRANT regions through the real `/dev/xen` drivers (dom0, root).
@@ -36,7 +36,7 @@ const NAME: &str = "vhost-user-vsock";
         Listens on --socket-path and serves one vhost-user frontend after another (QEMU's \
         vhost-user-vsock-pci with memfd guest RAM, or a Xen frontend that acks XEN_MMAP). Host \
         programs connect to --uds-path and write \"CONNECT <port>\\n\", answered \
-        \"OK <host port>\\n\"; guest connections to host port P go to <uds-path>_P. With --xen, \
+        \"OK <port>\\n\"; guest connections to host port P go to <uds-path>_P. With --xen, \
         FOREIGN regions are mapped through /dev/xen/privcmd and GRANT regions through \
         /dev/xen/gntdev (dom0, root).",
     after_help = xen_vhost_daemons::AFTER_HELP

@@ -241,8 +241,9 @@ impl Conn {
             (_, Op::Rst) => Outcome::Drop,
             (State::Connecting, Op::Response) => {
                 // A few bytes to a fresh stream: it takes them, or the host is gone.
-                match self.stream.write(ok_line(self.key.host_port).as_bytes()) {
-                    Ok(n) if n == ok_line(self.key.host_port).len() => {
+                let ok = ok_line(self.key.guest_port);
+                match self.stream.write(ok.as_bytes()) {
+                    Ok(n) if n == ok.len() => {
                         self.state = State::Connected;
                         Outcome::Quiet
                     }
@@ -321,7 +322,7 @@ mod tests {
         );
         let mut got = [0u8; 13];
         host2.read_exact(&mut got).unwrap();
-        assert_eq!(&got, b"OK 1024\nhello");
+        assert_eq!(&got, b"OK 5000\nhello");
         drop(c);
         let mut rest = Vec::new();
         host.read_to_end(&mut rest).unwrap();

@@ -1,8 +1,9 @@
 //! The host side's Unix-socket conventions, those of vhost-device-vsock's hybrid mode (and
 //! Firecracker's): a host program connects to the listening socket `<uds-path>` and writes
 //! `CONNECT <port>\n` to reach the guest's port; once the guest accepts, it reads
-//! `OK <host port>\n` and the stream carries the connection. A guest connecting to host port
-//! P reaches whoever listens on `<uds-path>_P`.
+//! `OK <port>\n` (the port it asked for, as vhost-device-vsock answers) and the stream
+//! carries the connection. A guest connecting to host port P reaches whoever listens on
+//! `<uds-path>_P`.
 
 use std::io::{ErrorKind, Read};
 use std::os::unix::net::UnixStream;
@@ -56,9 +57,11 @@ pub fn connect_for_guest(uds_path: &Path, port: u32) -> Result<UnixStream, HostE
     }
 }
 
-/// The reply to a host program whose connection the guest accepted.
-pub fn ok_line(host_port: u32) -> String {
-    format!("OK {host_port}\n")
+/// The reply to a host program whose connection to guest port `guest_port` the guest
+/// accepted: vhost-device-vsock answers with the guest's port (Firecracker with the host
+/// port it allocated); we answer as the peer we replace.
+pub fn ok_line(guest_port: u32) -> String {
+    format!("OK {guest_port}\n")
 }
 
 /// A host stream still sending its `CONNECT` line.
