@@ -44,17 +44,47 @@ pub fn guest_target(uds_path: &Path, port: u32) -> PathBuf {
     PathBuf::from(s)
 }
 
-/// Connects (blocking, a Unix socket answers at once) to the host program listening for
-/// guest connections to `port`, and makes the stream non-blocking.
+/// Connects to the host program listening for guest connections to `port`, without
+/// blocking: a Unix connect completes at once or fails (`EAGAIN` when the program's accept
+/// queue is full), so a host program that stopped accepting cannot stall the tx queue.
 pub fn connect_for_guest(uds_path: &Path, port: u32) -> Result<UnixStream, HostError> {
     let path = guest_target(uds_path, port);
-    match UnixStream::connect(&path) {
-        Ok(s) => {
-            s.set_nonblocking(true)?;
-            Ok(s)
-        }
-        Err(err) => Err(HostError::Connect { path, err }),
+    nonblocking_connect(&path).map_err(|err| HostError::Connect { path, err })
+}
+
+fn nonblocking_connect(path: &Path) -> std::io::Result<UnixStream> {
+    use std::os::fd::FromRawFd;
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: an all-zero sockaddr_un is valid (family set below, path NUL-terminated).
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::from_raw_os_error(libc::ENAMETOOLONG));
     }
+    for (d, &b) in addr.sun_path.iter_mut().zip(bytes) {
+        *d = b as libc::c_char;
+    }
+    // SAFETY: plain socket creation; the fd is owned by the UnixStream right after.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: `fd` is a fresh socket nobody else owns; dropping the stream closes it.
+    let stream = unsafe { UnixStream::from_raw_fd(fd) };
+    let len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+    // SAFETY: `addr` is a valid sockaddr_un of `len` bytes that outlives the call.
+    let r = unsafe { libc::connect(fd, std::ptr::addr_of!(addr).cast::<libc::sockaddr>(), len) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(stream)
 }
 
 /// The reply to a host program whose connection to guest port `guest_port` the guest
@@ -118,6 +148,42 @@ pub fn parse_connect(line: &[u8]) -> Result<u32, HostError> {
 mod tests {
     use super::*;
     use std::io::Write;
+    use std::os::unix::net::UnixListener;
+
+    #[test]
+    fn guest_connections_do_not_block_on_a_full_accept_queue() {
+        let dir = std::env::temp_dir().join(format!("xvm-vsock-host-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let uds = dir.join("v.sock");
+        assert!(matches!(
+            connect_for_guest(&uds, 9),
+            Err(HostError::Connect { .. })
+        ));
+        // A listener that never accepts, with the smallest backlog.
+        let path = guest_target(&uds, 9);
+        let l = UnixListener::bind(&path).unwrap();
+        // SAFETY: listen on our own listening socket.
+        assert_eq!(
+            unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 0) },
+            0
+        );
+        let mut ok = Vec::new();
+        let full = loop {
+            match connect_for_guest(&uds, 9) {
+                Ok(s) => ok.push(s),
+                Err(HostError::Connect { err, .. }) => break err,
+                Err(e) => panic!("{e}"),
+            }
+            assert!(ok.len() < 64, "the accept queue never filled");
+        };
+        assert_eq!(full.kind(), ErrorKind::WouldBlock);
+        let (mut a, _) = l.accept().unwrap();
+        ok[0].write_all(b"x").unwrap();
+        let mut b = [0u8; 1];
+        a.read_exact(&mut b).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 
     #[test]
     fn connect_lines() {
