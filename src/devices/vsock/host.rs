@@ -163,11 +163,10 @@ mod tests {
         // A listener that never accepts, with the smallest backlog.
         let path = guest_target(&uds, 9);
         let l = UnixListener::bind(&path).unwrap();
-        // SAFETY: listen on our own listening socket.
-        assert_eq!(
-            unsafe { libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 0) },
-            0
-        );
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&l);
+        // SAFETY: listen on our own listening socket; no memory involved.
+        let r = unsafe { libc::listen(fd, 0) };
+        assert_eq!(r, 0);
         let mut ok = Vec::new();
         let full = loop {
             match connect_for_guest(&uds, 9) {
