@@ -263,7 +263,15 @@ impl Mux {
         let stream = match connect_for_guest(&self.uds_path, key.host_port) {
             Ok(s) => s,
             Err(e) => {
-                log::debug!("vsock: guest port {}: {e}", key.guest_port);
+                // Nobody listening is the guest's business; anything else (a permission,
+                // the sandbox's user) is the operator's.
+                let quiet = matches!(&e, super::host::HostError::Connect { err, .. }
+                    if matches!(err.raw_os_error(), Some(libc::ENOENT | libc::ECONNREFUSED)));
+                if quiet {
+                    log::debug!("vsock: guest port {}: {e}", key.guest_port);
+                } else {
+                    log::warn!("vsock: guest port {}: {e}", key.guest_port);
+                }
                 self.rst_to(h);
                 return;
             }
