@@ -70,7 +70,12 @@ impl Segments {
                 continue;
             }
             let take = (n - skip).min(len - done);
-            f(addr + skip as u64, done..done + take)?;
+            // A guest address near the top of the space must not wrap (or panic).
+            let at = addr.checked_add(skip as u64).ok_or(ChainError::Memory {
+                addr,
+                err: vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(addr)),
+            })?;
+            f(at, done..done + take)?;
             done += take;
             skip = 0;
         }
@@ -136,4 +141,27 @@ pub fn write_packet(
     }
     // At most 44 + 64 KiB: the caller sized the payload.
     Ok(u32::try_from(HDR_LEN + payload.len()).unwrap_or(u32::MAX))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::table::RegionTable;
+
+    #[test]
+    fn an_address_at_the_top_of_the_space_is_an_error_not_a_wrap() {
+        let table = RegionTable::from_regions(Vec::new()).expect("empty table");
+        let mem = RequestMemory::new(&table);
+        let segs = Segments(vec![(u64::MAX - 1, 8), (0x1000, 8)]);
+        let mut buf = [0u8; 12];
+        // Offset 4 starts past the end of the first buffer's addresses.
+        assert!(matches!(
+            segs.read(&mem, 4, &mut buf),
+            Err(ChainError::Memory { .. })
+        ));
+        assert!(matches!(
+            read_header(&mem, &segs),
+            Err(ChainError::Packet(PacketError::Short(16)))
+        ));
+    }
 }
