@@ -27,9 +27,8 @@ pub const MAX_PENDING_HOST: usize = 256;
 /// Most control packets waiting for a receive buffer; a guest that floods bad packets and
 /// posts no buffers loses the replies beyond, not the daemon's memory.
 pub const MAX_CONTROL: usize = 4096;
-/// First host port handed to host-initiated connections (vhost-device-vsock's ephemeral
-/// range starts here too); a guest listening on such a port is unaffected, ports pair
-/// with the guest's.
+/// First host port handed to host-initiated connections; they count up, skipping a port a
+/// connection to the same guest port holds (a connection is its pair of ports).
 const FIRST_HOST_PORT: u32 = 1024;
 /// Epoll token of the listening socket; connections and pending streams count up from 1.
 const LISTENER: u64 = 0;
