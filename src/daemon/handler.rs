@@ -1,11 +1,8 @@
-//! The vhost-user message handler: vhost parses and dispatches, this turns each message into
-//! changes of the region table, the vrings and the queue workers.
-//!
-//! Region messages become [`WireRegion`]s, are validated into descriptors and mapped into a new
-//! [`RegionTable`], which is swapped into a `GuestMemoryAtomic`: a worker's in-flight batch
-//! holds the old table until its scope ends. Ring addresses are frontend virtual addresses,
-//! translated through the table and accepted only inside regions mapped in advance, so no
-//! worker ever touches a made-up pointer or an on-demand page through the plain table.
+//! The vhost-user message handler: vhost parses and dispatches, this holds the connection's
+//! state, negotiates features and config, and hands each message to its role: memory
+//! admission (`memory.rs`: region messages become a new [`RegionTable`] swapped into the
+//! vrings' `GuestMemoryAtomic`; ring addresses are accepted only inside regions mapped in
+//! advance) and the queue lifecycle (`vring.rs`: workers started, drained and stopped).
 
 use std::fs::File;
 use std::sync::Arc;
@@ -18,23 +15,19 @@ use vhost::vhost_user::message::{
 use vhost::vhost_user::{Backend, GpuBackend, VhostUserBackendReqHandlerMut};
 use vhost::VhostUserMemoryRegionBase;
 use vhost_user_backend::{VringRwLock, VringT};
-use virtio_queue::QueueT;
-use vm_memory::{GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend};
-use vm_memory::{GuestMemoryRegion, GuestUsize};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 
 use super::device::{VhostUserDevice, VHOST_USER_F_PROTOCOL_FEATURES, VIRTIO_RING_F_EVENT_IDX};
 use super::error::DaemonError;
 use super::inflight::{InflightError, InflightRegion};
 use super::notify_fd::check_eventfd;
-use super::ring_mem::RingMem;
 use super::threads::Sandbox;
 use super::worker::{DaemonStats, PlainTableWatch, QueueWorker};
 use crate::backend::foreign::ForeignMapping;
-use crate::descriptor::{RegionDescriptor, WireRegion};
+use crate::descriptor::WireRegion;
 use crate::device::XenHandle;
-use crate::region::{LazyPin, XenRegion};
-use crate::ring_layout::RingLayout;
-use crate::table::{add_in_advance_pages, RegionTable};
+use crate::region::LazyPin;
+use crate::table::RegionTable;
 
 /// Memory slots offered in `GET_MAX_MEM_SLOTS` (QEMU's and vhost-user-backend's limit).
 pub const MAX_MEM_SLOTS: usize = 509;
@@ -56,26 +49,26 @@ pub(crate) struct MessageTrace {
 
 /// Per-connection protocol state.
 pub(crate) struct Handler<D: VhostUserDevice> {
-    device: Arc<D>,
-    xen: Option<XenHandle>,
-    mem: Memory,
-    vrings: Vec<Vring>,
-    workers: Vec<Option<QueueWorker>>,
+    pub(super) device: Arc<D>,
+    pub(super) xen: Option<XenHandle>,
+    pub(super) mem: Memory,
+    pub(super) vrings: Vec<Vring>,
+    pub(super) workers: Vec<Option<QueueWorker>>,
     /// The in-flight region (`INFLIGHT_SHMFD`) the frontend set, if any.
-    inflight: Option<Arc<InflightRegion>>,
-    stats: Arc<DaemonStats>,
+    pub(super) inflight: Option<Arc<InflightRegion>>,
+    pub(super) stats: Arc<DaemonStats>,
     /// Logs the first plain-table refusal of this connection (with a Xen handle only).
-    plain_watch: Option<Arc<PlainTableWatch>>,
+    pub(super) plain_watch: Option<Arc<PlainTableWatch>>,
     /// Filters of the threads the connection starts.
-    sandbox: Arc<Sandbox>,
-    acked_features: u64,
-    acked_protocol_features: u64,
-    features_queried: bool,
+    pub(super) sandbox: Arc<Sandbox>,
+    pub(super) acked_features: u64,
+    pub(super) acked_protocol_features: u64,
+    pub(super) features_queried: bool,
     /// How FOREIGN regions are mapped.
-    foreign: ForeignMapping,
+    pub(super) foreign: ForeignMapping,
     /// Per queue, the lazy FOREIGN buckets its rings sit in, held until the rings move, the
     /// table changes or the connection ends.
-    ring_pins: Vec<Vec<LazyPin>>,
+    pub(super) ring_pins: Vec<Vec<LazyPin>>,
     pub(crate) trace: MessageTrace,
 }
 
@@ -175,44 +168,6 @@ impl<D: VhostUserDevice> Handler<D> {
         }
     }
 
-    /// Stops every worker and puts every ring back to its reset state, disabled.
-    fn reset_vrings(&mut self) {
-        self.stop_workers();
-        self.ring_pins.iter_mut().for_each(Vec::clear);
-        for v in &self.vrings {
-            v.get_mut().get_queue_mut().reset();
-            v.set_enabled(false);
-        }
-    }
-
-    fn stop_workers(&mut self) {
-        for i in 0..self.workers.len() {
-            if self.stop_worker(i) {
-                self.device.queue_stopped(i);
-            }
-        }
-    }
-
-    /// Stops the worker of queue `index` after its current batch; false if it had none.
-    fn stop_worker(&mut self, index: usize) -> bool {
-        match self.workers.get_mut(index).and_then(Option::take) {
-            Some(w) => {
-                w.stop();
-                true
-            }
-            None => false,
-        }
-    }
-
-    fn vring(&self, index: u32) -> Result<&Vring, DaemonError> {
-        self.vrings
-            .get(index as usize)
-            .ok_or(DaemonError::QueueIndex {
-                index,
-                queues: self.vrings.len(),
-            })
-    }
-
     /// An in-flight region no larger than the device's queues need: a frontend cannot make
     /// the daemon create or map more than that.
     fn check_inflight_layout(&self, inflight: &VhostUserInflight) -> Result<(), DaemonError> {
@@ -239,153 +194,6 @@ impl<D: VhostUserDevice> Handler<D> {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::XEN_MMAP;
         base | self.device.protocol_features()
-    }
-
-    /// Maps one wire region that is to join `table`. The limits a frontend could otherwise
-    /// use to make the daemon map without bound (memory slots, in-advance grant pages) are
-    /// checked first, so nothing is mapped past them.
-    fn build_region(
-        &self,
-        table: &RegionTable,
-        index: usize,
-        wire: &WireRegion,
-        file: &File,
-    ) -> Result<XenRegion, DaemonError> {
-        if table.num_regions() >= MAX_MEM_SLOTS {
-            return Err(DaemonError::TooManyRegions {
-                count: table.num_regions() + 1,
-                max: MAX_MEM_SLOTS,
-            });
-        }
-        let desc = RegionDescriptor::from_wire(wire)
-            .map_err(|source| DaemonError::Descriptor { index, source })?;
-        table.check_in_advance_room(&desc)?;
-        XenRegion::with_foreign_mapping(desc, Some(file), self.xen.as_ref(), self.foreign).map_err(
-            |source| DaemonError::Region {
-                index,
-                gpa: desc.guest_phys_addr,
-                source,
-            },
-        )
-    }
-
-    fn swap_table(&mut self, table: RegionTable) -> Result<(), DaemonError> {
-        if table.num_regions() > MAX_MEM_SLOTS {
-            return Err(DaemonError::TooManyRegions {
-                count: table.num_regions(),
-                max: MAX_MEM_SLOTS,
-            });
-        }
-        // Ring pins follow the table: held in its lazy regions, let go of in the old one.
-        self.pin_rings(&table);
-        let guard = self
-            .mem
-            .lock()
-            .map_err(|_| DaemonError::Poisoned("memory"))?;
-        guard.replace(table);
-        Ok(())
-    }
-
-    /// Holds the ring buckets of every queue whose rings are set in lazy FOREIGN regions of a
-    /// new table (its regions may be new mappings of the same guest memory), letting go of
-    /// those in the old one. A ring that cannot be pinned is logged; its accesses then report
-    /// their errors as they happen.
-    fn pin_rings(&mut self, table: &RegionTable) {
-        for (queue, vring) in self.vrings.iter().enumerate() {
-            let state = vring.get_ref();
-            let q = state.get_queue();
-            let layout = RingLayout::new(q.size());
-            let mut pins = Vec::new();
-            for (ring, gpa, len) in [
-                (
-                    "descriptor table",
-                    q.desc_table(),
-                    layout.desc_table_bytes(),
-                ),
-                ("avail ring", q.avail_ring(), layout.avail_bytes()),
-                ("used ring", q.used_ring(), layout.used_bytes()),
-            ] {
-                if gpa == 0 {
-                    continue;
-                }
-                let Some(region) = table.region_at(GuestAddress(gpa)) else {
-                    continue;
-                };
-                let room = region.last_addr().0 - gpa + 1;
-                match region.pin_lazy(GuestAddress(gpa), len.min(room)) {
-                    Ok(p) => pins.push(p),
-                    Err(e) => log::warn!("vq{queue}: {ring} at gpa {gpa:#x}: {e}"),
-                }
-            }
-            if let Some(slot) = self.ring_pins.get_mut(queue) {
-                *slot = pins;
-            }
-        }
-    }
-
-    /// Translates one ring address and checks that `len` bytes from it lie in one region
-    /// mapped in advance or lazily mapped FOREIGN region, whose buckets it then pins.
-    fn ring_gpa(
-        table: &RegionTable,
-        queue: u32,
-        ring: &'static str,
-        uaddr: u64,
-        len: u64,
-    ) -> Result<(u64, LazyPin), DaemonError> {
-        let gpa =
-            table
-                .uaddr_to_gpa(uaddr)
-                .ok_or(DaemonError::RingAddress { queue, ring, uaddr })?;
-        let not_mapped = DaemonError::RingNotMapped {
-            queue,
-            ring,
-            gpa: gpa.0,
-            len,
-        };
-        let Some(region) = table.region_at(gpa) else {
-            return Err(not_mapped);
-        };
-        let room: GuestUsize = region.last_addr().0 - gpa.0 + 1;
-        if len > room || (region.host_address().is_none() && !region.is_lazy_foreign()) {
-            return Err(not_mapped);
-        }
-        // A ring in a lazy FOREIGN region: its buckets are mapped now and held.
-        let pin = region
-            .pin_lazy(gpa, len)
-            .map_err(|source| DaemonError::RingPin {
-                queue,
-                ring,
-                gpa: gpa.0,
-                source,
-            })?;
-        Ok((gpa.0, pin))
-    }
-
-    fn start_worker(&mut self, index: usize) -> Result<(), DaemonError> {
-        self.stop_worker(index);
-        let Some(vring) = self.vrings.get(index) else {
-            return Ok(());
-        };
-        let size = vring.get_ref().get_queue().size();
-        let inflight = self.inflight.as_ref().and_then(|r| r.queue(index, size));
-        let worker = QueueWorker::start(
-            index,
-            vring.clone(),
-            self.mem.clone(),
-            self.device.clone(),
-            self.stats.clone(),
-            inflight,
-            self.plain_watch.clone(),
-            &self.sandbox,
-        )
-        .map_err(|source| DaemonError::Worker {
-            queue: index,
-            source,
-        })?;
-        if let Some(slot) = self.workers.get_mut(index) {
-            *slot = Some(worker);
-        }
-        Ok(())
     }
 
     fn handled(&mut self) {
@@ -475,25 +283,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
             }
             .into());
         }
-        // Validate every descriptor first (and the in-advance grant budget, before anything
-        // is mapped), then map them all, then sort and build the table once.
-        let mut items = Vec::with_capacity(ctx.len());
-        let mut in_advance = 0;
-        for (index, (r, file)) in ctx.iter().zip(&files).enumerate() {
-            let desc = RegionDescriptor::from_wire(&WireRegion::from(r))
-                .map_err(|source| DaemonError::Descriptor { index, source })?;
-            in_advance = add_in_advance_pages(in_advance, &desc).map_err(DaemonError::from)?;
-            items.push((desc, Some(file)));
-        }
-        let regions = XenRegion::new_many(&items, self.xen.as_ref(), self.foreign).map_err(
-            |(index, source)| DaemonError::Region {
-                index,
-                gpa: items[index].0.guest_phys_addr,
-                source,
-            },
-        )?;
-        let table = RegionTable::from_regions(regions).map_err(DaemonError::from)?;
-        self.swap_table(table)?;
+        self.admit_table(ctx, files)?;
         Ok(None)
     }
 
@@ -523,37 +313,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
         _log: u64,
     ) -> VhostResult<()> {
         self.handled();
-        let vring = self.vring(index)?;
-        let layout = RingLayout::new(vring.get_ref().get_queue().size());
-        let table = self.table();
-        let (desc, p0) = Self::ring_gpa(
-            &table,
-            index,
-            "descriptor table",
-            descriptor,
-            layout.desc_table_bytes(),
-        )?;
-        let (avail, p1) =
-            Self::ring_gpa(&table, index, "avail ring", available, layout.avail_bytes())?;
-        let (used_gpa, p2) = Self::ring_gpa(&table, index, "used ring", used, layout.used_bytes())?;
-        vring
-            .set_queue_info(desc, avail, used_gpa)
-            .map_err(|e| DaemonError::RingAlignment {
-                queue: index,
-                desc,
-                avail,
-                used: used_gpa,
-                reason: e.to_string(),
-            })?;
-        // After a driver restart the used index starts where the guest's ring says.
-        let used_idx = RingMem::of(&table).used_idx(vring.get_ref().get_queue());
-        if let Ok(idx) = used_idx {
-            vring.set_queue_next_used(idx.0);
-        }
-        // Accepted: these rings' buckets stay held, the old rings' are let go.
-        if let Some(slot) = self.ring_pins.get_mut(index as usize) {
-            *slot = vec![p0, p1, p2];
-        }
+        self.set_ring_addresses(index, descriptor, available, used)?;
         Ok(())
     }
 
@@ -567,19 +327,7 @@ impl<D: VhostUserDevice> VhostUserBackendReqHandlerMut for Handler<D> {
     }
 
     fn get_vring_base(&mut self, index: u32) -> VhostResult<VhostUserVringState> {
-        let vring = self.vring(index)?.clone();
-        let i = index as usize;
-        if let Some(w) = self.workers.get_mut(i).and_then(Option::take) {
-            let left = w.drain_then_stop(self.device.drain_timeout(i));
-            if left > 0 {
-                log::warn!("vq{i}: {left} held requests released unanswered at GET_VRING_BASE");
-            }
-        }
-        self.device.queue_stopped(index as usize);
-        vring.set_queue_ready(false);
-        let next_avail = vring.queue_next_avail();
-        vring.set_kick(None);
-        vring.set_call(None);
+        let next_avail = self.stop_queue(index)?;
         Ok(VhostUserVringState::new(index, u32::from(next_avail)))
     }
 

@@ -22,10 +22,12 @@ mod handler;
 mod held;
 mod inflight;
 pub(crate) mod layout;
+mod memory;
 mod notify_fd;
 mod report;
 mod ring_mem;
 pub mod threads;
+mod vring;
 mod wire;
 mod worker;
 

@@ -100,11 +100,27 @@ fn main() -> Res<()> {
     r
 }
 
-/// One measurement: requests/s and daemon syscalls per request (None without perf).
+/// One measurement: requests/s, daemon syscalls per request (None without perf), and the
+/// daemon's CPU time per request (µs, all its threads, from `/proc/PID/task/*/schedstat`).
+/// Throughput is the frontend's and the daemon's together; CPU per request is the daemon's
+/// alone, which is what a cheaper submission path changes when the driver is the bottleneck.
 #[derive(Clone, Copy, Debug)]
 struct Sample {
     rps: f64,
     syscalls: Option<f64>,
+    cpu_us: f64,
+}
+
+/// Nanoseconds `pid`'s live threads have run so far.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .filter_map(|t| t.ok())
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// The peer binary: `--peer-bin`, or bench/peer-blk built (once) into target/peer-blk.
@@ -144,6 +160,7 @@ fn run(a: &Args, dir: &Path) -> Res<()> {
     let mut rows = Vec::new();
     for &depth in &a.depths {
         let (mut ours, mut peer, mut ratios, mut grant) = (vec![], vec![], vec![], vec![]);
+        let mut cpu_ratios = vec![];
         for round in 0..a.rounds {
             bar.set_message(format!("depth {depth} round {}", round + 1));
             let order = if round % 2 == 0 {
@@ -159,13 +176,14 @@ fn run(a: &Args, dir: &Path) -> Res<()> {
             }
             if let [Some(o), Some(p)] = got {
                 ratios.push(o.rps / p.rps);
+                cpu_ratios.push(p.cpu_us / o.cpu_us);
                 ours.push(o);
                 peer.push(p);
             }
             grant.push(measure_grant(a, dir, depth)?);
             bar.inc(1);
         }
-        rows.push((depth, ours, peer, ratios, grant));
+        rows.push((depth, ours, peer, ratios, grant, cpu_ratios));
     }
     bar.finish_and_clear();
     let med = |mut v: Vec<f64>| -> f64 {
@@ -185,13 +203,17 @@ fn run(a: &Args, dir: &Path) -> Res<()> {
     if a.json {
         let items: Vec<String> = rows
             .iter()
-            .map(|(d, o, p, r, g)| {
+            .map(|(d, o, p, r, g, c)| {
                 let (lo, hi) = span(r);
+                let (clo, chi) = span(c);
                 format!(
-                    "{{\"depth\":{d},\"ours_rps\":{:.0},\"peer_rps\":{:.0},\"ratio_median\":{:.3},\"ratio_min\":{lo:.3},\"ratio_max\":{hi:.3},\"ours_syscalls_per_request\":{},\"peer_syscalls_per_request\":{},\"grant_rps\":{:.0},\"grant_xen_syscalls_per_request\":{:.4}}}",
+                    "{{\"depth\":{d},\"ours_rps\":{:.0},\"peer_rps\":{:.0},\"ratio_median\":{:.3},\"ratio_min\":{lo:.3},\"ratio_max\":{hi:.3},\"ours_cpu_us_per_request\":{:.3},\"peer_cpu_us_per_request\":{:.3},\"cpu_ratio_median\":{:.3},\"cpu_ratio_min\":{clo:.3},\"cpu_ratio_max\":{chi:.3},\"ours_syscalls_per_request\":{},\"peer_syscalls_per_request\":{},\"grant_rps\":{:.0},\"grant_xen_syscalls_per_request\":{:.4}}}",
                     med(o.iter().map(|s| s.rps).collect()),
                     med(p.iter().map(|s| s.rps).collect()),
                     med(r.clone()),
+                    med(o.iter().map(|s| s.cpu_us).collect()),
+                    med(p.iter().map(|s| s.cpu_us).collect()),
+                    med(c.clone()),
                     fmt(syscalls(o)).replace("n/a", "null"),
                     fmt(syscalls(p)).replace("n/a", "null"),
                     med(g.iter().map(|s: &(f64, f64)| s.0).collect()),
@@ -212,15 +234,19 @@ fn run(a: &Args, dir: &Path) -> Res<()> {
         "blk daemons, UNIX memory, {} B requests, {} MiB written + read per run, {} interleaved rounds\n",
         a.request_size, a.mib, a.rounds
     );
-    println!("| depth | ours req/s | vhost-user-backend req/s | ours/peer (median) | spread (min-max) | ours syscalls/req | peer syscalls/req | ours GRANT (emulated) req/s | GRANT Xen syscalls/req |");
-    println!("|---|---|---|---|---|---|---|---|---|");
-    for (d, o, p, r, g) in &rows {
+    println!("| depth | ours req/s | vhost-user-backend req/s | ours/peer (median) | spread (min-max) | ours daemon CPU µs/req | peer daemon CPU µs/req | peer/ours CPU (median) | spread | ours syscalls/req | peer syscalls/req | ours GRANT (emulated) req/s | GRANT Xen syscalls/req |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for (d, o, p, r, g, c) in &rows {
         let (lo, hi) = span(r);
+        let (clo, chi) = span(c);
         println!(
-            "| {d} | {:.0} | {:.0} | {:.2}x | {lo:.2}-{hi:.2} | {} | {} | {:.0} | {:.3} |",
+            "| {d} | {:.0} | {:.0} | {:.2}x | {lo:.2}-{hi:.2} | {:.2} | {:.2} | {:.2}x | {clo:.2}-{chi:.2} | {} | {} | {:.0} | {:.3} |",
             med(o.iter().map(|s| s.rps).collect()),
             med(p.iter().map(|s| s.rps).collect()),
             med(r.clone()),
+            med(o.iter().map(|s| s.cpu_us).collect()),
+            med(p.iter().map(|s| s.cpu_us).collect()),
+            med(c.clone()),
             fmt(syscalls(o)),
             fmt(syscalls(p)),
             med(g.iter().map(|s| s.0).collect()),
@@ -274,12 +300,18 @@ fn measure_process(
         let counter = perf
             .then(|| start_perf(child.id(), dir, kind))
             .transpose()?;
+        let cpu0 = cpu_ns(child.id());
         let (rps, requests) = workload(&mut drv, a)?;
+        let cpu_us = cpu_ns(child.id()).saturating_sub(cpu0) as f64 / 1e3 / requests as f64;
         let syscalls = match counter {
             Some((p, out)) => Some(stop_perf(p, &out)? as f64 / requests as f64),
             None => None,
         };
-        Ok(Sample { rps, syscalls })
+        Ok(Sample {
+            rps,
+            syscalls,
+            cpu_us,
+        })
     })();
     let _ = child.kill();
     let _ = child.wait();

@@ -70,6 +70,11 @@ struct Args {
     /// second, buffered descriptor.
     #[arg(long)]
     direct: bool,
+    /// With --direct: answer each request this many milliseconds (times 1/2 to 2, varied
+    /// per request, so out of order) after the disk completed it. Fault injection for crash
+    /// tests: a daemon killed meanwhile leaves that many requests in flight.
+    #[arg(long, value_name = "MS", requires = "direct")]
+    completion_delay_ms: Option<u64>,
     /// Serial number answered to GET_ID.
     #[arg(long, default_value = "xen-vhost-mem")]
     serial: String,
@@ -115,6 +120,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             queue_size: a.queue_size,
             read_only: a.read_only,
             direct: a.direct,
+            completion_delay: a.completion_delay_ms.map(std::time::Duration::from_millis),
             io: match a.io {
                 IoMode::Uring => BlkIo::Uring,
                 IoMode::Sync => BlkIo::Sync,

@@ -9,6 +9,7 @@
 //! cache and complete inside the submission, where holding would only add its cost.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, Permissions};
 
@@ -55,6 +56,8 @@ pub(super) struct QueueRing {
     in_flight: Vec<Option<InFlight>>,
     free: Vec<usize>,
     live: usize,
+    /// Completed, answered when their delay ends ([`super::BlkConfig::completion_delay`]).
+    delayed: Vec<(Instant, InFlight, i32)>,
 }
 
 impl std::fmt::Debug for QueueRing {
@@ -72,6 +75,7 @@ impl QueueRing {
             in_flight: Vec::new(),
             free: Vec::new(),
             live: 0,
+            delayed: Vec::new(),
         }
     }
 
@@ -346,16 +350,44 @@ impl BlkDevice {
             // Read before reaping: a completion posted after the reap writes it again.
             let _ = ev.read();
         }
+        let delay = self.config.completion_delay.filter(|_| !all);
         let mut done = Vec::new();
         let mut failures = 0u64;
         loop {
             q.ring.reap(|key, res| done.push((key, res)));
+            let now = Instant::now();
             for (key, res) in done.drain(..) {
                 if let Some(e) = q.remove(key) {
+                    match delay {
+                        // 1/2 to 2 times the delay, by slot: answered out of order.
+                        Some(d) => q
+                            .delayed
+                            .push((now + d * (1 + (key % 4) as u32) / 2, e, res)),
+                        None => self.finish_held(e, res),
+                    }
+                }
+            }
+            let mut k = 0;
+            while k < q.delayed.len() {
+                if all || q.delayed.get(k).is_some_and(|(due, _, _)| *due <= now) {
+                    let (_, e, res) = q.delayed.swap_remove(k);
                     self.finish_held(e, res);
+                } else {
+                    k += 1;
                 }
             }
             if !all || q.live == 0 {
+                if let (Some(t), Some(next)) = (
+                    self.timers.get(queue),
+                    q.delayed.iter().map(|(due, _, _)| *due).min(),
+                ) {
+                    let wait = next
+                        .saturating_duration_since(now)
+                        .max(Duration::from_micros(1));
+                    if let Err(e) = lock(t).reset(wait, None) {
+                        log::warn!("blk: queue {queue}: completion delay timer: {e}");
+                    }
+                }
                 return;
             }
             if let Err(e) = q.ring.submit(1) {
