@@ -20,8 +20,10 @@ use super::packet::{
 };
 use crate::daemon::Request;
 
-/// Most connections at a time; a REQUEST or CONNECT beyond is refused.
-pub const MAX_CONNS: usize = 4096;
+/// Most connections at a time; a REQUEST or CONNECT beyond is refused. With the guest's
+/// credit ([`super::credit::HOST_BUF_ALLOC`] each) this bounds what a guest can make the
+/// daemon buffer for host programs that do not read: 1024 x 256 KiB = 256 MiB.
+pub const MAX_CONNS: usize = 1024;
 /// Most host streams still sending their CONNECT line.
 pub const MAX_PENDING_HOST: usize = 256;
 /// Most control packets waiting for a receive buffer; a guest that floods bad packets and
