@@ -294,11 +294,11 @@ fn random_packets_do_not_stop_the_device() {
     }
     r.g.poll(Duration::from_millis(200));
     let st = r.dev.stats();
-    // The random stream reached every path: refusals, connections, data both ways.
+    // The random stream reached the paths: refusals, connections, data to host programs
+    // (their answers reach the guest only while a random credit and connection allow).
     assert!(malformed(&r.dev) > 100, "{st:?}");
     assert!(st.connections.load(Ordering::Relaxed) > 0, "{st:?}");
     assert!(st.tx_bytes.load(Ordering::Relaxed) > 0, "{st:?}");
-    assert!(st.rx_bytes.load(Ordering::Relaxed) > 0, "{st:?}");
     assert!(st.rsts.load(Ordering::Relaxed) > 100, "{st:?}");
     // Everything the device sent was addressed to the guest (Guest::handle checks each).
     let gp = r.g.connect(9200).expect("a good connection after all that");
