@@ -485,7 +485,16 @@ impl<D: VhostUserDevice> Worker<D> {
     /// [`VhostUserDevice::max_held_pages`] pages or more.
     fn room(&self) -> usize {
         let held = self.completions.held();
-        if held > 0 && self.completions.held_pages() >= self.device.max_held_pages(self.index) {
+        // Pages are held only over on-demand or lazy memory: over plain memory, counting
+        // them (a walk over every held request) would find none, at every wake.
+        let paged = || {
+            let t = self.mem.memory();
+            t.has_on_demand() || t.has_lazy()
+        };
+        if held > 0
+            && paged()
+            && self.completions.held_pages() >= self.device.max_held_pages(self.index)
+        {
             return 0;
         }
         self.device.max_held(self.index).saturating_sub(held)
