@@ -162,7 +162,7 @@ pub struct BlkDevice {
     /// Per queue: its io_uring, made by the queue's worker on first use.
     rings: Vec<Mutex<RingState>>,
     /// The file is open with O_DIRECT: writes go through the ring too, and requests are
-    /// held until their completions ([`held`]).
+    /// held until their completions (`blk/held.rs`).
     direct: Option<Direct>,
     /// Per queue, with O_DIRECT on io_uring: the eventfd its ring writes at every
     /// completion, which the queue's worker watches.
@@ -1111,7 +1111,7 @@ impl VhostUserDevice for BlkDevice {
         let _ = request.complete(used);
     }
 
-    /// With O_DIRECT on io_uring, requests are held until their completions ([`held`]).
+    /// With O_DIRECT on io_uring, requests are held until their completions (`blk/held.rs`).
     fn serve_batch(&self, queue: usize, batch: &mut crate::daemon::Batch<'_, '_, '_>) {
         if !self.events.is_empty() && self.serve_held(queue, batch) {
             return;
