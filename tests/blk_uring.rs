@@ -19,6 +19,8 @@ use xen_vhost_mem::devices::blk::{
     VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES,
 };
 use xen_vhost_mem::testing::driver::{Buf, DriverConfig, GuestMode, VirtioDriver};
+use xen_vhost_mem::testing::{EmulatedXen, GuestSim};
+use xen_vhost_mem::XenHandle;
 
 struct Setup {
     _dir: ScratchDir,
@@ -362,9 +364,16 @@ fn publish_at(s: &mut Setup, reqs: &[(u32, u64, u64, u32)]) -> Vec<usize> {
     slots
 }
 
-#[test]
-fn direct_io_aligned_bounced_and_buffered() {
-    let dir = ScratchDir::new("uring-direct");
+/// Our blk daemon over a 1 MiB image opened with `config` (O_DIRECT ones need a file system
+/// that takes it), one connection of a driver over UNIX memory, or over emulated GRANT memory
+/// (then the emulation and the handle too, to count what stays mapped).
+fn setup_direct(
+    tag: &str,
+    config: BlkConfig,
+    mode: GuestMode,
+    max_data: usize,
+) -> (Setup, Option<(Arc<EmulatedXen>, XenHandle)>) {
+    let dir = ScratchDir::new(tag);
     let image = dir.0.join("disk.img");
     std::fs::File::create(&image)
         .and_then(|f| f.set_len(1 << 20))
@@ -372,30 +381,41 @@ fn direct_io_aligned_bounced_and_buffered() {
     let path = dir.0.join("blk.sock");
     let listener = UnixListener::bind(&path).expect("bind");
     let blk = Arc::new(
-        BlkDevice::open(
-            &image,
-            BlkConfig {
-                direct: true,
-                ..BlkConfig::default()
-            },
-        )
-        .expect("O_DIRECT open (the test directory's file system must support it)"),
+        BlkDevice::open(&image, config)
+            .expect("O_DIRECT open (the test directory's file system must support it)"),
     );
-    let daemon = Arc::new(VhostUserDaemon::new(blk.clone()));
+    let cfg = DriverConfig {
+        mode,
+        queues: 1,
+        depth: 16,
+        max_data,
+        ..DriverConfig::default()
+    };
+    let mut daemon = VhostUserDaemon::new(blk.clone());
+    let xen = (mode == GuestMode::Grant).then(|| {
+        let emu = Arc::new(EmulatedXen::new(cfg.emulation_pages()).expect("emulation"));
+        let dev = XenHandle::new(emu.clone());
+        (emu, dev)
+    });
+    if let Some((_, dev)) = &xen {
+        daemon = daemon.with_xen(dev.clone());
+    }
+    let daemon = Arc::new(daemon);
     let d = daemon.clone();
     let thread = std::thread::spawn(move || d.serve(&listener, Some(1)).expect("serve"));
-    let drv = VirtioDriver::connect(
-        &path,
-        DriverConfig {
-            mode: GuestMode::Unix,
-            queues: 1,
-            depth: 16,
-            max_data: 3 * 4096,
-            ..DriverConfig::default()
-        },
-    )
+    let drv = match &xen {
+        Some((emu, dev)) => {
+            let guest = GuestSim {
+                emu: emu.clone(),
+                dev: dev.clone(),
+                domid: 1,
+            };
+            VirtioDriver::connect_granting(&path, cfg, Box::new(guest))
+        }
+        None => VirtioDriver::connect(&path, cfg),
+    }
     .expect("connect");
-    let mut s = Setup {
+    let s = Setup {
         _dir: dir,
         image,
         blk,
@@ -403,6 +423,20 @@ fn direct_io_aligned_bounced_and_buffered() {
         thread: Some(thread),
         drv,
     };
+    (s, xen)
+}
+
+#[test]
+fn direct_io_aligned_bounced_and_buffered() {
+    let (mut s, _) = setup_direct(
+        "uring-direct",
+        BlkConfig {
+            direct: true,
+            ..BlkConfig::default()
+        },
+        GuestMode::Unix,
+        3 * 4096,
+    );
     // Two writes in one batch: one from page-aligned memory (straight to the kernel), one
     // from memory one byte off (through an aligned bounce buffer).
     let a = s.drv.slot(0, 14).data_out;
@@ -468,51 +502,16 @@ fn direct_io_aligned_bounced_and_buffered() {
 /// worker, and nothing stays mapped after the frontend goes away.
 #[test]
 fn direct_io_over_grant_memory_is_held_until_its_completion() {
-    use xen_vhost_mem::testing::{EmulatedXen, GuestSim};
-    use xen_vhost_mem::XenHandle;
-    let dir = ScratchDir::new("uring-direct-grant");
-    let image = dir.0.join("disk.img");
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(1 << 20))
-        .expect("image");
-    let path = dir.0.join("blk.sock");
-    let listener = UnixListener::bind(&path).expect("bind");
-    let blk = Arc::new(
-        BlkDevice::open(
-            &image,
-            BlkConfig {
-                direct: true,
-                ..BlkConfig::default()
-            },
-        )
-        .expect("O_DIRECT open (the test directory's file system must support it)"),
+    let (mut s, xen) = setup_direct(
+        "uring-direct-grant",
+        BlkConfig {
+            direct: true,
+            ..BlkConfig::default()
+        },
+        GuestMode::Grant,
+        4096,
     );
-    let cfg = DriverConfig {
-        mode: GuestMode::Grant,
-        queues: 1,
-        depth: 16,
-        max_data: 4096,
-        ..DriverConfig::default()
-    };
-    let emu = Arc::new(EmulatedXen::new(cfg.emulation_pages()).expect("emulation"));
-    let dev = XenHandle::new(emu.clone());
-    let daemon = Arc::new(VhostUserDaemon::new(blk.clone()).with_xen(dev.clone()));
-    let d = daemon.clone();
-    let thread = std::thread::spawn(move || d.serve(&listener, Some(1)).expect("serve"));
-    let guest = GuestSim {
-        emu: emu.clone(),
-        dev: dev.clone(),
-        domid: 1,
-    };
-    let drv = VirtioDriver::connect_granting(&path, cfg, Box::new(guest)).expect("connect");
-    let mut s = Setup {
-        _dir: dir,
-        image,
-        blk,
-        daemon,
-        thread: Some(thread),
-        drv,
-    };
+    let (emu, dev) = xen.expect("GRANT mode");
     let writes: Vec<(u32, u64, u8)> = (0..8)
         .map(|i| (VIRTIO_BLK_T_OUT, 8 * i as u64, 0x40 + i as u8))
         .chain([(VIRTIO_BLK_T_FLUSH, 0, 0)])
@@ -552,46 +551,16 @@ fn direct_io_over_grant_memory_is_held_until_its_completion() {
 /// back in four pairs, the ring's slots 0 and 4 first and 3 and 7 last.
 #[test]
 fn a_completion_delay_answers_held_requests_out_of_order() {
-    let dir = ScratchDir::new("uring-delay");
-    let image = dir.0.join("disk.img");
-    std::fs::File::create(&image)
-        .and_then(|f| f.set_len(1 << 20))
-        .expect("image");
-    let path = dir.0.join("blk.sock");
-    let listener = UnixListener::bind(&path).expect("bind");
-    let blk = Arc::new(
-        BlkDevice::open(
-            &image,
-            BlkConfig {
-                direct: true,
-                completion_delay: Some(Duration::from_millis(60)),
-                ..BlkConfig::default()
-            },
-        )
-        .expect("O_DIRECT open (the test directory's file system must support it)"),
-    );
-    let daemon = Arc::new(VhostUserDaemon::new(blk.clone()));
-    let d = daemon.clone();
-    let thread = std::thread::spawn(move || d.serve(&listener, Some(1)).expect("serve"));
-    let drv = VirtioDriver::connect(
-        &path,
-        DriverConfig {
-            mode: GuestMode::Unix,
-            queues: 1,
-            depth: 16,
-            max_data: 4096,
-            ..DriverConfig::default()
+    let (mut s, _) = setup_direct(
+        "uring-delay",
+        BlkConfig {
+            direct: true,
+            completion_delay: Some(Duration::from_millis(60)),
+            ..BlkConfig::default()
         },
-    )
-    .expect("connect");
-    let mut s = Setup {
-        _dir: dir,
-        image,
-        blk,
-        daemon,
-        thread: Some(thread),
-        drv,
-    };
+        GuestMode::Unix,
+        4096,
+    );
     let reads: Vec<(u32, u64, u8)> = (0..8).map(|i| (VIRTIO_BLK_T_IN, 8 * i, 0)).collect();
     let slots = publish(&mut s, &reads);
     let done = wait(&mut s, reads.len());
