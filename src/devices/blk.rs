@@ -542,12 +542,7 @@ impl BlkDevice {
                         VIRTIO_BLK_S_IOERR
                     })
                 }
-                (Prepared::Flush, Some(r)) => Outcome::status(if r == 0 {
-                    VIRTIO_BLK_S_OK
-                } else {
-                    log::warn!("blk: flush: {}", std::io::Error::from_raw_os_error(-r));
-                    VIRTIO_BLK_S_IOERR
-                }),
+                (Prepared::Flush, Some(r)) => flush_outcome(r),
                 (
                     Prepared::Io {
                         iov,
@@ -618,6 +613,23 @@ impl BlkDevice {
             RingState::Ready(q) => Some(q),
             _ => None,
         }
+    }
+
+    /// Serves a held request with plain system calls and completes it (a resubmitted one, or
+    /// one the queue's io_uring could not take).
+    fn serve_request_sync(&self, request: Request) {
+        let used = {
+            let Ok(scope) = request.scope() else { return };
+            let Some(mem) = scope.memory() else { return };
+            match self.ranges_of(mem, request.descriptors().iter().copied()) {
+                Ok((readable, writable)) => {
+                    let outcome = self.run_sync(self.prepare(mem, &readable, &writable));
+                    self.end(mem, &writable, outcome)
+                }
+                Err(used) => used,
+            }
+        };
+        let _ = request.complete(used);
     }
 
     /// Writes the status byte (the last writable byte); the used length counts it.
@@ -889,6 +901,15 @@ fn nonblocking_timer() -> std::io::Result<TimerFd> {
     Ok(t)
 }
 
+/// The outcome of a FLUSH whose `fdatasync` returned `r` (0, or `-errno`) through io_uring.
+fn flush_outcome(r: i32) -> Outcome {
+    if r == 0 {
+        return Outcome::status(VIRTIO_BLK_S_OK);
+    }
+    log::warn!("blk: flush: {}", std::io::Error::from_raw_os_error(-r));
+    Outcome::status(VIRTIO_BLK_S_IOERR)
+}
+
 /// Locks `m`, also after a thread panicked holding it (a ring's state is whole at every
 /// unlock).
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1097,18 +1118,7 @@ impl VhostUserDevice for BlkDevice {
     /// A request in flight when the last daemon or connection ended: served again, the
     /// synchronous way (reads and writes are idempotent, FLUSH too).
     fn resubmit(&self, _queue: usize, request: Request) {
-        let used = {
-            let Ok(scope) = request.scope() else { return };
-            let Some(mem) = scope.memory() else { return };
-            match self.ranges_of(mem, request.descriptors().iter().copied()) {
-                Ok((readable, writable)) => {
-                    let outcome = self.run_sync(self.prepare(mem, &readable, &writable));
-                    self.end(mem, &writable, outcome)
-                }
-                Err(used) => used,
-            }
-        };
-        let _ = request.complete(used);
+        self.serve_request_sync(request);
     }
 
     /// With O_DIRECT on io_uring, requests are held until their completions (`blk/held.rs`).

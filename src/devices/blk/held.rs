@@ -9,13 +9,14 @@
 //! cache and complete inside the submission, where holding would only add its cost.
 
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use vm_memory::{GuestAddress, Permissions};
 
 use super::{
-    data_iov, lock, without_last_byte, BlkDevice, Outcome, Prepared, RingState, VIRTIO_BLK_S_IOERR,
-    VIRTIO_BLK_S_OK,
+    data_iov, flush_outcome, lock, without_last_byte, BlkDevice, Outcome, Prepared, RingState,
+    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
 use crate::daemon::{Batch, Request};
 use crate::devices::iov::{AlignedBuf, GuestIov, IOV_MAX};
@@ -162,15 +163,14 @@ impl BlkDevice {
             let Some(e) = self.start_held(request) else {
                 continue;
             };
-            self.stats
-                .held
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats.held.fetch_add(1, Ordering::Relaxed);
             let key = q.insert(e);
             if q.push(fd, key) {
                 pushed += 1;
             } else if let Some(e) = q.remove(key as u64) {
-                // Cannot queue it: the synchronous way, now.
-                self.finish_sync(e);
+                // Cannot queue it: the synchronous way, now (its op, never submitted, first).
+                drop(e.op);
+                self.serve_request_sync(e.request);
             }
         }
         if pushed > 0 {
@@ -178,12 +178,8 @@ impl BlkDevice {
                 // The ops stay queued; the next submission, or `quiesce`, sends them.
                 log::warn!("blk: queue {queue}: io_uring_enter: {e}");
             }
-            self.stats
-                .submissions
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            self.stats
-                .uring_ops
-                .fetch_add(pushed, std::sync::atomic::Ordering::Relaxed);
+            self.stats.submissions.fetch_add(1, Ordering::Relaxed);
+            self.stats.uring_ops.fetch_add(pushed, Ordering::Relaxed);
         }
         true
     }
@@ -266,11 +262,7 @@ impl BlkDevice {
             let Ok(scope) = request.scope() else { return };
             let Some(mem) = scope.memory() else { return };
             let outcome = match op {
-                HeldOp::Flush if res == 0 => Outcome::status(VIRTIO_BLK_S_OK),
-                HeldOp::Flush => {
-                    log::warn!("blk: flush: {}", std::io::Error::from_raw_os_error(-res));
-                    Outcome::status(VIRTIO_BLK_S_IOERR)
-                }
+                HeldOp::Flush => flush_outcome(res),
                 HeldOp::Io {
                     to_guest,
                     len,
@@ -317,23 +309,6 @@ impl BlkDevice {
             self.end(mem, &writable, outcome)
         };
         let _ = request.complete(used);
-    }
-
-    /// A request that could not be queued: done with plain system calls.
-    fn finish_sync(&self, e: InFlight) {
-        let used = {
-            let Ok(scope) = e.request.scope() else { return };
-            let Some(mem) = scope.memory() else { return };
-            match self.ranges_of(mem, e.request.descriptors().iter().copied()) {
-                Ok((r, w)) => {
-                    let outcome = self.run_sync(self.prepare(mem, &r, &w));
-                    self.end(mem, &w, outcome)
-                }
-                Err(used) => used,
-            }
-        };
-        drop(e.op);
-        let _ = e.request.complete(used);
     }
 
     /// Completes the requests whose ops finished; with `all`, waits until none is left at
