@@ -318,3 +318,22 @@ pub fn lock_down<D: VhostUserDevice>(
     signals.spawn(daemon.sandbox(), name, daemon.reporter(), interval)?;
     Ok(daemon)
 }
+
+/// Binds the vhost-user socket at `socket_path` (a file there is removed first), turns the
+/// sandbox on and drops privileges ([`lock_down`], one thread so far), starts the signal
+/// thread, and enters the main thread's filter: the daemon and its listener, ready to serve.
+pub fn listen_locked_down<D: VhostUserDevice>(
+    daemon: VhostUserDaemon<D>,
+    socket_path: &std::path::Path,
+    args: &SandboxArgs,
+    xen: bool,
+    signals: Signals,
+    name: &'static str,
+    interval: Option<Duration>,
+) -> Result<(VhostUserDaemon<D>, std::os::unix::net::UnixListener), Box<dyn std::error::Error>> {
+    let _ = std::fs::remove_file(socket_path);
+    let listener = std::os::unix::net::UnixListener::bind(socket_path)?;
+    let daemon = lock_down(daemon, args, xen, signals, name, interval)?;
+    daemon.sandbox().enter(ThreadKind::Main)?;
+    Ok((daemon, listener))
+}

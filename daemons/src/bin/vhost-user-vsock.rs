@@ -13,14 +13,13 @@
 //! to connect to the `<uds-path>_P` sockets). Logging through `RUST_LOG`; SIGUSR1 and
 //! `--stats-interval` log the counters as one JSON line (the crate's lib).
 
-use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Parser;
 
-use xen_vhost_mem::daemon::{ThreadKind, VhostUserDaemon};
+use xen_vhost_mem::daemon::VhostUserDaemon;
 use xen_vhost_mem::devices::vsock::VsockDevice;
 use xen_vhost_mem::{RealXen, XenHandle};
 
@@ -76,18 +75,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if a.xen {
         daemon = daemon.with_xen(XenHandle::new(Arc::new(RealXen::open()?)));
     }
-    let _ = std::fs::remove_file(&a.socket_path);
-    let listener = UnixListener::bind(&a.socket_path)?;
-    // The sandbox on and privileges dropped (one thread so far), then the signal thread.
-    let daemon = xen_vhost_daemons::lock_down(
+    let (daemon, listener) = xen_vhost_daemons::listen_locked_down(
         daemon,
+        &a.socket_path,
         &a.sandbox,
         a.xen,
         signals,
         NAME,
         a.stats_interval.map(Duration::from_secs),
     )?;
-    daemon.sandbox().enter(ThreadKind::Main)?;
     log::info!(
         "guest cid {}; host programs on {}; listening on {}",
         a.guest_cid,
