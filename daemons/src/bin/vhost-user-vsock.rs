@@ -14,6 +14,7 @@
 //! `--stats-interval` log the counters as one JSON line (the crate's lib).
 
 use std::path::PathBuf;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -96,13 +97,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     log::info!(
         "vsock: {} connections, {} packets to the guest ({} bytes), {} from it ({} bytes), \
          {} RSTs, {} malformed",
-        st.connections.load(std::sync::atomic::Ordering::Relaxed),
-        st.rx_packets.load(std::sync::atomic::Ordering::Relaxed),
-        st.rx_bytes.load(std::sync::atomic::Ordering::Relaxed),
-        st.tx_packets.load(std::sync::atomic::Ordering::Relaxed),
-        st.tx_bytes.load(std::sync::atomic::Ordering::Relaxed),
-        st.rsts.load(std::sync::atomic::Ordering::Relaxed),
-        st.malformed.load(std::sync::atomic::Ordering::Relaxed),
+        st.connections.load(Ordering::Relaxed),
+        st.rx_packets.load(Ordering::Relaxed),
+        st.rx_bytes.load(Ordering::Relaxed),
+        st.tx_packets.load(Ordering::Relaxed),
+        st.tx_bytes.load(Ordering::Relaxed),
+        st.rsts.load(Ordering::Relaxed),
+        st.malformed.load(Ordering::Relaxed),
     );
     xen_vhost_daemons::log_stats(NAME, &daemon.reporter(), xen_vhost_daemons::Reason::Exit);
     Ok(())
