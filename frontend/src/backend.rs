@@ -450,6 +450,21 @@ impl Backend {
                 .map_err(self.v("SET_VRING_ENABLE"))?;
             self.started.push(i);
         }
+        // A guest kicks as soon as DRIVER_OK is written, while the daemon may still be
+        // reading the messages above: a daemon that reads that kick before it has taken
+        // SET_VRING_ENABLE drops it (vhost-user-backend does), and the guest's first
+        // request then waits for ever. So, as QEMU does: without REPLY_ACK, a request with
+        // a reply (GET_FEATURES) marks the point where the daemon has taken every message
+        // (a daemon serves them in order); then each started queue is kicked once.
+        if !self.protocol.contains(VhostUserProtocolFeatures::REPLY_ACK) && !self.started.is_empty()
+        {
+            self.fe
+                .get_features()
+                .map_err(self.v("GET_FEATURES (after the queues are enabled)"))?;
+        }
+        for &i in &self.started {
+            self.kick(i)?;
+        }
         Ok(())
     }
 

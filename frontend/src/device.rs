@@ -357,12 +357,7 @@ impl Device {
                 bases.push(base);
             }
             self.stats.resumed_queues += bases.len() as u64;
-            self.start(&bases);
-            if let Some(b) = &self.backend {
-                for &q in b.started() {
-                    b.kick(q)?;
-                }
-            }
+            self.start(&bases); // kicks each queue it starts
             log::info!(
                 "{}: reconnected, queues resumed at used indices {bases:?}",
                 self.name()
