@@ -223,6 +223,14 @@ impl RegionTable {
         self.lazy
     }
 
+    /// Whether some of the guest's memory is reached only through request scopes (an
+    /// on-demand grant or a lazily mapped FOREIGN region): the one case where a request's
+    /// memory costs anything to fetch or holds pages.
+    #[inline]
+    pub(crate) fn has_scoped_memory(&self) -> bool {
+        self.on_demand || self.lazy
+    }
+
     /// A new table with `region` added (hot add). Refused when it overlaps a region
     /// ([`TableError::Overlap`]) or when it is a Xen region on another device handle than the
     /// table's Xen regions ([`TableError::OtherDevice`]; see [`XenHandle::same_device`]).

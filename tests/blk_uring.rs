@@ -364,12 +364,12 @@ fn publish_at(s: &mut Setup, reqs: &[(u32, u64, u64, u32)]) -> Vec<usize> {
     slots
 }
 
-/// Our blk daemon over a 1 MiB image opened with `config` (O_DIRECT ones need a file system
-/// that takes it), one connection of a driver over UNIX memory, or over emulated GRANT memory
+/// Our blk daemon over a 1 MiB image opened with O_DIRECT (the file system must take it) and
+/// `completion_delay`, one connection of a driver over UNIX memory, or over emulated GRANT memory
 /// (then the emulation and the handle too, to count what stays mapped).
 fn setup_direct(
     tag: &str,
-    config: BlkConfig,
+    completion_delay: Option<Duration>,
     mode: GuestMode,
     max_data: usize,
 ) -> (Setup, Option<(Arc<EmulatedXen>, XenHandle)>) {
@@ -381,8 +381,15 @@ fn setup_direct(
     let path = dir.0.join("blk.sock");
     let listener = UnixListener::bind(&path).expect("bind");
     let blk = Arc::new(
-        BlkDevice::open(&image, config)
-            .expect("O_DIRECT open (the test directory's file system must support it)"),
+        BlkDevice::open(
+            &image,
+            BlkConfig {
+                direct: true,
+                completion_delay,
+                ..BlkConfig::default()
+            },
+        )
+        .expect("O_DIRECT open (the test directory's file system must support it)"),
     );
     let cfg = DriverConfig {
         mode,
@@ -428,15 +435,7 @@ fn setup_direct(
 
 #[test]
 fn direct_io_aligned_bounced_and_buffered() {
-    let (mut s, _) = setup_direct(
-        "uring-direct",
-        BlkConfig {
-            direct: true,
-            ..BlkConfig::default()
-        },
-        GuestMode::Unix,
-        3 * 4096,
-    );
+    let (mut s, _) = setup_direct("uring-direct", None, GuestMode::Unix, 3 * 4096);
     // Two writes in one batch: one from page-aligned memory (straight to the kernel), one
     // from memory one byte off (through an aligned bounce buffer).
     let a = s.drv.slot(0, 14).data_out;
@@ -502,15 +501,7 @@ fn direct_io_aligned_bounced_and_buffered() {
 /// worker, and nothing stays mapped after the frontend goes away.
 #[test]
 fn direct_io_over_grant_memory_is_held_until_its_completion() {
-    let (mut s, xen) = setup_direct(
-        "uring-direct-grant",
-        BlkConfig {
-            direct: true,
-            ..BlkConfig::default()
-        },
-        GuestMode::Grant,
-        4096,
-    );
+    let (mut s, xen) = setup_direct("uring-direct-grant", None, GuestMode::Grant, 4096);
     let (emu, dev) = xen.expect("GRANT mode");
     let writes: Vec<(u32, u64, u8)> = (0..8)
         .map(|i| (VIRTIO_BLK_T_OUT, 8 * i as u64, 0x40 + i as u8))
@@ -553,11 +544,7 @@ fn direct_io_over_grant_memory_is_held_until_its_completion() {
 fn a_completion_delay_answers_held_requests_out_of_order() {
     let (mut s, _) = setup_direct(
         "uring-delay",
-        BlkConfig {
-            direct: true,
-            completion_delay: Some(Duration::from_millis(60)),
-            ..BlkConfig::default()
-        },
+        Some(Duration::from_millis(60)),
         GuestMode::Unix,
         4096,
     );

@@ -487,12 +487,8 @@ impl<D: VhostUserDevice> Worker<D> {
         let held = self.completions.held();
         // Pages are held only over on-demand or lazy memory: over plain memory, counting
         // them (a walk over every held request) would find none, at every wake.
-        let paged = || {
-            let t = self.mem.memory();
-            t.has_on_demand() || t.has_lazy()
-        };
         if held > 0
-            && paged()
+            && self.mem.memory().has_scoped_memory()
             && self.completions.held_pages() >= self.device.max_held_pages(self.index)
         {
             return 0;
@@ -574,7 +570,7 @@ impl<D: VhostUserDevice> Worker<D> {
         self.stats.batches.fetch_add(1, Ordering::Relaxed);
         self.complete(&table, &done);
         if let Some(w) = &self.plain_watch {
-            if table.has_on_demand() || table.has_lazy() {
+            if table.has_scoped_memory() {
                 w.check(self.index);
             }
         }

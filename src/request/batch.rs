@@ -22,7 +22,7 @@ impl RequestMemory<'_> {
         M::Target: GuestMemory,
     {
         // Fast path: nothing in the table is fetched on demand.
-        if !self.table.has_on_demand() && !self.table.has_lazy() {
+        if !self.table.has_scoped_memory() {
             return Ok(());
         }
         let buffers: Vec<(GuestAddress, usize, Permissions)> = chains
